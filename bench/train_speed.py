@@ -1,0 +1,172 @@
+"""Training speed and memory per model shape, against the machine's own matmul ceiling.
+
+  python bench/train_speed.py                      # cpu and base shapes
+  python bench/train_speed.py --shapes cpu --steps 100 --repeats 5
+
+Each shape runs in its own process (so peak RSS is its own) with the
+experiment's settings, on random tokens (speed does not depend on the text).
+Prints a table and writes JSON (default bench/out/train_speed.json).
+Per shape: compile time of the first step, median ms/step over `repeats`
+blocks of `steps` steps, tokens/s, achieved GFLOP/s (model FLOPs, see
+`nanodecoder.model.train_flops_per_token`), its fraction of a large fp32
+matmul measured in the same run, and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# steps and repeats per shape when not given on the command line
+DEFAULT_STEPS = {'cpu': 50, 'base': 2}
+DEFAULT_REPEATS = {'cpu': 5, 'base': 3}
+
+
+def worker(shape: str, steps: int, repeats: int, overrides: list[str]) -> dict:
+  import jax
+  import numpy as np
+
+  from nanodecoder import cli, config as config_lib, data as data_lib, sharding, train
+  from nanodecoder.model import train_flops_per_token
+
+  config = config_lib.load_config_file(REPO / 'experiments' / f'{shape}.py')
+  for item in overrides:
+    key, value = item.split('=', 1)
+    config_lib.set_field(config, key, json.loads(value))
+  cli.setup_jax(config)
+  mesh = sharding.make_mesh(config.mesh)
+  train.check_mesh_fits(config, mesh)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 65, size=200_000).astype(np.int32)
+  dataset = data_lib.Dataset(data_lib.CharTokenizer(''.join(map(chr, range(32, 97)))), tokens, tokens,
+                             config.model.context_length)
+  model_config = config_lib.model_config(config, 65)
+  trainer = train.create_trainer(config, model_config, mesh)
+  t = config.train
+  batch_sharding = sharding.batch_sharding(mesh)
+  shape_ = (t.batch_size, config.model.context_length + 1)
+  batch = lambda step: sharding.put_batch(lambda rows: dataset.train_batch(0, step, t.batch_size, rows), batch_sharding, shape_)
+
+  start = time.perf_counter()
+  compiled = trainer.train_step.lower(trainer.state, batch(0)).compile()
+  compile_s = time.perf_counter() - start
+  trainer.state, out = compiled(trainer.state, batch(0))
+  float(out['loss'])
+  times = []
+  step = 1
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      trainer.state, out = compiled(trainer.state, batch(step))
+      float(out['loss'])  # the trainer blocks on every step too
+      step += 1
+    times.append((time.perf_counter() - start) / steps)
+  seconds = statistics.median(times)
+  tokens_per_step = t.batch_size * config.model.context_length
+  flops = train_flops_per_token(model_config) * tokens_per_step
+  return {
+      'shape': shape, 'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
+      'mesh': dict(mesh.shape), 'batch_size': t.batch_size, 'context_length': config.model.context_length,
+      'compile_s': compile_s, 'ms_per_step': 1000 * seconds,
+      'ms_per_step_all': [1000 * x for x in times], 'tokens_per_s': tokens_per_step / seconds,
+      'tflop_per_step': flops / 1e12, 'gflops': flops / seconds / 1e9,
+      'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  }
+
+
+def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
+  """GFLOP/s of an n x n x n fp32 matmul over all cores (best of `repeats`)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best / 1e9
+
+
+def run_child(args: list[str]) -> dict:
+  result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
+  if result.returncode != 0:
+    raise SystemExit(f'benchmark child {args} failed:\n{result.stderr[-3000:]}')
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+  cpu = platform.processor()
+  try:
+    for line in open('/proc/cpuinfo'):
+      if line.startswith('model name'):
+        cpu = line.split(':', 1)[1].strip()
+        break
+  except OSError:
+    pass
+  import jax
+  return {'cpu': cpu, 'cores': os.cpu_count(), 'python': platform.python_version(), 'jax': jax.__version__,
+          'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--shapes', default='cpu,base', help='experiment files under experiments/, comma-separated')
+  parser.add_argument('--steps', type=int, help='steps per timed block (default per shape)')
+  parser.add_argument('--repeats', type=int, help='timed blocks; the median is reported')
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON',
+                      help='config override for every shape, e.g. --set mesh.cpu_devices=1')
+  parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'train_speed.json'))
+  parser.add_argument('--worker', help=argparse.SUPPRESS)
+  parser.add_argument('--ceiling', action='store_true', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args.ceiling:
+    print(json.dumps({'matmul_gflops': matmul_ceiling()}))
+    return
+  if args.worker:
+    print(json.dumps(worker(args.worker, args.steps, args.repeats, args.set)))
+    return
+
+  ceiling = run_child(['--ceiling'])['matmul_gflops']
+  rows = []
+  for shape in args.shapes.split(','):
+    steps = args.steps or DEFAULT_STEPS.get(shape, 10)
+    repeats = args.repeats or DEFAULT_REPEATS.get(shape, 3)
+    extra = [x for item in args.set for x in ('--set', item)]
+    row = run_child(['--worker', shape, '--steps', str(steps), '--repeats', str(repeats), *extra])
+    row['fraction_of_matmul_ceiling'] = row['gflops'] / ceiling
+    rows.append(row)
+
+  print(f'matmul ceiling (fp32, 4096^3): {ceiling:.0f} GFLOP/s')
+  header = f'{"shape":<6} {"devices":>7} {"compile s":>9} {"ms/step":>9} {"tokens/s":>9} {"GFLOP/s":>8} {"of ceiling":>10} {"peak RSS MiB":>12}'
+  print(header)
+  for r in rows:
+    print(f'{r["shape"]:<6} {r["devices"]:>7} {r["compile_s"]:>9.1f} {r["ms_per_step"]:>9.1f} {r["tokens_per_s"]:>9.0f} '
+          f'{r["gflops"]:>8.1f} {r["fraction_of_matmul_ceiling"]:>10.0%} {r["peak_rss_mib"]:>12.0f}')
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  payload = {'machine': machine(), 'matmul_gflops': ceiling, 'overrides': args.set, 'results': rows}
+  tmp = out.with_suffix('.tmp')
+  tmp.write_text(json.dumps(payload, indent=2))
+  tmp.replace(out)
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  main()

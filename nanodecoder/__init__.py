@@ -1,0 +1,1 @@
+"""nanodecoder: decoder-only transformer language models in JAX / Flax NNX."""

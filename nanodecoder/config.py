@@ -1,0 +1,125 @@
+"""Loading experiment files and checking configs before any work starts.
+
+Every check raises `ConfigError` with one line that names the field, the bad
+value, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from nanodecoder.model import ModelConfig
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the trainer cannot use."""
+
+
+def load_config_file(spec: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Loads `path.py` or `path.py:arg` and returns its `get_config([arg])`."""
+  path, _, arg = str(spec).partition(':')
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f'config file {path!r} does not exist; pass a file such as experiments/cpu.py')
+  module_spec = importlib.util.spec_from_file_location(f'_nanodecoder_config_{file.stem}', file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  """`set_field(config, 'model.num_layers', 4)`, refusing unknown fields and wrong types."""
+  *parents, leaf = dotted.split('.')
+  node = config
+  for i, name in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise ConfigError(f'unknown config field {".".join(parents[:i + 1])!r} (in {dotted!r}); see experiments/base.py for the fields')
+    node = node[name]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise ConfigError(f'unknown config field {dotted!r}; see experiments/base.py for the fields')
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise ConfigError(f'config field {dotted!r} cannot take {value!r}: {e}') from None
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  m = config.model
+  return ModelConfig(
+      vocab_size=vocab_size,
+      num_layers=m.num_layers,
+      num_heads=m.num_heads,
+      head_size=m.head_size,
+      context_length=m.context_length,
+      mlp_ratio=m.mlp_ratio,
+      dropout=m.dropout,
+      use_bias=m.use_bias,
+      tie_embeddings=m.tie_embeddings,
+      dtype=m.dtype,
+      param_dtype=m.param_dtype,
+      attention_impl=m.attention_impl,
+  )
+
+
+_POSITIVE = (
+    'model.num_layers', 'model.num_heads', 'model.head_size', 'model.context_length', 'model.mlp_ratio',
+    'train.batch_size', 'train.num_steps', 'train.decay_steps', 'train.log_every',
+    'eval.every', 'eval.batches',
+)
+_CHOICES = {
+    'data.source': ('tfds', 'text'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.attention_impl': ('xla', 'cudnn'),
+}
+
+
+def _get(config, dotted):
+  node = config
+  for name in dotted.split('.'):
+    node = node[name]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on the first field the trainer could not use."""
+  for field in _POSITIVE:
+    value = _get(config, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ConfigError(f'{field} must be a positive integer, got {value!r}')
+  for field, choices in _CHOICES.items():
+    value = _get(config, field)
+    if value not in choices:
+      raise ConfigError(f'{field} must be one of {", ".join(map(repr, choices))}, got {value!r}')
+  t = config.train
+  if not 0.0 <= config.model.dropout < 1.0:
+    raise ConfigError(f'model.dropout must be in [0, 1), got {config.model.dropout!r}')
+  if t.learning_rate <= 0:
+    raise ConfigError(f'train.learning_rate must be > 0, got {t.learning_rate!r}')
+  if not 0 <= t.min_learning_rate <= t.learning_rate:
+    raise ConfigError(f'train.min_learning_rate must be in [0, train.learning_rate={t.learning_rate}], got {t.min_learning_rate!r}')
+  if t.warmup_steps < 0 or t.warmup_steps >= t.decay_steps:
+    raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be >= 0 and below train.decay_steps={t.decay_steps}; shorten the warmup')
+  if t.warmup_steps > t.num_steps:
+    raise ConfigError(f'train.warmup_steps={t.warmup_steps} is longer than the run (train.num_steps={t.num_steps}); shorten the warmup or train longer')
+  for name in ('beta1', 'beta2'):
+    if not 0.0 <= t[name] < 1.0:
+      raise ConfigError(f'train.{name} must be in [0, 1), got {t[name]!r}')
+  if t.weight_decay < 0 or t.grad_clip < 0:
+    raise ConfigError('train.weight_decay and train.grad_clip must be >= 0 (0 turns them off)')
+  if config.data.source == 'text' and not config.data.text_path:
+    raise ConfigError("data.source='text' needs data.text_path; pass --config.data.text_path=/path/to/corpus.txt")
+  if not 0.0 < config.data.text_eval_fraction < 1.0:
+    raise ConfigError(f'data.text_eval_fraction must be in (0, 1), got {config.data.text_eval_fraction!r}')
+  for axis in ('data', 'fsdp', 'tensor'):
+    size = config.mesh[axis]
+    if not isinstance(size, int) or (size <= 0 and size != -1):
+      raise ConfigError(f'mesh.{axis} must be a positive integer or -1 (all devices left over), got {size!r}')
+  if [config.mesh[a] for a in ('data', 'fsdp', 'tensor')].count(-1) > 1:
+    raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.tensor may be -1')
+  if config.mesh.cpu_devices < 0:
+    raise ConfigError(f'mesh.cpu_devices must be >= 0 (0 = one per core), got {config.mesh.cpu_devices!r}')

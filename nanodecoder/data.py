@@ -1,0 +1,231 @@
+"""Text corpora, the character tokenizer and batches of random windows.
+
+Sources:
+  * 'tfds': a TFDS dataset with one 'text' feature per split (tiny_shakespeare:
+    train / validation / test = 90% / 5% / 5% of the file, in order).
+  * 'text': a local UTF-8 file; its last `text_eval_fraction` is held out,
+    the first half of it as 'validation', the second as 'test' (as above).
+
+A split expression joins splits with '+': 'validation+test' is the last 10%
+of tiny-shakespeare, nanoGPT's validation text.
+
+Training batches are windows of `context_length + 1` tokens at random offsets
+drawn from a PRNG keyed by (seed, step), so a run's data order depends only on
+its seed and step: resuming, or changing the number of devices or hosts,
+never changes which windows a step sees.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pathlib
+import socket
+import urllib.parse
+
+import ml_collections
+import numpy as np
+
+MANUAL_DIR_ENV = 'NANODECODER_MANUAL_DIR'
+# Independent PRNG streams: training batches, and the fixed batches that estimate train / eval loss.
+TRAIN_STREAM, TRAIN_LOSS_STREAM, EVAL_LOSS_STREAM = 0, 1, 2
+
+
+class DataError(ValueError):
+  """The corpus cannot be read or does not fit the config."""
+
+
+class CharTokenizer:
+  """Maps each character of the corpus to an id; ids follow sorted character order."""
+
+  def __init__(self, chars: str):
+    self.chars = ''.join(sorted(set(chars)))
+    self._ids = {c: i for i, c in enumerate(self.chars)}
+
+  @classmethod
+  def from_text(cls, text: str) -> CharTokenizer:
+    return cls(text)
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.chars)
+
+  def encode(self, text: str) -> np.ndarray:
+    unknown = sorted(set(text) - self._ids.keys())
+    if unknown:
+      raise DataError(f'characters not in the vocabulary: {"".join(unknown)!r} ({", ".join(map(repr, unknown))}); '
+                      'use only characters of the training corpus')
+    return np.fromiter((self._ids[c] for c in text), dtype=np.int32, count=len(text))
+
+  def decode(self, ids) -> str:
+    return ''.join(self.chars[i] for i in np.asarray(ids).reshape(-1))
+
+  def to_json(self) -> str:
+    return json.dumps({'kind': 'char', 'chars': self.chars})
+
+  @classmethod
+  def from_json(cls, text: str) -> CharTokenizer:
+    return cls(json.loads(text)['chars'])
+
+
+@dataclasses.dataclass
+class Corpus:
+  """The raw text of each split of a source."""
+
+  name: str
+  splits: dict[str, str]
+
+  def text(self, expr: str) -> str:
+    names = expr.split('+')
+    for name in names:
+      if name not in self.splits:
+        raise DataError(f'split {name!r} (in {expr!r}) does not exist in {self.name}; available: {", ".join(self.splits)}')
+    return ''.join(self.splits[name] for name in names)
+
+  def tokenizer(self) -> CharTokenizer:
+    return CharTokenizer.from_text(''.join(self.splits.values()))
+
+
+def load_corpus(data: ml_collections.ConfigDict) -> Corpus:
+  if data.source == 'text':
+    return _text_corpus(data.text_path, data.text_eval_fraction)
+  return _tfds_corpus(data.tfds_name, data.tfds_data_dir, data.manual_dir or os.environ.get(MANUAL_DIR_ENV, ''))
+
+
+def _text_corpus(path: str, eval_fraction: float) -> Corpus:
+  file = pathlib.Path(path)
+  try:
+    raw = file.read_bytes()
+  except FileNotFoundError:
+    raise DataError(f'data.text_path {path!r} does not exist; point it at a UTF-8 text file') from None
+  except (IsADirectoryError, PermissionError) as e:
+    raise DataError(f'data.text_path {path!r} cannot be read ({e.strerror}); point it at a readable UTF-8 text file') from None
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise DataError(f'data.text_path {path!r} is not UTF-8 (bad byte at offset {e.start}); convert it, e.g. iconv -t UTF-8') from None
+  if not text:
+    raise DataError(f'data.text_path {path!r} is empty; it needs the training text')
+  train_end = int(len(text) * (1.0 - eval_fraction))
+  validation_end = (train_end + len(text)) // 2
+  return Corpus(f'text file {path}', {
+      'train': text[:train_end], 'validation': text[train_end:validation_end], 'test': text[validation_end:]})
+
+
+def _tfds_corpus(name: str, data_dir: str, manual_dir: str) -> Corpus:
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's start-up chatter
+  import tensorflow_datasets as tfds  # heavy; only for this source
+
+  builder = tfds.builder(name, data_dir=data_dir or None, file_format='array_record')
+  if not builder.is_prepared():
+    download_config = None
+    if manual_dir:
+      missing = [info.filename for info in builder.url_infos.values()
+                 if info.filename and not (pathlib.Path(manual_dir) / info.filename).is_file()]
+      if missing:
+        raise DataError(f'data.manual_dir {manual_dir!r} lacks {", ".join(missing)}; '
+                        f'download it from {", ".join(builder.url_infos)} into that folder')
+      download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    else:
+      _require_network(name, list(builder.url_infos))
+    builder.download_and_prepare(download_config=download_config)
+  splits = {}
+  for split in builder.info.splits:
+    source = builder.as_data_source(split=split)
+    splits[split] = b''.join(source[i]['text'] for i in range(len(source))).decode('utf-8')
+  order = ['train', 'validation', 'test']
+  return Corpus(f'tfds {name}', dict(sorted(splits.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 3)))
+
+
+def _require_network(name: str, urls: list[str], timeout: float = 5.0) -> None:
+  """Fails within seconds when the dataset's download hosts are unreachable."""
+
+  def connect(url):
+    parsed = urllib.parse.urlparse(url)
+    socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(urls)))
+  try:
+    for future in [pool.submit(connect, url) for url in urls]:
+      future.result(timeout=timeout + 1)
+  except Exception as e:  # DNS failure, refused, timeout: all mean offline
+    files = ', '.join(urls)
+    raise DataError(f'cannot download tfds {name!r} ({type(e).__name__}: {e}); offline, put {files} into a folder '
+                    f'and pass --config.data.manual_dir=DIR (or set {MANUAL_DIR_ENV}=DIR)') from None
+  finally:
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+# Batches ----------------------------------------------------------------------
+
+
+def window_starts(num_tokens: int, window: int, batch_size: int, seed: int, step: int, stream: int = TRAIN_STREAM) -> np.ndarray:
+  """Offsets of `batch_size` random windows, a pure function of (seed, stream, step)."""
+  rng = np.random.default_rng([seed, stream, step])
+  return rng.integers(0, num_tokens - window + 1, size=batch_size)
+
+
+def gather_windows(tokens: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
+  """[len(starts), window] token windows."""
+  return tokens[starts[:, None] + np.arange(window)]
+
+
+def all_windows(tokens: np.ndarray, context_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every target position exactly once: non-overlapping windows of context_length targets.
+
+  Returns windows [W, context_length + 1] (the last one zero-padded) and the
+  weights [W, context_length] of their targets (0 on padding).
+  """
+  num_targets = len(tokens) - 1
+  count = -(-num_targets // context_length)
+  padded = np.zeros(count * context_length + 1, tokens.dtype)
+  padded[:len(tokens)] = tokens
+  starts = np.arange(count) * context_length
+  windows = gather_windows(padded, starts, context_length + 1)
+  weights = (starts[:, None] + np.arange(1, context_length + 1) < len(tokens)).astype(np.float32)
+  return windows, weights
+
+
+@dataclasses.dataclass
+class Dataset:
+  """Tokenized train and eval text, and the batches drawn from them."""
+
+  tokenizer: CharTokenizer
+  train_tokens: np.ndarray
+  eval_tokens: np.ndarray
+  context_length: int
+
+  def check(self, train_split: str, eval_split: str) -> None:
+    window = self.context_length + 1
+    for split, tokens in ((train_split, self.train_tokens), (eval_split, self.eval_tokens)):
+      if len(tokens) < window:
+        raise DataError(f'split {split!r} has {len(tokens)} tokens, fewer than one window of context_length + 1 = {window}; '
+                        'use more text or a shorter model.context_length')
+
+  def train_batch(self, seed: int, step: int, batch_size: int, rows=slice(None)) -> np.ndarray:
+    """Rows `rows` of the global batch of step `step`: [rows, context_length + 1] tokens."""
+    window = self.context_length + 1
+    starts = window_starts(len(self.train_tokens), window, batch_size, seed, step)
+    return gather_windows(self.train_tokens, starts[rows], window)
+
+  def eval_batch(self, split: str, seed: int, index: int, batch_size: int, rows=slice(None)) -> np.ndarray:
+    """The `index`-th fixed evaluation batch of 'train' or 'eval' (same at every evaluation)."""
+    tokens = self.train_tokens if split == 'train' else self.eval_tokens
+    window = self.context_length + 1
+    starts = window_starts(len(tokens), window, batch_size, seed, index, stream=TRAIN_LOSS_STREAM if split == 'train' else EVAL_LOSS_STREAM)
+    return gather_windows(tokens, starts[rows], window)
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+  corpus = load_corpus(config.data)
+  tokenizer = corpus.tokenizer()
+  dataset = Dataset(
+      tokenizer=tokenizer,
+      train_tokens=tokenizer.encode(corpus.text(config.data.train_split)),
+      eval_tokens=tokenizer.encode(corpus.text(config.data.eval_split)),
+      context_length=config.model.context_length,
+  )
+  dataset.check(config.data.train_split, config.data.eval_split)
+  return dataset

@@ -1,0 +1,123 @@
+"""Everything about device meshes and how arrays are laid out on them.
+
+The mesh has three axes:
+  data    copies of the model, each on a slice of the batch;
+  fsdp    slices of the batch *and* of every parameter's 'embed' dimension
+          (fully-sharded data parallel: parameters are gathered per layer);
+  tensor  slices of the attention heads and the feed-forward width.
+
+Model parameters carry logical axis names (see nanodecoder.model); RULES maps
+them to mesh axes. A dimension that a mesh axis does not divide evenly stays
+replicated over that axis.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from nanodecoder.config import ConfigError
+
+AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+# logical axis name -> mesh axis (or axes); names not listed are replicated.
+RULES = {
+    'batch': BATCH_AXES,
+    'embed': 'fsdp',
+    'heads': 'tensor',
+    'mlp': 'tensor',
+}
+
+
+def set_cpu_devices(count: int) -> None:
+  """Splits the host CPU into `count` devices (0: one per core); call before JAX starts.
+
+  XLA's CPU backend runs the small operations of these models on few threads;
+  a data-parallel mesh over one device per core keeps every core busy.
+  Ignored when XLA_FLAGS already sets the count (as the tests do).
+  """
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return
+  jax.config.update('jax_num_cpu_devices', count or os.cpu_count() or 1)
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  sizes = [mesh_cfg[a] for a in AXES]
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f'mesh sizes {dict(zip(AXES, sizes))} do not divide the {num_devices} devices; '
+                        'choose sizes whose product divides the device count')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(f'mesh sizes {dict(zip(AXES, sizes))} use {math.prod(sizes)} devices but there are {num_devices}; '
+                      'make their product equal the device count (or set one to -1)')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def logical_spec(names, shape, mesh: Mesh) -> P:
+  """PartitionSpec for a value with logical axis `names`, dropping mesh axes that don't divide."""
+  if not names:
+    return P()
+  spec, used = [], set()
+  for name, dim in zip(names, shape):
+    axes = RULES.get(name)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+      used.update(axes)
+      spec.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def state_shardings(state, mesh: Mesh):
+  """NamedShardings for an (abstract) nnx.State, from its variables' logical names."""
+
+  def sharding(var):
+    names = var.get_metadata().get('out_sharding') if isinstance(var, nnx.Variable) else None
+    return var.replace(NamedSharding(mesh, logical_spec(names, var.shape, mesh))) if isinstance(var, nnx.Variable) \
+        else NamedSharding(mesh, P())
+
+  return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over data and fsdp."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def local_rows(sharding: NamedSharding, global_rows: int) -> slice:
+  """The contiguous rows of a batch-sharded array that this process's devices hold."""
+  index = sharding.addressable_devices_indices_map((global_rows,))
+  starts = [i[0].start or 0 for i in index.values()]
+  stops = [global_rows if i[0].stop is None else i[0].stop for i in index.values()]
+  return slice(min(starts), max(stops))
+
+
+def put_batch(rows_fn, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
+  """A global batch built from this process's rows only: `rows_fn(slice) -> np.ndarray`."""
+  local = rows_fn(local_rows(sharding, global_shape[0]))
+  return jax.make_array_from_process_local_data(sharding, local, global_shape)

@@ -1,0 +1,254 @@
+"""The optimizer, the compiled train and eval steps, and the training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from nanodecoder import config as config_lib
+from nanodecoder import data as data_lib
+from nanodecoder import sharding as sharding_lib
+from nanodecoder.files import atomic_write
+from nanodecoder.metrics import MetricsLogger
+from nanodecoder.model import Decoder, ModelConfig, count_params
+
+
+# Optimizer --------------------------------------------------------------------
+
+
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """nanoGPT's schedule: linear warmup to the peak, cosine decay to the floor, then flat."""
+  peak, floor = train.learning_rate, train.min_learning_rate
+  warmup, decay = train.warmup_steps, train.decay_steps
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * (step + 1) / (warmup + 1)
+    progress = jnp.clip((step - warmup) / (decay - warmup), 0.0, 1.0)
+    cosine = floor + 0.5 * (1.0 + jnp.cos(jnp.pi * progress)) * (peak - floor)
+    return jnp.where(step < warmup, warm, cosine)
+
+  return schedule
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with weight decay on matrices only (not on norms or biases), after global-norm clipping."""
+  adamw = optax.adamw(
+      learning_rate_schedule(train), b1=train.beta1, b2=train.beta2, weight_decay=train.weight_decay,
+      mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+  if train.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
+  return adamw
+
+
+# Steps ------------------------------------------------------------------------
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None):
+  """Sum of token losses and of their weights; logits [B, T, V] fp32, targets [B, T]."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  if weights is None:
+    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+  return (losses * weights).sum(), weights.sum()
+
+
+@dataclasses.dataclass
+class Trainer:
+  """The model/optimizer graph, its sharded state, and the compiled steps over one mesh."""
+
+  config: ml_collections.ConfigDict
+  model_config: ModelConfig
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  state: Any  # nnx.State of (model, optimizer)
+  state_sharding: Any
+  train_step: Callable
+  eval_step: Callable
+
+  @property
+  def step(self) -> int:
+    return int(jax.device_get(self.state[1]['step'][...]))
+
+  def model(self) -> Decoder:
+    return nnx.merge(self.graphdef, self.state)[0]
+
+
+def _create(model_config: ModelConfig, train: ml_collections.ConfigDict, seed: int):
+  model = Decoder(model_config, nnx.Rngs(params=seed))
+  return model, nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
+
+
+def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: jax.sharding.Mesh) -> Trainer:
+  """Builds parameters directly in their sharded layout and compiles the steps for `mesh`."""
+  init = lambda: nnx.state(_create(model_config, config.train, config.seed))
+  with nnx.use_eager_sharding(False):
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: _create(model_config, config.train, config.seed)))
+    state_sharding = sharding_lib.state_shardings(abstract_state, mesh)
+    state = jax.jit(init, out_shardings=state_sharding)()
+
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  train_cfg = config.train
+  dropout_key = jax.random.key(config.seed + 1) if model_config.dropout > 0 else None
+  accum = train_cfg.grad_accum_steps
+
+  def train_step(state, batch):
+    """One optimizer step on a [batch, context_length + 1] token batch."""
+    model, optimizer = nnx.merge(graphdef, state)
+    step_key = None if dropout_key is None else jax.random.fold_in(dropout_key, optimizer.step[...])
+
+    model_graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, tokens, key):
+      logits, _ = nnx.merge(model_graph, params, rest)(tokens[:, :-1], dropout_key=key)
+      total, count = cross_entropy(logits, tokens[:, 1:])
+      return total / count
+
+    grad_fn = jax.value_and_grad(loss_fn)
+    if accum == 1:
+      loss, grads = grad_fn(params, batch, step_key)
+    else:
+      # k micro-batches of b rows each give the gradient of one batch of k * b rows.
+      micro = batch.reshape(accum, batch.shape[0] // accum, batch.shape[1])
+      keys = None if step_key is None else jax.random.split(step_key, accum)
+
+      def body(carry, xs):
+        tokens, key = xs
+        return jax.tree.map(jnp.add, carry, grad_fn(params, tokens, key)), None
+
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(body, zeros, (micro, keys))
+      loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+    grad_norm = optax.tree.norm(grads)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), {'loss': loss, 'grad_norm': grad_norm}
+
+  def eval_step(state, batch, weights):
+    """Summed loss and target count of a batch (weights 0 mark padding)."""
+    model, _ = nnx.merge(graphdef, state)
+    logits, _ = model(batch[:, :-1])
+    return cross_entropy(logits, batch[:, 1:], weights)
+
+  train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_step = jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding, batch_sharding),
+                      out_shardings=(replicated, replicated))
+  return Trainer(config, model_config, mesh, graphdef, state, state_sharding, train_step, eval_step)
+
+
+# Evaluation -------------------------------------------------------------------
+
+
+def evaluate(trainer: Trainer, dataset: data_lib.Dataset, all_windows: bool | None = None) -> dict[str, float]:
+  """Mean loss over `eval.batches` fixed batches of train and eval text (or every eval window)."""
+  config = trainer.config
+  all_windows = config.eval.all_windows if all_windows is None else all_windows
+  batch_size = config.train.batch_size
+  sharding = sharding_lib.batch_sharding(trainer.mesh)
+  window = dataset.context_length + 1
+  results = {}
+  for split in ('train', 'eval'):
+    total = count = 0.0
+    if split == 'eval' and all_windows:
+      windows, weights = data_lib.all_windows(dataset.eval_tokens, dataset.context_length)
+      pad = -len(windows) % batch_size
+      windows = np.concatenate([windows, np.zeros((pad, window), windows.dtype)])
+      weights = np.concatenate([weights, np.zeros((pad, window - 1), weights.dtype)])
+      batches = [(windows[i:i + batch_size], weights[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+      fetch = lambda b: (lambda rows: b[0][rows], lambda rows: b[1][rows])
+    else:
+      batches = range(config.eval.batches)
+      fetch = lambda i: (lambda rows: dataset.eval_batch(split, config.seed, i, batch_size, rows),
+                         lambda rows: np.ones((rows.stop - rows.start, window - 1), np.float32))
+    for b in batches:
+      tokens_fn, weights_fn = fetch(b)
+      tokens = sharding_lib.put_batch(tokens_fn, sharding, (batch_size, window))
+      weights = sharding_lib.put_batch(weights_fn, sharding, (batch_size, window - 1))
+      loss_sum, weight_sum = trainer.eval_step(trainer.state, tokens, weights)
+      total += float(loss_sum)
+      count += float(weight_sum)
+    results[f'{split}_loss'] = total / count
+  return results
+
+
+# Loop -------------------------------------------------------------------------
+
+
+def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  dp = sharding_lib.data_parallel_size(mesh)
+  batch, accum = config.train.batch_size, config.train.grad_accum_steps
+  if batch % accum:
+    raise config_lib.ConfigError(f'train.batch_size={batch} is not divisible by train.grad_accum_steps={accum}')
+  if (batch // accum) % dp:
+    raise config_lib.ConfigError(f'train.batch_size={batch} (micro-batch {batch // accum}) is not divisible by the '
+                                 f'data-parallel size {dp} (mesh data x fsdp); pick a multiple of {dp * accum}')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+  """Trains `config` in `workdir`; returns the last evaluation's metrics."""
+  config_lib.validate(config)
+  workdir = pathlib.Path(workdir)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  check_mesh_fits(config, mesh)
+  dataset = data_lib.load_dataset(config)
+  model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
+  is_main = jax.process_index() == 0
+  if is_main:
+    atomic_write(workdir / 'config.json', config.to_json(indent=2))
+    atomic_write(workdir / 'tokenizer.json', dataset.tokenizer.to_json())
+
+  trainer = create_trainer(config, model_config, mesh)
+  logger = MetricsLogger(workdir, enabled=is_main)
+  logger.info(f'model: {count_params(trainer.model()):,} parameters, {model_config.num_layers} layers, '
+              f'{model_config.num_heads} heads x {model_config.head_size} = {model_config.embed_dim} wide, '
+              f'vocab {model_config.vocab_size}; mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices')
+
+  t = config.train
+  schedule = learning_rate_schedule(t)
+  batch_shape = (t.batch_size, dataset.context_length + 1)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  next_batch = lambda step: sharding_lib.put_batch(
+      lambda rows: dataset.train_batch(config.seed, step, t.batch_size, rows), batch_sharding, batch_shape)
+  tokens_per_step = t.batch_size * dataset.context_length
+
+  step = start_step = trainer.step
+  metrics: dict[str, float] = {}
+  batch = next_batch(step)
+  window_start, window_steps = time.perf_counter(), 0
+  while step < t.num_steps:
+    trainer.state, out = trainer.train_step(trainer.state, batch)
+    if step + 1 < t.num_steps:
+      batch = next_batch(step + 1)  # prepared while the device works
+    loss = float(out['loss'])  # block every step: queued collectives can starve on few cores
+    step += 1
+    window_steps += 1
+    if window_steps == 1 and step == start_step + 1:
+      logger.info(f'step {step}: compiled and ran the first step in {time.perf_counter() - window_start:.1f} s')
+      window_start, window_steps = time.perf_counter(), 0
+    if not math.isfinite(loss):
+      raise FloatingPointError(f'loss became {loss} at step {step}; lower train.learning_rate or check the data')
+    if step % t.log_every == 0 or step == t.num_steps:
+      elapsed = time.perf_counter() - window_start
+      ms = 1000 * elapsed / window_steps
+      logger.write(step, {'train/loss': loss, 'train/lr': float(schedule(step - 1)),
+                          'train/grad_norm': float(out['grad_norm']), 'train/ms_per_step': ms,
+                          'train/tokens_per_s': tokens_per_step * window_steps / elapsed})
+    if step % config.eval.every == 0 or step == t.num_steps:
+      result = evaluate(trainer, dataset)
+      metrics = {'train_loss': result['train_loss'], 'val_loss': result['eval_loss']}
+      logger.write(step, {'eval/train_loss': metrics['train_loss'], 'eval/val_loss': metrics['val_loss']})
+    if step % t.log_every == 0 or step % config.eval.every == 0:
+      window_start, window_steps = time.perf_counter(), 0
+  logger.close()
+  return metrics

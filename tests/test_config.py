@@ -1,0 +1,73 @@
+"""Experiment files load, and bad fields are refused with one clear line."""
+
+import pytest
+
+from nanodecoder import config as config_lib
+from nanodecoder.config import ConfigError
+from conftest import REPO
+
+
+@pytest.mark.parametrize('name', ['base', 'cpu'])
+def test_experiments_load_and_validate(name):
+  config = config_lib.load_config_file(REPO / 'experiments' / f'{name}.py')
+  config_lib.validate(config)
+  assert config.name == name
+
+
+def test_recipes_match_nanogpt():
+  base = config_lib.load_config_file(REPO / 'experiments' / 'base.py')
+  cpu = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  shape = lambda c: (c.model.num_layers, c.model.num_heads, c.model.num_heads * c.model.head_size, c.model.context_length)
+  assert shape(base) == (6, 6, 384, 256) and shape(cpu) == (4, 4, 128, 64)
+  assert (base.train.batch_size, base.train.num_steps, base.model.dropout) == (64, 5000, 0.2)
+  assert (cpu.train.batch_size, cpu.train.num_steps, cpu.train.decay_steps, cpu.model.dropout) == (12, 2000, 2000, 0.0)
+  for c in (base, cpu):
+    assert (c.train.learning_rate, c.train.min_learning_rate, c.train.warmup_steps, c.train.beta2) == (1e-3, 1e-4, 100, 0.99)
+    assert c.data.eval_split == 'validation+test'
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model.num_layers', 0, r'model.num_layers must be a positive integer, got 0'),
+    ('model.head_size', -4, r'model.head_size must be a positive integer, got -4'),
+    ('train.batch_size', 0, r'train.batch_size must be a positive integer'),
+    ('model.dropout', 1.0, r'model.dropout must be in \[0, 1\)'),
+    ('model.dtype', 'float64', r"model.dtype must be one of 'float32', 'bfloat16', 'float16', got 'float64'"),
+    ('data.source', 'web', r"data.source must be one of 'tfds', 'text'"),
+    ('train.warmup_steps', 3000, r'train.warmup_steps=3000 must be >= 0 and below train.decay_steps=2000'),
+    ('train.learning_rate', 0.0, r'train.learning_rate must be > 0'),
+    ('mesh.data', 0, r'mesh.data must be a positive integer or -1'),
+])
+def test_validate_names_field_and_value(field, value, message):
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  config_lib.set_field(config, field, value)
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_warmup_longer_than_run():
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  config.train.num_steps = 50
+  with pytest.raises(ConfigError, match=r'warmup_steps=100 is longer than the run \(train.num_steps=50\)'):
+    config_lib.validate(config)
+
+
+def test_set_field_refuses_unknown_fields_and_wrong_types():
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  with pytest.raises(ConfigError, match=r"unknown config field 'model.num_layer'"):
+    config_lib.set_field(config, 'model.num_layer', 3)
+  with pytest.raises(ConfigError, match=r"unknown config field 'modle'"):
+    config_lib.set_field(config, 'modle.num_layers', 3)
+  with pytest.raises(ConfigError, match=r"config field 'model.num_layers' cannot take 'four'"):
+    config_lib.set_field(config, 'model.num_layers', 'four')
+
+
+def test_text_source_needs_a_path():
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  config.data.source = 'text'
+  with pytest.raises(ConfigError, match=r'needs data.text_path'):
+    config_lib.validate(config)
+
+
+def test_missing_config_file():
+  with pytest.raises(ConfigError, match=r"config file 'experiments/nope.py' does not exist"):
+    config_lib.load_config_file('experiments/nope.py')

@@ -1,0 +1,113 @@
+"""Corpora, the character tokenizer, and step-keyed batches."""
+
+import hashlib
+import time
+
+import numpy as np
+import pytest
+
+from nanodecoder import data as data_lib
+from nanodecoder.data import CharTokenizer, DataError
+
+
+def test_tokenizer_round_trip_and_json():
+  text = 'Hello, World!\nzebra ~'
+  tok = CharTokenizer.from_text(text)
+  assert tok.vocab_size == len(set(text))
+  ids = tok.encode(text)
+  assert ids.dtype == np.int32 and tok.decode(ids) == text
+  again = CharTokenizer.from_json(tok.to_json())
+  assert again.chars == tok.chars and again.decode(ids) == text
+
+
+def test_tokenizer_names_unknown_characters():
+  tok = CharTokenizer.from_text('abc')
+  with pytest.raises(DataError, match=r"characters not in the vocabulary: 'xz'"):
+    tok.encode('axbz')
+
+
+@pytest.fixture(scope='module')
+def shakespeare(shakespeare_dir, tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp('tfds')
+  return data_lib._tfds_corpus('tiny_shakespeare', str(data_dir), str(shakespeare_dir))
+
+
+def test_tiny_shakespeare_splits_and_vocabulary(shakespeare, shakespeare_dir):
+  sizes = {name: len(text) for name, text in shakespeare.splits.items()}
+  assert sizes == {'train': 1_003_854, 'validation': 55_770, 'test': 55_770}
+  original = (shakespeare_dir / 'input.txt').read_text(encoding='utf-8')
+  # validation+test is the last 10% of the file: nanoGPT's validation text.
+  assert shakespeare.text('validation+test') == original[1_003_854:]
+  assert shakespeare.text('train') + shakespeare.text('validation+test') == original
+  tok = shakespeare.tokenizer()
+  assert tok.vocab_size == 65
+  assert tok.decode(tok.encode(original[:5000])) == original[:5000]
+
+
+def test_unknown_split_lists_the_available_ones(shakespeare):
+  with pytest.raises(DataError, match=r"split 'valid' \(in 'train\+valid'\) does not exist.*available: train, validation, test"):
+    shakespeare.text('train+valid')
+
+
+def test_offline_tfds_without_file_fails_fast(tmp_path, monkeypatch):
+  monkeypatch.delenv(data_lib.MANUAL_DIR_ENV, raising=False)
+  start = time.monotonic()
+  with pytest.raises(DataError, match=r'cannot download tfds .*manual_dir=DIR.*NANODECODER_MANUAL_DIR'):
+    data_lib._tfds_corpus('tiny_shakespeare', str(tmp_path / 'tfds'), '')
+  assert time.monotonic() - start < 15
+
+
+def test_manual_dir_without_the_file_says_what_is_missing(tmp_path):
+  with pytest.raises(DataError, match=r"lacks input.txt; download it from https://"):
+    data_lib._tfds_corpus('tiny_shakespeare', str(tmp_path / 'tfds'), str(tmp_path))
+
+
+def test_text_corpus_splits_the_tail_off_for_validation(tmp_path):
+  path = tmp_path / 'c.txt'
+  path.write_text('abcdefghij' * 10, encoding='utf-8')
+  corpus = data_lib._text_corpus(str(path), 0.1)
+  assert corpus.splits['train'] == ('abcdefghij' * 10)[:90]
+  assert corpus.splits['validation'] == 'abcde' and corpus.splits['test'] == 'fghij'
+  assert corpus.text('validation+test') == 'abcdefghij'
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, 'does not exist'),
+    (b'', 'is empty'),
+    (b'caf\xe9 au lait', r'is not UTF-8 \(bad byte at offset 3\)'),
+])
+def test_text_corpus_errors(tmp_path, content, message):
+  path = tmp_path / 'c.txt'
+  if content is not None:
+    path.write_bytes(content)
+  with pytest.raises(DataError, match=message):
+    data_lib._text_corpus(str(path), 0.1)
+
+
+def test_batches_depend_only_on_seed_and_step():
+  tokens = np.arange(1000, dtype=np.int32)
+  ds = data_lib.Dataset(CharTokenizer('ab'), tokens, tokens[:100], context_length=8)
+  a = ds.train_batch(seed=3, step=5, batch_size=6)
+  np.testing.assert_array_equal(a, ds.train_batch(seed=3, step=5, batch_size=6))
+  assert a.shape == (6, 9)
+  np.testing.assert_array_equal(np.diff(a, axis=1), 1)  # contiguous windows
+  assert not np.array_equal(a, ds.train_batch(seed=3, step=6, batch_size=6))
+  assert not np.array_equal(a, ds.train_batch(seed=4, step=5, batch_size=6))
+  # Any process's slice of the rows equals the same rows of the global batch.
+  np.testing.assert_array_equal(ds.train_batch(3, 5, 6, rows=slice(2, 4)), a[2:4])
+
+
+def test_all_windows_cover_every_target_once():
+  tokens = np.arange(1, 24, dtype=np.int32)  # 23 tokens -> 22 targets
+  windows, weights = data_lib.all_windows(tokens, context_length=5)
+  assert windows.shape == (5, 6) and weights.shape == (5, 5)
+  targets = windows[:, 1:][weights > 0]
+  np.testing.assert_array_equal(np.sort(targets), tokens[1:])
+  assert weights.sum() == 22
+
+
+def test_corpus_shorter_than_a_window_is_refused():
+  tokens = np.arange(10, dtype=np.int32)
+  ds = data_lib.Dataset(CharTokenizer('ab'), tokens, tokens, context_length=16)
+  with pytest.raises(DataError, match=r"split 'train' has 10 tokens, fewer than one window of context_length \+ 1 = 17"):
+    ds.check('train', 'validation')

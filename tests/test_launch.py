@@ -1,0 +1,51 @@
+"""launch.py end to end, in a subprocess, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TINY = ['--config.model.num_layers=1', '--config.model.num_heads=2', '--config.model.head_size=8',
+        '--config.model.context_length=16', '--config.train.batch_size=4', '--config.train.num_steps=12',
+        '--config.train.warmup_steps=2', '--config.train.decay_steps=12', '--config.train.log_every=6',
+        '--config.eval.every=6', '--config.eval.batches=2', '--config.mesh.cpu_devices=2']
+
+
+def launch(*args, timeout=180):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # launch.py picks its own devices
+  return subprocess.run([sys.executable, 'launch.py', *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.mark.slow
+def test_launch_trains_a_tiny_config(corpus_file, tmp_path):
+  workdir = tmp_path / 'run'
+  result = launch('--config', 'experiments/cpu.py', '--config.data.source=text',
+                  f'--config.data.text_path={corpus_file}', *TINY, '--workdir', str(workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert 'on 2 cpu devices' in out
+  assert 'step 12 |' in out and 'ms/step' in out and 'tokens/s' in out
+  assert 'final: train loss' in out and 'val loss' in out
+  saved = json.loads((workdir / 'config.json').read_text())
+  assert saved['model']['num_layers'] == 1 and saved['data']['text_path'] == str(corpus_file)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config', 'experiments/nope.py'], "error: cannot load the --config file: [Errno 2] No such file or directory: 'experiments/nope.py'"),
+    (['--config', 'experiments/cpu.py', '--config.model.num_layer=3'], "error: unknown config field in the overrides: 'num_layer' Did you mean \"num_layers\""),
+    (['--config', 'experiments/cpu.py', '--config.model.num_layers=three'], "error: flag --config.model.num_layers=three: invalid literal for int()"),
+    (['--config', 'experiments/cpu.py', '--config.model.num_heads=0'], 'error: model.num_heads must be a positive integer, got 0'),
+    (['--config', 'experiments/cpu.py', '--config.data.source=text', '--config.data.text_path=/no/such.txt'],
+     "error: data.text_path '/no/such.txt' does not exist; point it at a UTF-8 text file"),
+])
+def test_launch_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+  result = launch(*args, '--workdir', str(tmp_path / 'run'))
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr

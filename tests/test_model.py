@@ -1,0 +1,106 @@
+"""The decoder: shapes, causality, initial loss, attention and KV-cache equivalences."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanodecoder.model import Decoder, ModelConfig, attend, count_params
+
+CFG = ModelConfig(vocab_size=65, num_layers=2, num_heads=4, head_size=8, context_length=32)
+
+
+def make_model(cfg=CFG, seed=0):
+  with nnx.use_eager_sharding(False):
+    return Decoder(cfg, nnx.Rngs(params=seed))
+
+
+def test_logits_shape_and_dtype():
+  model = make_model()
+  tokens = jnp.zeros((3, 20), jnp.int32)
+  logits, caches = model(tokens)
+  assert logits.shape == (3, 20, 65) and logits.dtype == jnp.float32
+  assert caches is None
+
+
+def test_parameter_count_matches_the_formula():
+  d, v, t, L = CFG.embed_dim, CFG.vocab_size, CFG.context_length, CFG.num_layers
+  per_block = 2 * d + 3 * d * d + d * d + 2 * 4 * d * d  # 2 LayerNorm scales, qkv, out, mlp
+  assert count_params(make_model()) == v * d + t * d + L * per_block + d
+
+
+@pytest.mark.parametrize('t', [0, 7, 31])
+def test_causality_changing_token_t_never_changes_earlier_logits(t):
+  model = make_model()
+  tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 65)
+  changed = tokens.at[:, t].set((tokens[:, t] + 1) % 65)
+  a, _ = model(tokens)
+  b, _ = model(changed)
+  np.testing.assert_array_equal(np.asarray(a[:, :t]), np.asarray(b[:, :t]))
+  assert not np.allclose(a[:, t:], b[:, t:])  # and it does change position t onwards
+
+
+def test_initial_loss_is_close_to_uniform():
+  model = make_model()
+  tokens = jax.random.randint(jax.random.key(2), (8, 33), 0, 65)
+  logits, _ = model(tokens[:, :-1])
+  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1).mean()
+  assert abs(float(loss) - math.log(65)) < 0.05
+
+
+def naive_attention(q, k, v):
+  """softmax(q k^T / sqrt(H) + triangular mask) v, head by head, in numpy."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, t, n, h = q.shape
+  out = np.zeros_like(q)
+  mask = np.tril(np.ones((t, t), bool))
+  for bi in range(b):
+    for ni in range(n):
+      scores = q[bi, :, ni] @ k[bi, :, ni].T / math.sqrt(h)
+      scores = np.where(mask, scores, -np.inf)
+      probs = np.exp(scores - scores.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+      out[bi, :, ni] = probs @ v[bi, :, ni]
+  return out
+
+
+def test_attention_equals_the_textbook_formula():
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 5, 3, 4))
+  np.testing.assert_allclose(attend(q, k, v), naive_attention(q, k, v), rtol=1e-5, atol=1e-6)
+  # The explicit path (used with a cache or attention dropout) agrees too.
+  np.testing.assert_allclose(attend(q, k, v, query_offset=0), naive_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_is_active_only_with_a_key():
+  cfg = ModelConfig(**{**CFG.__dict__, 'dropout': 0.5})
+  model = make_model(cfg)
+  tokens = jnp.ones((2, 16), jnp.int32)
+  clean_a, _ = model(tokens)
+  clean_b, _ = model(tokens)
+  np.testing.assert_array_equal(clean_a, clean_b)
+  noisy_a, _ = model(tokens, dropout_key=jax.random.key(0))
+  noisy_b, _ = model(tokens, dropout_key=jax.random.key(0))
+  noisy_c, _ = model(tokens, dropout_key=jax.random.key(1))
+  np.testing.assert_array_equal(noisy_a, noisy_b)
+  assert not np.allclose(noisy_a, clean_a) and not np.allclose(noisy_a, noisy_c)
+
+
+def test_untied_head_and_biases():
+  cfg = ModelConfig(**{**CFG.__dict__, 'tie_embeddings': False, 'use_bias': True})
+  model = make_model(cfg)
+  assert model.lm_head is not None and model.blocks[0].attn.qkv_bias is not None
+  logits, _ = model(jnp.zeros((1, 4), jnp.int32))
+  assert logits.shape == (1, 4, 65)
+
+
+def test_bfloat16_compute_keeps_fp32_logits():
+  cfg = ModelConfig(**{**CFG.__dict__, 'dtype': 'bfloat16'})
+  model = make_model(cfg)
+  tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, 65)
+  logits, _ = model(tokens)
+  reference, _ = make_model()(tokens)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, reference, atol=0.05)

@@ -1,0 +1,134 @@
+"""The optimizer, the compiled steps and the loop."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanodecoder import config as config_lib
+from nanodecoder import data as data_lib
+from nanodecoder import sharding as sharding_lib
+from nanodecoder import train as train_lib
+
+
+def build(config, devices):
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  dataset = data_lib.load_dataset(config)
+  model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
+  return train_lib.create_trainer(config, model_config, mesh), dataset
+
+
+def put(trainer, batch):
+  return jax.device_put(batch, sharding_lib.batch_sharding(trainer.mesh))
+
+
+def params(trainer):
+  return jax.device_get(nnx.state(trainer.model(), nnx.Param))
+
+
+def test_schedule_matches_nanogpt(tiny_config):
+  t = tiny_config().train
+  t.learning_rate, t.min_learning_rate, t.warmup_steps, t.decay_steps = 1e-3, 1e-4, 10, 110
+  lr = train_lib.learning_rate_schedule(t)
+  np.testing.assert_allclose(float(lr(0)), 1e-3 * 1 / 11, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(9)), 1e-3 * 10 / 11, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(10)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(60)), 1e-4 + 0.5 * 9e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(110)), 1e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(500)), 1e-4, rtol=1e-6)
+
+
+def test_weight_decay_only_on_matrices(tiny_config):
+  config = tiny_config()
+  config.train.learning_rate, config.train.warmup_steps = 1.0, 0
+  config.train.weight_decay, config.train.grad_clip = 0.5, 0.0
+  tx = train_lib.make_optimizer(config.train)
+  params = {'matrix': jnp.ones((2, 2)), 'vector': jnp.ones((2,))}
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['matrix'], -0.5 * params['matrix'] * float(train_lib.learning_rate_schedule(config.train)(0)))
+  np.testing.assert_array_equal(updates['vector'], 0.0)
+
+
+def test_tiny_model_overfits_one_batch(tiny_config):
+  config = tiny_config(**{'train.learning_rate': 1e-2, 'train.min_learning_rate': 1e-2, 'train.warmup_steps': 0})
+  trainer, dataset = build(config, jax.devices()[:1])
+  batch = put(trainer, dataset.train_batch(0, 0, 8))
+  losses = []
+  for _ in range(150):
+    trainer.state, out = trainer.train_step(trainer.state, batch)
+    losses.append(float(out['loss']))
+  assert losses[0] > 3.0 and losses[-1] < 0.1, (losses[0], losses[-1])
+
+
+def test_step_on_8_devices_equals_step_on_1(tiny_config):
+  config = tiny_config()
+  one, dataset = build(config, jax.devices()[:1])
+  eight, _ = build(config, jax.devices()[:8])
+  assert len(eight.mesh.devices.flat) == 8
+  for a, b in zip(jax.tree.leaves(params(one)), jax.tree.leaves(params(eight))):
+    np.testing.assert_array_equal(a, b)  # same initial parameters
+  for step in range(3):
+    batch = dataset.train_batch(config.seed, step, 8)
+    one.state, out_one = one.train_step(one.state, put(one, batch))
+    eight.state, out_eight = eight.train_step(eight.state, put(eight, batch))
+    np.testing.assert_allclose(float(out_one['loss']), float(out_eight['loss']), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(params(one)), jax.tree.leaves(params(eight))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert one.step == eight.step == 3
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_config):
+  full, dataset = build(tiny_config(), jax.devices()[:1])
+  accum, _ = build(tiny_config(**{'train.grad_accum_steps': 4}), jax.devices()[:1])
+  for step in range(2):
+    batch = dataset.train_batch(0, step, 8)
+    full.state, out_full = full.train_step(full.state, put(full, batch))
+    accum.state, out_accum = accum.train_step(accum.state, put(accum, batch))
+    np.testing.assert_allclose(float(out_full['loss']), float(out_accum['loss']), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params(full)), jax.tree.leaves(params(accum))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_changes_with_step_but_is_reproducible(tiny_config):
+  config = tiny_config(**{'model.dropout': 0.3})
+  a, dataset = build(config, jax.devices()[:1])
+  b, _ = build(config, jax.devices()[:1])
+  batch = put(a, dataset.train_batch(0, 0, 8))
+  a.state, out_a = a.train_step(a.state, batch)
+  b.state, out_b = b.train_step(b.state, batch)
+  assert float(out_a['loss']) == float(out_b['loss'])
+
+
+def test_evaluate_all_windows_counts_every_target(tiny_config):
+  config = tiny_config(**{'eval.all_windows': True})
+  trainer, dataset = build(config, jax.devices()[:2])
+  result = train_lib.evaluate(trainer, dataset)
+  # A fresh model predicts roughly uniformly over the vocabulary.
+  assert abs(result['eval_loss'] - math.log(dataset.tokenizer.vocab_size)) < 0.1
+  assert abs(result['train_loss'] - math.log(dataset.tokenizer.vocab_size)) < 0.1
+
+
+def test_train_and_evaluate_learns_and_writes_the_workdir(tiny_config, tmp_path):
+  config = tiny_config(**{'train.num_steps': 60, 'train.decay_steps': 60, 'eval.every': 30,
+                          'train.learning_rate': 1e-2, 'train.min_learning_rate': 1e-3})
+  metrics = train_lib.train_and_evaluate(config, tmp_path)
+  assert metrics['val_loss'] < 2.6 and metrics['train_loss'] < 2.6
+  assert (tmp_path / 'config.json').is_file() and (tmp_path / 'tokenizer.json').is_file()
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  assert any('eval/val_loss' in line for line in lines)
+
+
+def test_batch_must_divide_over_data_parallel_devices(tiny_config, tmp_path):
+  config = tiny_config(**{'train.batch_size': 6})  # 8 devices
+  with pytest.raises(config_lib.ConfigError, match=r'train.batch_size=6 .* not divisible by the data-parallel size 8'):
+    train_lib.train_and_evaluate(config, tmp_path)
+
+
+def test_diverging_loss_stops_with_a_clear_error(tiny_config, tmp_path):
+  config = tiny_config(**{'train.learning_rate': 1e30, 'train.min_learning_rate': 1e29, 'train.grad_clip': 0.0})
+  with pytest.raises(FloatingPointError, match=r'loss became (nan|inf) at step \d+'):
+    train_lib.train_and_evaluate(config, tmp_path)
