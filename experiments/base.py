@@ -57,6 +57,12 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.batches = 200  # random batches averaged for each train/val loss estimate
   evaluation.all_windows = False  # True: val loss over every window of eval_split instead
 
+  config.checkpoint = checkpoint = ml_collections.ConfigDict()
+  checkpoint.every = 250  # steps between checkpoints (and at the end, and on SIGTERM/Ctrl-C)
+  checkpoint.keep = 2  # most recent checkpoints kept
+  checkpoint.keep_best = True  # also keep the one with the lowest val loss
+  checkpoint.async_save = True  # write in the background while training goes on
+
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel axis size; -1 = all devices left over
   mesh.fsdp = 1  # fully-sharded data parallel: batch and parameters split over it

@@ -68,7 +68,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
 _POSITIVE = (
     'model.num_layers', 'model.num_heads', 'model.head_size', 'model.context_length', 'model.mlp_ratio',
     'train.batch_size', 'train.num_steps', 'train.decay_steps', 'train.log_every',
-    'eval.every', 'eval.batches',
+    'eval.every', 'eval.batches', 'checkpoint.every', 'checkpoint.keep',
 )
 _CHOICES = {
     'data.source': ('tfds', 'text'),

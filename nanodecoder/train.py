@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -15,7 +16,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from nanodecoder import checkpoint as checkpoint_lib
 from nanodecoder import config as config_lib
 from nanodecoder import data as data_lib
 from nanodecoder import sharding as sharding_lib
@@ -71,10 +74,11 @@ class Trainer:
   model_config: ModelConfig
   mesh: jax.sharding.Mesh
   graphdef: Any
-  state: Any  # nnx.State of (model, optimizer)
-  state_sharding: Any
+  abstract_state: Any  # nnx.State of (model, optimizer) of ShapeDtypeStructs with their shardings
+  state: Any  # the same, of arrays (None until `init_state` or a restore)
   train_step: Callable
   eval_step: Callable
+  init_state: Callable[[], Any]
 
   @property
   def step(self) -> int:
@@ -89,13 +93,19 @@ def _create(model_config: ModelConfig, train: ml_collections.ConfigDict, seed: i
   return model, nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
 
 
-def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: jax.sharding.Mesh) -> Trainer:
-  """Builds parameters directly in their sharded layout and compiles the steps for `mesh`."""
-  init = lambda: nnx.state(_create(model_config, config.train, config.seed))
+def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: jax.sharding.Mesh,
+                   init: bool = True) -> Trainer:
+  """Compiles the steps for `mesh`; with `init`, builds the parameters directly in their sharded layout."""
   with nnx.use_eager_sharding(False):
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: _create(model_config, config.train, config.seed)))
-    state_sharding = sharding_lib.state_shardings(abstract_state, mesh)
-    state = jax.jit(init, out_shardings=state_sharding)()
+  state_sharding = sharding_lib.state_shardings(abstract_state, mesh)
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract_state, state_sharding)
+
+  def init_state():
+    with nnx.use_eager_sharding(False):
+      return jax.jit(lambda: nnx.state(_create(model_config, config.train, config.seed)),
+                     out_shardings=state_sharding)()
 
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
@@ -144,7 +154,8 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
                        out_shardings=(state_sharding, replicated), donate_argnums=0)
   eval_step = jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding, batch_sharding),
                       out_shardings=(replicated, replicated))
-  return Trainer(config, model_config, mesh, graphdef, state, state_sharding, train_step, eval_step)
+  return Trainer(config, model_config, mesh, graphdef, abstract_state, init_state() if init else None,
+                 train_step, eval_step, init_state)
 
 
 # Evaluation -------------------------------------------------------------------
@@ -195,24 +206,85 @@ def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                                  f'data-parallel size {dp} (mesh data x fsdp); pick a multiple of {dp * accum}')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-  """Trains `config` in `workdir`; returns the last evaluation's metrics."""
+class StopRequest:
+  """Turns SIGTERM / SIGINT into a request to stop after the current step (a second Ctrl-C aborts)."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    if self.signal == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal = signum
+
+  def name(self) -> str:
+    return signal.Signals(self.signal).name if self.signal else 'a signal to another process'
+
+  def requested(self) -> bool:
+    """True on every process as soon as any process was signalled."""
+    flag = self.signal is not None
+    if jax.process_count() > 1:
+      flag = bool(multihost_utils.process_allgather(np.int32(flag)).any())
+    return flag
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the last evaluation's metrics, plus 'stopped_by' (a signal name)
+  when a signal ended the run early after saving a checkpoint.
+  """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
   mesh = sharding_lib.make_mesh(config.mesh)
   check_mesh_fits(config, mesh)
+  is_main = jax.process_index() == 0
+  lock = checkpoint_lib.WorkdirLock(workdir)
+  if is_main:
+    lock.acquire()
+  try:
+    with StopRequest() as stop:
+      return _train(config, workdir, mesh, stop, is_main)
+  finally:
+    lock.release()
+
+
+def _train(config, workdir, mesh, stop, is_main):
   dataset = data_lib.load_dataset(config)
   model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
-  is_main = jax.process_index() == 0
+  logger = MetricsLogger(workdir, enabled=is_main)
+  ck = config.checkpoint
+  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=ck.keep, keep_best=ck.keep_best, async_save=ck.async_save)
+  trainer = create_trainer(config, model_config, mesh, init=False)
+  restored = checkpoints.restore_latest_good(trainer.abstract_state, config, log=logger.info)
+  metrics: dict[str, Any] = {}
+  if restored is None:
+    trainer.state = trainer.init_state()
+  else:
+    step, trainer.state, meta = restored
+    logger.info(f'resumed from the checkpoint at step {step} in {checkpoints.directory}')
+    if step >= config.train.num_steps:
+      logger.info(f'already trained for train.num_steps={config.train.num_steps} steps; nothing to do')
+      if meta['val_loss'] is not None:
+        metrics = {'val_loss': meta['val_loss']}
   if is_main:
     atomic_write(workdir / 'config.json', config.to_json(indent=2))
     atomic_write(workdir / 'tokenizer.json', dataset.tokenizer.to_json())
-
-  trainer = create_trainer(config, model_config, mesh)
-  logger = MetricsLogger(workdir, enabled=is_main)
   logger.info(f'model: {count_params(trainer.model()):,} parameters, {model_config.num_layers} layers, '
               f'{model_config.num_heads} heads x {model_config.head_size} = {model_config.embed_dim} wide, '
-              f'vocab {model_config.vocab_size}; mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices')
+              f'vocab {model_config.vocab_size}; mesh {dict(mesh.shape)} on {jax.device_count()} '
+              f'{jax.devices()[0].platform} devices')
 
   t = config.train
   schedule = learning_rate_schedule(t)
@@ -221,34 +293,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   next_batch = lambda step: sharding_lib.put_batch(
       lambda rows: dataset.train_batch(config.seed, step, t.batch_size, rows), batch_sharding, batch_shape)
   tokens_per_step = t.batch_size * dataset.context_length
+  save = lambda step, val_loss=None: checkpoints.save(step, trainer.state, config, dataset.tokenizer, val_loss)
 
   step = start_step = trainer.step
-  metrics: dict[str, float] = {}
-  batch = next_batch(step)
+  batch = next_batch(step) if step < t.num_steps else None
   window_start, window_steps = time.perf_counter(), 0
-  while step < t.num_steps:
-    trainer.state, out = trainer.train_step(trainer.state, batch)
-    if step + 1 < t.num_steps:
-      batch = next_batch(step + 1)  # prepared while the device works
-    loss = float(out['loss'])  # block every step: queued collectives can starve on few cores
-    step += 1
-    window_steps += 1
-    if window_steps == 1 and step == start_step + 1:
-      logger.info(f'step {step}: compiled and ran the first step in {time.perf_counter() - window_start:.1f} s')
-      window_start, window_steps = time.perf_counter(), 0
-    if not math.isfinite(loss):
-      raise FloatingPointError(f'loss became {loss} at step {step}; lower train.learning_rate or check the data')
-    if step % t.log_every == 0 or step == t.num_steps:
-      elapsed = time.perf_counter() - window_start
-      ms = 1000 * elapsed / window_steps
-      logger.write(step, {'train/loss': loss, 'train/lr': float(schedule(step - 1)),
-                          'train/grad_norm': float(out['grad_norm']), 'train/ms_per_step': ms,
-                          'train/tokens_per_s': tokens_per_step * window_steps / elapsed})
-    if step % config.eval.every == 0 or step == t.num_steps:
-      result = evaluate(trainer, dataset)
-      metrics = {'train_loss': result['train_loss'], 'val_loss': result['eval_loss']}
-      logger.write(step, {'eval/train_loss': metrics['train_loss'], 'eval/val_loss': metrics['val_loss']})
-    if step % t.log_every == 0 or step % config.eval.every == 0:
-      window_start, window_steps = time.perf_counter(), 0
-  logger.close()
+  try:
+    while step < t.num_steps:
+      trainer.state, out = trainer.train_step(trainer.state, batch)
+      if step + 1 < t.num_steps:
+        batch = next_batch(step + 1)  # prepared while the device works
+      loss = float(out['loss'])  # block every step: queued collectives can starve on few cores
+      step += 1
+      window_steps += 1
+      if not math.isfinite(loss):
+        raise FloatingPointError(f'loss became {loss} at step {step}; the last good checkpoint is kept; '
+                                 'lower train.learning_rate or check the data')
+      if step == start_step + 1:
+        logger.info(f'step {step}: compiled and ran the first step in {time.perf_counter() - window_start:.1f} s')
+        window_start, window_steps = time.perf_counter(), 0
+      if step % t.log_every == 0 or step == t.num_steps:
+        elapsed = time.perf_counter() - window_start
+        logger.write(step, {'train/loss': loss, 'train/lr': float(schedule(step - 1)),
+                            'train/grad_norm': float(out['grad_norm']),
+                            'train/ms_per_step': 1000 * elapsed / max(window_steps, 1),
+                            'train/tokens_per_s': tokens_per_step * window_steps / max(elapsed, 1e-9)})
+      val_loss = None
+      if step % config.eval.every == 0 or step == t.num_steps:
+        result = evaluate(trainer, dataset)
+        metrics = {'train_loss': result['train_loss'], 'val_loss': result['eval_loss']}
+        val_loss = metrics['val_loss']
+        logger.write(step, {'eval/train_loss': metrics['train_loss'], 'eval/val_loss': val_loss})
+      saved = step % ck.every == 0 or step == t.num_steps
+      if saved:
+        save(step, val_loss)
+      if step < t.num_steps and stop.requested():
+        if not saved:
+          save(step)
+        checkpoints.wait()
+        metrics['stopped_by'] = stop.name()
+        logger.info(f'stopped by {metrics["stopped_by"]} after step {step}; checkpoint saved, '
+                    'run the same command to resume')
+        return metrics
+      if step % t.log_every == 0 or val_loss is not None:
+        window_start, window_steps = time.perf_counter(), 0
+  finally:
+    try:
+      checkpoints.wait()
+    finally:
+      checkpoints.close()
+      logger.close()
   return metrics

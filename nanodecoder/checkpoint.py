@@ -1,0 +1,225 @@
+"""Orbax checkpoints of a run: save, keep, restore onto any mesh, and guard the workdir.
+
+A run's checkpoints live in `workdir/checkpoints/<step>/` with three items:
+  params     the model parameters,
+  opt_state  the optimizer state (moments and step count),
+  meta       JSON: step, validation loss (if evaluated at that step), the
+             resolved config and the tokenizer.
+The data position and dropout keys are functions of (seed, step), so these
+are all a run needs to resume exactly, and `params` + `meta` all sampling
+needs. Orbax writes each step into a temporary folder and renames it when
+complete, so a crash never leaves a half-written step behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging as absl_logging
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers
+
+from nanodecoder.config import ConfigError
+from nanodecoder.data import CharTokenizer
+
+# Config fields that fix the parameter shapes: a checkpoint restores only into the same values.
+SHAPE_FIELDS = ('num_layers', 'num_heads', 'head_size', 'context_length', 'mlp_ratio', 'use_bias', 'tie_embeddings',
+                'param_dtype')
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint, or a checkpoint that cannot be written."""
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir, released automatically when the process dies."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = pathlib.Path(workdir) / '.lock'
+    self._file = None
+
+  def acquire(self) -> None:
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    file = open(self.path, 'a+')
+    try:
+      fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      file.seek(0)
+      owner = file.read().strip() or 'unknown'
+      file.close()
+      raise CheckpointError(f'workdir {self.path.parent} is in use by another run (pid {owner}); '
+                            'wait for it to end or pass another --workdir') from None
+    file.seek(0)
+    file.truncate()
+    file.write(str(os.getpid()))
+    file.flush()
+    self._file = file
+
+  def release(self) -> None:
+    if self._file is not None:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+
+def _abstract(tree):
+  """ShapeDtypeStructs (with shardings) of an array tree or of an abstract nnx state."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
+
+
+def check_model_matches(saved_config: dict, config: ml_collections.ConfigDict, where: str) -> None:
+  diffs = [f'model.{f}={saved_config["model"][f]!r} (config says {config.model[f]!r})'
+           for f in SHAPE_FIELDS if saved_config['model'].get(f) != config.model[f]]
+  if diffs:
+    raise ConfigError(f'checkpoint in {where} has a different model shape: {", ".join(diffs)}; '
+                      'use the same model fields or another --workdir')
+
+
+class Checkpoints:
+  """The checkpoints of one workdir: `save` during training, `restore` to resume or sample."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, keep_best: bool = True,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+    policies = [checkpoint_managers.LatestN(n=keep)]
+    if keep_best:
+      policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
+                                                keep_checkpoints_without_metrics=False))
+    previous = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(min(previous, absl_logging.ERROR))  # read_only makes Orbax warn that it is
+    try:
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+          enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
+      self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('params', 'opt_state', 'meta'))
+    finally:
+      absl_logging.set_verbosity(previous)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, config: ml_collections.ConfigDict, tokenizer: CharTokenizer,
+           val_loss: float | None = None) -> None:
+    """Starts writing `state` (an nnx.State of (model, optimizer)) as step `step`; returns at once."""
+    meta = {'step': step, 'val_loss': val_loss, 'config': config.to_dict(), 'tokenizer': tokenizer.to_json()}
+    self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.to_pure_dict(state[0])),
+        opt_state=ocp.args.StandardSave(nnx.to_pure_dict(state[1])),
+        meta=ocp.args.JsonSave(meta),
+    ), metrics=None if val_loss is None else {'val_loss': val_loss}, force=True)
+
+  def wait(self) -> None:
+    """Blocks until every started save is on disk (raises if one failed)."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+  def meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def best_step(self) -> int | None:
+    scored = [(m['val_loss'], s) for s in self.steps() if (m := self.meta(s))['val_loss'] is not None]
+    return min(scored)[1] if scored else None
+
+  def select(self, which: str | int) -> int:
+    """'latest', 'best' or a step number -> an existing step."""
+    steps = self.steps()
+    if not steps:
+      raise CheckpointError(f'no checkpoints in {self.directory}; train first (launch.py --config ... --workdir ...)')
+    if which == 'latest':
+      return steps[-1]
+    if which == 'best':
+      best = self.best_step()
+      if best is None:
+        raise CheckpointError(f'no checkpoint in {self.directory} has a validation loss; use latest or a step number')
+      return best
+    try:
+      step = int(which)
+    except ValueError:
+      raise CheckpointError(f"checkpoint {which!r} is not 'latest', 'best' or a step number") from None
+    if step not in steps:
+      raise CheckpointError(f'no checkpoint at step {step} in {self.directory}; saved steps: {", ".join(map(str, steps))}')
+    return step
+
+  def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple[Any, Any]:
+    """(params, opt_state) of step `step`, laid out as the given abstract nnx.States say.
+
+    Without `abstract_opt_state` only the parameters are read (for sampling).
+    """
+    parts = {'params': abstract_params, 'opt_state': abstract_opt_state}
+    parts = {name: part for name, part in parts.items() if part is not None}
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        name: ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(part))) for name, part in parts.items()}))
+    filled = {}
+    for name, part in parts.items():
+      filled[name] = jax.tree.map(lambda x: x, part)  # a copy to fill in
+      nnx.replace_by_pure_dict(filled[name], restored[name])
+    return filled['params'], filled.get('opt_state')
+
+  def restore_latest_good(self, abstract_state, config: ml_collections.ConfigDict, log=print):
+    """(step, state, meta) of the newest step that restores, or None; a broken step is set aside with a message.
+
+    A checkpoint of another model shape is refused (ConfigError), not skipped.
+    """
+    for step in reversed(self.steps()):
+      try:
+        meta = self.meta(step)
+      except Exception as e:
+        self._set_aside(step, e, log)
+        continue
+      check_model_matches(meta['config'], config, str(self.directory.parent))
+      try:
+        state = jax.tree.map(lambda x: x, abstract_state)
+        state[0], state[1] = self.restore(step, abstract_state[0], abstract_state[1])
+        return step, state, meta
+      except Exception as e:  # a corrupt or partial step: fall back to the previous one
+        self._set_aside(step, e, log)
+    return None
+
+  def _set_aside(self, step: int, error: Exception, log) -> None:
+    aside = self.directory / f'{step}.corrupt'
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(aside)
+    reason = (str(error).strip().splitlines() or [''])[0][:200]
+    log(f'checkpoint at step {step} is unreadable ({type(error).__name__}: {reason}); '
+        f'moved it to {aside.name}, falling back to the previous one')
+    self.manager.reload()
+
+
+def load_meta(workdir: str | pathlib.Path, which: str | int = 'latest') -> tuple[Checkpoints, int, dict]:
+  """Opens a workdir read-only and returns (checkpoints, step, meta) of the chosen checkpoint."""
+  workdir = pathlib.Path(workdir)
+  if not (workdir / 'checkpoints').is_dir():
+    raise CheckpointError(f'no checkpoints in {workdir}; train first or pass the workdir of a run')
+  checkpoints = Checkpoints(workdir, read_only=True)
+  step = checkpoints.select(which)
+  return checkpoints, step, checkpoints.meta(step)
+
+
+def load_model(workdir: str | pathlib.Path, which: str | int = 'latest'):
+  """(model, tokenizer, config, step) from a workdir alone, parameters on the default device."""
+  from nanodecoder import config as config_lib  # noqa: F811 (avoid a cycle at import)
+  from nanodecoder.model import Decoder
+
+  checkpoints, step, meta = load_meta(workdir, which)
+  try:
+    config = ml_collections.ConfigDict(meta['config'])
+    tokenizer = CharTokenizer.from_json(meta['tokenizer'])
+    model_config = config_lib.model_config(config, tokenizer.vocab_size)
+    with nnx.use_eager_sharding(False):
+      graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, nnx.Rngs(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    params, _ = checkpoints.restore(step, abstract)
+  finally:
+    checkpoints.close()
+  return nnx.merge(graphdef, params), tokenizer, config, step
+

@@ -1,0 +1,139 @@
+"""Sampling: KV-cached decoding equals recomputation; the filters do what they say."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config
+from nanodecoder import config as config_lib
+from nanodecoder import data as data_lib
+from nanodecoder import sharding as sharding_lib
+from nanodecoder import train as train_lib
+from nanodecoder.sampling import SamplingError, SamplingOptions, filter_logits, generate, next_token, stream
+
+
+
+@pytest.fixture(scope='module')
+def model(corpus_file):
+  """A tiny model trained for a few seconds (context 16), so that its greedy text is not degenerate."""
+  config = make_tiny_config(corpus_file, **{'train.learning_rate': 1e-2, 'train.min_learning_rate': 1e-2})
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  dataset = data_lib.load_dataset(config)
+  trainer = train_lib.create_trainer(config, config_lib.model_config(config, dataset.tokenizer.vocab_size), mesh)
+  for step in range(150):
+    trainer.state, _ = trainer.train_step(trainer.state, jnp.asarray(dataset.train_batch(0, step, 8)))
+  return trainer.model()
+
+
+def greedy_reference(model, prompt, steps, refill=True):
+  """Token by token, re-running the model on exactly the text the cached decoder has seen."""
+  context, keep = model.cfg.context_length, model.cfg.context_length // 2
+  tokens, seen = list(prompt), len(prompt)
+  for _ in range(steps):
+    window = jnp.asarray(tokens[len(tokens) - seen:])[None]
+    logits, _ = model(window)
+    tokens.append(int(jnp.argmax(logits[0, -1])))
+    if refill and seen == context:
+      seen = keep
+    seen = seen + 1 if refill else min(seen + 1, context)
+  return np.asarray(tokens[len(prompt):])
+
+
+def test_cached_greedy_equals_uncached_within_the_context(model):
+  prompt = np.array([1, 5, 7, 2], np.int32)
+  options = SamplingOptions(max_new_tokens=12, temperature=0.0)  # 4 + 12 = the whole context
+  cached = generate(model, prompt, options)
+  uncached = generate(model, prompt, SamplingOptions(max_new_tokens=12, temperature=0.0, use_cache=False))
+  np.testing.assert_array_equal(cached, uncached)
+  np.testing.assert_array_equal(cached[0], greedy_reference(model, prompt, 12))
+  assert len(set(cached[0].tolist())) > 2  # not a degenerate repetition
+
+
+def test_uncached_past_the_context_crops_to_the_last_context(model):
+  prompt = np.array([3, 1, 4, 1, 5], np.int32)
+  out = generate(model, prompt, SamplingOptions(max_new_tokens=40, temperature=0.0, use_cache=False))
+  np.testing.assert_array_equal(out[0], greedy_reference(model, prompt, 40, refill=False))
+
+
+def test_cached_generation_past_the_context_refills_half_a_context(model):
+  prompt = np.array([3, 1, 4, 1, 5], np.int32)
+  out = generate(model, prompt, SamplingOptions(max_new_tokens=45, temperature=0.0))  # ~3 contexts
+  assert out.shape == (1, 45)
+  np.testing.assert_array_equal(out[0], greedy_reference(model, prompt, 45))
+
+
+def test_long_prompt_keeps_its_last_context(model):
+  prompt = np.arange(40, dtype=np.int32) % 20
+  a = generate(model, prompt, SamplingOptions(max_new_tokens=5, temperature=0.0))
+  b = generate(model, prompt[-16:], SamplingOptions(max_new_tokens=5, temperature=0.0))
+  np.testing.assert_array_equal(a, b)
+
+
+def test_stream_yields_the_same_tokens_as_the_compiled_loop(model):
+  prompt = np.array([2, 4, 6], np.int32)
+  options = SamplingOptions(max_new_tokens=30, num_samples=1, temperature=0.9, top_k=5, seed=7)
+  streamed = np.stack(list(stream(model, prompt, options)), axis=1)
+  np.testing.assert_array_equal(streamed, generate(model, prompt, options))
+
+
+def test_samples_are_reproducible_per_seed_and_differ_across_rows(model):
+  prompt = np.array([2], np.int32)
+  options = SamplingOptions(max_new_tokens=20, num_samples=4, temperature=1.0, seed=1)
+  a, b = generate(model, prompt, options), generate(model, prompt, options)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (4, 20) and len({tuple(row) for row in a}) > 1
+  assert not np.array_equal(a, generate(model, prompt, SamplingOptions(max_new_tokens=20, num_samples=4, seed=2)))
+
+
+LOGITS = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]]))
+
+
+def kept(logits):
+  return np.isfinite(np.asarray(logits[0])).nonzero()[0].tolist()
+
+
+def test_top_k_keeps_the_k_largest():
+  assert kept(filter_logits(LOGITS, 1.0, 2, 1.0)) == [2, 3]
+  assert kept(filter_logits(LOGITS, 1.0, 1, 1.0)) == [3]
+  assert kept(filter_logits(LOGITS, 1.0, 0, 1.0)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize('top_p, expected', [(1.0, [0, 1, 2, 3]), (0.5, [2, 3]), (0.7, [2, 3]), (0.71, [1, 2, 3]),
+                                             (0.4, [3]), (0.05, [3])])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+  assert kept(filter_logits(LOGITS, 1.0, 0, top_p)) == expected
+
+
+def test_temperature_scales_logits_and_sampling_follows_the_distribution():
+  np.testing.assert_allclose(filter_logits(LOGITS, 2.0, 0, 1.0), LOGITS / 2.0, rtol=1e-6)
+  keys = jax.random.split(jax.random.key(0), 20000)
+  draws = jax.vmap(lambda k: next_token(k, LOGITS, 0.5, 0, 1.0, greedy=False))(keys)
+  freq = np.bincount(np.asarray(draws).ravel(), minlength=4) / 20000
+  expected = np.asarray(jax.nn.softmax(LOGITS[0] / 0.5))
+  np.testing.assert_allclose(freq, expected, atol=0.015)
+  # top-k 2 at temperature 1: only tokens 2 and 3, in proportion 3:4.
+  draws = jax.vmap(lambda k: next_token(k, LOGITS, 1.0, 2, 1.0, greedy=False))(keys)
+  freq = np.bincount(np.asarray(draws).ravel(), minlength=4) / 20000
+  np.testing.assert_allclose(freq, [0, 0, 3 / 7, 4 / 7], atol=0.015)
+
+
+def test_zero_temperature_is_greedy():
+  assert int(next_token(jax.random.key(0), LOGITS, 0.0, 0, 1.0, greedy=True)[0]) == 3
+
+
+@pytest.mark.parametrize('options, message', [
+    (SamplingOptions(temperature=-1.0), r'temperature must be >= 0 \(0 = greedy\), got -1.0'),
+    (SamplingOptions(top_p=0.0), r'top_p must be in \(0, 1\] \(1 = off\), got 0.0'),
+    (SamplingOptions(top_p=1.5), r'top_p must be in \(0, 1\]'),
+    (SamplingOptions(top_k=-2), r'top_k must be >= 0'),
+    (SamplingOptions(max_new_tokens=0), r'max_new_tokens must be positive'),
+])
+def test_bad_options_are_refused(model, options, message):
+  with pytest.raises(SamplingError, match=message):
+    generate(model, np.array([1], np.int32), options)
+
+
+def test_empty_prompt_is_refused(model):
+  with pytest.raises(SamplingError, match='the prompt is empty'):
+    generate(model, np.array([], np.int32), SamplingOptions())
