@@ -26,7 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.tie_embeddings = True  # LM head reuses the token embedding matrix
   model.dtype = 'float32'  # compute dtype ('bfloat16' on GPU/TPU); logits stay fp32
   model.param_dtype = 'float32'  # storage dtype of parameters and optimizer state
-  model.attention_impl = 'xla'  # 'xla', or 'cudnn' for fused attention on NVIDIA GPUs
+  model.attention_impl = 'auto'  # 'einsum', 'xla', 'cudnn' (fused, NVIDIA); auto: cudnn on GPU if it applies
+  model.remat = 'none'  # recompute in the backward pass: 'none', 'matmuls' (all but projections), 'block'
+  model.scan_layers = False  # scan over stacked blocks: compile time flat in depth
 
   config.data = data = ml_collections.ConfigDict()
   data.source = 'tfds'  # 'tfds' (a TFDS text dataset) or 'text' (a local UTF-8 file)

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from nanodecoder.model import ModelConfig
+from nanodecoder.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -62,6 +62,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
       dtype=m.dtype,
       param_dtype=m.param_dtype,
       attention_impl=m.attention_impl,
+      remat=m.remat,
+      scan_layers=m.scan_layers,
   )
 
 
@@ -74,7 +76,8 @@ _CHOICES = {
     'data.source': ('tfds', 'text'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16'),
-    'model.attention_impl': ('xla', 'cudnn'),
+    'model.attention_impl': ATTENTION_IMPLS,
+    'model.remat': REMAT_POLICIES,
 }
 
 

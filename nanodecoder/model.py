@@ -1,11 +1,11 @@
 """A GPT-style decoder-only transformer in Flax NNX.
 
-Reads top to bottom like the design notes: self-attention, feed-forward,
-add & norm, positional embeddings, the whole model. Shape letters used in the
-comments:
+Reads top to bottom like the design notes: linear layers, self-attention,
+feed-forward, add & norm, positional embeddings, the whole model. Shape
+letters used in the comments:
 
   B batch, T time (tokens), D embedding width, N heads, H head size
-  (D = N * H), F feed-forward width, V vocabulary, S cached time steps.
+  (D = N * H), F feed-forward width, V vocabulary, S cached positions, L layers.
 
 Parameters carry *logical* axis names ('embed', 'heads', ...) as NNX sharding
 metadata; `nanodecoder.sharding` maps them onto mesh axes in one place.
@@ -14,11 +14,16 @@ metadata; `nanodecoder.sharding` maps them onto mesh axes in one place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+REMAT_POLICIES = ('none', 'block', 'matmuls')
+ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +39,11 @@ class ModelConfig:
   dropout: float = 0.0
   use_bias: bool = False
   tie_embeddings: bool = True
-  dtype: str = 'float32'  # compute dtype of activations and matmuls
+  dtype: str = 'float32'  # compute dtype of activations and matmuls; logits stay fp32
   param_dtype: str = 'float32'  # storage dtype of the parameters
-  attention_impl: str = 'xla'  # 'xla', 'cudnn' (fused, GPU) or None (JAX picks)
+  attention_impl: str = 'auto'  # see `attend`
+  remat: str = 'none'  # activations recomputed in the backward pass: see `Decoder._block`
+  scan_layers: bool = False  # one `lax.scan` over stacked blocks: compile time independent of depth
 
   @property
   def embed_dim(self) -> int:
@@ -47,127 +54,166 @@ class ModelConfig:
     return self.mlp_ratio * self.embed_dim
 
 
-def _init(std: float, names: tuple[str | None, ...]):
-  return nnx.with_partitioning(nnx.initializers.normal(std), names)
+def _param(init, names: tuple[str | None, ...], key, shape, cfg: ModelConfig) -> nnx.Param:
+  return nnx.Param(nnx.with_partitioning(init, names)(key, shape, jnp.dtype(cfg.param_dtype)))
 
 
-def _zeros(names: tuple[str | None, ...]):
-  return nnx.with_partitioning(nnx.initializers.zeros_init(), names)
+# Linear layers ------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+  """x [..., K...] @ w [K..., M...] -> [..., M...], contracting x's last `contract` axes.
+
+  Mathematically a plain matmul. The custom gradient spells out the weight
+  gradient as x^T @ g with x as the first operand: left to itself, XLA's CPU
+  backend transposes the (larger) output gradient g instead, fusing the
+  elementwise backward of GELU/LayerNorm into a slow transposed write.
+  """
+  return jnp.tensordot(x, w, axes=contract)
+
+
+def _dense_fwd(x, w, contract):
+  return dense(x, w, contract), (x, w)
+
+
+def _dense_bwd(contract, residuals, g):
+  x, w = residuals
+  out_axes = w.ndim - contract
+  dx = jnp.tensordot(g, w, axes=(list(range(g.ndim - out_axes, g.ndim)), list(range(contract, w.ndim))))
+  batch_axes = list(range(x.ndim - contract))
+  dw = jnp.tensordot(x, g, axes=(batch_axes, batch_axes))
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout; the identity when `key` is None (evaluation)."""
+  """Inverted dropout (the identity when `key` is None, i.e. in evaluation).
+
+  Draws 16 random bits per element, two per 32-bit PRNG word: half the
+  generator work of a float per element. Keeps an element with probability
+  round((1 - rate) * 2^16) / 2^16 and rescales by exactly its inverse.
+  """
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  threshold = round((1.0 - rate) * 65536)
+  words = jax.random.bits(key, (*x.shape[:-1], (x.shape[-1] + 1) // 2), jnp.uint32)
+  halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :x.shape[-1]]
+  keep = halves < jnp.uint16(threshold) if threshold < 65536 else jnp.ones(x.shape, bool)
+  return jnp.where(keep, x * (65536.0 / threshold), 0).astype(x.dtype)
+
+
+def _split(key, num: int = 2):
+  return (None,) * num if key is None else tuple(jax.random.split(key, num))
+
+
+# Add & norm ---------------------------------------------------------------------
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis, statistics in fp32, optional bias."""
+  """LayerNorm over the last axis with statistics in fp32; bias optional."""
 
   def __init__(self, cfg: ModelConfig):
     d = cfg.embed_dim
-    self.scale = nnx.Param(
-        nnx.with_partitioning(nnx.initializers.ones_init(), ('norm',))(None, (d,), jnp.dtype(cfg.param_dtype))
-    )
-    self.bias = (
-        nnx.Param(_zeros(('norm',))(None, (d,), jnp.dtype(cfg.param_dtype))) if cfg.use_bias else None
-    )
+    self.scale = _param(nnx.initializers.ones_init(), ('norm',), None, (d,), cfg)
+    self.bias = _param(nnx.initializers.zeros_init(), ('norm',), None, (d,), cfg) if cfg.use_bias else None
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, x):  # [..., D] -> [..., D]
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     centered = x32 - mean
-    var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
-    y = centered * jax.lax.rsqrt(var + 1e-5) * self.scale[...]
+    variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+    y = centered * jax.lax.rsqrt(variance + 1e-5) * self.scale[...]
     if self.bias is not None:
       y = y + self.bias[...]
     return y.astype(self.dtype)
 
 
-class KVCache(NamedTuple):
-  """Keys and values of one attention layer for incremental decoding."""
+# Self-attention -----------------------------------------------------------------
 
-  key: jax.Array  # [B, S, N, H]
-  value: jax.Array  # [B, S, N, H]
+
+class KVCache(NamedTuple):
+  """Keys and values of the positions decoded so far, heads first."""
+
+  key: jax.Array  # [B, N, S, H] (with a leading L axis when layers are scanned)
+  value: jax.Array  # [B, N, S, H]
+
+
+def attend(q, k, v, *, impl: str = 'einsum', dropout_rate: float = 0.0, dropout_key=None, query_offset=None,
+           num_valid=None):
+  """Causal scaled dot-product attention, heads first: q [B, N, T, H], k/v [B, N, S, H] -> [B, N, T, H].
+
+  softmax(q k^T / sqrt(H) + mask) v, where query i (at position
+  `query_offset + i`) sees the keys at positions <= its own, and, over a KV
+  cache, only the first `num_valid` of them. Implementations:
+    'einsum'  the formula above as written (any backend; dropout on the
+              attention weights; KV caches);
+    'xla' / 'cudnn'  `jax.nn.dot_product_attention`, cuDNN's fused flash
+              attention on NVIDIA GPUs (no attention-weight dropout, no cache);
+    'auto'    'cudnn' on GPU where it applies, else 'einsum'.
+  """
+  fused_ok = query_offset is None and (dropout_key is None or dropout_rate == 0.0)
+  if impl == 'auto':
+    impl = 'cudnn' if fused_ok and jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) \
+        else 'einsum'
+  if impl in ('xla', 'cudnn') and fused_ok:
+    swap = lambda x: x.transpose(0, 2, 1, 3)  # the API wants [B, T, N, H]
+    out = jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True, implementation=impl)
+    return swap(out)
+  t, s = q.shape[2], k.shape[2]
+  scores = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  q_pos = jnp.arange(t)[:, None] + (0 if query_offset is None else query_offset)
+  k_pos = jnp.arange(s)[None, :]
+  mask = k_pos <= q_pos  # [T, S]: the triangle
+  if num_valid is not None:
+    mask = mask & (k_pos < num_valid)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S]
+  weights = dropout(weights, dropout_rate, dropout_key).astype(v.dtype)
+  return jnp.einsum('bnts,bnsh->bnth', weights, v)
 
 
 class CausalSelfAttention(nnx.Module):
-  """Multi-head self-attention with a triangular (causal) mask.
-
-  softmax(q k^T / sqrt(H) + mask) v, per head, where position t attends only to
-  positions <= t.
-  """
+  """Multi-head self-attention: project to queries, keys and values, attend per head, project back."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, n, h = cfg.embed_dim, cfg.num_heads, cfg.head_size
-    pdt = jnp.dtype(cfg.param_dtype)
-    # Fused query/key/value projection straight into the heads layout.
-    self.qkv = nnx.Param(_init(0.02, ('embed', None, 'heads', 'head'))(rngs.params(), (d, 3, n, h), pdt))
-    # Output projection; GPT-2 scales its init by 1/sqrt(2 * num_layers).
-    std_out = 0.02 / (2 * cfg.num_layers) ** 0.5
-    self.out = nnx.Param(_init(std_out, ('heads', 'head', 'embed'))(rngs.params(), (n, h, d), pdt))
-    if cfg.use_bias:
-      self.qkv_bias = nnx.Param(_zeros((None, 'heads', 'head'))(None, (3, n, h), pdt))
-      self.out_bias = nnx.Param(_zeros(('embed',))(None, (d,), pdt))
-    else:
-      self.qkv_bias = self.out_bias = None
+    normal = nnx.initializers.normal
+    self.qkv = _param(normal(0.02), ('embed', None, 'heads', 'head'), rngs.params(), (d, 3, n, h), cfg)
+    # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * num_layers).
+    self.out = _param(normal(0.02 / (2 * cfg.num_layers) ** 0.5), ('heads', 'head', 'embed'), rngs.params(),
+                      (n, h, d), cfg)
+    zeros = nnx.initializers.zeros_init()
+    self.qkv_bias = _param(zeros, (None, 'heads', 'head'), None, (3, n, h), cfg) if cfg.use_bias else None
+    self.out_bias = _param(zeros, ('embed',), None, (d,), cfg) if cfg.use_bias else None
     self.cfg = cfg
 
   def __call__(self, x, *, dropout_key=None, cache: KVCache | None = None, cache_index=None):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    qkv = jnp.einsum('btd,dsnh->sbtnh', x, self.qkv[...].astype(dt))  # [3, B, T, N, H]
+    qkv = checkpoint_name(dense(x, self.qkv[...].astype(dt)), 'projection')  # [B, T, 3, N, H]
     if self.qkv_bias is not None:
-      qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-    q, k, v = qkv[0], qkv[1], qkv[2]  # each [B, T, N, H]
-
-    if cache is not None:
-      # Write the new keys/values at `cache_index` and attend over the cache.
-      k_all = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache_index, axis=1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache_index, axis=1)
-      cache = KVCache(k_all, v_all)
-      y = attend(q, k_all.astype(dt), v_all.astype(dt), query_offset=cache_index, num_valid=cache_index + x.shape[1])
-    else:
-      attn_key, dropout_key = _split(dropout_key)
-      y = attend(q, k, v, dropout_rate=cfg.dropout, dropout_key=attn_key, implementation=cfg.attention_impl)
-    # y: [B, T, N, H]
-    out = jnp.einsum('btnh,nhd->btd', y, self.out[...].astype(dt))  # [B, T, D]
+      qkv = qkv + self.qkv_bias[...].astype(dt)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, N, T, H]
+    attn_key, out_key = _split(dropout_key)
+    if cache is None:
+      y = attend(q, k, v, impl=cfg.attention_impl, dropout_rate=cfg.dropout, dropout_key=attn_key)
+    else:  # write this step's keys/values at `cache_index`, attend over the whole cache
+      k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache_index, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache_index, axis=2)
+      cache = KVCache(k, v)
+      y = attend(q, k.astype(dt), v.astype(dt), query_offset=cache_index, num_valid=cache_index + x.shape[1])
+    out = dense(y.transpose(0, 2, 1, 3), self.out[...].astype(dt), contract=2)  # [B, T, N, H] -> [B, T, D]
+    out = checkpoint_name(out, 'projection')
     if self.out_bias is not None:
       out = out + self.out_bias[...].astype(dt)
-    return dropout(out, cfg.dropout, dropout_key), cache
+    return dropout(out, cfg.dropout, out_key), cache
 
 
-def _split(key):
-  if key is None:
-    return None, None
-  a, b = jax.random.split(key)
-  return a, b
-
-
-def attend(q, k, v, *, dropout_rate=0.0, dropout_key=None, implementation='xla', query_offset=None, num_valid=None):
-  """Causal scaled dot-product attention. q: [B, T, N, H], k/v: [B, S, N, H] -> [B, T, N, H].
-
-  Query i sits at absolute position `query_offset + i` and sees keys at
-  positions <= its own (and < `num_valid` when attending over a cache).
-  Without dropout or a cache this calls `jax.nn.dot_product_attention`, which
-  dispatches to fused (cuDNN flash) attention on GPU when asked.
-  """
-  if query_offset is None and (dropout_key is None or dropout_rate == 0.0):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-  t, s = q.shape[1], k.shape[1]
-  scores = jnp.einsum('btnh,bsnh->bnts', q, k).astype(jnp.float32) * q.shape[-1] ** -0.5  # [B, N, T, S]
-  q_pos = jnp.arange(t)[:, None] + (0 if query_offset is None else query_offset)
-  k_pos = jnp.arange(s)[None, :]
-  mask = k_pos <= q_pos
-  if num_valid is not None:
-    mask = mask & (k_pos < num_valid)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  probs = dropout(probs, dropout_rate, dropout_key).astype(q.dtype)
-  return jnp.einsum('bnts,bsnh->btnh', probs, v)
+# Feed-forward -------------------------------------------------------------------
 
 
 class FeedForward(nnx.Module):
@@ -175,30 +221,28 @@ class FeedForward(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f = cfg.embed_dim, cfg.mlp_dim
-    pdt = jnp.dtype(cfg.param_dtype)
-    self.fc = nnx.Param(_init(0.02, ('embed', 'mlp'))(rngs.params(), (d, f), pdt))
-    self.proj = nnx.Param(_init(0.02 / (2 * cfg.num_layers) ** 0.5, ('mlp', 'embed'))(rngs.params(), (f, d), pdt))
-    if cfg.use_bias:
-      self.fc_bias = nnx.Param(_zeros(('mlp',))(None, (f,), pdt))
-      self.proj_bias = nnx.Param(_zeros(('embed',))(None, (d,), pdt))
-    else:
-      self.fc_bias = self.proj_bias = None
+    normal = nnx.initializers.normal
+    self.fc = _param(normal(0.02), ('embed', 'mlp'), rngs.params(), (d, f), cfg)
+    self.proj = _param(normal(0.02 / (2 * cfg.num_layers) ** 0.5), ('mlp', 'embed'), rngs.params(), (f, d), cfg)
+    zeros = nnx.initializers.zeros_init()
+    self.fc_bias = _param(zeros, ('mlp',), None, (f,), cfg) if cfg.use_bias else None
+    self.proj_bias = _param(zeros, ('embed',), None, (d,), cfg) if cfg.use_bias else None
     self.cfg = cfg
 
   def __call__(self, x, *, dropout_key=None):  # [B, T, D] -> [B, T, D]
     dt = jnp.dtype(self.cfg.dtype)
-    h = x @ self.fc[...].astype(dt)  # [B, T, F]
+    h = checkpoint_name(dense(x, self.fc[...].astype(dt)), 'projection')  # [B, T, F]
     if self.fc_bias is not None:
       h = h + self.fc_bias[...].astype(dt)
     h = jax.nn.gelu(h, approximate=False)
-    out = h @ self.proj[...].astype(dt)  # [B, T, D]
+    out = checkpoint_name(dense(h, self.proj[...].astype(dt)), 'projection')  # [B, T, D]
     if self.proj_bias is not None:
       out = out + self.proj_bias[...].astype(dt)
     return dropout(out, self.cfg.dropout, dropout_key)
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  """Pre-norm transformer block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.ln_attn = LayerNorm(cfg)
@@ -214,50 +258,91 @@ class Block(nnx.Module):
     return x, cache
 
 
+# The whole model ----------------------------------------------------------------
+
+
 class Decoder(nnx.Module):
   """Token + learned positional embeddings -> blocks -> final LayerNorm -> LM head."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, v = cfg.embed_dim, cfg.vocab_size
-    pdt = jnp.dtype(cfg.param_dtype)
+    normal = nnx.initializers.normal
     self.cfg = cfg
-    self.token_embed = nnx.Param(_init(0.02, ('vocab', 'embed'))(rngs.params(), (v, d), pdt))
-    self.position_embed = nnx.Param(_init(0.02, (None, 'embed'))(rngs.params(), (cfg.context_length, d), pdt))
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.token_embed = _param(normal(0.02), ('vocab', 'embed'), rngs.params(), (v, d), cfg)
+    self.position_embed = _param(normal(0.02), (None, 'embed'), rngs.params(), (cfg.context_length, d), cfg)
+    if cfg.scan_layers:  # one Block whose parameters have a leading layer axis
+      make = nnx.vmap(lambda r: Block(cfg, r), transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      self.blocks = make(rngs.fork(split=cfg.num_layers))
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.ln_final = LayerNorm(cfg)
-    self.lm_head = None if cfg.tie_embeddings else nnx.Param(_init(0.02, ('embed', 'vocab'))(rngs.params(), (d, v), pdt))
+    self.lm_head = None if cfg.tie_embeddings else _param(normal(0.02), ('vocab', 'embed'), rngs.params(), (v, d), cfg)
 
   def __call__(self, tokens, *, dropout_key=None, caches=None, cache_index=None):
-    """tokens: [B, T] int -> (logits [B, T, V] in fp32, updated caches or None).
+    """tokens [B, T] int -> (logits [B, T, V] fp32, updated caches or None).
 
     Token i sits at position i, or at `cache_index + i` when decoding with caches.
+    `dropout_key` (training only) turns dropout on.
     """
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    t = tokens.shape[1]
-    positions = jnp.arange(t) if cache_index is None else cache_index + jnp.arange(t)
+    positions = jnp.arange(tokens.shape[1]) + (0 if cache_index is None else cache_index)
     x = self.token_embed[...].astype(dt)[tokens] + self.position_embed[...].astype(dt)[positions]  # [B, T, D]
-    embed_key, dropout_key = _split(dropout_key)
+    embed_key, blocks_key = _split(dropout_key)
     x = dropout(x, cfg.dropout, embed_key)
-    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
-
-    new_caches = []
-    for i, block in enumerate(self.blocks):
-      x, cache = block(x, dropout_key=None if layer_keys is None else layer_keys[i],
-                       cache=None if caches is None else caches[i], cache_index=cache_index)
-      new_caches.append(cache)
-
+    layer_keys = None if blocks_key is None else jax.random.split(blocks_key, cfg.num_layers)
+    if cfg.scan_layers:
+      x, caches = self._scan_blocks(x, layer_keys, caches, cache_index)
+    else:
+      new_caches = []
+      for i, block in enumerate(self.blocks):
+        x, cache = self._block(block, x, None if layer_keys is None else layer_keys[i],
+                               None if caches is None else caches[i], cache_index)
+        new_caches.append(cache)
+      caches = None if caches is None else tuple(new_caches)
     x = self.ln_final(x)
-    head = self.token_embed[...].T if self.lm_head is None else self.lm_head[...]  # [D, V]
-    logits = jnp.einsum('btd,dv->btv', x, head.astype(dt), preferred_element_type=jnp.float32)  # [B, T, V]
-    return logits, (None if caches is None else new_caches)
+    head = self.token_embed if self.lm_head is None else self.lm_head  # [V, D]
+    logits = jnp.einsum('btd,vd->btv', x, head[...].astype(dt), preferred_element_type=jnp.float32)  # [B, T, V]
+    return logits, caches
 
-  def init_caches(self, batch_size: int, dtype: Any = None) -> list[KVCache]:
-    """Empty KV caches covering the whole context, one per layer."""
+  def _block(self, block, x, key, cache, cache_index):
+    """One block, with its activations kept for the backward pass as `cfg.remat` says:
+
+    'none'     keep everything (fastest, most memory);
+    'matmuls'  keep the outputs of the projections, recompute the cheap rest
+               (LayerNorm, GELU, attention weights): a few % more time for
+               far less memory;
+    'block'    keep only the block's input, recompute the block (about a
+               third more time, least memory).
+    """
+    if self.cfg.remat == 'none' or cache is not None:
+      return block(x, dropout_key=key, cache=cache, cache_index=cache_index)
+    policy = (jax.checkpoint_policies.nothing_saveable if self.cfg.remat == 'block'
+              else jax.checkpoint_policies.save_only_these_names('projection'))
+    graphdef, state = nnx.split(block)
+    run = jax.checkpoint(lambda state, x, key: nnx.merge(graphdef, state)(x, dropout_key=key)[0], policy=policy)
+    return run(state, x, key), None
+
+  def _scan_blocks(self, x, layer_keys, caches, cache_index):
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(x, layer):
+      state, key, cache = layer
+      x, cache = self._block(nnx.merge(graphdef, state), x, key, cache, cache_index)
+      return x, cache
+
+    x, caches = jax.lax.scan(body, x, (stacked, layer_keys, caches))
+    return x, caches
+
+  def init_caches(self, batch_size: int, dtype: Any = None):
+    """Empty KV caches over the whole context, one per layer (stacked when layers are scanned)."""
     cfg = self.cfg
-    shape = (batch_size, cfg.context_length, cfg.num_heads, cfg.head_size)
+    shape = (batch_size, cfg.num_heads, cfg.context_length, cfg.head_size)
     dtype = jnp.dtype(dtype or cfg.dtype)
-    return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+    if cfg.scan_layers:
+      stacked = (cfg.num_layers, *shape)
+      return KVCache(jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))
+    return tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -53,12 +53,17 @@ class SamplingOptions:
       raise SamplingError(f'top_p must be in (0, 1] (1 = off), got {self.top_p}')
 
 
-def filter_logits(logits: jax.Array, temperature, top_k: int, top_p) -> jax.Array:
-  """Logits [..., V] scaled by 1/temperature, with tokens outside top-k / top-p set to -inf."""
+def filter_logits(logits: jax.Array, temperature, top_k: int, top_p=None) -> jax.Array:
+  """Logits [..., V] scaled by 1/temperature, with tokens outside top-k / top-p set to -inf.
+
+  top_k 0 and top_p None (or 1) keep every token.
+  """
   logits = logits.astype(jnp.float32) / temperature
   if 0 < top_k < logits.shape[-1]:
     kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+  if top_p is None:
+    return logits
   # Top-p: keep a token if the probability of all more likely tokens is below top_p (the top token always).
   ordered = jnp.sort(logits, axis=-1)[..., ::-1]
   probs = jax.nn.softmax(ordered, axis=-1)
@@ -139,11 +144,15 @@ def _prepare(model: Decoder, prompt: np.ndarray, options: SamplingOptions):
   return jnp.asarray(prompt), graphdef, params, static
 
 
+def _top_p(options: SamplingOptions):
+  return None if options.top_p >= 1.0 else jnp.float32(options.top_p)  # None: no nucleus filter compiled in
+
+
 def generate(model: Decoder, prompt: np.ndarray, options: SamplingOptions = SamplingOptions()) -> np.ndarray:
   """Token ids [num_samples, max_new_tokens] following `prompt` (token ids), in one compiled call."""
   prompt, graphdef, params, static = _prepare(model, prompt, options)
   out = _generate(params, prompt, jax.random.key(options.seed), jnp.float32(options.temperature or 1.0),
-                  jnp.float32(options.top_p), graphdef=graphdef, num_samples=options.num_samples,
+                  _top_p(options), graphdef=graphdef, num_samples=options.num_samples,
                   steps=options.max_new_tokens, use_cache=options.use_cache, **static)
   return np.asarray(out)
 
@@ -151,7 +160,7 @@ def generate(model: Decoder, prompt: np.ndarray, options: SamplingOptions = Samp
 def stream(model: Decoder, prompt: np.ndarray, options: SamplingOptions = SamplingOptions()) -> Iterator[np.ndarray]:
   """Yields each new token [num_samples] as soon as it is sampled (one compiled step per token)."""
   prompt, graphdef, params, static = _prepare(model, prompt, options)
-  key, temperature, top_p = jax.random.key(options.seed), jnp.float32(options.temperature or 1.0), jnp.float32(options.top_p)
+  key, temperature, top_p = jax.random.key(options.seed), jnp.float32(options.temperature or 1.0), _top_p(options)
   start = jax.jit(lambda params, prompt: _start(nnx.merge(graphdef, params), prompt, options.num_samples,
                                                 options.max_new_tokens, options.use_cache))
   advance = jax.jit(lambda params, state, i: _advance(nnx.merge(graphdef, params), state, i, prompt.shape[0], key,

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nanodecoder import checkpoint as checkpoint_lib
 from nanodecoder import config as config_lib
@@ -129,8 +130,10 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
     if accum == 1:
       loss, grads = grad_fn(params, batch, step_key)
     else:
-      # k micro-batches of b rows each give the gradient of one batch of k * b rows.
-      micro = batch.reshape(accum, batch.shape[0] // accum, batch.shape[1])
+      # k micro-batches of b rows each give the gradient of one batch of k * b rows. Micro-batch j
+      # takes rows j, j + k, j + 2k, ...: every device holds a slice of every micro-batch.
+      micro = batch.reshape(batch.shape[0] // accum, accum, batch.shape[1]).swapaxes(0, 1)
+      micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES)))
       keys = None if step_key is None else jax.random.split(step_key, accum)
 
       def body(carry, xs):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanodecoder.model import Decoder, ModelConfig, attend, count_params
+from nanodecoder.model import Decoder, ModelConfig, attend, count_params, dense, dropout
 
 CFG = ModelConfig(vocab_size=65, num_layers=2, num_heads=4, head_size=8, context_length=32)
 
@@ -52,26 +52,54 @@ def test_initial_loss_is_close_to_uniform():
 
 
 def naive_attention(q, k, v):
-  """softmax(q k^T / sqrt(H) + triangular mask) v, head by head, in numpy."""
+  """softmax(q k^T / sqrt(H) + triangular mask) v, head by head, in numpy; [B, N, T, H]."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  b, t, n, h = q.shape
+  b, n, t, h = q.shape
   out = np.zeros_like(q)
   mask = np.tril(np.ones((t, t), bool))
   for bi in range(b):
     for ni in range(n):
-      scores = q[bi, :, ni] @ k[bi, :, ni].T / math.sqrt(h)
+      scores = q[bi, ni] @ k[bi, ni].T / math.sqrt(h)
       scores = np.where(mask, scores, -np.inf)
       probs = np.exp(scores - scores.max(-1, keepdims=True))
       probs /= probs.sum(-1, keepdims=True)
-      out[bi, :, ni] = probs @ v[bi, :, ni]
+      out[bi, ni] = probs @ v[bi, ni]
   return out
 
 
-def test_attention_equals_the_textbook_formula():
-  q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 5, 3, 4))
-  np.testing.assert_allclose(attend(q, k, v), naive_attention(q, k, v), rtol=1e-5, atol=1e-6)
-  # The explicit path (used with a cache or attention dropout) agrees too.
-  np.testing.assert_allclose(attend(q, k, v, query_offset=0), naive_attention(q, k, v), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize('impl', ['einsum', 'xla', 'auto'])
+def test_attention_equals_the_textbook_formula(impl):
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 3, 5, 4))
+  np.testing.assert_allclose(attend(q, k, v, impl=impl), naive_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_over_a_cache_sees_only_earlier_valid_positions():
+  q, k, v = jax.random.normal(jax.random.key(4), (3, 1, 2, 8, 4))
+  # Queries 5..6 (of a cache holding 7 valid positions out of 8) equal rows 5..6 of full attention over 7 positions.
+  full = naive_attention(q[:, :, :7], k[:, :, :7], v[:, :, :7])
+  cached = attend(q[:, :, 5:7], k, v, query_offset=5, num_valid=7)
+  np.testing.assert_allclose(cached, full[:, :, 5:7], rtol=1e-5, atol=1e-6)
+
+
+def test_dense_gradient_equals_matmul_gradient():
+  x, w = jax.random.normal(jax.random.key(5), (2, 3, 4, 6)), jax.random.normal(jax.random.key(6), (6, 2, 5))
+  ref = lambda x, w: jnp.sum(jnp.sin(jnp.einsum('abcd,def->abcef', x, w)))
+  ours = lambda x, w: jnp.sum(jnp.sin(dense(x, w)))
+  for a, b in zip(jax.grad(ref, (0, 1))(x, w), jax.grad(ours, (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  w2 = jax.random.normal(jax.random.key(7), (4, 6, 5))
+  ref2 = lambda x, w: jnp.sum(jnp.sin(jnp.einsum('abcd,cde->abe', x, w)))
+  for a, b in zip(jax.grad(ref2, (0, 1))(x, w2), jax.grad(lambda x, w: jnp.sum(jnp.sin(dense(x, w, 2))), (0, 1))(x, w2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_keeps_the_expected_fraction_and_mean():
+  x = jnp.ones((64, 1001))
+  y = dropout(x, 0.2, jax.random.key(0))
+  kept = np.asarray(y != 0)
+  assert abs(kept.mean() - 0.8) < 0.005
+  np.testing.assert_allclose(float(y.mean()), 1.0, atol=0.01)
+  np.testing.assert_array_equal(dropout(x, 0.2, None), x)
 
 
 def test_dropout_is_active_only_with_a_key():

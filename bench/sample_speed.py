@@ -1,0 +1,91 @@
+"""Sampling speed: KV-cached vs uncached generation, base shape by default.
+
+  python bench/sample_speed.py                    # 500 tokens, batch 1 and 8
+  python bench/sample_speed.py --shape cpu --batch_sizes 1
+
+Tokens/s counts every generated token of every row. Each configuration is
+compiled first and then timed over `--repeats` calls (the median is kept).
+The uncached method re-runs the model over a fixed window of context_length
+tokens per new token, so its per-token cost is the same for any length: it is
+timed over `--uncached_tokens` tokens (default 100) to keep the run short.
+Writes JSON (default bench/out/sample_speed.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--shape', default='base', help='experiment file under experiments/ giving the model shape')
+  parser.add_argument('--tokens', type=int, default=500)
+  parser.add_argument('--uncached_tokens', type=int, default=100)
+  parser.add_argument('--batch_sizes', default='1,8')
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'sample_speed.json'))
+  args = parser.parse_args()
+
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from nanodecoder import cli, config as config_lib
+  from nanodecoder.model import Decoder
+  from nanodecoder.sampling import SamplingOptions, generate
+  from train_speed import machine
+
+  cli.setup_jax()
+  config = config_lib.load_config_file(REPO / 'experiments' / f'{args.shape}.py')
+  model_config = config_lib.model_config(config, vocab_size=65)
+  with nnx.use_eager_sharding(False):
+    model = Decoder(model_config, nnx.Rngs(params=0))
+  prompt = np.array([0], np.int32)
+
+  rows = []
+  for batch in map(int, args.batch_sizes.split(',')):
+    for use_cache in (True, False):
+      tokens = args.tokens if use_cache else args.uncached_tokens
+      options = SamplingOptions(max_new_tokens=tokens, num_samples=batch, temperature=1.0, top_k=40, use_cache=use_cache)
+      start = time.perf_counter()
+      generate(model, prompt, options)
+      compile_s = time.perf_counter() - start
+      times = []
+      for r in range(args.repeats):
+        start = time.perf_counter()
+        generate(model, prompt, options.__class__(**{**options.__dict__, 'seed': r + 1}))
+        times.append(time.perf_counter() - start)
+      seconds = statistics.median(times)
+      rows.append({'batch_size': batch, 'kv_cache': use_cache, 'tokens': tokens, 'seconds': seconds,
+                   'first_call_s': compile_s, 'tokens_per_s': batch * tokens / seconds,
+                   'ms_per_token_step': 1000 * seconds / tokens})
+  for batch in {r['batch_size'] for r in rows}:
+    cached = next(r for r in rows if r['batch_size'] == batch and r['kv_cache'])
+    uncached = next(r for r in rows if r['batch_size'] == batch and not r['kv_cache'])
+    cached['speedup_vs_uncached'] = cached['tokens_per_s'] / uncached['tokens_per_s']
+
+  print(f'shape {args.shape}: {model_config.num_layers} layers, {model_config.embed_dim} wide, '
+        f'context {model_config.context_length}; {jax.devices()[0].platform}')
+  print(f'{"batch":>5} {"kv cache":>8} {"tokens":>6} {"seconds":>8} {"tokens/s":>9} {"ms/step":>8} {"speedup":>8}')
+  for r in rows:
+    speedup = f'{r["speedup_vs_uncached"]:.0f}x' if 'speedup_vs_uncached' in r else ''
+    print(f'{r["batch_size"]:>5} {str(r["kv_cache"]):>8} {r["tokens"]:>6} {r["seconds"]:>8.2f} {r["tokens_per_s"]:>9.1f} '
+          f'{r["ms_per_token_step"]:>8.2f} {speedup:>8}')
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_suffix('.tmp')
+  tmp.write_text(json.dumps({'machine': machine(), 'shape': args.shape, 'results': rows}, indent=2))
+  tmp.replace(out)
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  main()
