@@ -163,6 +163,13 @@ def attend(q, k, v, *, impl: str = 'einsum', dropout_rate: float = 0.0, dropout_
     swap = lambda x: x.transpose(0, 2, 1, 3)  # the API wants [B, T, N, H]
     out = jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True, implementation=impl)
     return swap(out)
+  weights = attention_weights(q, k, query_offset, num_valid)  # [B, N, T, S]
+  weights = dropout(weights, dropout_rate, dropout_key).astype(v.dtype)
+  return jnp.einsum('bnts,bnsh->bnth', weights, v)
+
+
+def attention_weights(q, k, query_offset=None, num_valid=None) -> jax.Array:
+  """softmax(q k^T / sqrt(H) + causal mask) in fp32: q [B, N, T, H], k [B, N, S, H] -> [B, N, T, S]."""
   t, s = q.shape[2], k.shape[2]
   scores = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
   q_pos = jnp.arange(t)[:, None] + (0 if query_offset is None else query_offset)
@@ -170,10 +177,7 @@ def attend(q, k, v, *, impl: str = 'einsum', dropout_rate: float = 0.0, dropout_
   mask = k_pos <= q_pos  # [T, S]: the triangle
   if num_valid is not None:
     mask = mask & (k_pos < num_valid)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S]
-  weights = dropout(weights, dropout_rate, dropout_key).astype(v.dtype)
-  return jnp.einsum('bnts,bnsh->bnth', weights, v)
+  return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -191,13 +195,18 @@ class CausalSelfAttention(nnx.Module):
     self.out_bias = _param(zeros, ('embed',), None, (d,), cfg) if cfg.use_bias else None
     self.cfg = cfg
 
-  def __call__(self, x, *, dropout_key=None, cache: KVCache | None = None, cache_index=None):
-    cfg = self.cfg
-    dt = jnp.dtype(cfg.dtype)
+  def project(self, x):
+    """x [B, T, D] -> queries, keys, values, each [B, N, T, H]."""
+    dt = jnp.dtype(self.cfg.dtype)
     qkv = checkpoint_name(dense(x, self.qkv[...].astype(dt)), 'projection')  # [B, T, 3, N, H]
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(dt)
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, N, T, H]
+    return qkv.transpose(2, 0, 3, 1, 4)
+
+  def __call__(self, x, *, dropout_key=None, cache: KVCache | None = None, cache_index=None):
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    q, k, v = self.project(x)  # each [B, N, T, H]
     attn_key, out_key = _split(dropout_key)
     if cache is None:
       y = attend(q, k, v, impl=cfg.attention_impl, dropout_rate=cfg.dropout, dropout_key=attn_key)
@@ -304,6 +313,23 @@ class Decoder(nnx.Module):
     head = self.token_embed if self.lm_head is None else self.lm_head  # [V, D]
     logits = jnp.einsum('btd,vd->btv', x, head[...].astype(dt), preferred_element_type=jnp.float32)  # [B, T, V]
     return logits, caches
+
+  def attention_maps(self, tokens) -> jax.Array:
+    """Attention weights of every layer and head for `tokens` [B, T]: [L, B, N, T, T] (no dropout)."""
+    x = self.token_embed[...][tokens] + self.position_embed[...][jnp.arange(tokens.shape[1])]
+    maps = []
+    for block in self.layers():
+      q, k, _ = block.attn.project(block.ln_attn(x))
+      maps.append(attention_weights(q, k))
+      x, _ = block(x)
+    return jnp.stack(maps)
+
+  def layers(self) -> list[Block]:
+    """The blocks in order, also when they are stored stacked for `scan_layers`."""
+    if not self.cfg.scan_layers:
+      return list(self.blocks)
+    graphdef, stacked = nnx.split(self.blocks)
+    return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked)) for i in range(self.cfg.num_layers)]
 
   def _block(self, block, x, key, cache, cache_index):
     """One block, with its activations kept for the backward pass as `cfg.remat` says:

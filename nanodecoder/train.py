@@ -164,35 +164,47 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
 # Evaluation -------------------------------------------------------------------
 
 
+def _mean_loss(trainer: Trainer, batches) -> tuple[float, float]:
+  """(mean loss, target count) over `batches` of (rows -> tokens, rows -> weights) functions."""
+  batch_size = trainer.config.train.batch_size
+  window = trainer.model_config.context_length + 1
+  sharding = sharding_lib.batch_sharding(trainer.mesh)
+  total = count = 0.0
+  for tokens_fn, weights_fn in batches:
+    tokens = sharding_lib.put_batch(tokens_fn, sharding, (batch_size, window))
+    weights = sharding_lib.put_batch(weights_fn, sharding, (batch_size, window - 1))
+    loss_sum, weight_sum = trainer.eval_step(trainer.state, tokens, weights)
+    total += float(loss_sum)
+    count += float(weight_sum)
+  return total / count, count
+
+
+def window_loss(trainer: Trainer, tokens: np.ndarray) -> tuple[float, float]:
+  """Exact (mean loss, target count) over every window of `tokens` (each target predicted once)."""
+  batch_size, context = trainer.config.train.batch_size, trainer.model_config.context_length
+  windows, weights = data_lib.all_windows(tokens, context)
+  pad = -len(windows) % batch_size
+  windows = np.concatenate([windows, np.zeros((pad, context + 1), windows.dtype)])
+  weights = np.concatenate([weights, np.zeros((pad, context), weights.dtype)])
+  return _mean_loss(trainer, ((lambda rows, i=i: windows[i:i + batch_size][rows],
+                               lambda rows, i=i: weights[i:i + batch_size][rows])
+                              for i in range(0, len(windows), batch_size)))
+
+
 def evaluate(trainer: Trainer, dataset: data_lib.Dataset, all_windows: bool | None = None) -> dict[str, float]:
-  """Mean loss over `eval.batches` fixed batches of train and eval text (or every eval window)."""
+  """Mean loss over `eval.batches` fixed batches of train and eval text (eval: every window if asked)."""
   config = trainer.config
   all_windows = config.eval.all_windows if all_windows is None else all_windows
-  batch_size = config.train.batch_size
-  sharding = sharding_lib.batch_sharding(trainer.mesh)
-  window = dataset.context_length + 1
+  batch_size, window = config.train.batch_size, dataset.context_length + 1
+  ones = lambda rows: np.ones((rows.stop - rows.start, window - 1), np.float32)
   results = {}
   for split in ('train', 'eval'):
-    total = count = 0.0
     if split == 'eval' and all_windows:
-      windows, weights = data_lib.all_windows(dataset.eval_tokens, dataset.context_length)
-      pad = -len(windows) % batch_size
-      windows = np.concatenate([windows, np.zeros((pad, window), windows.dtype)])
-      weights = np.concatenate([weights, np.zeros((pad, window - 1), weights.dtype)])
-      batches = [(windows[i:i + batch_size], weights[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
-      fetch = lambda b: (lambda rows: b[0][rows], lambda rows: b[1][rows])
+      results['eval_loss'] = window_loss(trainer, dataset.eval_tokens)[0]
     else:
-      batches = range(config.eval.batches)
-      fetch = lambda i: (lambda rows: dataset.eval_batch(split, config.seed, i, batch_size, rows),
-                         lambda rows: np.ones((rows.stop - rows.start, window - 1), np.float32))
-    for b in batches:
-      tokens_fn, weights_fn = fetch(b)
-      tokens = sharding_lib.put_batch(tokens_fn, sharding, (batch_size, window))
-      weights = sharding_lib.put_batch(weights_fn, sharding, (batch_size, window - 1))
-      loss_sum, weight_sum = trainer.eval_step(trainer.state, tokens, weights)
-      total += float(loss_sum)
-      count += float(weight_sum)
-    results[f'{split}_loss'] = total / count
+      batches = ((lambda rows, i=i: dataset.eval_batch(split, config.seed, i, batch_size, rows), ones)
+                 for i in range(config.eval.batches))
+      results[f'{split}_loss'] = _mean_loss(trainer, batches)[0]
   return results
 
 
