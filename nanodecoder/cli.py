@@ -46,6 +46,12 @@ def define_flags() -> None:
   flags.DEFINE_string('out', None, 'sample: also write the samples to this file.')
   flags.DEFINE_bool('stream', False, 'sample: print tokens as they come (one compiled call per token).')
   flags.DEFINE_bool('kv_cache', True, 'sample: decode with a KV cache (--nokv_cache re-runs the whole context).')
+  flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'], 'Multi-host: join the other processes with '
+                    'jax.distributed.initialize (auto: when a coordinator is given or SLURM / Open MPI / a TPU slice '
+                    'started several processes).')
+  flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -106,10 +112,11 @@ def train_command() -> None:
   except OSError as e:
     fail(f'cannot load the --config file: {str(e).strip().splitlines()[-1].strip()}')
   setup_jax(config)
+  sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   metrics = train.train_and_evaluate(config, FLAGS.workdir or default_workdir(config))
   if 'stopped_by' in metrics:  # checkpoint saved; exit as the signal would have (130 for Ctrl-C, 143 for SIGTERM)
     sys.exit(128 + int(getattr(signal, metrics['stopped_by'], signal.SIGTERM)))
-  if 'train_loss' in metrics:
+  if 'train_loss' in metrics and jax.process_index() == 0:
     print(f'final: train loss {metrics["train_loss"]:.4f} | val loss {metrics["val_loss"]:.4f}')
 
 

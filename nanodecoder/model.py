@@ -279,11 +279,8 @@ class Decoder(nnx.Module):
     self.cfg = cfg
     self.token_embed = _param(normal(0.02), ('vocab', 'embed'), rngs.params(), (v, d), cfg)
     self.position_embed = _param(normal(0.02), (None, 'embed'), rngs.params(), (cfg.context_length, d), cfg)
-    if cfg.scan_layers:  # one Block whose parameters have a leading layer axis
-      make = nnx.vmap(lambda r: Block(cfg, r), transform_metadata={nnx.PARTITION_NAME: 'layers'})
-      self.blocks = make(rngs.fork(split=cfg.num_layers))
-    else:
-      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]
+    self.blocks = _stack(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.ln_final = LayerNorm(cfg)
     self.lm_head = None if cfg.tie_embeddings else _param(normal(0.02), ('vocab', 'embed'), rngs.params(), (v, d), cfg)
 
@@ -369,6 +366,22 @@ class Decoder(nnx.Module):
       stacked = (cfg.num_layers, *shape)
       return KVCache(jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))
     return tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+
+
+def _stack(blocks: list[Block]) -> Block:
+  """One Block whose parameters have a leading layer axis (logical name 'layers'), for `lax.scan`.
+
+  Built from the same per-layer initialization as the unstacked blocks, so
+  `scan_layers` changes how the model runs, never its parameters.
+  """
+  graphdef, _ = nnx.split(blocks[0])
+
+  def stack(*layers):
+    names = layers[0].get_metadata().get('out_sharding') or (None,) * layers[0].ndim
+    return layers[0].replace(jnp.stack([v[...] for v in layers]), out_sharding=('layers', *names))
+
+  stacked = jax.tree.map(stack, *(nnx.state(b) for b in blocks), is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, stacked)
 
 
 def count_params(model: nnx.Module) -> int:

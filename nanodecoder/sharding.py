@@ -48,6 +48,28 @@ def set_cpu_devices(count: int) -> None:
   jax.config.update('jax_num_cpu_devices', count or os.cpu_count() or 1)
 
 
+def _cluster_detected() -> bool:
+  """A launcher started several processes of this program (SLURM, Open MPI, a multi-host TPU slice)."""
+  env = os.environ
+  return (int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+          or len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1)
+
+
+def initialize_distributed(mode: str = 'auto', coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+  """Joins the processes of a multi-host job with `jax.distributed.initialize`; True if it did.
+
+  mode 'auto' joins when a coordinator is given or a cluster launcher is
+  detected; 'on' always (JAX fills in what is not given from SLURM, Open MPI,
+  Kubernetes or Cloud TPU variables); 'off' never. Must run before JAX starts.
+  """
+  if mode == 'off' or (mode == 'auto' and coordinator_address is None and not _cluster_detected()):
+    return False
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+  return True
+
+
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   sizes = [mesh_cfg[a] for a in AXES]
   known = math.prod(s for s in sizes if s != -1)

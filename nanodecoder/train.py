@@ -46,11 +46,20 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> Callable[[Any], 
   return schedule
 
 
-def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with weight decay on matrices only (not on norms or biases), after global-norm clipping."""
+def make_optimizer(train: ml_collections.ConfigDict, stacked_blocks: bool = False) -> optax.GradientTransformation:
+  """AdamW with weight decay on matrices only (not on norms or biases), after global-norm clipping.
+
+  With `stacked_blocks` (scanned layers) the parameters under 'blocks' carry
+  an extra leading layer axis, which does not make a vector a matrix.
+  """
+
+  def is_matrix(path, p):
+    stacked = stacked_blocks and getattr(path[0], 'key', None) == 'blocks'
+    return p.ndim - stacked >= 2
+
   adamw = optax.adamw(
       learning_rate_schedule(train), b1=train.beta1, b2=train.beta2, weight_decay=train.weight_decay,
-      mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+      mask=lambda params: jax.tree_util.tree_map_with_path(is_matrix, params))
   if train.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
   return adamw
@@ -91,7 +100,7 @@ class Trainer:
 
 def _create(model_config: ModelConfig, train: ml_collections.ConfigDict, seed: int):
   model = Decoder(model_config, nnx.Rngs(params=seed))
-  return model, nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
+  return model, nnx.Optimizer(model, make_optimizer(train, model_config.scan_layers), wrt=nnx.Param)
 
 
 def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: jax.sharding.Mesh,
@@ -276,7 +285,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def _train(config, workdir, mesh, stop, is_main):
+  multihost = jax.process_count() > 1
+  if multihost and not is_main:  # process 0 prepares the data (e.g. a TFDS download) first
+    multihost_utils.sync_global_devices('nanodecoder: data prepared')
   dataset = data_lib.load_dataset(config)
+  if multihost and is_main:
+    multihost_utils.sync_global_devices('nanodecoder: data prepared')
   model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
   logger = MetricsLogger(workdir, enabled=is_main)
   ck = config.checkpoint

@@ -1,0 +1,65 @@
+"""Several processes (jax.distributed over 127.0.0.1, CPU collectives) train like one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from test_checkpoint import final_params, train_losses
+from test_launch import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def command(corpus_file, workdir, devices, *extra):
+  overrides = [a for a in TINY if not a.startswith('--config.mesh.cpu_devices')]
+  return ['timeout', '-s', 'KILL', '300', sys.executable, 'launch.py', '--config', 'experiments/cpu.py',
+          '--config.data.source=text', f'--config.data.text_path={corpus_file}', *overrides,
+          f'--config.mesh.cpu_devices={devices}', '--config.train.log_every=1', '--config.checkpoint.every=6',
+          '--workdir', str(workdir), *extra]
+
+
+def run_processes(commands):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for c in commands]
+  outputs = []
+  for p in procs:
+    out, err = p.communicate(timeout=330)
+    outputs.append((p.returncode, out, err))
+  return outputs
+
+
+def test_two_processes_match_one_process(corpus_file, tmp_path):
+  port = free_port()
+  multi = tmp_path / 'multi'
+  results = run_processes([command(corpus_file, multi, 2, f'--coordinator_address=127.0.0.1:{port}',
+                                   '--num_processes=2', f'--process_id={i}') for i in range(2)])
+  for rc, out, err in results:
+    assert rc == 0, err[-3000:]
+  assert 'on 4 cpu devices' in results[0][1] and "mesh {'data': 4" in results[0][1]
+  assert 'step ' not in results[1][1] and 'model:' not in results[1][1]  # only process 0 logs
+  (rc, out, err), = run_processes([command(corpus_file, tmp_path / 'single', 4)])
+  assert rc == 0, err[-3000:]
+  multi_losses, single_losses = train_losses(multi), train_losses(tmp_path / 'single')
+  assert sorted(multi_losses) == list(range(1, 13))
+  # Tolerance: the processes sum gradients in another order than one process does.
+  np.testing.assert_allclose([multi_losses[s] for s in sorted(multi_losses)],
+                             [single_losses[s] for s in sorted(single_losses)], rtol=1e-5)
+  step_m, params_m = final_params(multi)
+  step_s, params_s = final_params(tmp_path / 'single')
+  assert step_m == step_s == 12
+  for a, b in zip(jax.tree.leaves(params_m), jax.tree.leaves(params_s)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,104 @@
+"""Data, FSDP and tensor-parallel meshes give the one-device result; parameters are really sharded."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from nanodecoder import config as config_lib
+from nanodecoder import sharding as sharding_lib
+from nanodecoder import train as train_lib
+from nanodecoder.config import ConfigError
+from test_train import build, params, put
+
+# 8 heads of 4 (32 wide, feed-forward 128): every mesh axis below divides what it shards.
+SHAPE = {'model.num_heads': 8, 'model.head_size': 4}
+
+
+def run_steps(config, devices, steps=3):
+  trainer, dataset = build(config, devices)
+  losses = []
+  for step in range(steps):
+    trainer.state, out = trainer.train_step(trainer.state, put(trainer, dataset.train_batch(config.seed, step, 8)))
+    losses.append(float(out['loss']))
+  return trainer, losses
+
+
+@pytest.fixture(scope='module')
+def reference(corpus_file):
+  from conftest import make_tiny_config
+  return run_steps(make_tiny_config(corpus_file, **SHAPE), jax.devices()[:1])
+
+
+@pytest.mark.parametrize('data, fsdp, tensor', [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
+def test_mesh_matches_one_device_and_shards_parameters(tiny_config, reference, data, fsdp, tensor):
+  config = tiny_config(**SHAPE, **{'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': tensor})
+  trainer, losses = run_steps(config, jax.devices()[:8])
+  one, one_losses = reference
+  # Tolerance: sharded matmuls and all-reduces add in another order than one device (fp32 rounding only).
+  np.testing.assert_allclose(losses, one_losses, rtol=2e-6)
+  for a, b in zip(jax.tree.leaves(params(trainer)), jax.tree.leaves(params(one))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+
+  block = trainer.state[0]['blocks'][0]
+  fc, qkv, out = block['mlp']['fc'][...], block['attn']['qkv'][...], block['attn']['out'][...]
+  expect = lambda *axes: P(*[a if a and trainer.mesh.shape[a] > 1 else None for a in axes])
+  assert fc.sharding.spec == expect('fsdp', 'tensor')  # [embed, mlp]
+  assert qkv.sharding.spec == expect('fsdp', None, 'tensor', None)  # [embed, 3, heads, head]
+  assert out.sharding.spec == expect('tensor', None, 'fsdp')  # [heads, head, embed]
+  per_device = fc.addressable_shards[0].data.shape
+  assert per_device == (32 // fsdp, 128 // tensor)
+  # Optimizer moments are laid out like their parameters.
+  mu = trainer.state[1]['opt_state'][1][0]['mu']['blocks'][0]['mlp']['fc'][...]
+  assert mu.sharding.spec == fc.sharding.spec
+
+
+def test_dimension_a_mesh_axis_does_not_divide_stays_replicated():
+  mesh = sharding_lib.make_mesh(config_lib.load_config_file('experiments/cpu.py').mesh, jax.devices()[:8])
+  spec = sharding_lib.logical_spec(('vocab', 'embed'), (65, 12), mesh)
+  assert spec == P(None, None)  # 'embed' maps to fsdp, size 1 here; nothing to shard
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(1, 4, 2), sharding_lib.AXES)
+  assert sharding_lib.logical_spec(('embed', 'mlp'), (12, 6), mesh) == P('fsdp', 'tensor')
+  assert sharding_lib.logical_spec(('embed', 'mlp'), (10, 6), mesh) == P(None, 'tensor')  # 10 % 4 != 0
+
+
+@pytest.mark.parametrize('sizes, message', [
+    ({'data': 3}, r"mesh sizes \{'data': 3, 'fsdp': 1, 'tensor': 1\} use 3 devices but there are 8"),
+    ({'data': -1, 'fsdp': 3}, r'do not divide the 8 devices'),
+])
+def test_mesh_sizes_must_match_the_devices(tiny_config, sizes, message):
+  config = tiny_config(**{f'mesh.{k}': v for k, v in sizes.items()})
+  with pytest.raises(ConfigError, match=message):
+    sharding_lib.make_mesh(config.mesh, jax.devices()[:8])
+
+
+@pytest.mark.parametrize('overrides', [
+    {'model.scan_layers': True},
+    {'model.remat': 'block'},
+    {'model.remat': 'matmuls', 'model.scan_layers': True},
+])
+def test_scan_and_remat_compute_the_same_step(tiny_config, reference, overrides):
+  config = tiny_config(**SHAPE, **overrides)
+  trainer, losses = run_steps(config, jax.devices()[:1])
+  one, one_losses = reference
+  np.testing.assert_allclose(losses, one_losses, rtol=1e-5)  # same math, fp32 rounding in another order
+  flat = lambda t: jax.tree.leaves(jax.tree.map(np.asarray, t))
+  ours = nnx.state(trainer.model(), nnx.Param)
+  if overrides.get('model.scan_layers'):  # stacked [L, ...] blocks: compare layer by layer
+    ours = [nnx.state(b, nnx.Param) for b in trainer.model().layers()]
+    theirs = [nnx.state(b, nnx.Param) for b in one.model().layers()]
+    for a, b in zip(ours, theirs):
+      for x, y in zip(flat(a), flat(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6)
+  else:
+    for x, y in zip(flat(ours), flat(params(one))):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6)
+
+
+def test_bfloat16_compute_keeps_fp32_parameters_and_follows_fp32(tiny_config):
+  trainer, losses = run_steps(tiny_config(**SHAPE, **{'model.dtype': 'bfloat16'}), jax.devices()[:2], steps=20)
+  _, fp32_losses = run_steps(tiny_config(**SHAPE), jax.devices()[:2], steps=20)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params(trainer)))
+  np.testing.assert_allclose(losses, fp32_losses, atol=0.03)  # bf16 rounding of activations only
+  assert losses[-1] < losses[0] - 0.2
