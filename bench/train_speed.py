@@ -6,10 +6,11 @@
 Each shape runs in its own process (so peak RSS is its own) with the
 experiment's settings, on random tokens (speed does not depend on the text).
 Prints a table and writes JSON (default bench/out/train_speed.json).
-Per shape: compile time of the first step, median ms/step over `repeats`
-blocks of `steps` steps, tokens/s, achieved GFLOP/s (model FLOPs, see
-`nanodecoder.model.train_flops_per_token`), its fraction of a large fp32
-matmul measured in the same run, and peak RSS.
+Per shape: compile time of the first step (persistent compilation cache
+off), median ms/step over `repeats` blocks of `steps` steps, tokens/s,
+achieved GFLOP/s (model FLOPs, see `nanodecoder.model.train_flops_per_token`),
+its fraction of a large matmul measured in the same run (fp32 on CPU, bf16 on
+GPU), MFU against the chip's datasheet bf16 peak on GPUs, and peak RSS.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ sys.path.insert(0, str(REPO))
 # steps and repeats per shape when not given on the command line
 DEFAULT_STEPS = {'cpu': 50, 'base': 2}
 DEFAULT_REPEATS = {'cpu': 5, 'base': 3}
+# Settings per shape for CPU runs: the base shape trains 4x faster in 5x less memory as 8 micro-batches
+# through scanned layers (same math as one batch of 64; see README, Performance).
+CPU_SETTINGS = {'base': ['model.scan_layers=true', 'train.grad_accum_steps=8']}
+# Dense bf16 peak FLOP/s from the datasheets (SXM parts), for MFU.
+PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'B200': 2250e12}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_kind), None)
 
 
 def worker(shape: str, steps: int, repeats: int, overrides: list[str]) -> dict:
@@ -55,29 +65,42 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str]) -> dict:
   model_config = config_lib.model_config(config, 65)
   trainer = train.create_trainer(config, model_config, mesh)
   t = config.train
-  batch_sharding = sharding.batch_sharding(mesh)
+  k = t.steps_per_call  # steps per compiled call, as the trainer runs them
+  if steps % k:
+    raise SystemExit(f'--steps={steps} must be a multiple of train.steps_per_call={k}')
   shape_ = (t.batch_size, config.model.context_length + 1)
-  batch = lambda step: sharding.put_batch(lambda rows: dataset.train_batch(0, step, t.batch_size, rows), batch_sharding, shape_)
+  if k == 1:
+    step_fn = trainer.train_step
+    batch = lambda step: sharding.put_batch(lambda rows: dataset.train_batch(0, step, t.batch_size, rows),
+                                            sharding.batch_sharding(mesh), shape_)
+  else:
+    step_fn = trainer.train_steps
+    batch = lambda step: sharding.put_batch(
+        lambda rows: np.stack([dataset.train_batch(0, s, t.batch_size, rows) for s in range(step, step + k)]),
+        sharding.batch_sharding(mesh, batch_dim=1), (k, *shape_), batch_dim=1)
 
   start = time.perf_counter()
-  compiled = trainer.train_step.lower(trainer.state, batch(0)).compile()
+  compiled = step_fn.lower(trainer.state, batch(0)).compile()
   compile_s = time.perf_counter() - start
   trainer.state, out = compiled(trainer.state, batch(0))
-  float(out['loss'])
+  jax.device_get(out['loss'])
   times = []
-  step = 1
+  step = k
   for _ in range(repeats):
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(steps // k):
       trainer.state, out = compiled(trainer.state, batch(step))
-      float(out['loss'])  # the trainer blocks on every step too
-      step += 1
+      jax.device_get(out['loss'])  # the trainer blocks on every call too
+      step += k
     times.append((time.perf_counter() - start) / steps)
   seconds = statistics.median(times)
   tokens_per_step = t.batch_size * config.model.context_length
   flops = train_flops_per_token(model_config) * tokens_per_step
+  peak = peak_flops(jax.devices()[0].device_kind) if jax.default_backend() == 'gpu' else None
   return {
       'shape': shape, 'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
+      'device_kind': jax.devices()[0].device_kind, 'overrides': overrides,
+      'mfu': None if peak is None else flops / seconds / (peak * jax.device_count()),
       'mesh': dict(mesh.shape), 'batch_size': t.batch_size, 'context_length': config.model.context_length,
       'compile_s': compile_s, 'ms_per_step': 1000 * seconds,
       'ms_per_step_all': [1000 * x for x in times], 'tokens_per_s': tokens_per_step / seconds,
@@ -87,12 +110,14 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str]) -> dict:
 
 
 def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
-  """GFLOP/s of an n x n x n fp32 matmul over all cores (best of `repeats`)."""
+  """GFLOP/s of an n x n x n matmul (fp32 on CPU over all cores, bf16 on accelerators), best of `repeats`."""
   import jax
   import jax.numpy as jnp
 
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  dtype = jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+  n = n if jax.default_backend() == 'cpu' else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   matmul = jax.jit(jnp.matmul)
   matmul(a, b).block_until_ready()
   best = float('inf')
@@ -104,7 +129,8 @@ def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
 
 
 def run_child(args: list[str]) -> dict:
-  result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
+  env = {**os.environ, 'NANODECODER_COMPILATION_CACHE': ''}  # measure real compile times
+  result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO, env=env)
   if result.returncode != 0:
     raise SystemExit(f'benchmark child {args} failed:\n{result.stderr[-3000:]}')
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -130,35 +156,40 @@ def main():
   parser.add_argument('--steps', type=int, help='steps per timed block (default per shape)')
   parser.add_argument('--repeats', type=int, help='timed blocks; the median is reported')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON',
-                      help='config override for every shape, e.g. --set mesh.cpu_devices=1')
+                      help='config override for every shape, e.g. --set mesh.cpu_devices=1 (replaces CPU_SETTINGS)')
   parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'train_speed.json'))
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   parser.add_argument('--ceiling', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
 
   if args.ceiling:
-    print(json.dumps({'matmul_gflops': matmul_ceiling()}))
+    import jax
+    print(json.dumps({'matmul_gflops': matmul_ceiling(), 'platform': jax.default_backend()}))
     return
   if args.worker:
     print(json.dumps(worker(args.worker, args.steps, args.repeats, args.set)))
     return
 
-  ceiling = run_child(['--ceiling'])['matmul_gflops']
+  measured = run_child(['--ceiling'])
+  ceiling = measured['matmul_gflops']
   rows = []
   for shape in args.shapes.split(','):
     steps = args.steps or DEFAULT_STEPS.get(shape, 10)
     repeats = args.repeats or DEFAULT_REPEATS.get(shape, 3)
-    extra = [x for item in args.set for x in ('--set', item)]
+    settings = args.set if args.set or measured['platform'] != 'cpu' else CPU_SETTINGS.get(shape, [])
+    extra = [x for item in settings for x in ('--set', item)]
     row = run_child(['--worker', shape, '--steps', str(steps), '--repeats', str(repeats), *extra])
     row['fraction_of_matmul_ceiling'] = row['gflops'] / ceiling
     rows.append(row)
 
-  print(f'matmul ceiling (fp32, 4096^3): {ceiling:.0f} GFLOP/s')
-  header = f'{"shape":<6} {"devices":>7} {"compile s":>9} {"ms/step":>9} {"tokens/s":>9} {"GFLOP/s":>8} {"of ceiling":>10} {"peak RSS MiB":>12}'
-  print(header)
+  print(f'matmul ceiling (measured here): {ceiling:.0f} GFLOP/s')
+  print(f'{"shape":<10} {"devices":>7} {"compile s":>9} {"ms/step":>9} {"tokens/s":>9} {"GFLOP/s":>8} {"of ceiling":>10} '
+        f'{"MFU":>5} {"peak RSS MiB":>12}  settings')
   for r in rows:
-    print(f'{r["shape"]:<6} {r["devices"]:>7} {r["compile_s"]:>9.1f} {r["ms_per_step"]:>9.1f} {r["tokens_per_s"]:>9.0f} '
-          f'{r["gflops"]:>8.1f} {r["fraction_of_matmul_ceiling"]:>10.0%} {r["peak_rss_mib"]:>12.0f}')
+    mfu = '' if r['mfu'] is None else f'{r["mfu"]:.0%}'
+    print(f'{r["shape"]:<10} {r["devices"]:>7} {r["compile_s"]:>9.1f} {r["ms_per_step"]:>9.1f} {r["tokens_per_s"]:>9.0f} '
+          f'{r["gflops"]:>8.1f} {r["fraction_of_matmul_ceiling"]:>10.0%} {mfu:>5} {r["peak_rss_mib"]:>12.0f}  '
+          f'{" ".join(r["overrides"])}')
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   payload = {'machine': machine(), 'matmul_gflops': ceiling, 'overrides': args.set, 'results': rows}

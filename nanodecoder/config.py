@@ -69,7 +69,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
 
 _POSITIVE = (
     'model.num_layers', 'model.num_heads', 'model.head_size', 'model.context_length', 'model.mlp_ratio',
-    'train.batch_size', 'train.num_steps', 'train.decay_steps', 'train.log_every',
+    'train.batch_size', 'train.num_steps', 'train.decay_steps', 'train.log_every', 'train.steps_per_call',
+    'train.grad_accum_steps',
     'eval.every', 'eval.batches', 'checkpoint.every', 'checkpoint.keep',
 )
 _CHOICES = {
@@ -124,5 +125,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'mesh.{axis} must be a positive integer or -1 (all devices left over), got {size!r}')
   if [config.mesh[a] for a in ('data', 'fsdp', 'tensor')].count(-1) > 1:
     raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.tensor may be -1')
+  k = t.steps_per_call
+  for field in ('train.num_steps', 'train.log_every', 'eval.every', 'checkpoint.every'):
+    if _get(config, field) % k:
+      raise ConfigError(f'{field}={_get(config, field)} is not a multiple of train.steps_per_call={k}; '
+                        'make it one (logs, evaluations and checkpoints happen between calls)')
   if config.mesh.cpu_devices < 0:
     raise ConfigError(f'mesh.cpu_devices must be >= 0 (0 = one per core), got {config.mesh.cpu_devices!r}')

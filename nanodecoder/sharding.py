@@ -118,9 +118,9 @@ def state_shardings(state, mesh: Mesh):
   return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over data and fsdp."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, batch_dim: int = 0) -> NamedSharding:
+  """The batch dimension (`batch_dim`) split over data and fsdp."""
+  return NamedSharding(mesh, P(*([None] * batch_dim), BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -131,15 +131,16 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def local_rows(sharding: NamedSharding, global_rows: int) -> slice:
-  """The contiguous rows of a batch-sharded array that this process's devices hold."""
-  index = sharding.addressable_devices_indices_map((global_rows,))
-  starts = [i[0].start or 0 for i in index.values()]
-  stops = [global_rows if i[0].stop is None else i[0].stop for i in index.values()]
+def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...], batch_dim: int = 0) -> slice:
+  """The contiguous rows (along `batch_dim`) of a batch-sharded array that this process's devices hold."""
+  index = sharding.addressable_devices_indices_map(global_shape)
+  rows = global_shape[batch_dim]
+  starts = [i[batch_dim].start or 0 for i in index.values()]
+  stops = [rows if i[batch_dim].stop is None else i[batch_dim].stop for i in index.values()]
   return slice(min(starts), max(stops))
 
 
-def put_batch(rows_fn, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
-  """A global batch built from this process's rows only: `rows_fn(slice) -> np.ndarray`."""
-  local = rows_fn(local_rows(sharding, global_shape[0]))
+def put_batch(rows_fn, sharding: NamedSharding, global_shape: tuple[int, ...], batch_dim: int = 0) -> jax.Array:
+  """A global batch built from this process's rows only: `rows_fn(slice) -> np.ndarray` of those rows."""
+  local = rows_fn(local_rows(sharding, global_shape, batch_dim))
   return jax.make_array_from_process_local_data(sharding, local, global_shape)

@@ -86,8 +86,9 @@ class Trainer:
   graphdef: Any
   abstract_state: Any  # nnx.State of (model, optimizer) of ShapeDtypeStructs with their shardings
   state: Any  # the same, of arrays (None until `init_state` or a restore)
-  train_step: Callable
-  eval_step: Callable
+  train_step: Callable  # (state, tokens [B, T+1]) -> (state, {'loss', 'grad_norm'})
+  train_steps: Callable  # (state, tokens [k, B, T+1]) -> (state, {'loss': [k], 'grad_norm': [k]}): k steps, one call
+  eval_step: Callable  # (state, tokens [n, B, T+1], weights [n, B, T]) -> (loss sum, weight sum) over n batches
   init_state: Callable[[], Any]
 
   @property
@@ -156,34 +157,54 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), {'loss': loss, 'grad_norm': grad_norm}
 
-  def eval_step(state, batch, weights):
-    """Summed loss and target count of a batch (weights 0 mark padding)."""
-    model, _ = nnx.merge(graphdef, state)
-    logits, _ = model(batch[:, :-1])
-    return cross_entropy(logits, batch[:, 1:], weights)
+  def train_steps(state, batches):
+    """k optimizer steps in one compiled call (fewer host round trips): batches [k, B, T+1]."""
+    return jax.lax.scan(train_step, state, batches)
 
-  train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_step = jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding, batch_sharding),
+  def eval_step(state, batches, weights):
+    """Summed loss and target count of n batches [n, B, T+1] (weights 0 mark padding)."""
+    model, _ = nnx.merge(graphdef, state)
+
+    def add(totals, xs):
+      tokens, w = xs
+      logits, _ = model(tokens[:, :-1])
+      return jax.tree.map(jnp.add, totals, cross_entropy(logits, tokens[:, 1:], w)), None
+
+    return jax.lax.scan(add, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), (batches, weights))[0]
+
+  stacked_sharding = sharding_lib.batch_sharding(mesh, batch_dim=1)
+  train_step_jit = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                           out_shardings=(state_sharding, replicated), donate_argnums=0)
+  train_steps = jax.jit(train_steps, in_shardings=(state_sharding, stacked_sharding),
+                        out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_step = jax.jit(eval_step, in_shardings=(state_sharding, stacked_sharding, stacked_sharding),
                       out_shardings=(replicated, replicated))
   return Trainer(config, model_config, mesh, graphdef, abstract_state, init_state() if init else None,
-                 train_step, eval_step, init_state)
+                 train_step_jit, train_steps, eval_step, init_state)
 
 
 # Evaluation -------------------------------------------------------------------
 
 
-def _mean_loss(trainer: Trainer, batches) -> tuple[float, float]:
-  """(mean loss, target count) over `batches` of (rows -> tokens, rows -> weights) functions."""
-  batch_size = trainer.config.train.batch_size
-  window = trainer.model_config.context_length + 1
-  sharding = sharding_lib.batch_sharding(trainer.mesh)
+EVAL_BATCHES_PER_CALL = 16  # evaluation batches scanned in one compiled call
+
+
+def _mean_loss(trainer: Trainer, tokens: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+  """(mean loss, target count) over batches tokens [n, B, T+1] with weights [n, B, T], a few per call.
+
+  The last call is padded with zero-weight batches so that every call has the same shape.
+  """
+  per_call = min(EVAL_BATCHES_PER_CALL, len(tokens))
+  pad = -len(tokens) % per_call
+  tokens = np.concatenate([tokens, np.zeros((pad, *tokens.shape[1:]), tokens.dtype)])
+  weights = np.concatenate([weights, np.zeros((pad, *weights.shape[1:]), weights.dtype)])
+  sharding = sharding_lib.batch_sharding(trainer.mesh, batch_dim=1)
   total = count = 0.0
-  for tokens_fn, weights_fn in batches:
-    tokens = sharding_lib.put_batch(tokens_fn, sharding, (batch_size, window))
-    weights = sharding_lib.put_batch(weights_fn, sharding, (batch_size, window - 1))
-    loss_sum, weight_sum = trainer.eval_step(trainer.state, tokens, weights)
-    total += float(loss_sum)
+  for i in range(0, len(tokens), per_call):
+    chunk = lambda array: sharding_lib.put_batch(lambda rows: array[i:i + per_call, rows], sharding,
+                                                 (per_call, *array.shape[1:]), batch_dim=1)
+    loss_sum, weight_sum = trainer.eval_step(trainer.state, chunk(tokens), chunk(weights))
+    total += float(loss_sum)  # one host sync per call
     count += float(weight_sum)
   return total / count, count
 
@@ -195,9 +216,7 @@ def window_loss(trainer: Trainer, tokens: np.ndarray) -> tuple[float, float]:
   pad = -len(windows) % batch_size
   windows = np.concatenate([windows, np.zeros((pad, context + 1), windows.dtype)])
   weights = np.concatenate([weights, np.zeros((pad, context), weights.dtype)])
-  return _mean_loss(trainer, ((lambda rows, i=i: windows[i:i + batch_size][rows],
-                               lambda rows, i=i: weights[i:i + batch_size][rows])
-                              for i in range(0, len(windows), batch_size)))
+  return _mean_loss(trainer, windows.reshape(-1, batch_size, context + 1), weights.reshape(-1, batch_size, context))
 
 
 def evaluate(trainer: Trainer, dataset: data_lib.Dataset, all_windows: bool | None = None) -> dict[str, float]:
@@ -205,15 +224,13 @@ def evaluate(trainer: Trainer, dataset: data_lib.Dataset, all_windows: bool | No
   config = trainer.config
   all_windows = config.eval.all_windows if all_windows is None else all_windows
   batch_size, window = config.train.batch_size, dataset.context_length + 1
-  ones = lambda rows: np.ones((rows.stop - rows.start, window - 1), np.float32)
   results = {}
   for split in ('train', 'eval'):
     if split == 'eval' and all_windows:
       results['eval_loss'] = window_loss(trainer, dataset.eval_tokens)[0]
     else:
-      batches = ((lambda rows, i=i: dataset.eval_batch(split, config.seed, i, batch_size, rows), ones)
-                 for i in range(config.eval.batches))
-      results[f'{split}_loss'] = _mean_loss(trainer, batches)[0]
+      tokens = np.stack([dataset.eval_batch(split, config.seed, i, batch_size) for i in range(config.eval.batches)])
+      results[f'{split}_loss'] = _mean_loss(trainer, tokens, np.ones((*tokens.shape[:2], window - 1), np.float32))[0]
   return results
 
 
@@ -318,33 +335,46 @@ def _train(config, workdir, mesh, stop, is_main):
   t = config.train
   schedule = learning_rate_schedule(t)
   batch_shape = (t.batch_size, dataset.context_length + 1)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-  next_batch = lambda step: sharding_lib.put_batch(
-      lambda rows: dataset.train_batch(config.seed, step, t.batch_size, rows), batch_sharding, batch_shape)
   tokens_per_step = t.batch_size * dataset.context_length
   save = lambda step, val_loss=None: checkpoints.save(step, trainer.state, config, dataset.tokenizer, val_loss)
 
+  def call_size(step: int) -> int:
+    """Steps in the next compiled call: steps_per_call, or single steps to realign an odd resume."""
+    k = t.steps_per_call
+    return k if step % k == 0 and step + k <= t.num_steps else 1
+
+  def batches(step: int, n: int) -> jax.Array:
+    """The token windows of steps step .. step + n - 1 ([B, T+1], or [n, B, T+1] for n > 1)."""
+    if n == 1:
+      return sharding_lib.put_batch(lambda rows: dataset.train_batch(config.seed, step, t.batch_size, rows),
+                                    sharding_lib.batch_sharding(mesh), batch_shape)
+    return sharding_lib.put_batch(
+        lambda rows: np.stack([dataset.train_batch(config.seed, s, t.batch_size, rows) for s in range(step, step + n)]),
+        sharding_lib.batch_sharding(mesh, batch_dim=1), (n, *batch_shape), batch_dim=1)
+
   step = start_step = trainer.step
-  batch = next_batch(step) if step < t.num_steps else None
+  n = call_size(step)
+  batch = batches(step, n) if step < t.num_steps else None
   window_start, window_steps = time.perf_counter(), 0
   try:
     while step < t.num_steps:
-      trainer.state, out = trainer.train_step(trainer.state, batch)
-      if step + 1 < t.num_steps:
-        batch = next_batch(step + 1)  # prepared while the device works
-      loss = float(out['loss'])  # block every step: queued collectives can starve on few cores
-      step += 1
-      window_steps += 1
-      if not math.isfinite(loss):
-        raise FloatingPointError(f'loss became {loss} at step {step}; the last good checkpoint is kept; '
-                                 'lower train.learning_rate or check the data')
-      if step == start_step + 1:
-        logger.info(f'step {step}: compiled and ran the first step in {time.perf_counter() - window_start:.1f} s')
+      trainer.state, out = (trainer.train_step if n == 1 else trainer.train_steps)(trainer.state, batch)
+      next_n = call_size(step + n)
+      if step + n < t.num_steps:
+        batch = batches(step + n, next_n)  # prepared while the device works
+      losses = np.atleast_1d(jax.device_get(out['loss']))  # block every call: queued collectives can starve
+      bad = np.flatnonzero(~np.isfinite(losses))
+      if bad.size:
+        raise FloatingPointError(f'loss became {losses[bad[0]]} at step {step + bad[0] + 1}; the last good checkpoint '
+                                 'is kept; lower train.learning_rate or check the data')
+      step, window_steps, n = step + n, window_steps + n, next_n
+      if step == start_step + len(losses):
+        logger.info(f'step {step}: compiled and ran the first call in {time.perf_counter() - window_start:.1f} s')
         window_start, window_steps = time.perf_counter(), 0
       if step % t.log_every == 0 or step == t.num_steps:
         elapsed = time.perf_counter() - window_start
-        logger.write(step, {'train/loss': loss, 'train/lr': float(schedule(step - 1)),
-                            'train/grad_norm': float(out['grad_norm']),
+        logger.write(step, {'train/loss': float(losses[-1]), 'train/lr': float(schedule(step - 1)),
+                            'train/grad_norm': float(np.atleast_1d(jax.device_get(out['grad_norm']))[-1]),
                             'train/ms_per_step': 1000 * elapsed / max(window_steps, 1),
                             'train/tokens_per_s': tokens_per_step * window_steps / max(elapsed, 1e-9)})
       val_loss = None

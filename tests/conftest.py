@@ -54,6 +54,7 @@ def make_tiny_config(text_path, **overrides):
   config.train.warmup_steps = 2
   config.train.decay_steps = 20
   config.train.log_every = 10
+  config.train.steps_per_call = 1
   config.eval.every = 10
   config.eval.batches = 2
   for key, value in overrides.items():

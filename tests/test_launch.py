@@ -12,6 +12,7 @@ from conftest import REPO
 TINY = ['--config.model.num_layers=1', '--config.model.num_heads=2', '--config.model.head_size=8',
         '--config.model.context_length=16', '--config.train.batch_size=4', '--config.train.num_steps=12',
         '--config.train.warmup_steps=2', '--config.train.decay_steps=12', '--config.train.log_every=6',
+        '--config.train.steps_per_call=1',
         '--config.eval.every=6', '--config.eval.batches=2', '--config.mesh.cpu_devices=2']
 
 

@@ -1,5 +1,6 @@
 """The optimizer, the compiled steps and the loop."""
 
+import json
 import math
 
 import jax
@@ -132,3 +133,22 @@ def test_diverging_loss_stops_with_a_clear_error(tiny_config, tmp_path):
   config = tiny_config(**{'train.learning_rate': 1e30, 'train.min_learning_rate': 1e29, 'train.grad_clip': 0.0})
   with pytest.raises(FloatingPointError, match=r'loss became (nan|inf) at step \d+'):
     train_lib.train_and_evaluate(config, tmp_path)
+
+
+def test_several_steps_per_call_equal_single_steps(tiny_config, tmp_path):
+  settings = {'train.num_steps': 12, 'train.log_every': 1, 'eval.every': 6, 'checkpoint.every': 6}
+  single = train_lib.train_and_evaluate(tiny_config(**settings), tmp_path / 'single')
+  settings.update({'train.log_every': 3, 'train.steps_per_call': 3})
+  several = train_lib.train_and_evaluate(tiny_config(**settings), tmp_path / 'several')
+  read = lambda d: {r['step']: r['train/loss'] for r in map(json.loads, (d / 'metrics.jsonl').read_text().splitlines())
+                    if 'train/loss' in r}
+  losses_single, losses_several = read(tmp_path / 'single'), read(tmp_path / 'several')
+  assert sorted(losses_several) == [3, 6, 9, 12]
+  np.testing.assert_allclose([losses_several[s] for s in (3, 6, 9, 12)], [losses_single[s] for s in (3, 6, 9, 12)],
+                             rtol=1e-5)
+  np.testing.assert_allclose(several['val_loss'], single['val_loss'], rtol=1e-5)
+
+
+def test_steps_per_call_must_divide_the_intervals(tiny_config, tmp_path):
+  with pytest.raises(config_lib.ConfigError, match=r'eval.every=10 is not a multiple of train.steps_per_call=4'):
+    train_lib.train_and_evaluate(tiny_config(**{'train.steps_per_call': 4, 'train.log_every': 4}), tmp_path)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# GPU checks for a lent H100/H200: well under 10 minutes, installs nothing. Writes results under $OUT.
+#
+#   bench/gpu_check.sh                 # on the GPU machine (results in $OUT, default bench/out/gpu)
+#   SMOKE=1 bench/gpu_check.sh         # seconds-long dry run of the same plumbing (any machine, CPU too)
+#
+# 1. The base recipe (experiments/base.py, 5000 steps) in bf16: wall time, training time, best val loss on
+#    'validation+test', tokens/s and MFU.           Targets on one H100: val <= 1.47 in <= 60 s of training.
+# 2. Speed of the base and GPT-2-small (12 x 768, context 1024) shapes: ms/step, tokens/s and MFU over
+#    100 timed steps.                                Target: GPT-2-small MFU >= 45% in bf16.
+# Needs jax with CUDA, flax, optax and orbax-checkpoint (the GPU image has them), ml_collections
+# (pure Python; taken from .gpu/site when the image lacks it), and the tiny-shakespeare text at
+# .gpu/input.txt or $NANODECODER_TEXT (the machine has no network; bench/RESULTS.md says how to stage both).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/out/gpu}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}:$PWD/.gpu/site" PYTHONUNBUFFERED=1
+TEXT="${NANODECODER_TEXT:-$PWD/.gpu/input.txt}"
+PY="${PYTHON:-python3}"
+data=(--set 'data.source="text"' --set "data.text_path=\"$TEXT\"")
+if [ "${SMOKE:-0}" = 1 ]; then
+  recipe=(--config experiments/cpu.py --set train.num_steps=40 --set train.decay_steps=40 --set train.warmup_steps=5 --set train.log_every=10
+          --set eval.every=20 --set eval.batches=2)
+  speed=(--shapes cpu --steps 5 --repeats 2)
+else
+  recipe=(--config experiments/base.py --set 'model.dtype="bfloat16"')
+  speed=(--shapes base,gpt2_small --steps 20 --repeats 5 --set 'model.dtype="bfloat16"')
+fi
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo 'no nvidia-smi'
+  "$PY" -c 'import jax, flax, optax, orbax.checkpoint as ocp, ml_collections
+print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", ocp.__version__)
+print(jax.devices())'
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== base recipe" | tee -a "$OUT/summary.txt"
+rm -rf /tmp/nanodecoder_gpu_base
+timeout 280 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" --workdir /tmp/nanodecoder_gpu_base \
+  --out "$OUT/base_recipe.json" > "$OUT/base_recipe.log" 2>&1
+echo "exit $?" | tee -a "$OUT/summary.txt"
+cp /tmp/nanodecoder_gpu_base/metrics.jsonl "$OUT/base_recipe_metrics.jsonl" 2>/dev/null
+tail -n 25 "$OUT/base_recipe.log" | tee -a "$OUT/summary.txt"
+
+echo "== speed" | tee -a "$OUT/summary.txt"
+timeout 150 "$PY" bench/train_speed.py "${speed[@]}" --out "$OUT/train_speed.json" > "$OUT/train_speed.log" 2>&1
+status=$?
+echo "exit $status" | tee -a "$OUT/summary.txt"
+tail -n 8 "$OUT/train_speed.log" | tee -a "$OUT/summary.txt"
+if [ "$status" != 0 ] && [ "$status" != 124 ]; then  # e.g. no cuDNN flash attention here: plain XLA attention
+  echo "== speed, einsum attention" | tee -a "$OUT/summary.txt"
+  timeout 100 "$PY" bench/train_speed.py "${speed[@]}" --set 'model.attention_impl="einsum"' \
+    --out "$OUT/train_speed_einsum.json" > "$OUT/train_speed_einsum.log" 2>&1
+  echo "exit $?" | tee -a "$OUT/summary.txt"
+  tail -n 8 "$OUT/train_speed_einsum.log" | tee -a "$OUT/summary.txt"
+fi

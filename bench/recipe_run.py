@@ -1,0 +1,72 @@
+"""Train a whole recipe and report its time, loss and speed (used by bench/gpu_check.sh).
+
+  python bench/recipe_run.py --config experiments/base.py --set model.dtype='"bfloat16"' --workdir /tmp/base
+
+Prints and writes JSON: total wall time, training time (the logged step
+times: no compilation, no evaluation, no checkpoint waits), best and final val
+loss, median tokens/s over the run's log windows, and MFU against the chip's
+datasheet bf16 peak (GPU) from `train_speed.PEAK_BF16_FLOPS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', required=True)
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON')
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--out')
+  args = parser.parse_args()
+
+  from nanodecoder import cli, config as config_lib, train
+  from nanodecoder.model import train_flops_per_token
+  from train_speed import machine, peak_flops
+
+  config = config_lib.load_config_file(args.config)
+  for item in args.set:
+    key, value = item.split('=', 1)
+    config_lib.set_field(config, key, json.loads(value))
+  cli.setup_jax(config)
+  import jax
+
+  start = time.perf_counter()
+  metrics = train.train_and_evaluate(config, args.workdir)
+  wall = time.perf_counter() - start
+
+  records = [json.loads(line) for line in (pathlib.Path(args.workdir) / 'metrics.jsonl').read_text().splitlines()]
+  logs = [r for r in records if 'train/ms_per_step' in r]
+  evals = [r for r in records if 'eval/val_loss' in r]
+  # Each log line averages the steps since the previous one (the first line: since step 1, which compiles).
+  steps_before = [1] + [r['step'] for r in logs[:-1]]
+  train_seconds = sum(r['train/ms_per_step'] * (r['step'] - prev) for r, prev in zip(logs, steps_before)) / 1000
+  train_seconds *= config.train.num_steps / max(config.train.num_steps - 1, 1)  # count step 1 at the typical speed
+  tokens_per_s = statistics.median(r['train/tokens_per_s'] for r in logs)
+  model_config = config_lib.model_config(config, 65)
+  peak = peak_flops(jax.devices()[0].device_kind) if jax.default_backend() == 'gpu' else None
+  achieved = train_flops_per_token(model_config) * tokens_per_s
+  result = {
+      'config': args.config, 'overrides': args.set, 'device_kind': jax.devices()[0].device_kind,
+      'devices': jax.device_count(), 'steps': config.train.num_steps, 'wall_s': wall, 'train_s': train_seconds,
+      'best_val_loss': min(r['eval/val_loss'] for r in evals), 'final_val_loss': metrics.get('val_loss'),
+      'final_train_loss': metrics.get('train_loss'), 'tokens_per_s': tokens_per_s,
+      'tflops': achieved / 1e12, 'mfu': None if peak is None else achieved / (peak * jax.device_count()),
+      'machine': machine(),
+  }
+  print(json.dumps(result, indent=2))
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == '__main__':
+  main()
