@@ -1,11 +1,39 @@
-"""Where training metrics go: the console and `metrics.jsonl` in the workdir."""
+"""Where training metrics go: the console, `metrics.jsonl` and TensorBoard event files in the workdir.
+
+  console         one line per `write`; on a terminal also a progress bar with
+                  the ETA under them, redrawn at every write; elsewhere (CI
+                  logs, files) plain lines that end with the progress and ETA.
+  metrics.jsonl   one JSON object per `write`: {'step', 'time', 'session_start',
+                  <metric>: value, ...}; `session_start` (unix time the process
+                  started logging) tells the sessions of a resumed run apart.
+  events.out.*    TensorBoard scalars (one tag per metric) and the flattened
+                  config as hparams; `tensorboard --logdir runs` shows every run.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
+import socket
 import sys
+import itertools
 import time
+from typing import Any, Mapping
+
+import ml_collections
+
+_file_counter = itertools.count()
+
+
+def format_duration(seconds: float) -> str:
+  seconds = max(0, int(round(seconds)))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
 
 
 def format_metrics(step: int, metrics: dict[str, float]) -> str:
@@ -23,30 +51,188 @@ def format_metrics(step: int, metrics: dict[str, float]) -> str:
   return ' | '.join(parts)
 
 
-class MetricsLogger:
-  """Appends one JSON line per `write` to workdir/metrics.jsonl and prints it (process 0 only)."""
+def flatten_config(config: ml_collections.ConfigDict | Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'model.num_layers': 4, ...}: the leaves of a config, with dotted names."""
+  items = config.items() if isinstance(config, Mapping) else config.to_dict().items()
+  flat = {}
+  for key, value in items:
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      flat.update(flatten_config(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
 
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, stream=None):
+
+class TensorBoardWriter:
+  """Writes scalars and hparams to a new TensorBoard event file in `logdir` (no TensorFlow needed)."""
+
+  def __init__(self, logdir: str | pathlib.Path):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    logdir = pathlib.Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    self.path = logdir / (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.'
+                                f'{next(_file_counter)}')
+    self._file = open(self.path, 'wb')
+    self._writer = RecordWriter(self._file)
+    self._add(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _add(self, event) -> None:
+    self._writer.write(event.SerializeToString())
+    self._file.flush()
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    summary = self._summary_pb2.Summary(value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+                                               for tag, value in values.items()])
+    self._add(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def session_start(self, step: int) -> None:
+    """Marks a (re)start at `step`: TensorBoard drops events of earlier sessions from `step` on."""
+    log = self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)
+    self._add(self._event_pb2.Event(wall_time=time.time(), step=step, session_log=log))
+
+  def hparams(self, hparams: Mapping[str, Any]) -> None:
+    """The run's hyperparameters for TensorBoard's HPARAMS tab (bools, numbers, strings)."""
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    info = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+    for name, value in hparams.items():
+      if isinstance(value, bool):
+        info.hparams[name].bool_value = value
+      elif isinstance(value, (int, float)):
+        info.hparams[name].number_value = value
+      elif value is not None:
+        info.hparams[name].string_value = str(value)
+    data = plugin_data_pb2.HParamsPluginData(session_start_info=info)
+    summary = self._summary_pb2.Summary(value=[self._summary_pb2.Summary.Value(
+        tag=metadata.SESSION_START_INFO_TAG, metadata=metadata.create_summary_metadata(data),
+        tensor=metadata.NULL_TENSOR)])
+    self._add(self._event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class Progress:
+  """Fraction done and ETA of a run from the steps it logs; the ETA counts evals and checkpoints too."""
+
+  def __init__(self, total_steps: int):
+    self.total = total_steps
+    self._first: tuple[int, float] | None = None  # (step, time) of the first write: after compilation
+    self.step = 0
+    self.eta: float | None = None
+
+  def update(self, step: int, metrics: Mapping[str, float]) -> None:
+    now = time.time()
+    self.step = step
+    if self._first is None:
+      self._first = (step, now)
+    first_step, first_time = self._first
+    if step > first_step:
+      self.eta = (self.total - step) * (now - first_time) / (step - first_step)
+    elif metrics.get('train/ms_per_step', 0) > 0:
+      self.eta = (self.total - step) * metrics['train/ms_per_step'] / 1000
+
+  def text(self) -> str:
+    percent = f'{100 * self.step / max(self.total, 1):.0f}%'
+    if self.step >= self.total:
+      return f'{percent} done'
+    return f'{percent}, ETA {format_duration(self.eta)}' if self.eta is not None else percent
+
+  def bar(self, loss: float | None, width: int) -> str:
+    cells = max(10, min(40, width - 60))
+    filled = int(cells * min(self.step / max(self.total, 1), 1.0))
+    loss_text = '' if loss is None else f' | loss {loss:.4f}'
+    return f'[{"#" * filled}{"." * (cells - filled)}] {self.step}/{self.total} {self.text()}{loss_text}'
+
+
+class MetricsLogger:
+  """Logs metrics of process 0 to the console, workdir/metrics.jsonl and TensorBoard.
+
+  `total_steps` turns on the progress (a bar on a terminal, '| 25%, ETA 3m05s'
+  at the end of plain lines); `config` goes to TensorBoard as hparams.
+  `progress_bar` None means: a bar exactly when the stream is a terminal.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, stream=None, *,
+               total_steps: int | None = None, config: ml_collections.ConfigDict | None = None,
+               tensorboard: bool = True, progress_bar: bool | None = None):
     self.enabled = enabled
     self.stream = stream or sys.stdout
+    self.session_start = time.time()
+    self.progress = Progress(total_steps) if total_steps else None
+    isatty = getattr(self.stream, 'isatty', lambda: False)
+    self.progress_bar = bool(self.progress) and (isatty() if progress_bar is None else progress_bar)
+    self._bar_shown = False
+    self._loss: float | None = None
     self._file = None
+    self._tb: TensorBoardWriter | None = None
+    self._config = config
     if enabled:
       path = pathlib.Path(workdir) / 'metrics.jsonl'
       path.parent.mkdir(parents=True, exist_ok=True)
       self._file = open(path, 'a', encoding='utf-8')
+    self._tensorboard_dir = pathlib.Path(workdir) if enabled and tensorboard else None
+
+  def _open_tensorboard(self, step: int) -> None:
+    """Opens this session's event file (with the first metrics: none for a run with nothing to do)."""
+    try:
+      self._tb = TensorBoardWriter(self._tensorboard_dir)
+    except ImportError:  # tensorboard is a dependency; a trimmed install still trains
+      self.info('tensorboard is not installed: no TensorBoard event files (pip install tensorboard)')
+    self._tensorboard_dir = None
+    if self._tb is not None:
+      if self._config is not None:
+        self._tb.hparams(flatten_config(self._config))
+      self._tb.session_start(step)
+
+  def _clear_bar(self) -> None:
+    if self._bar_shown:
+      self.stream.write('\r\x1b[K')
+      self._bar_shown = False
+
+  def _draw_bar(self) -> None:
+    width = shutil.get_terminal_size((100, 20)).columns
+    self.stream.write(self.progress.bar(self._loss, width)[:width - 1])
+    self.stream.flush()
+    self._bar_shown = True
 
   def info(self, message: str) -> None:
-    if self.enabled:
-      print(message, file=self.stream, flush=True)
+    if not self.enabled:
+      return
+    self._clear_bar()
+    print(message, file=self.stream, flush=True)
+    if self.progress_bar and self.progress.step:
+      self._draw_bar()
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    self._file.write(json.dumps({'step': step, 'time': time.time(), **metrics}) + '\n')
+    self._file.write(json.dumps({'step': step, 'time': time.time(), 'session_start': self.session_start,
+                                 **metrics}) + '\n')
     self._file.flush()
-    self.info(format_metrics(step, metrics))
+    if self._tensorboard_dir is not None:
+      self._open_tensorboard(step)
+    if self._tb is not None:
+      self._tb.scalars(step, metrics)
+    line = format_metrics(step, metrics)
+    if self.progress is not None:
+      self.progress.update(step, metrics)
+      self._loss = metrics.get('train/loss', self._loss)
+      if not self.progress_bar and 'train/loss' in metrics:
+        line += f' | {self.progress.text()}'
+    self.info(line)
 
   def close(self) -> None:
+    if self._bar_shown:
+      self.stream.write('\n')
+      self.stream.flush()
+      self._bar_shown = False
     if self._file is not None:
       self._file.close()
       self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None

@@ -309,7 +309,7 @@ def _train(config, workdir, mesh, stop, is_main):
   if multihost and is_main:
     multihost_utils.sync_global_devices('nanodecoder: data prepared')
   model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
-  logger = MetricsLogger(workdir, enabled=is_main)
+  logger = MetricsLogger(workdir, enabled=is_main, total_steps=config.train.num_steps, config=config)
   ck = config.checkpoint
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=ck.keep, keep_best=ck.keep_best, async_save=ck.async_save)
   trainer = create_trainer(config, model_config, mesh, init=False)

@@ -1,0 +1,129 @@
+"""Metrics: metrics.jsonl, TensorBoard event files, the progress bar and plain lines."""
+
+import io
+import json
+import re
+
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from nanodecoder import train as train_lib
+from nanodecoder.metrics import MetricsLogger, Progress, flatten_config, format_duration
+
+TRAIN = {'train/loss': 2.5, 'train/lr': 1e-3, 'train/grad_norm': 0.5, 'train/ms_per_step': 4.0,
+         'train/tokens_per_s': 32000.0}
+EVAL = {'eval/train_loss': 2.4, 'eval/val_loss': 2.6}
+
+
+class Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def load_events(workdir):
+  accumulator = event_accumulator.EventAccumulator(str(workdir))
+  accumulator.Reload()
+  return accumulator
+
+
+def hparams_of(accumulator):
+  content = accumulator.PluginTagToContent(hparams_metadata.PLUGIN_NAME)[hparams_metadata.SESSION_START_INFO_TAG]
+  hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+  return {name: getattr(value, value.WhichOneof('kind')) for name, value in hparams.items()}
+
+
+def test_jsonl_and_tensorboard_hold_the_same_scalars_and_the_config(tiny_config, tmp_path):
+  config = tiny_config()
+  logger = MetricsLogger(tmp_path, stream=io.StringIO(), total_steps=20, config=config)
+  logger.write(10, TRAIN)
+  logger.write(10, EVAL)
+  logger.write(20, {**TRAIN, 'train/loss': 2.0})
+  logger.close()
+
+  lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [line['step'] for line in lines] == [10, 10, 20]
+  assert lines[0].items() >= TRAIN.items() and lines[1].items() >= EVAL.items()
+  assert len({line['session_start'] for line in lines}) == 1
+  assert all(line['time'] >= line['session_start'] for line in lines)
+
+  events = load_events(tmp_path)
+  assert set(events.Tags()['scalars']) == set(TRAIN) | set(EVAL)
+  assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [(10, 2.5), (20, 2.0)]
+  assert [(e.step, pytest.approx(e.value)) for e in events.Scalars('eval/val_loss')] == [(10, 2.6)]
+  assert events.Scalars('train/tokens_per_s')[0].value == 32000.0
+  hparams = hparams_of(events)
+  assert hparams == {k: v for k, v in flatten_config(config).items() if v is not None}
+  assert hparams['model.num_layers'] == 2 and hparams['data.source'] == 'text' and hparams['model.use_bias'] is False
+
+
+def test_a_resumed_session_replaces_the_steps_it_logs_again(tmp_path):
+  first = MetricsLogger(tmp_path, stream=io.StringIO())
+  for step in (10, 20, 30):
+    first.write(step, {'train/loss': 3.0})
+  first.close()  # crashed after step 30; resumes from a checkpoint at step 20
+  second = MetricsLogger(tmp_path, stream=io.StringIO())
+  for step in (30, 40):
+    second.write(step, {'train/loss': 1.0})
+  second.close()
+  assert [(e.step, e.value) for e in load_events(tmp_path).Scalars('train/loss')] == [
+      (10, 3.0), (20, 3.0), (30, 1.0), (40, 1.0)]
+  sessions = [json.loads(line)['session_start'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert sessions[:3] == [sessions[0]] * 3 and sessions[3:] == [sessions[3]] * 2 and sessions[3] > sessions[0]
+
+
+def test_progress_bar_with_eta_on_a_terminal(tmp_path):
+  out = Terminal()
+  logger = MetricsLogger(tmp_path, stream=out, total_steps=40, tensorboard=False)
+  logger.info('model: 1,234 parameters')
+  logger.write(10, TRAIN)
+  logger.write(20, TRAIN)
+  logger.info('a message')
+  logger.write(40, {**TRAIN, 'train/loss': 1.5})
+  logger.close()
+  text = out.getvalue()
+  assert text.startswith('model: 1,234 parameters\n')  # no bar before the first step
+  assert '\r\x1b[K' in text and text.endswith('\n')
+  assert re.search(r'\[#{5,}\.{10,}\] 10/40 25%, ETA \d+s \| loss 2\.5000', text)
+  assert re.search(r'\[#+\] 40/40 100% done \| loss 1\.5000\n$', text)
+  # Each line is printed whole after the bar is cleared; the bar is redrawn below it.
+  assert '\r\x1b[Ka message\n[' in text
+  visible = [line.rsplit('\r\x1b[K', 1)[-1] for line in text.split('\n')]
+  assert 'step 20 | loss 2.5000 | lr 1.00e-03 | grad_norm 0.5000 | 4.0 ms/step | 32.0k tokens/s' in visible
+
+
+def test_plain_lines_elsewhere(tmp_path):
+  out = io.StringIO()
+  logger = MetricsLogger(tmp_path, stream=out, total_steps=40, tensorboard=False)
+  logger.write(10, TRAIN)
+  logger.write(10, EVAL)
+  logger.write(40, TRAIN)
+  logger.close()
+  lines = out.getvalue().splitlines()
+  assert '\r' not in out.getvalue() and '\x1b' not in out.getvalue()
+  assert re.fullmatch(r'step 10 \| loss 2\.5000 \| .* \| 32\.0k tokens/s \| 25%, ETA \d+s', lines[0])
+  assert lines[1] == 'step 10 | train_loss 2.4000 | val_loss 2.6000'
+  assert lines[2].endswith('| 100% done')
+
+
+def test_eta_counts_wall_time_between_writes(monkeypatch):
+  clock = iter([100.0, 110.0])
+  monkeypatch.setattr('nanodecoder.metrics.time.time', lambda: next(clock))
+  progress = Progress(total_steps=1000)
+  progress.update(100, {'train/ms_per_step': 50.0})
+  assert progress.eta == pytest.approx(900 * 0.05)  # before a second write: the step time
+  progress.update(200, {})
+  assert progress.eta == pytest.approx(800 * 10 / 100)  # 10 s per 100 steps, evals included
+  assert progress.text() == '20%, ETA 1m20s'
+  assert [format_duration(s) for s in (5, 65, 3725)] == ['5s', '1m05s', '1h02m']
+
+
+def test_training_writes_tensorboard_scalars_equal_to_metrics_jsonl(tiny_config, tmp_path):
+  train_lib.train_and_evaluate(tiny_config(), tmp_path)
+  lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  events = load_events(tmp_path)
+  for tag in ('train/loss', 'train/lr', 'train/grad_norm', 'train/tokens_per_s', 'eval/val_loss'):
+    expected = [(line['step'], pytest.approx(line[tag], rel=1e-6)) for line in lines if tag in line]
+    assert [(e.step, e.value) for e in events.Scalars(tag)] == expected, tag
+  assert hparams_of(events)['train.num_steps'] == 20
