@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import subprocess
 import sys
 
 import jax
@@ -32,8 +33,10 @@ def define_flags() -> None:
 
   config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/cpu.py; --config.a.b=v overrides.')
   flags.DEFINE_string('workdir', None, 'Run directory (default runs/<config.name>); holds checkpoints and logs.')
-  flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train: train (or resume) the config in the workdir; '
-                    'sample: generate text from the workdir\'s checkpoint (needs no --config).')
+  flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'summary'],
+                    'train: train (or resume) the config in the workdir, or every point of a sweep; '
+                    'sample: generate text from the workdir\'s checkpoint (needs no --config); '
+                    'summary: (re)write summary.csv/.md and plots of the sweep in --workdir.')
   flags.DEFINE_string('prompt', '\n', 'sample: text to continue.')
   flags.DEFINE_string('prompt_file', None, 'sample: read the prompt from this file instead.')
   flags.DEFINE_integer('num_samples', 1, 'sample: how many samples.')
@@ -44,6 +47,11 @@ def define_flags() -> None:
   flags.DEFINE_integer('seed', 0, 'sample: PRNG seed.')
   flags.DEFINE_string('checkpoint', 'latest', 'sample: latest, best (lowest val loss) or a step number.')
   flags.DEFINE_string('out', None, 'sample: also write the samples to this file.')
+  flags.DEFINE_integer('sweep_index', None, 'Sweep: train only point i (0-based; see --sweep_list), e.g. '
+                       '--sweep_index=$SLURM_ARRAY_TASK_ID in a cluster array job.')
+  flags.DEFINE_bool('sweep_list', False, 'Sweep: print the points (index, status, workdir) and exit.')
+  flags.DEFINE_integer('sweep_parallel', 1, 'Sweep: points trained at once on this machine, each in its own '
+                       'process (on CPU each gets cores / N devices; with CUDA_VISIBLE_DEVICES, its share of them).')
   flags.DEFINE_bool('stream', False, 'sample: print tokens as they come (one compiled call per token).')
   flags.DEFINE_bool('kv_cache', True, 'sample: decode with a KV cache (--nokv_cache re-runs the whole context).')
   flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'], 'Multi-host: join the other processes with '
@@ -93,18 +101,22 @@ def main(argv) -> None:
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
-    if FLAGS.mode == 'sample':
-      sample_command()
+    declaration = sweep_declaration()
+    if declaration is not None:
+      sweep_command(declaration)
+    elif FLAGS.mode in MODES:
+      MODES[FLAGS.mode]()
     else:
       train_command()
   except USER_ERRORS as e:
     fail(str(e))
 
 
-def train_command() -> None:
+def train_command(config: ml_collections.ConfigDict | None = None, workdir: str | pathlib.Path | None = None) -> None:
+  """Trains FLAGS.config (or `config`) in --workdir (or `workdir`)."""
   from nanodecoder import train  # after argument parsing: keeps `--help` fast
 
-  config = FLAGS.config
+  config = FLAGS.config if config is None else config
   if config is None:
     fail('--config is required to train, e.g. --config experiments/cpu.py')
   try:
@@ -113,7 +125,7 @@ def train_command() -> None:
     fail(f'cannot load the --config file: {str(e).strip().splitlines()[-1].strip()}')
   setup_jax(config)
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  metrics = train.train_and_evaluate(config, FLAGS.workdir or default_workdir(config))
+  metrics = train.train_and_evaluate(config, workdir or FLAGS.workdir or default_workdir(config))
   if 'stopped_by' in metrics:  # checkpoint saved; exit as the signal would have (130 for Ctrl-C, 143 for SIGTERM)
     sys.exit(128 + int(getattr(signal, metrics['stopped_by'], signal.SIGTERM)))
   if 'train_loss' in metrics and jax.process_index() == 0:
@@ -157,3 +169,138 @@ def sample_command() -> None:
       print(text)
   if FLAGS.out:
     atomic_write(FLAGS.out, ''.join(f'--- sample {i + 1} ---\n{text}\n' for i, text in enumerate(samples)))
+
+
+# Sweeps -------------------------------------------------------------------------
+
+SWEEP_SUMMARY_ENV = 'NANODECODER_SWEEP_SUMMARY'  # '0': a point run by a sweep leaves the summary to the sweep
+
+
+def sweep_declaration():
+  """The --config file's get_sweep() in train mode, else None; the sweep flags without a sweep fail."""
+  from ml_collections import config_flags
+
+  from nanodecoder import sweep as sweep_lib
+
+  declaration = None
+  if FLAGS.mode == 'train' and FLAGS.config is not None:
+    try:
+      FLAGS.config.get('name')
+    except OSError:
+      return None  # train_command says why the file did not load
+    declaration = sweep_lib.load_declaration(config_flags.get_config_filename(FLAGS['config']))
+  used = [f'--{name}' for name in ('sweep_index', 'sweep_list', 'sweep_parallel') if FLAGS[name].present]
+  if used and declaration is None:
+    verb = 'needs' if len(used) == 1 else 'need'
+    fail(f'{", ".join(used)} {verb} a sweep: --mode=train and a --config file with get_sweep(), '
+         'e.g. --config experiments/sweep.py:blocks')
+  return declaration
+
+
+def sweep_command(declaration) -> None:
+  """Lists the points (--sweep_list), trains one (--sweep_index), or trains all that are not finished."""
+  from ml_collections import config_flags
+
+  from nanodecoder import summary
+  from nanodecoder import sweep as sweep_lib
+
+  base = FLAGS.config
+  sweep = sweep_lib.make_sweep(config_flags.get_config_filename(FLAGS['config']), base, declaration)
+  root = pathlib.Path(FLAGS.workdir or default_workdir(base))
+  if FLAGS.sweep_list:
+    print(sweep_lib.listing(sweep, base, root))
+    return
+  if FLAGS.sweep_index is not None:
+    sweep_point_command(sweep, base, root)
+    return
+  if FLAGS.sweep_parallel < 1:
+    fail(f'--sweep_parallel must be >= 1, got {FLAGS.sweep_parallel}')
+  jax.config.update('jax_platforms', 'cpu')  # this process only starts points: keep the accelerators free
+  parallel = min(FLAGS.sweep_parallel, len(sweep.points))
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+  script = sys.argv[0] if sys.argv[0].endswith('.py') and os.path.isfile(sys.argv[0]) else str(
+      pathlib.Path(__file__).resolve().parents[1] / 'launch.py')
+
+  def start(point, slot: int) -> subprocess.Popen:
+    # The same command line for one point; later flags win, so the appended ones take effect.
+    command = [sys.executable, script, *sys.argv[1:], f'--workdir={root}', f'--sweep_index={point.index}',
+               '--sweep_parallel=1']
+    if parallel > 1 and base.mesh.cpu_devices == 0:
+      command.append(f'--config.mesh.cpu_devices={max(1, cores // parallel)}')
+    env = sweep_lib.child_env(slot, parallel)
+    env[SWEEP_SUMMARY_ENV] = '0'
+    output = None
+    if parallel > 1:  # interleaved output would be unreadable: each point writes its own log
+      workdir = sweep.workdir(root, point)
+      workdir.mkdir(parents=True, exist_ok=True)
+      output = open(workdir / 'launch.log', 'a', encoding='utf-8')
+      print(f'      output: {workdir / "launch.log"}', flush=True)
+    try:
+      return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
+    finally:
+      if output is not None:
+        output.close()
+
+  sweep_lib.write_manifest(root, sweep, base)
+  print(f'sweep {sweep.name}: {len(sweep.points)} points in {root}, {parallel} at a time', flush=True)
+  results, stopped_by = sweep_lib.run(sweep, base, root, start, parallel, log=lambda m: print(m, flush=True))
+  paths = summary.write_summary(root)
+  print((root / 'summary.md').read_text(encoding='utf-8'))
+  print('wrote ' + ', '.join(map(str, paths)))
+  if stopped_by is not None:
+    print(f'sweep stopped by {signal.Signals(stopped_by).name}; run the same command to resume it')
+    sys.exit(128 + stopped_by)
+  failed = [name for name, code in results.items() if code != 0]
+  if failed:
+    print(f'error: {len(failed)} of {len(sweep.points)} points failed ({", ".join(failed)}); see their output '
+          'above or their launch.log; run the same command to retry them', file=sys.stderr)
+    sys.exit(1)
+
+
+def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Path) -> None:
+  """Trains point --sweep_index in its workdir (unless finished), then updates the sweep's summary."""
+  from nanodecoder import summary
+  from nanodecoder import sweep as sweep_lib
+
+  index, count = FLAGS.sweep_index, len(sweep.points)
+  if not 0 <= index < count:
+    fail(f'--sweep_index={index} is out of range: the sweep has {count} points, 0 to {count - 1} (see --sweep_list)')
+  point = sweep.points[index]
+  config = sweep_lib.point_config(base, point)
+  workdir = sweep.workdir(root, point)
+  sweep_lib.write_manifest(root, sweep, base)
+  status = sweep_lib.point_status(workdir, config.train.num_steps)
+  if status.state == 'finished':
+    print(f'sweep point {index} ({point.name}) is finished (step {status.step}); nothing to do')
+  else:
+    print(f'sweep point {index} of {count}: {point.name} in {workdir}', flush=True)
+    train_command(config, workdir)
+  if os.environ.get(SWEEP_SUMMARY_ENV, '1') != '0' and jax.process_index() == 0:
+    summary.write_summary(root)
+
+
+# Summaries ----------------------------------------------------------------------
+
+
+def _require_workdir(mode: str) -> pathlib.Path:
+  if not FLAGS.workdir:
+    what = 'the root folder of a sweep (e.g. runs/sweep_blocks)' if mode == 'summary' else 'the run directory'
+    fail(f'--workdir is required for --mode {mode}: {what}')
+  return pathlib.Path(FLAGS.workdir)
+
+
+def summary_command() -> None:
+  """(Re)writes summary.csv, summary.md and the plots of the sweep (or runs) in --workdir."""
+  from nanodecoder import summary
+
+  root = _require_workdir('summary')
+  jax.config.update('jax_platforms', 'cpu')  # parameter counts need shapes only
+  try:
+    paths = summary.write_summary(root)
+  except FileNotFoundError as e:
+    fail(str(e))
+  print((root / 'summary.md').read_text(encoding='utf-8'))
+  print('wrote ' + ', '.join(map(str, paths)))
+
+
+MODES = {'sample': sample_command, 'summary': summary_command}

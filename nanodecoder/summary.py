@@ -1,0 +1,278 @@
+"""Tables and plots of a sweep's points, from what the runs wrote (metrics.jsonl, config.json, checkpoints).
+
+Written into the sweep's root folder (it never trains anything):
+  summary.csv      one row per point: its swept fields, status, checkpoint step, parameter count, best val
+                   loss and its step, final val and train loss (the last evaluation), median tokens/s and the
+                   wall time of all its sessions
+  summary.md       the same as a Markdown table, best val loss in bold, with the plots below it
+  val_loss.png     best val loss against the first swept field (one line per value of the other fields)
+  loss_curves.png  train and val loss of every point against the step
+
+The root is a sweep's folder (its points listed in sweep.json), or any folder
+whose subfolders are runs (names `field=value,...` give the fields), or a
+single run's workdir.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import pathlib
+import statistics
+from typing import Any
+
+from nanodecoder import sweep as sweep_lib
+from nanodecoder.files import atomic_write
+from nanodecoder.metrics import format_duration
+
+METRIC_COLUMNS = ['status', 'step', 'num_steps', 'params', 'best_val_loss', 'best_val_step', 'final_val_loss',
+                  'final_train_loss', 'tokens_per_s', 'wall_time_s']
+
+
+@dataclasses.dataclass
+class RunMetrics:
+  """A run's metrics.jsonl by kind, one record per step (a resumed run's later record of a step wins)."""
+
+  train: dict[int, dict[str, Any]]  # step -> {'train/loss', 'train/tokens_per_s', ...}
+  evals: dict[int, dict[str, Any]]  # step -> {'eval/train_loss', 'eval/val_loss'}
+  wall_time_s: float | None  # sum over sessions of (last record - session start)
+
+
+def read_metrics(workdir: str | pathlib.Path) -> RunMetrics:
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  records = []
+  if path.is_file():
+    for line in path.read_text(encoding='utf-8').splitlines():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:  # a line cut short by a crash
+        continue
+  train, evals, sessions = {}, {}, {}
+  for record in records:
+    if 'train/loss' in record:
+      train[record['step']] = record
+    if 'eval/val_loss' in record:
+      evals[record['step']] = record
+    if 'time' in record:
+      start = record.get('session_start')
+      first, last = sessions.get(start, (record['time'], record['time']))
+      sessions[start] = (min(first, record['time']), max(last, record['time']))
+  wall = sum(last - (first if start is None else start) for start, (first, last) in sessions.items())
+  return RunMetrics(dict(sorted(train.items())), dict(sorted(evals.items())), wall if sessions else None)
+
+
+def count_parameters(workdir: str | pathlib.Path) -> int | None:
+  """Parameters of a run's model, from its config.json and tokenizer.json (shapes only, nothing computed)."""
+  workdir = pathlib.Path(workdir)
+  try:
+    config_dict = json.loads((workdir / 'config.json').read_text(encoding='utf-8'))
+    tokenizer_json = (workdir / 'tokenizer.json').read_text(encoding='utf-8')
+  except (OSError, json.JSONDecodeError):
+    return None
+  import ml_collections
+  from flax import nnx
+
+  from nanodecoder import config as config_lib
+  from nanodecoder.data import CharTokenizer
+  from nanodecoder.model import Decoder, count_params
+
+  model_config = config_lib.model_config(ml_collections.ConfigDict(config_dict),
+                                         CharTokenizer.from_json(tokenizer_json).vocab_size)
+  with nnx.use_eager_sharding(False):
+    return count_params(nnx.eval_shape(lambda: Decoder(model_config, nnx.Rngs(0))))
+
+
+def run_row(workdir: str | pathlib.Path, num_steps: int | None = None) -> dict[str, Any]:
+  """The summary numbers of one run (None where it has none yet); `num_steps` if it has no config.json yet."""
+  workdir = pathlib.Path(workdir)
+  metrics = read_metrics(workdir)
+  try:
+    num_steps = json.loads((workdir / 'config.json').read_text(encoding='utf-8'))['train']['num_steps']
+  except (OSError, json.JSONDecodeError, KeyError):
+    pass
+  status = sweep_lib.point_status(workdir, num_steps) if num_steps else sweep_lib.Status('new', 0, 0)
+  row = dict.fromkeys(METRIC_COLUMNS)
+  row.update(status=status.state, step=status.step, num_steps=num_steps, params=count_parameters(workdir),
+             wall_time_s=metrics.wall_time_s)
+  if metrics.evals:
+    best_step, best = min(metrics.evals.items(), key=lambda item: item[1]['eval/val_loss'])
+    last = metrics.evals[max(metrics.evals)]
+    row.update(best_val_loss=best['eval/val_loss'], best_val_step=best_step, final_val_loss=last['eval/val_loss'],
+               final_train_loss=last.get('eval/train_loss'))
+  speeds = [r['train/tokens_per_s'] for r in metrics.train.values() if r.get('train/tokens_per_s', 0) > 0]
+  if speeds:
+    row['tokens_per_s'] = statistics.median(speeds)
+  return row
+
+
+def _parse_value(text: str) -> Any:
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def find_points(root: pathlib.Path) -> tuple[str, list[str], list[tuple[str, dict[str, Any], int | None]]]:
+  """(title, short field names, [(folder name, {short field: value}, num_steps or None)]) of the runs under `root`."""
+  manifest = root / sweep_lib.MANIFEST
+  if manifest.is_file():
+    data = json.loads(manifest.read_text(encoding='utf-8'))
+    names = sweep_lib.short_names(data['fields'])
+    points = [(p['name'], {names[f]: v for f, v in p['overrides'].items()}, p.get('num_steps'))
+              for p in data['points']]
+    return f'sweep {data["name"]} ({data["config"]})', list(names.values()), points
+  if (root / 'metrics.jsonl').is_file() or (root / 'config.json').is_file():
+    return f'run {root.name}', [], [('.', {}, None)]
+  points = []
+  for folder in sorted(p for p in root.iterdir() if (p / 'metrics.jsonl').is_file() or (p / 'config.json').is_file()):
+    pairs = [part.partition('=') for part in folder.name.split(',')]
+    points.append((folder.name, {k: _parse_value(v) for k, eq, v in pairs if eq}, None))
+  fields = list(dict.fromkeys(f for _, values, _ in points for f in values))
+  return f'runs in {root}', fields, points
+
+
+def _number(value: Any, digits: int = 4) -> str:
+  if value is None:
+    return ''
+  if isinstance(value, float):
+    return f'{value:.{digits}f}'
+  return str(value)
+
+
+def markdown(title: str, fields: list[str], rows: list[dict[str, Any]], images: list[str]) -> str:
+  finished = sum(r['status'] == 'finished' for r in rows)
+  scored = [r for r in rows if r['best_val_loss'] is not None]
+  best = min(scored, key=lambda r: r['best_val_loss']) if scored else None
+  lines = [f'# Summary of {title}', '', f'{len(rows)} points, {finished} finished.']
+  if best is not None:
+    lines[-1] += f' Lowest val loss: {best["best_val_loss"]:.4f} ({best["point"]}, step {best["best_val_step"]}).'
+  header = [*(fields or ['point']), 'status', 'step', 'params', 'best val loss', 'final val loss',
+            'final train loss', 'tokens/s', 'wall time']
+  lines += ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for r in rows:
+    best_text = _number(r['best_val_loss'])
+    if r is best:
+      best_text = f'**{best_text}**'
+    cells = [*(str(r[f]) for f in fields or ['point']), r['status'], f'{r["step"]}/{r["num_steps"] or "?"}',
+             '' if r['params'] is None else f'{r["params"]:,}', best_text, _number(r['final_val_loss']),
+             _number(r['final_train_loss']), '' if r['tokens_per_s'] is None else f'{r["tokens_per_s"]:,.0f}',
+             '' if r['wall_time_s'] is None else format_duration(r['wall_time_s'])]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += [''] + [f'![{name}]({name})' for name in images]
+  return '\n'.join(lines) + '\n'
+
+
+# Plots --------------------------------------------------------------------------
+
+
+def new_figure(width: float, height: float):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display needed
+  from matplotlib.figure import Figure
+
+  figure = Figure(figsize=(width, height), dpi=100, layout='constrained')
+  FigureCanvasAgg(figure)
+  return figure
+
+
+def save_png(figure, path: pathlib.Path) -> None:
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format='png')
+  atomic_write(path, buffer.getvalue())
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, path: pathlib.Path) -> None:
+  """Best val loss against the first field; one line per combination of the other fields."""
+  x_field = fields[0] if fields else 'point'
+  groups: dict[tuple, list[tuple[Any, float]]] = {}
+  for r in rows:
+    if r['best_val_loss'] is not None:
+      groups.setdefault(tuple(r[f] for f in fields[1:]), []).append((r[x_field], r['best_val_loss']))
+  xs = [x for points in groups.values() for x, _ in points]
+  numeric = all(_is_number(x) for x in xs)
+  categories = list(dict.fromkeys(xs))
+  figure = new_figure(6.4, 4.2)
+  ax = figure.add_subplot()
+  for key, points in groups.items():
+    points.sort(key=lambda p: p[0] if numeric else categories.index(p[0]))
+    px = [x if numeric else categories.index(x) for x, _ in points]
+    label = ', '.join(f'{f}={v}' for f, v in zip(fields[1:], key)) or None
+    ax.plot(px, [y for _, y in points], 'o-', label=label)
+  if numeric and min(xs) > 0 and max(xs) / min(xs) >= 8:
+    ax.set_xscale('log', base=2)
+  ticks = sorted(set(xs)) if numeric else range(len(categories))
+  ax.set_xticks(list(ticks), [str(x) for x in (sorted(set(xs)) if numeric else categories)])
+  ax.minorticks_off()
+  ax.set_xlabel(x_field)
+  ax.set_ylabel('best val loss (nats/char)')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  if len(groups) > 1:
+    ax.legend()
+  save_png(figure, path)
+
+
+def plot_loss_curves(curves: list[tuple[str, RunMetrics]], title: str, path: pathlib.Path) -> None:
+  """Train loss (left) and val loss (right) of every point against the step."""
+  from matplotlib import colormaps
+
+  figure = new_figure(11, 4.2)
+  train_ax, val_ax = figure.subplots(1, 2, sharey=True)
+  cmap = colormaps['tab10' if len(curves) <= 10 else 'viridis']
+  for i, (name, metrics) in enumerate(curves):
+    color = cmap(i if len(curves) <= 10 else i / max(len(curves) - 1, 1))
+    if metrics.train:
+      train_ax.plot(list(metrics.train), [r['train/loss'] for r in metrics.train.values()], color=color, lw=1)
+    if metrics.evals:
+      val_ax.plot(list(metrics.evals), [r['eval/val_loss'] for r in metrics.evals.values()], 'o-', color=color,
+                  ms=3, lw=1.2, label=name)
+  for ax, what in ((train_ax, 'train loss (one batch)'), (val_ax, 'val loss')):
+    ax.set_xlabel('step')
+    ax.set_title(what)
+    ax.grid(alpha=0.3)
+  train_ax.set_ylabel('loss (nats/char)')
+  val_ax.legend(fontsize='small')
+  figure.suptitle(title)
+  save_png(figure, path)
+
+
+def write_summary(root: str | pathlib.Path) -> list[pathlib.Path]:
+  """Writes summary.csv, summary.md and the plots into `root`; returns the paths written."""
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f'{root} is not a folder; pass the root of a sweep, e.g. runs/sweep_blocks')
+  title, fields, points = find_points(root)
+  if not points:
+    raise FileNotFoundError(f'no runs in {root}: pass the root of a sweep (e.g. runs/sweep_blocks) or a run\'s workdir')
+  rows, curves = [], []
+  for name, values, num_steps in points:
+    workdir = root / name
+    row = {'point': root.name if name == '.' else name, **values, **run_row(workdir, num_steps)}
+    rows.append(row)
+    metrics = read_metrics(workdir)
+    if metrics.train or metrics.evals:
+      curves.append((row['point'], metrics))
+  written = []
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=['point', *fields, *METRIC_COLUMNS], lineterminator='\n')
+  writer.writeheader()
+  writer.writerows({k: ('' if v is None else v) for k, v in r.items()} for r in rows)
+  atomic_write(root / 'summary.csv', buffer.getvalue())
+  written.append(root / 'summary.csv')
+  images = []
+  if any(r['best_val_loss'] is not None for r in rows):
+    plot_val_loss(rows, fields, f'{title}: best val loss', root / 'val_loss.png')
+    images.append('val_loss.png')
+  if curves:
+    plot_loss_curves(curves, title, root / 'loss_curves.png')
+    images.append('loss_curves.png')
+  atomic_write(root / 'summary.md', markdown(title, fields, rows, images))
+  written.append(root / 'summary.md')
+  return written + [root / name for name in images]

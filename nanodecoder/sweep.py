@@ -1,0 +1,251 @@
+"""Sweeps: one experiment file, several configs (points), each trained in its own workdir.
+
+An experiment file becomes a sweep by defining `get_sweep(arg)` beside
+`get_config(arg)`; it returns the values to try for one or more fields:
+
+  def get_sweep(arg=None):
+    return {'model.num_layers': [2, 4], 'model.head_size': [16, 32]}
+
+A dict means the cartesian product, in declaration order with the last field
+varying fastest (2 x 2 = 4 points above); a list of dicts lists the points one
+by one. Point i trains `get_config()` (with the command line's --config.*
+overrides) with its own fields set, in `<root>/<field=value,...>`, root being
+--workdir or runs/<config.name>: `runs/sweep_shape/num_layers=2,head_size=16`.
+
+A point is finished when its latest checkpoint is at its train.num_steps;
+rerunning a sweep skips finished points and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from nanodecoder import config as config_lib
+from nanodecoder.config import ConfigError
+from nanodecoder.files import atomic_write
+from nanodecoder.metrics import format_duration
+
+MANIFEST = 'sweep.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  index: int
+  name: str  # 'num_layers=2,head_size=16': the folder name
+  overrides: dict[str, Any]  # dotted field -> value
+
+
+@dataclasses.dataclass
+class Sweep:
+  name: str  # the base config's name
+  spec: str  # the experiment file, 'path.py[:arg]'
+  fields: list[str]  # dotted fields, in declaration order
+  points: list[Point]
+
+  def workdir(self, root: str | pathlib.Path, point: Point) -> pathlib.Path:
+    return pathlib.Path(root) / point.name
+
+
+def load_declaration(spec: str | pathlib.Path):
+  """What the experiment file's `get_sweep([arg])` returns, or None when it defines no `get_sweep`."""
+  path, _, arg = str(spec).partition(':')
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f'config file {path!r} does not exist; pass a file such as experiments/sweep.py:blocks')
+  module_spec = importlib.util.spec_from_file_location(f'_nanodecoder_sweep_{file.stem}', file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_sweep'):
+    return None
+  return module.get_sweep(arg) if arg else module.get_sweep()
+
+
+def expand(declaration: dict[str, Sequence[Any]] | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The points of a declaration: {field: values} -> cartesian product (last field fastest); a list as is."""
+  if isinstance(declaration, dict):
+    for field, values in declaration.items():
+      if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ConfigError(f'sweep field {field!r} needs a non-empty list of values, got {values!r}')
+    fields = list(declaration)
+    return [dict(zip(fields, combo)) for combo in itertools.product(*declaration.values())]
+  if isinstance(declaration, Sequence) and declaration and all(isinstance(p, dict) for p in declaration):
+    return [dict(p) for p in declaration]
+  raise ConfigError('get_sweep() must return {field: [values]} or a non-empty list of {field: value} dicts, '
+                    f'got {declaration!r}')
+
+
+def format_value(value: Any) -> str:
+  if isinstance(value, float):
+    text = f'{value:g}'
+  elif isinstance(value, (list, tuple)):
+    text = '-'.join(map(format_value, value))
+  else:
+    text = str(value)
+  return ''.join('_' if c in '/\\,= \n\t' else c for c in text)
+
+
+def short_names(fields: Sequence[str]) -> dict[str, str]:
+  """The last part of each dotted field, or the whole field where two last parts clash."""
+  leaves = [f.rsplit('.', 1)[-1] for f in fields]
+  return {f: leaf if leaves.count(leaf) == 1 else f for f, leaf in zip(fields, leaves)}
+
+
+def make_sweep(spec: str, base: ml_collections.ConfigDict, declaration) -> Sweep:
+  """Expands and checks every point: unknown fields, wrong types and bad values fail before any training."""
+  overrides = expand(declaration)
+  fields = list(dict.fromkeys(f for point in overrides for f in point))
+  names = short_names(fields)
+  points = []
+  for i, point in enumerate(overrides):
+    name = ','.join(f'{names[f]}={format_value(v)}' for f, v in point.items())
+    points.append(Point(i, name, point))
+    point_config(base, points[-1])  # raises ConfigError naming the field
+  seen = {}
+  for point in points:
+    if point.name in seen:
+      raise ConfigError(f'sweep points {seen[point.name]} and {point.index} have the same folder name {point.name!r}')
+    seen[point.name] = point.index
+  return Sweep(base.name, str(spec), fields, points)
+
+
+def point_config(base: ml_collections.ConfigDict, point: Point) -> ml_collections.ConfigDict:
+  """The base config with the point's fields set, validated."""
+  config = copy.deepcopy(base)
+  for field, value in point.overrides.items():
+    try:
+      config_lib.set_field(config, field, value)
+    except ConfigError as e:
+      raise ConfigError(f'sweep point {point.index} ({point.name}): {e}') from None
+  try:
+    config_lib.validate(config)
+  except ConfigError as e:
+    raise ConfigError(f'sweep point {point.index} ({point.name}): {e}') from None
+  return config
+
+
+def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.ConfigDict) -> None:
+  """`root/sweep.json`: what the summary needs to know about the sweep."""
+  manifest = {'name': sweep.name, 'config': sweep.spec, 'fields': sweep.fields,
+              'points': [{'name': p.name, 'overrides': p.overrides,
+                          'num_steps': point_config(base, p).train.num_steps} for p in sweep.points]}
+  atomic_write(pathlib.Path(root) / MANIFEST, json.dumps(manifest, indent=2) + '\n')
+
+
+# Progress of a point ------------------------------------------------------------
+
+
+def saved_steps(workdir: str | pathlib.Path) -> list[int]:
+  """Steps of the complete checkpoints in a workdir (Orbax renames a step's folder to its number when done)."""
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+  state: str  # 'finished', 'partial' or 'new'
+  step: int  # latest checkpoint step (0: none)
+  num_steps: int
+
+  def __str__(self) -> str:
+    if self.state == 'partial':
+      return f'partial ({self.step}/{self.num_steps})'
+    return self.state
+
+
+def point_status(workdir: str | pathlib.Path, num_steps: int) -> Status:
+  steps = saved_steps(workdir)
+  step = steps[-1] if steps else 0
+  state = 'finished' if step >= num_steps else 'partial' if step else 'new'
+  return Status(state, step, num_steps)
+
+
+def listing(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path) -> str:
+  """What --sweep_list prints: one line per point (index, status, workdir)."""
+  lines = [f'sweep {sweep.name}: {len(sweep.points)} points in {root} (fields: {", ".join(sweep.fields)})']
+  for point in sweep.points:
+    status = point_status(sweep.workdir(root, point), point_config(base, point).train.num_steps)
+    lines.append(f'{point.index:4d}  {str(status):20s}  {sweep.workdir(root, point)}')
+  return '\n'.join(lines)
+
+
+# Running points -----------------------------------------------------------------
+
+
+def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
+        start: Callable[[Point, int], subprocess.Popen], parallel: int = 1, log: Callable[[str], None] = print,
+        ) -> tuple[dict[str, int], int | None]:
+  """Runs every unfinished point, `parallel` at a time, through `start(point, slot)` (a started process).
+
+  Slots are numbered 0 .. parallel - 1; a point gets a slot no running point
+  holds (e.g. for its share of the devices). Returns ({point name: exit
+  status} of the points it ran, the signal that stopped the sweep or None).
+  SIGTERM is passed on to the running points (they save and stop); after
+  SIGTERM or Ctrl-C no new point starts.
+  """
+  todo = []
+  total = len(sweep.points)
+  for point in sweep.points:
+    status = point_status(sweep.workdir(root, point), point_config(base, point).train.num_steps)
+    if status.state == 'finished':
+      log(f'[{point.index + 1}/{total}] {point.name}: finished (step {status.step}); skipped')
+    else:
+      todo.append((point, status))
+  results: dict[str, int] = {}
+  running: dict[int, tuple[Point, subprocess.Popen, float]] = {}
+  stopping: list[int] = []
+
+  def on_signal(signum, frame):
+    stopping.append(signum)
+    if signum == signal.SIGTERM:  # Ctrl-C reaches the points by itself (same process group)
+      for _, process, _ in running.values():
+        process.send_signal(signal.SIGTERM)
+
+  previous = {}
+  if threading.current_thread() is threading.main_thread():
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    while (todo and not stopping) or running:
+      while todo and not stopping and len(running) < parallel:
+        slot = min(set(range(parallel)) - running.keys())
+        point, status = todo.pop(0)
+        how = f'resuming from step {status.step}' if status.state == 'partial' else 'starting'
+        log(f'[{point.index + 1}/{total}] {point.name}: {how}')
+        running[slot] = (point, start(point, slot), time.time())
+      time.sleep(0.1)
+      for slot, (point, process, started) in list(running.items()):
+        code = process.poll()
+        if code is None:
+          continue
+        del running[slot]
+        results[point.name] = code
+        outcome = 'finished' if code == 0 else 'stopped' if code in (130, 143) else f'failed (exit status {code})'
+        log(f'[{point.index + 1}/{total}] {point.name}: {outcome} after {format_duration(time.time() - started)}')
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+  return results, (stopping[0] if stopping else None)
+
+
+def child_env(slot: int, parallel: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+  """The environment of the point in `slot`: its share of CUDA_VISIBLE_DEVICES when that lists enough GPUs."""
+  env = dict(os.environ if environ is None else environ)
+  gpus = [g for g in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if g.strip()]
+  if parallel > 1 and len(gpus) >= parallel:
+    share = len(gpus) // parallel
+    env['CUDA_VISIBLE_DEVICES'] = ','.join(gpus[slot * share:(slot + 1) * share])
+  return env

@@ -1,0 +1,135 @@
+"""Sweep summaries: summary.csv / summary.md numbers against the runs' own metrics, and the plots."""
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+from matplotlib import image as mpimg
+
+from conftest import REPO, make_tiny_config
+from nanodecoder import checkpoint as checkpoint_lib
+from nanodecoder import summary as summary_lib
+from nanodecoder import sweep as sweep_lib
+from nanodecoder import train as train_lib
+from nanodecoder.model import count_params
+
+
+@pytest.fixture(scope='module')
+def sweep_root(corpus_file, tmp_path_factory):
+  """A sweep of three points: two trained for 20 steps, the third not started."""
+  root = tmp_path_factory.mktemp('sweep')
+  base = make_tiny_config(corpus_file)
+  sweep = sweep_lib.make_sweep('tiny.py', base, {'seed': [1, 2, 3]})
+  sweep_lib.write_manifest(root, sweep, base)
+  for point in sweep.points[:2]:
+    train_lib.train_and_evaluate(sweep_lib.point_config(base, point), sweep.workdir(root, point))
+  summary_lib.write_summary(root)
+  return root
+
+
+def records(workdir):
+  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_summary_csv_numbers_are_the_runs_own(sweep_root):
+  rows = list(csv.DictReader((sweep_root / 'summary.csv').open()))
+  assert [(r['point'], r['seed'], r['status']) for r in rows] == [
+      ('seed=1', '1', 'finished'), ('seed=2', '2', 'finished'), ('seed=3', '3', 'new')]
+  for row in rows[:2]:
+    workdir = sweep_root / row['point']
+    lines = records(workdir)
+    evals = [r for r in lines if 'eval/val_loss' in r]
+    best = min(evals, key=lambda r: r['eval/val_loss'])
+    speeds = [r['train/tokens_per_s'] for r in lines if r.get('train/tokens_per_s', 0) > 0]
+    model, _, _, step = checkpoint_lib.load_model(workdir)
+    assert float(row['best_val_loss']) == best['eval/val_loss'] and int(row['best_val_step']) == best['step']
+    assert float(row['final_val_loss']) == evals[-1]['eval/val_loss']
+    assert float(row['final_train_loss']) == evals[-1]['eval/train_loss']
+    assert float(row['tokens_per_s']) == statistics.median(speeds)
+    assert float(row['wall_time_s']) == pytest.approx(lines[-1]['time'] - lines[0]['session_start'])
+    assert int(row['params']) == count_params(model)
+    assert (int(row['step']), int(row['num_steps'])) == (step, 20) == (20, 20)
+  assert rows[2] == {'point': 'seed=3', 'seed': '3', 'status': 'new', 'step': '0', 'num_steps': '20', 'params': '',
+                     'best_val_loss': '', 'best_val_step': '', 'final_val_loss': '', 'final_train_loss': '',
+                     'tokens_per_s': '', 'wall_time_s': ''}
+
+
+def test_summary_md_is_the_same_table(sweep_root):
+  text = (sweep_root / 'summary.md').read_text()
+  rows = {r['point']: r for r in csv.DictReader((sweep_root / 'summary.csv').open())}
+  best = min((r for r in rows.values() if r['best_val_loss']), key=lambda r: float(r['best_val_loss']))
+  assert text.startswith('# Summary of sweep tiny (tiny.py)\n\n3 points, 2 finished. Lowest val loss: '
+                         f'{float(best["best_val_loss"]):.4f} ({best["point"]}, step 20).')
+  header = ('| seed | status | step | params | best val loss | final val loss | final train loss | tokens/s | '
+            'wall time |')
+  assert header in text
+  for name in ('seed=1', 'seed=2'):
+    r = rows[name]
+    loss = f'{float(r["best_val_loss"]):.4f}'
+    loss = f'**{loss}**' if r is best else loss
+    assert (f'| {r["seed"]} | finished | 20/20 | {int(r["params"]):,} | {loss} | {float(r["final_val_loss"]):.4f} | '
+            f'{float(r["final_train_loss"]):.4f} | {float(r["tokens_per_s"]):,.0f} |') in text
+  assert '| 3 | new | 0/20 |  |  |  |  |  |  |' in text
+  assert '![val_loss.png](val_loss.png)' in text and '![loss_curves.png](loss_curves.png)' in text
+
+
+@pytest.mark.parametrize('name, min_size', [('val_loss.png', (300, 450)), ('loss_curves.png', (300, 800))])
+def test_plots_are_written_and_not_blank(sweep_root, name, min_size):
+  pixels = mpimg.imread(sweep_root / name)
+  assert pixels.shape[0] >= min_size[0] and pixels.shape[1] >= min_size[1] and pixels.shape[2] in (3, 4)
+  assert pixels[..., :3].std() > 0.05  # axes, lines and text, not an empty canvas
+  assert (pixels[..., :3].mean(axis=2) < 0.5).mean() > 0.005  # some dark ink
+
+
+def test_read_metrics_keeps_the_last_record_of_a_step_and_sums_sessions(tmp_path):
+  lines = [
+      {'step': 10, 'time': 105.0, 'session_start': 100.0, 'train/loss': 3.0, 'train/tokens_per_s': 0.0},
+      {'step': 20, 'time': 110.0, 'session_start': 100.0, 'train/loss': 2.9, 'train/tokens_per_s': 1000.0},
+      {'step': 20, 'time': 111.0, 'session_start': 100.0, 'eval/train_loss': 2.8, 'eval/val_loss': 2.95},
+      {'step': 30, 'time': 115.0, 'session_start': 100.0, 'train/loss': 2.7, 'train/tokens_per_s': 1000.0},
+      # crashed after step 30, resumed from the checkpoint at step 20:
+      {'step': 30, 'time': 212.0, 'session_start': 200.0, 'train/loss': 2.75, 'train/tokens_per_s': 3000.0},
+      {'step': 30, 'time': 213.0, 'session_start': 200.0, 'eval/train_loss': 2.6, 'eval/val_loss': 2.9},
+  ]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in lines) + '{"step": 40, "ti')
+  metrics = summary_lib.read_metrics(tmp_path)
+  assert {s: r['train/loss'] for s, r in metrics.train.items()} == {10: 3.0, 20: 2.9, 30: 2.75}
+  assert {s: r['eval/val_loss'] for s, r in metrics.evals.items()} == {20: 2.95, 30: 2.9}
+  assert metrics.wall_time_s == 15.0 + 13.0
+  row = summary_lib.run_row(tmp_path, num_steps=50)
+  assert (row['status'], row['step'], row['num_steps']) == ('new', 0, 50)
+  assert (row['best_val_loss'], row['best_val_step'], row['final_train_loss']) == (2.9, 30, 2.6)
+  assert row['tokens_per_s'] == 2000.0  # median of the timed windows (0 marks a window without timed steps)
+
+
+def test_summary_of_a_folder_of_runs_and_of_one_run(sweep_root, tmp_path):
+  runs = tmp_path / 'runs'
+  runs.mkdir()
+  (runs / 'lr=0.5,tag=a').symlink_to(sweep_root / 'seed=1')
+  (runs / 'lr=0.25,tag=b').symlink_to(sweep_root / 'seed=2')
+  written = summary_lib.write_summary(runs)
+  assert [p.name for p in written] == ['summary.csv', 'summary.md', 'val_loss.png', 'loss_curves.png']
+  rows = list(csv.DictReader((runs / 'summary.csv').open()))
+  assert [(r['point'], r['lr'], r['tag']) for r in rows] == [('lr=0.25,tag=b', '0.25', 'b'),
+                                                             ('lr=0.5,tag=a', '0.5', 'a')]
+  summary_lib.write_summary(sweep_root / 'seed=1')
+  one = list(csv.DictReader((sweep_root / 'seed=1' / 'summary.csv').open()))
+  assert len(one) == 1 and one[0]['point'] == 'seed=1' and one[0]['status'] == 'finished'
+  with pytest.raises(FileNotFoundError, match='no runs in'):
+    summary_lib.write_summary(tmp_path / 'runs' / 'lr=0.5,tag=a' / 'checkpoints')
+
+
+def test_summary_mode_rewrites_the_files(sweep_root):
+  (sweep_root / 'summary.md').unlink()
+  (sweep_root / 'val_loss.png').unlink()
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  result = subprocess.run([sys.executable, 'launch.py', '--mode', 'summary', '--workdir', str(sweep_root)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith('# Summary of sweep tiny (tiny.py)')
+  assert f'wrote {sweep_root / "summary.csv"}, {sweep_root / "summary.md"}' in result.stdout
+  assert (sweep_root / 'summary.md').is_file() and (sweep_root / 'val_loss.png').stat().st_size > 1000

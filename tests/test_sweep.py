@@ -1,0 +1,213 @@
+"""Sweeps: expanding points, naming workdirs, skipping finished points, resuming interrupted ones."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from nanodecoder import sweep as sweep_lib
+from nanodecoder import train as train_lib
+from nanodecoder.config import ConfigError, load_config_file
+
+
+def test_a_dict_sweeps_the_product_last_field_fastest(tiny_config):
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('x.py', base, {'model.num_layers': [1, 2], 'model.head_size': [8, 16],
+                                              'train.learning_rate': [1e-3]})
+  assert [p.name for p in sweep.points] == [
+      'num_layers=1,head_size=8,learning_rate=0.001', 'num_layers=1,head_size=16,learning_rate=0.001',
+      'num_layers=2,head_size=8,learning_rate=0.001', 'num_layers=2,head_size=16,learning_rate=0.001']
+  assert sweep.fields == ['model.num_layers', 'model.head_size', 'train.learning_rate']
+  assert [p.index for p in sweep.points] == [0, 1, 2, 3]
+  config = sweep_lib.point_config(base, sweep.points[2])
+  assert (config.model.num_layers, config.model.head_size, config.train.learning_rate) == (2, 8, 1e-3)
+  assert base.model.num_layers == 2 and base.model.head_size == 8  # the base is not changed
+  assert str(sweep.workdir('runs/s', sweep.points[1])) == 'runs/s/num_layers=1,head_size=16,learning_rate=0.001'
+
+
+def test_a_list_gives_the_points_one_by_one_and_clashing_names_stay_dotted(tiny_config):
+  sweep = sweep_lib.make_sweep('x.py', tiny_config(), [{'model.dropout': 0.1}, {'model.dropout': 0.0, 'eval.every': 5}])
+  assert [p.name for p in sweep.points] == ['dropout=0.1', 'dropout=0,every=5']
+  sweep = sweep_lib.make_sweep('x.py', tiny_config(), {'eval.every': [10], 'checkpoint.every': [10, 20],
+                                                       'data.text_path': ['a/b.txt']})
+  assert [p.name for p in sweep.points] == ['eval.every=10,checkpoint.every=10,text_path=a_b.txt',
+                                            'eval.every=10,checkpoint.every=20,text_path=a_b.txt']
+
+
+@pytest.mark.parametrize('declaration, message', [
+    ({'model.num_layer': [1]}, r"sweep point 0 \(num_layer=1\): unknown config field 'model.num_layer'"),
+    ({'model.num_layers': ['two']}, r"point 0 \(num_layers=two\): config field 'model.num_layers' cannot take 'two'"),
+    ({'model.num_layers': [2, 0]}, r'point 1 \(num_layers=0\): model.num_layers must be a positive integer, got 0'),
+    ({'model.num_layers': []}, r"sweep field 'model.num_layers' needs a non-empty list of values"),
+    ({'model.num_layers': 4}, r"sweep field 'model.num_layers' needs a non-empty list of values, got 4"),
+    ([{'eval.every': 10}, {'eval.every': 10}], r"sweep points 0 and 1 have the same folder name 'every=10'"),
+    ('model.num_layers', r'get_sweep\(\) must return'),
+])
+def test_bad_sweeps_fail_before_training(tiny_config, declaration, message):
+  with pytest.raises(ConfigError, match=message):
+    sweep_lib.make_sweep('x.py', tiny_config(), declaration)
+
+
+@pytest.mark.parametrize('arg, name, fields, count', [
+    ('blocks', 'sweep_blocks', ['model.num_layers'], 4),
+    ('head_size', 'sweep_head_size', ['model.head_size'], 4),
+    ('context', 'sweep_context', ['model.context_length'], 4),
+    ('shape', 'sweep_shape', ['model.num_layers', 'model.head_size'], 9),
+    ('blocks,base', 'sweep_blocks_base', ['model.num_layers'], 4),
+])
+def test_the_experiment_sweeps_expand_and_validate(arg, name, fields, count):
+  spec = f'{REPO}/experiments/sweep.py:{arg}'
+  base = load_config_file(spec)
+  sweep = sweep_lib.make_sweep(spec, base, sweep_lib.load_declaration(spec))
+  assert (sweep.name, sweep.fields, len(sweep.points)) == (name, fields, count)
+  expected_recipe = load_config_file(REPO / 'experiments' / ('base.py' if arg.endswith(',base') else 'cpu.py'))
+  assert base.train.num_steps == expected_recipe.train.num_steps
+
+
+def test_unknown_experiment_sweep_and_plain_configs():
+  with pytest.raises(ConfigError, match=r"unknown sweep 'nope' in experiments/sweep.py; use NAME or NAME,RECIPE"):
+    sweep_lib.load_declaration(f'{REPO}/experiments/sweep.py:nope')
+  assert sweep_lib.load_declaration(REPO / 'experiments' / 'cpu.py') is None
+
+
+def test_child_env_shares_out_the_listed_gpus():
+  env = {'CUDA_VISIBLE_DEVICES': '0,1,2,3', 'OTHER': 'x'}
+  assert [sweep_lib.child_env(slot, 2, env)['CUDA_VISIBLE_DEVICES'] for slot in (0, 1)] == ['0,1', '2,3']
+  assert sweep_lib.child_env(1, 1, env)['CUDA_VISIBLE_DEVICES'] == '0,1,2,3'
+  assert 'CUDA_VISIBLE_DEVICES' not in sweep_lib.child_env(0, 2, {'OTHER': 'x'})
+
+
+class FakeProcess:
+  """Finishes after `polls` polls with `code`; records which points run at the same time."""
+
+  running = set()
+  most_at_once = 0
+
+  def __init__(self, name, code=0, polls=3):
+    self.name, self.code, self.polls = name, code, polls
+    FakeProcess.running.add(name)
+    FakeProcess.most_at_once = max(FakeProcess.most_at_once, len(FakeProcess.running))
+
+  def poll(self):
+    self.polls -= 1
+    if self.polls > 0:
+      return None
+    FakeProcess.running.discard(self.name)
+    return self.code
+
+
+def test_run_keeps_n_points_going_with_distinct_slots(tiny_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(sweep_lib.time, 'sleep', lambda s: None)
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3, 4, 5]})
+  slots = {}
+
+  FakeProcess.running, FakeProcess.most_at_once = set(), 0
+
+  def start(point, slot):
+    assert not any(name in FakeProcess.running for name, held in slots.items() if held == slot)  # a free slot
+    slots[point.name] = slot
+    return FakeProcess(point.name, code=1 if point.index == 3 else 0, polls=2 + point.index % 2)
+
+  log = []
+  results, stopped = sweep_lib.run(sweep, base, tmp_path, start, parallel=2, log=log.append)
+  assert FakeProcess.most_at_once == 2 and set(slots.values()) == {0, 1} and stopped is None
+  assert results == {'seed=1': 0, 'seed=2': 0, 'seed=3': 0, 'seed=4': 1, 'seed=5': 0}
+  assert '[4/5] seed=4: failed (exit status 1) after 0s' in log and '[1/5] seed=1: starting' in log
+
+
+def test_finished_points_are_skipped_and_interrupted_ones_resume(tiny_config, tmp_path):
+  base = tiny_config(**{'checkpoint.every': 10})
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3]})  # one model shape: compiles once
+  done, partial, new = (sweep.workdir(tmp_path, p) for p in sweep.points)
+  train_lib.train_and_evaluate(sweep_lib.point_config(base, sweep.points[0]), done)
+  interrupted = sweep_lib.point_config(base, sweep.points[1])
+  interrupted.train.num_steps = 10  # as if stopped after the checkpoint at step 10
+  train_lib.train_and_evaluate(interrupted, partial)
+  done_metrics = (done / 'metrics.jsonl').read_text()
+
+  listing = sweep_lib.listing(sweep, base, tmp_path).splitlines()
+  assert listing[0] == f'sweep tiny: 3 points in {tmp_path} (fields: seed)'
+  assert [line.split()[:2] for line in listing[1:]] == [['0', 'finished'], ['1', 'partial'], ['2', 'new']]
+  assert 'partial (10/20)' in listing[2] and listing[2].endswith(str(partial))
+
+  class Done:  # trains in this process; a finished "process"
+    def __init__(self, point):
+      self.code = 0
+      train_lib.train_and_evaluate(sweep_lib.point_config(base, point), sweep.workdir(tmp_path, point))
+
+    def poll(self):
+      return self.code
+
+  log = []
+  results, _ = sweep_lib.run(sweep, base, tmp_path, lambda point, slot: Done(point), log=log.append)
+  assert results == {'seed=2': 0, 'seed=3': 0}
+  assert log[0] == '[1/3] seed=1: finished (step 20); skipped'
+  assert '[2/3] seed=2: resuming from step 10' in log and '[3/3] seed=3: starting' in log
+  assert (done / 'metrics.jsonl').read_text() == done_metrics  # not touched
+  lines = [json.loads(line) for line in (partial / 'metrics.jsonl').read_text().splitlines()]
+  sessions = sorted({line['session_start'] for line in lines})
+  assert len(sessions) == 2
+  assert [line['step'] for line in lines if line['session_start'] == sessions[1] and 'train/loss' in line] == [20]
+  assert all(sweep_lib.point_status(sweep.workdir(tmp_path, p), 20).state == 'finished' for p in sweep.points)
+
+
+SWEEP_FILE = '''
+from nanodecoder.config import load_config_file
+
+def get_config():
+  config = load_config_file('{repo}/experiments/cpu.py')
+  config.name = 'tiny_sweep'
+  return config
+
+def get_sweep():
+  return {{'seed': [1, 2]}}  # one model shape: the second point reuses the compiled steps
+'''
+TINY = ['--config.data.source=text', '--config.model.num_heads=2', '--config.model.head_size=8',
+        '--config.model.context_length=16', '--config.train.batch_size=4', '--config.train.num_steps=20',
+        '--config.train.warmup_steps=2', '--config.train.decay_steps=20', '--config.train.log_every=10',
+        '--config.eval.every=10', '--config.eval.batches=2', '--config.checkpoint.every=10',
+        '--config.mesh.cpu_devices=2']
+
+
+def launch(*args, timeout=180):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # launch.py picks its own devices
+  return subprocess.run([sys.executable, 'launch.py', *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.mark.slow
+def test_launch_runs_lists_and_reruns_a_sweep(corpus_file, tmp_path):
+  experiment = tmp_path / 'tiny_sweep.py'
+  experiment.write_text(SWEEP_FILE.format(repo=REPO))
+  root = tmp_path / 'runs'
+  args = ['--config', str(experiment), f'--config.data.text_path={corpus_file}', *TINY, '--workdir', str(root)]
+
+  one = launch(*args, '--sweep_index=1')  # as one task of a cluster array job would
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert f'sweep point 1 of 2: seed=2 in {root / "seed=2"}' in one.stdout and 'final: train loss' in one.stdout
+  assert (root / 'summary.csv').is_file()  # a point updates the summary when it ends
+
+  listed = launch(*args, '--sweep_list')
+  assert listed.returncode == 0, listed.stderr[-3000:]
+  assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [['0', 'new'], ['1', 'finished']]
+
+  full = launch(*args)
+  assert full.returncode == 0, full.stderr[-3000:]
+  assert '[2/2] seed=2: finished (step 20); skipped' in full.stdout
+  assert '[1/2] seed=1: starting' in full.stdout and '[1/2] seed=1: finished after' in full.stdout
+  assert '| 1 | finished | 20/20 |' in full.stdout and '| 2 | finished | 20/20 |' in full.stdout
+  for name in ('summary.csv', 'summary.md', 'val_loss.png', 'loss_curves.png', 'sweep.json'):
+    assert (root / name).stat().st_size > 0, name
+  assert json.loads((root / 'seed=1' / 'config.json').read_text())['seed'] == 1
+
+  again = launch(*args)
+  assert again.returncode == 0 and again.stdout.count('finished (step 20); skipped') == 2, again.stdout
+
+  wrong = launch(*args, '--sweep_index=2')
+  assert wrong.returncode == 2
+  assert wrong.stderr.strip().splitlines()[-1] == ('error: --sweep_index=2 is out of range: the sweep has 2 points, '
+                                                   '0 to 1 (see --sweep_list)')
