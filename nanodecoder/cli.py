@@ -33,20 +33,26 @@ def define_flags() -> None:
 
   config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/cpu.py; --config.a.b=v overrides.')
   flags.DEFINE_string('workdir', None, 'Run directory (default runs/<config.name>); holds checkpoints and logs.')
-  flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'summary'],
+  flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'attention', 'summary'],
                     'train: train (or resume) the config in the workdir, or every point of a sweep; '
                     'sample: generate text from the workdir\'s checkpoint (needs no --config); '
+                    'eval: loss, perplexity and bits/char of a checkpoint over every window of --split; '
+                    'attention: draw the attention maps of --prompt as PNGs (into --out); '
                     'summary: (re)write summary.csv/.md and plots of the sweep in --workdir.')
-  flags.DEFINE_string('prompt', '\n', 'sample: text to continue.')
-  flags.DEFINE_string('prompt_file', None, 'sample: read the prompt from this file instead.')
+  flags.DEFINE_string('prompt', '\n', 'sample: text to continue; attention: text whose attention to draw.')
+  flags.DEFINE_string('prompt_file', None, 'sample, attention: read the prompt from this file instead.')
   flags.DEFINE_integer('num_samples', 1, 'sample: how many samples.')
   flags.DEFINE_integer('max_new_tokens', 500, 'sample: tokens generated per sample.')
   flags.DEFINE_float('temperature', 0.8, 'sample: softmax temperature; 0 = greedy.')
   flags.DEFINE_integer('top_k', 0, 'sample: keep the k most likely tokens (0 = off).')
   flags.DEFINE_float('top_p', 1.0, 'sample: nucleus sampling mass in (0, 1] (1 = off).')
   flags.DEFINE_integer('seed', 0, 'sample: PRNG seed.')
-  flags.DEFINE_string('checkpoint', 'latest', 'sample: latest, best (lowest val loss) or a step number.')
-  flags.DEFINE_string('out', None, 'sample: also write the samples to this file.')
+  flags.DEFINE_string('checkpoint', 'latest', 'sample, eval, attention: latest, best (lowest val loss) or a step '
+                      'number.')
+  flags.DEFINE_string('out', None, 'sample: also write the samples to this file; eval: also write the report to this '
+                      'JSON file; attention: folder for the PNGs (default <workdir>/attention).')
+  flags.DEFINE_string('split', None, "eval: split(s) to score, '+' joins them, e.g. 'validation+test' or 'train' "
+                      "(default: the run's data.eval_split).")
   flags.DEFINE_integer('sweep_index', None, 'Sweep: train only point i (0-based; see --sweep_list), e.g. '
                        '--sweep_index=$SLURM_ARRAY_TASK_ID in a cluster array job.')
   flags.DEFINE_bool('sweep_list', False, 'Sweep: print the points (index, status, workdir) and exit.')
@@ -279,7 +285,7 @@ def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Pa
     summary.write_summary(root)
 
 
-# Summaries ----------------------------------------------------------------------
+# Analysis -----------------------------------------------------------------------
 
 
 def _require_workdir(mode: str) -> pathlib.Path:
@@ -287,6 +293,50 @@ def _require_workdir(mode: str) -> pathlib.Path:
     what = 'the root folder of a sweep (e.g. runs/sweep_blocks)' if mode == 'summary' else 'the run directory'
     fail(f'--workdir is required for --mode {mode}: {what}')
   return pathlib.Path(FLAGS.workdir)
+
+
+def eval_command() -> None:
+  """Loss, perplexity and bits per character of a checkpoint over every window of --split."""
+  import json
+
+  from nanodecoder import analysis
+
+  workdir = _require_workdir('eval')
+  saved = None
+  try:  # the run's device settings (mesh.cpu_devices), before JAX starts
+    saved = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text(encoding='utf-8')))
+  except (OSError, ValueError):
+    pass
+  setup_jax(saved)
+  report = analysis.evaluate_split(workdir, FLAGS.checkpoint, FLAGS.split)
+  print(analysis.format_report(report))
+  if FLAGS.out:
+    atomic_write(FLAGS.out, json.dumps(report, indent=2) + '\n')
+
+
+def attention_command() -> None:
+  """Draws the attention maps of every layer and head for --prompt from a checkpoint."""
+  from nanodecoder import analysis, checkpoint
+
+  workdir = _require_workdir('attention')
+  if FLAGS.prompt_file:
+    try:
+      prompt = pathlib.Path(FLAGS.prompt_file).read_text(encoding='utf-8')
+    except (OSError, UnicodeDecodeError) as e:
+      fail(f'cannot read --prompt_file {FLAGS.prompt_file!r}: {e}')
+  elif FLAGS['prompt'].present:
+    prompt = FLAGS.prompt
+  else:
+    fail("--mode attention needs the text to look at: --prompt 'ROMEO: ...' or --prompt_file FILE")
+  setup_jax()
+  model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint)
+  maps, shown = analysis.attention_maps(model, tokenizer, prompt)
+  if len(shown) < len(prompt):
+    print(f'the prompt is longer than the context ({len(shown)}); drawing its last {len(shown)} characters')
+  out = pathlib.Path(FLAGS.out) if FLAGS.out else workdir / 'attention'
+  paths = analysis.plot_attention(maps, shown, out, title=f'{workdir} (step {step}), ')
+  print(f'attention maps of {maps.shape[0]} layers x {maps.shape[1]} heads over {len(shown)} characters '
+        f'(checkpoint step {step}): ' + ', '.join(map(str, paths)))
 
 
 def summary_command() -> None:
@@ -303,4 +353,4 @@ def summary_command() -> None:
   print('wrote ' + ', '.join(map(str, paths)))
 
 
-MODES = {'sample': sample_command, 'summary': summary_command}
+MODES = {'sample': sample_command, 'eval': eval_command, 'attention': attention_command, 'summary': summary_command}

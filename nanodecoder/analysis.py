@@ -1,0 +1,124 @@
+"""Looking inside a trained run: attention maps as heatmaps, and the exact loss of a split.
+
+  attention  the softmax weights of every layer and head for a prompt: one PNG
+             per layer (`layer_<i>.png`) with a grid of heads, rows = queries,
+             columns = keys, tick labels = the prompt's characters.
+  eval       loss (nats per character), perplexity = exp(loss) and bits per
+             character = loss / ln 2 over every window of a split: each
+             character after the first is predicted exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from nanodecoder.data import DataError
+
+VISIBLE = {'\n': '\\n', ' ': '␣', '\t': '\\t'}
+
+
+def char_label(char: str) -> str:
+  return VISIBLE.get(char, char)
+
+
+def attention_maps(model, tokenizer, prompt: str) -> tuple[np.ndarray, str]:
+  """([layers, heads, T, T] float32 attention weights, the characters they are of) for `prompt`.
+
+  A prompt longer than the model's context is cut to its last context_length
+  characters; rows are queries, columns keys, and each row sums to 1.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  if not prompt:
+    raise DataError('the prompt is empty; pass the text whose attention to draw with --prompt')
+  prompt = prompt[-model.cfg.context_length:]
+  tokens = jnp.asarray(tokenizer.encode(prompt))[None]
+  maps = np.asarray(jax.device_get(model.attention_maps(tokens)), np.float32)[:, 0]
+  return maps, prompt
+
+
+def plot_attention(maps: np.ndarray, chars: str, out_dir: str | pathlib.Path, title: str = '') -> list[pathlib.Path]:
+  """Writes `layer_<i>.png` per layer into `out_dir`: a heatmap per head; returns the paths."""
+  from nanodecoder.summary import new_figure, save_png
+
+  out_dir = pathlib.Path(out_dir)
+  layers, heads, t, _ = maps.shape
+  cols = min(heads, 4)
+  rows = math.ceil(heads / cols)
+  cell = min(max(0.14 * t, 2.5), 6.0)  # inches per heatmap
+  step = max(1, math.ceil(t / 64))  # label at most 64 characters per axis
+  ticks = list(range(0, t, step))
+  labels = [char_label(chars[i]) for i in ticks]
+  fontsize = max(4, min(9, 360 / len(ticks)))
+  paths = []
+  for layer in range(layers):
+    figure = new_figure(cols * cell + 1.2, rows * cell + 0.8)
+    axes = figure.subplots(rows, cols, squeeze=False)
+    image = None
+    for head in range(rows * cols):
+      ax = axes[head // cols][head % cols]
+      if head >= heads:
+        ax.axis('off')
+        continue
+      image = ax.imshow(maps[layer, head], cmap='viridis', vmin=0.0, vmax=1.0, interpolation='nearest')
+      ax.set_title(f'head {head}', fontsize=10)
+      ax.set_xticks(ticks, labels, fontsize=fontsize, rotation=90 if step > 1 or t > 32 else 0)
+      ax.set_yticks(ticks, labels, fontsize=fontsize)
+      ax.set_xlabel('key (attended to)', fontsize=8)
+      ax.set_ylabel('query', fontsize=8)
+    figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label='attention weight')
+    figure.suptitle(f'{title}layer {layer} (of {layers})')
+    path = out_dir / f'layer_{layer}.png'
+    save_png(figure, path)
+    paths.append(path)
+  return paths
+
+
+def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: str | None = None) -> dict[str, Any]:
+  """Exact loss, perplexity and bits per character of a checkpoint over every window of `split`.
+
+  `split` defaults to the run's data.eval_split; the text comes from the
+  run's data source, the tokenizer from the checkpoint. The devices must
+  already be set up (cli.setup_jax).
+  """
+  import jax
+  import ml_collections
+
+  from nanodecoder import checkpoint as checkpoint_lib
+  from nanodecoder import config as config_lib
+  from nanodecoder import data as data_lib
+  from nanodecoder import sharding as sharding_lib
+  from nanodecoder import train as train_lib
+
+  checkpoints, step, meta = checkpoint_lib.load_meta(workdir, which)
+  try:
+    config = ml_collections.ConfigDict(meta['config'])
+    split = split or config.data.eval_split
+    tokenizer = data_lib.CharTokenizer.from_json(meta['tokenizer'])
+    tokens = tokenizer.encode(data_lib.load_corpus(config.data).text(split))
+    if len(tokens) < 2:
+      raise DataError(f'split {split!r} has {len(tokens)} characters; it needs at least 2 to predict one')
+    mesh = sharding_lib.make_mesh(config.mesh)
+    train_lib.check_mesh_fits(config, mesh)
+    trainer = train_lib.create_trainer(config, config_lib.model_config(config, tokenizer.vocab_size), mesh,
+                                       init=False)
+    state = jax.tree.map(lambda x: x, trainer.abstract_state)
+    state[0], state[1] = checkpoints.restore(step, trainer.abstract_state[0], trainer.abstract_state[1])
+    trainer.state = state
+  finally:
+    checkpoints.close()
+  loss, count = train_lib.window_loss(trainer, tokens)
+  return {'workdir': str(workdir), 'step': step, 'split': split, 'characters': len(tokens),
+          'predicted': int(count), 'loss': loss, 'perplexity': math.exp(loss), 'bits_per_char': loss / math.log(2)}
+
+
+def format_report(report: dict[str, Any]) -> str:
+  return (f'checkpoint step {report["step"]} of {report["workdir"]}, split {report["split"]!r}: '
+          f'{report["predicted"]:,} characters predicted\n'
+          f'loss {report["loss"]:.4f} nats/char | perplexity {report["perplexity"]:.3f} | '
+          f'{report["bits_per_char"]:.4f} bits/char')

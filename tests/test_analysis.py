@@ -1,0 +1,104 @@
+"""Analysis of a checkpoint: attention maps (causal, rows summing to 1, drawn as PNGs) and the eval report."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from conftest import REPO, make_tiny_config
+from nanodecoder import analysis
+from nanodecoder import checkpoint as checkpoint_lib
+from nanodecoder import data as data_lib
+from nanodecoder import train as train_lib
+from nanodecoder.data import DataError
+
+
+@pytest.fixture(scope='module')
+def run(corpus_file, tmp_path_factory):
+  """A tiny run whose evaluations are exact (every window of the validation text)."""
+  workdir = tmp_path_factory.mktemp('run')
+  train_lib.train_and_evaluate(make_tiny_config(corpus_file, **{'eval.all_windows': True}), workdir)
+  return workdir
+
+
+def test_attention_maps_are_causal_and_rows_sum_to_one(run):
+  model, tokenizer, config, _ = checkpoint_lib.load_model(run)
+  maps, shown = analysis.attention_maps(model, tokenizer, 'the quick')
+  assert shown == 'the quick' and maps.shape == (2, 2, 9, 9) and maps.dtype == np.float32
+  np.testing.assert_allclose(maps.sum(axis=-1), 1.0, atol=1e-5)
+  assert (maps[..., np.triu_indices(9, k=1)[0], np.triu_indices(9, k=1)[1]] == 0).all()  # no looking ahead
+  assert (np.diagonal(maps, axis1=-2, axis2=-1) > 0).all() and maps[..., 0, 0].tolist() == [[1.0, 1.0]] * 2
+  long = 'KING: Alas! poor Yorick; the lazy dog'
+  maps, shown = analysis.attention_maps(model, tokenizer, long)
+  assert shown == long[-16:] and maps.shape == (2, 2, 16, 16)  # cut to the context, keeping the end
+  with pytest.raises(DataError, match='characters not in the vocabulary'):
+    analysis.attention_maps(model, tokenizer, 'the ~~~')
+
+
+def test_attention_pngs_one_per_layer_with_a_heatmap_per_head(run, tmp_path):
+  model, tokenizer, _, _ = checkpoint_lib.load_model(run)
+  maps, shown = analysis.attention_maps(model, tokenizer, 'the quick brown')
+  paths = analysis.plot_attention(maps, shown, tmp_path / 'maps', title='tiny, ')
+  assert paths == [tmp_path / 'maps' / 'layer_0.png', tmp_path / 'maps' / 'layer_1.png']
+  for path in paths:
+    pixels = mpimg.imread(path)
+    assert pixels.shape[0] >= 250 and pixels.shape[1] >= 500 and pixels[..., :3].std() > 0.05
+  assert analysis.char_label('\n') == '\\n' and analysis.char_label(' ') == '␣' and analysis.char_label('a') == 'a'
+
+
+def test_eval_report_is_the_exact_loss_over_every_window(run):
+  report = analysis.evaluate_split(run)
+  last_eval = [r for r in map(json.loads, (run / 'metrics.jsonl').read_text().splitlines()) if 'eval/val_loss' in r][-1]
+  assert report['step'] == 20 and report['split'] == 'validation+test'
+  assert report['loss'] == pytest.approx(last_eval['eval/val_loss'], rel=1e-5)  # training's all-windows eval
+  assert report['perplexity'] == pytest.approx(math.exp(report['loss']))
+  assert report['bits_per_char'] == pytest.approx(report['loss'] / math.log(2))
+  config = make_tiny_config(json.loads((run / 'config.json').read_text())['data']['text_path'])
+  text = data_lib.load_corpus(config.data).text('validation+test')
+  assert (report['characters'], report['predicted']) == (len(text), len(text) - 1)
+  train_report = analysis.evaluate_split(run, 'best', 'train')
+  train_text = data_lib.load_corpus(config.data).text('train')
+  assert train_report['split'] == 'train' and train_report['predicted'] == len(train_text) - 1
+  with pytest.raises(DataError, match=r"split 'nope' \(in 'validation\+nope'\) does not exist"):
+    analysis.evaluate_split(run, 'latest', 'validation+nope')
+
+
+def launch(*args):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return subprocess.run([sys.executable, 'launch.py', *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=180)
+
+
+def test_attention_and_eval_modes(run, tmp_path):
+  result = launch('--mode', 'attention', '--workdir', str(run), '--prompt', 'the lazy dog', '--out', str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith('attention maps of 2 layers x 2 heads over 12 characters (checkpoint step 20): ')
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['layer_0.png', 'layer_1.png']
+  result = launch('--mode', 'eval', '--workdir', str(run), '--checkpoint', '20', '--out', str(tmp_path / 'eval.json'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / 'eval.json').read_text())
+  assert result.stdout.splitlines() == [
+      f"checkpoint step 20 of {run}, split 'validation+test': {report['predicted']:,} characters predicted",
+      f"loss {report['loss']:.4f} nats/char | perplexity {report['perplexity']:.3f} | "
+      f"{report['bits_per_char']:.4f} bits/char"]
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--mode', 'attention', '--workdir', 'x'], "error: --mode attention needs the text to look at: --prompt"),
+    (['--mode', 'eval'], 'error: --workdir is required for --mode eval'),
+    (['--mode', 'summary', '--workdir', '/no/such/sweep'], 'error: /no/such/sweep is not a folder'),
+    (['--config', 'experiments/cpu.py', '--sweep_list'], 'error: --sweep_list needs a sweep: --mode=train and a'),
+    (['--config', 'experiments/sweep.py:blocks', '--config.model.num_heads=0', '--sweep_list'],
+     'error: sweep point 0 (num_layers=1): model.num_heads must be a positive integer, got 0'),
+])
+def test_bad_analysis_and_sweep_input_is_one_line_and_exit_2(args, message):
+  result = launch(*args)
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
