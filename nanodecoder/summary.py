@@ -229,16 +229,17 @@ def plot_loss_curves(curves: list[tuple[str, RunMetrics]], title: str, path: pat
   for i, (name, metrics) in enumerate(curves):
     color = cmap(i if len(curves) <= 10 else i / max(len(curves) - 1, 1))
     if metrics.train:
-      train_ax.plot(list(metrics.train), [r['train/loss'] for r in metrics.train.values()], color=color, lw=1)
+      train_ax.plot(list(metrics.train), [r['train/loss'] for r in metrics.train.values()], color=color, lw=1,
+                    label=name)
     if metrics.evals:
       val_ax.plot(list(metrics.evals), [r['eval/val_loss'] for r in metrics.evals.values()], 'o-', color=color,
-                  ms=3, lw=1.2, label=name)
+                  ms=3, lw=1.2)
   for ax, what in ((train_ax, 'train loss (one batch)'), (val_ax, 'val loss')):
     ax.set_xlabel('step')
     ax.set_title(what)
     ax.grid(alpha=0.3)
   train_ax.set_ylabel('loss (nats/char)')
-  val_ax.legend(fontsize='small')
+  train_ax.legend(fontsize='small')
   figure.suptitle(title)
   save_png(figure, path)
 

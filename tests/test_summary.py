@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+import warnings
 
 import pytest
 from matplotlib import image as mpimg
@@ -104,6 +105,16 @@ def test_read_metrics_keeps_the_last_record_of_a_step_and_sums_sessions(tmp_path
   assert (row['status'], row['step'], row['num_steps']) == ('new', 0, 50)
   assert (row['best_val_loss'], row['best_val_step'], row['final_train_loss']) == (2.9, 30, 2.6)
   assert row['tokens_per_s'] == 2000.0  # median of the timed windows (0 marks a window without timed steps)
+
+
+def test_a_run_without_evaluations_gets_curves_but_no_val_loss_plot(tmp_path):
+  lines = [{'step': s, 'time': 100.0 + s, 'session_start': 100.0, 'train/loss': 3.0 - s / 100} for s in (10, 20)]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in lines))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # e.g. matplotlib's legend without labels
+    written = summary_lib.write_summary(tmp_path)
+  assert [p.name for p in written] == ['summary.csv', 'summary.md', 'loss_curves.png']
+  assert '| ' + tmp_path.name + ' | new | 0/? |  |  |  |  |  | 20s |' in (tmp_path / 'summary.md').read_text()
 
 
 def test_summary_of_a_folder_of_runs_and_of_one_run(sweep_root, tmp_path):
