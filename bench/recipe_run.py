@@ -45,12 +45,16 @@ def main():
   wall = time.perf_counter() - start
 
   records = [json.loads(line) for line in (pathlib.Path(args.workdir) / 'metrics.jsonl').read_text().splitlines()]
-  logs = [r for r in records if 'train/ms_per_step' in r]
+  train_records = [r for r in records if 'train/loss' in r]
+  logs = [r for r in train_records if 'train/ms_per_step' in r]
   evals = [r for r in records if 'eval/val_loss' in r]
-  # Each log line averages the steps since the previous one (the first line: since step 1, which compiles).
-  steps_before = [1] + [r['step'] for r in logs[:-1]]
-  train_seconds = sum(r['train/ms_per_step'] * (r['step'] - prev) for r, prev in zip(logs, steps_before)) / 1000
-  train_seconds *= config.train.num_steps / max(config.train.num_steps - 1, 1)  # count step 1 at the typical speed
+  # Each timed log line covers the steps since the previous log line; steps without a timing (the first,
+  # compiling call) count at the median speed.
+  previous = {r['step']: p['step'] for p, r in zip(train_records, train_records[1:])}
+  covered = {r['step']: r['step'] - previous[r['step']] for r in logs if r['step'] in previous}
+  median_ms = statistics.median(r['train/ms_per_step'] for r in logs)
+  train_seconds = (sum(r['train/ms_per_step'] * covered.get(r['step'], 0) for r in logs)
+                   + (config.train.num_steps - sum(covered.values())) * median_ms) / 1000
   tokens_per_s = statistics.median(r['train/tokens_per_s'] for r in logs)
   model_config = config_lib.model_config(config, 65)
   peak = peak_flops(jax.devices()[0].device_kind) if jax.default_backend() == 'gpu' else None

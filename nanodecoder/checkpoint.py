@@ -13,6 +13,7 @@ complete, so a crash never leaves a half-written step behind.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -82,6 +83,21 @@ def check_model_matches(saved_config: dict, config: ml_collections.ConfigDict, w
                       'use the same model fields or another --workdir')
 
 
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  flat = jax.tree_util.tree_leaves_with_path(tree)
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _check_same_arrays(saved, target, item: str, step: int) -> None:
+  """A checkpoint item must hold exactly the arrays (names and shapes) the current config builds."""
+  saved, target = _shapes(saved), _shapes(target)
+  if saved != target:
+    diffs = sorted(set(saved.items()) ^ set(target.items()))[:3]
+    raise ConfigError(f'the {item} of the checkpoint at step {step} do not match this config (e.g. '
+                      f'{", ".join(f"{k} {v}" for k, v in diffs)}); train with the same model and optimizer settings '
+                      'or use another --workdir')
+
+
 class Checkpoints:
   """The checkpoints of one workdir: `save` during training, `restore` to resume or sample."""
 
@@ -98,7 +114,9 @@ class Checkpoints:
       options = ocp.CheckpointManagerOptions(
           preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
           enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
-      self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('params', 'opt_state', 'meta'))
+      handlers = {'params': ocp.StandardCheckpointHandler(), 'opt_state': ocp.StandardCheckpointHandler(),
+                  'meta': ocp.JsonCheckpointHandler()}
+      self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     finally:
       absl_logging.set_verbosity(previous)
 
@@ -107,20 +125,43 @@ class Checkpoints:
 
   def save(self, step: int, state, config: ml_collections.ConfigDict, tokenizer: CharTokenizer,
            val_loss: float | None = None) -> None:
-    """Starts writing `state` (an nnx.State of (model, optimizer)) as step `step`; returns at once."""
+    """Starts writing `state` (an nnx.State of (model, optimizer)) as step `step`; returns at once.
+
+    Raises CheckpointError if this save or the previous (asynchronous) one failed.
+    """
     meta = {'step': step, 'val_loss': val_loss, 'config': config.to_dict(), 'tokenizer': tokenizer.to_json()}
-    self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(nnx.to_pure_dict(state[0])),
-        opt_state=ocp.args.StandardSave(nnx.to_pure_dict(state[1])),
-        meta=ocp.args.JsonSave(meta),
-    ), metrics=None if val_loss is None else {'val_loss': val_loss}, force=True)
+    with self._failures(step):
+      self.manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(nnx.to_pure_dict(state[0])),
+          opt_state=ocp.args.StandardSave(nnx.to_pure_dict(state[1])),
+          meta=ocp.args.JsonSave(meta),
+      ), metrics=None if val_loss is None else {'val_loss': val_loss}, force=True)
 
   def wait(self) -> None:
-    """Blocks until every started save is on disk (raises if one failed)."""
-    self.manager.wait_until_finished()
+    """Blocks until every started save is on disk; CheckpointError if one failed."""
+    with self._failures(None):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.close()
+    """Closes the manager; a failure here was already reported (or another error is on its way)."""
+    try:
+      self.manager.close()
+    except Exception:  # noqa: BLE001
+      pass
+
+  @contextlib.contextmanager
+  def _failures(self, step: int | None):
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # disk full, read-only or vanished folder, ...
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+      good = [s for s in self.steps() if (self.directory / str(s)).is_dir()]
+      kept = f'the checkpoint at step {good[-1]} is intact' if good else 'no earlier checkpoint exists'
+      what = f'step {step}' if step is not None else 'the last step'
+      raise CheckpointError(f'cannot write the checkpoint of {what} in {self.directory} ({type(e).__name__}: {reason}); '
+                            f'{kept}: free disk space or fix permissions, then rerun to resume') from e
 
   def meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -176,6 +217,13 @@ class Checkpoints:
         self._set_aside(step, e, log)
         continue
       check_model_matches(meta['config'], config, str(self.directory.parent))
+      try:
+        saved = self.manager.item_metadata(step)
+      except Exception as e:
+        self._set_aside(step, e, log)
+        continue
+      for name, part in (('params', abstract_state[0]), ('opt_state', abstract_state[1])):
+        _check_same_arrays(saved[name], _abstract(nnx.to_pure_dict(part)), name, step)
       try:
         state = jax.tree.map(lambda x: x, abstract_state)
         state[0], state[1] = self.restore(step, abstract_state[0], abstract_state[1])

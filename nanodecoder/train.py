@@ -60,9 +60,8 @@ def make_optimizer(train: ml_collections.ConfigDict, stacked_blocks: bool = Fals
   adamw = optax.adamw(
       learning_rate_schedule(train), b1=train.beta1, b2=train.beta2, weight_decay=train.weight_decay,
       mask=lambda params: jax.tree_util.tree_map_with_path(is_matrix, params))
-  if train.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
-  return adamw
+  # Always chained (an infinite norm never clips): the optimizer state, and so checkpoints, keep one structure.
+  return optax.chain(optax.clip_by_global_norm(train.grad_clip or float('inf')), adamw)
 
 
 # Steps ------------------------------------------------------------------------
@@ -242,6 +241,13 @@ def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   batch, accum = config.train.batch_size, config.train.grad_accum_steps
   if batch % accum:
     raise config_lib.ConfigError(f'train.batch_size={batch} is not divisible by train.grad_accum_steps={accum}')
+  tensor, fsdp, m = mesh.shape['tensor'], mesh.shape['fsdp'], config.model
+  if m.num_heads % tensor or (m.mlp_ratio * m.num_heads * m.head_size) % tensor:
+    raise config_lib.ConfigError(f'mesh.tensor={tensor} does not divide model.num_heads={m.num_heads} (or the '
+                                 'feed-forward width); pick a tensor size that divides the number of heads')
+  if (m.num_heads * m.head_size) % fsdp:
+    raise config_lib.ConfigError(f'mesh.fsdp={fsdp} does not divide the embedding width '
+                                 f'{m.num_heads * m.head_size}; pick an fsdp size that divides it')
   if (batch // accum) % dp:
     raise config_lib.ConfigError(f'train.batch_size={batch} (micro-batch {batch // accum}) is not divisible by the '
                                  f'data-parallel size {dp} (mesh data x fsdp); pick a multiple of {dp * accum}')
@@ -291,23 +297,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   mesh = sharding_lib.make_mesh(config.mesh)
   check_mesh_fits(config, mesh)
   is_main = jax.process_index() == 0
+  dataset = _load_data(config, is_main)  # before touching the workdir: bad data leaves nothing behind
   lock = checkpoint_lib.WorkdirLock(workdir)
   if is_main:
     lock.acquire()
   try:
     with StopRequest() as stop:
-      return _train(config, workdir, mesh, stop, is_main)
+      return _train(config, dataset, workdir, mesh, stop, is_main)
   finally:
     lock.release()
 
 
-def _train(config, workdir, mesh, stop, is_main):
+def _load_data(config: ml_collections.ConfigDict, is_main: bool) -> data_lib.Dataset:
   multihost = jax.process_count() > 1
   if multihost and not is_main:  # process 0 prepares the data (e.g. a TFDS download) first
     multihost_utils.sync_global_devices('nanodecoder: data prepared')
   dataset = data_lib.load_dataset(config)
   if multihost and is_main:
     multihost_utils.sync_global_devices('nanodecoder: data prepared')
+  return dataset
+
+
+def _train(config, dataset, workdir, mesh, stop, is_main):
   model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
   logger = MetricsLogger(workdir, enabled=is_main, total_steps=config.train.num_steps, config=config)
   ck = config.checkpoint
@@ -373,10 +384,12 @@ def _train(config, workdir, mesh, stop, is_main):
         window_start, window_steps = time.perf_counter(), 0
       if step % t.log_every == 0 or step == t.num_steps:
         elapsed = time.perf_counter() - window_start
-        logger.write(step, {'train/loss': float(losses[-1]), 'train/lr': float(schedule(step - 1)),
-                            'train/grad_norm': float(np.atleast_1d(jax.device_get(out['grad_norm']))[-1]),
-                            'train/ms_per_step': 1000 * elapsed / max(window_steps, 1),
-                            'train/tokens_per_s': tokens_per_step * window_steps / max(elapsed, 1e-9)})
+        scalars = {'train/loss': float(losses[-1]), 'train/lr': float(schedule(step - 1)),
+                   'train/grad_norm': float(np.atleast_1d(jax.device_get(out['grad_norm']))[-1])}
+        if window_steps:  # none right after the first (compiling) call: no speed to report yet
+          scalars.update({'train/ms_per_step': 1000 * elapsed / window_steps,
+                          'train/tokens_per_s': tokens_per_step * window_steps / elapsed})
+        logger.write(step, scalars)
       val_loss = None
       if step % config.eval.every == 0 or step == t.num_steps:
         result = evaluate(trainer, dataset)
@@ -396,10 +409,8 @@ def _train(config, workdir, mesh, stop, is_main):
         return metrics
       if step % t.log_every == 0 or val_loss is not None:
         window_start, window_steps = time.perf_counter(), 0
+    checkpoints.wait()  # the last save is on disk (a failed asynchronous save surfaces here)
   finally:
-    try:
-      checkpoints.wait()
-    finally:
-      checkpoints.close()
-      logger.close()
+    checkpoints.close()
+    logger.close()
   return metrics

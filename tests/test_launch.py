@@ -16,8 +16,8 @@ TINY = ['--config.model.num_layers=1', '--config.model.num_heads=2', '--config.m
         '--config.eval.every=6', '--config.eval.batches=2', '--config.mesh.cpu_devices=2']
 
 
-def launch(*args, timeout=180):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # launch.py picks its own devices
+def launch(*args, timeout=180, env=None):
+  env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, **(env or {})}  # launch.py picks its devices
   return subprocess.run([sys.executable, 'launch.py', *args], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=timeout)
 

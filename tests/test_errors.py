@@ -1,0 +1,180 @@
+"""Bad input, tried as a new user would: one clear line naming the field or file, exit status 2, nothing half-written."""
+
+import errno
+import fcntl
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from nanodecoder import config as config_lib
+from nanodecoder import train as train_lib
+from nanodecoder.checkpoint import CheckpointError, Checkpoints
+from test_launch import TINY, launch
+
+pytestmark = pytest.mark.slow
+
+
+def assert_user_error(result, message):
+  """Exit status 2, exactly one 'error:' line starting with `message`, no traceback."""
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+
+
+def files_in(path):
+  return sorted(str(p.relative_to(path)) for p in path.rglob('*')) if path.exists() else []
+
+
+def tiny_args(corpus_file, *extra):
+  return ['--config', 'experiments/cpu.py', '--config.data.source=text', f'--config.data.text_path={corpus_file}',
+          *TINY, *extra]
+
+
+@pytest.fixture(scope='module')
+def trained(corpus_file, tmp_path_factory):
+  """A workdir with a finished tiny run (checkpoint at step 12)."""
+  workdir = tmp_path_factory.mktemp('trained') / 'run'
+  result = launch(*tiny_args(corpus_file), '--workdir', str(workdir))
+  assert result.returncode == 0, result.stderr[-2000:]
+  return workdir
+
+
+CONFIG_CASES = [
+    (['--config.model.num_layers=0'], 'model.num_layers must be a positive integer, got 0'),
+    (['--config.model.dropout=1.5'], 'model.dropout must be in [0, 1), got 1.5'),
+    (['--config.model.num_heads=3', '--config.mesh.data=1', '--config.mesh.tensor=2'],
+     'mesh.tensor=2 does not divide model.num_heads=3'),
+    (['--config.train.batch_size=7'], 'train.batch_size=7 (micro-batch 7) is not divisible by the data-parallel size 2'),
+    (['--config.mesh.data=3'], "mesh sizes {'data': 3, 'fsdp': 1, 'tensor': 1} use 3 devices but there are 2"),
+    (['--config.train.num_steps=1', '--config.train.warmup_steps=5', '--config.train.decay_steps=12'],
+     'train.warmup_steps=5 is longer than the run (train.num_steps=1)'),
+    (['--config.train.steps_per_call=5'], 'train.num_steps=12 is not a multiple of train.steps_per_call=5'),
+    (['--config.model.dtype=float64'], "model.dtype must be one of 'float32', 'bfloat16', 'float16', got 'float64'"),
+    (['--config.data.eval_split=valid'], "split 'valid' (in 'valid') does not exist in text file"),
+]
+
+
+@pytest.mark.parametrize('extra, message', CONFIG_CASES, ids=[c[1][:40] for c in CONFIG_CASES])
+def test_bad_config(corpus_file, tmp_path, extra, message):
+  result = launch(*tiny_args(corpus_file, *extra), '--workdir', str(tmp_path / 'run'))
+  assert_user_error(result, message)
+  assert files_in(tmp_path / 'run') == []  # refused before anything was written
+
+
+def write(path, content):
+  if content is not None:
+    path.write_bytes(content)
+  return path
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, 'does not exist; point it at a UTF-8 text file'),
+    ('dir', 'cannot be read (Is a directory)'),
+    (b'', 'is empty; it needs the training text'),
+    (b'to be or not to be', "has 16 tokens, fewer than one window of context_length + 1 = 17"),
+    (b'caf\xe9 au lait' * 100, 'is not UTF-8 (bad byte at offset 3); convert it'),
+])
+def test_bad_text_file(tmp_path, content, message):
+  path = tmp_path / 'corpus.txt'
+  if content == 'dir':
+    path.mkdir()
+  else:
+    write(path, content)
+  result = launch(*tiny_args(path), '--workdir', str(tmp_path / 'run'))
+  assert_user_error(result, message)
+  assert files_in(tmp_path / 'run') == []
+
+
+def test_offline_tfds_without_the_file_fails_within_seconds(tmp_path):
+  env_free = ['--config.data.manual_dir=', f'--config.data.tfds_data_dir={tmp_path / "tfds"}']
+  result = launch('--config', 'experiments/cpu.py', *TINY, *env_free, '--workdir', str(tmp_path / 'run'),
+                  timeout=60, env={'NANODECODER_MANUAL_DIR': ''})
+  assert_user_error(result, "cannot download tfds 'tiny_shakespeare'")
+  assert 'NANODECODER_MANUAL_DIR' in result.stderr
+
+
+def test_checkpoint_of_another_shape_is_refused(trained, corpus_file):
+  before = files_in(trained)
+  result = launch(*tiny_args(corpus_file, '--config.model.head_size=4', '--config.train.num_steps=24'),
+                  '--workdir', str(trained))
+  assert_user_error(result, 'has a different model shape: model.head_size=8 (config says 4)')
+  assert files_in(trained) == before
+
+
+def test_second_run_in_a_held_workdir_is_refused(trained, corpus_file):
+  with open(trained / '.lock', 'a+') as held:  # what a live run holds
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    result = launch(*tiny_args(corpus_file), '--workdir', str(trained))
+  assert_user_error(result, f'workdir {trained} is in use by another run')
+
+
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(trained, corpus_file, tmp_path):
+  import shutil
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  result = launch(*tiny_args(corpus_file, '--config.train.learning_rate=1e30', '--config.train.min_learning_rate=1e29',
+                             '--config.train.grad_clip=0', '--config.train.num_steps=24', '--config.train.decay_steps=24'),
+                  '--workdir', str(workdir))
+  assert_user_error(result, 'loss became ')
+  assert re.search(r'loss became (nan|inf) at step 1[3-9]; the last good checkpoint is kept', result.stderr)
+  assert Checkpoints(workdir, read_only=True).steps() == [12]
+  ok = launch('--mode', 'sample', '--workdir', str(workdir), '--max_new_tokens', '5')
+  assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--prompt', ''], 'the prompt is empty'),
+    (['--prompt', 'the €'], "characters not in the vocabulary: '€' ('€')"),
+    (['--temperature', '-1'], 'temperature must be >= 0 (0 = greedy), got -1.0'),
+    (['--top_p', '0'], 'top_p must be in (0, 1] (1 = off), got 0.0'),
+    (['--top_p', '1.5'], 'top_p must be in (0, 1] (1 = off), got 1.5'),
+    (['--checkpoint', '7'], 'no checkpoint at step 7'),
+    (['--prompt_file', '/no/such/prompt.txt'], "cannot read --prompt_file '/no/such/prompt.txt'"),
+])
+def test_bad_sampling_options(trained, flags, message):
+  result = launch('--mode', 'sample', '--workdir', str(trained), *flags)
+  assert_user_error(result, message)
+
+
+def test_zero_temperature_is_greedy_and_reproducible(trained):
+  a = launch('--mode', 'sample', '--workdir', str(trained), '--temperature', '0', '--max_new_tokens', '20', '--seed', '1')
+  b = launch('--mode', 'sample', '--workdir', str(trained), '--temperature', '0', '--max_new_tokens', '20', '--seed', '2')
+  assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def test_sampling_a_workdir_without_checkpoints(tmp_path):
+  assert_user_error(launch('--mode', 'sample', '--workdir', str(tmp_path)), f'no checkpoints in {tmp_path}')
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tiny_config, tmp_path, monkeypatch):
+  """Disk full (or a read-only workdir) during a save: a clear error; the last checkpoint still restores."""
+  train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5}), tmp_path)
+  import orbax.checkpoint as ocp
+
+  def disk_full(self, step, *args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', disk_full)
+  with pytest.raises(CheckpointError, match=r'cannot write the checkpoint of step 15 in .* \(OSError: .*No space left '
+                                            r'on device\); the checkpoint at step 10 is intact'):
+    train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 20, 'checkpoint.every': 5}), tmp_path)
+  monkeypatch.undo()
+  assert Checkpoints(tmp_path, read_only=True).steps()[-1] == 10
+  metrics = train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 20, 'checkpoint.every': 5}), tmp_path)
+  assert Checkpoints(tmp_path, read_only=True).steps()[-1] == 20 and metrics['val_loss'] > 0
+
+
+def test_checkpoint_with_other_arrays_is_refused_not_discarded(tiny_config, tmp_path):
+  """Scanned layers store parameters stacked: restoring an unstacked run refuses, and deletes nothing."""
+  train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5}), tmp_path)
+  before = files_in(tmp_path / 'checkpoints')
+  with pytest.raises(config_lib.ConfigError, match=r'the params of the checkpoint at step 10 do not match this config'):
+    train_lib.train_and_evaluate(tiny_config(**{'model.scan_layers': True}), tmp_path)
+  assert files_in(tmp_path / 'checkpoints') == before
