@@ -22,7 +22,7 @@ data=(--set 'data.source="text"' --set "data.text_path=\"$TEXT\"")
 if [ "${SMOKE:-0}" = 1 ]; then
   recipe=(--config experiments/cpu.py --set train.num_steps=40 --set train.decay_steps=40 --set train.warmup_steps=5 --set train.log_every=10
           --set eval.every=20 --set eval.batches=2)
-  speed=(--shapes cpu --steps 5 --repeats 2)
+  speed=(--shapes cpu --steps 10 --repeats 2)
 else
   recipe=(--config experiments/base.py --set 'model.dtype="bfloat16"')
   speed=(--shapes base,gpt2_small --steps 20 --repeats 5 --set 'model.dtype="bfloat16"')
@@ -38,20 +38,20 @@ print(jax.devices())'
 
 echo "== base recipe" | tee -a "$OUT/summary.txt"
 rm -rf /tmp/nanodecoder_gpu_base
-timeout 280 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" --workdir /tmp/nanodecoder_gpu_base \
+timeout 170 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" --workdir /tmp/nanodecoder_gpu_base \
   --out "$OUT/base_recipe.json" > "$OUT/base_recipe.log" 2>&1
 echo "exit $?" | tee -a "$OUT/summary.txt"
 cp /tmp/nanodecoder_gpu_base/metrics.jsonl "$OUT/base_recipe_metrics.jsonl" 2>/dev/null
 tail -n 25 "$OUT/base_recipe.log" | tee -a "$OUT/summary.txt"
 
 echo "== speed" | tee -a "$OUT/summary.txt"
-timeout 150 "$PY" bench/train_speed.py "${speed[@]}" --out "$OUT/train_speed.json" > "$OUT/train_speed.log" 2>&1
+timeout 120 "$PY" bench/train_speed.py "${speed[@]}" --out "$OUT/train_speed.json" > "$OUT/train_speed.log" 2>&1
 status=$?
 echo "exit $status" | tee -a "$OUT/summary.txt"
 tail -n 8 "$OUT/train_speed.log" | tee -a "$OUT/summary.txt"
 if [ "$status" != 0 ] && [ "$status" != 124 ]; then  # e.g. no cuDNN flash attention here: plain XLA attention
   echo "== speed, einsum attention" | tee -a "$OUT/summary.txt"
-  timeout 100 "$PY" bench/train_speed.py "${speed[@]}" --set 'model.attention_impl="einsum"' \
+  timeout 60 "$PY" bench/train_speed.py "${speed[@]}" --set 'model.attention_impl="einsum"' \
     --out "$OUT/train_speed_einsum.json" > "$OUT/train_speed_einsum.log" 2>&1
   echo "exit $?" | tee -a "$OUT/summary.txt"
   tail -n 8 "$OUT/train_speed_einsum.log" | tee -a "$OUT/summary.txt"
