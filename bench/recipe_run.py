@@ -53,15 +53,18 @@ def main():
   previous = {r['step']: p['step'] for p, r in zip(train_records, train_records[1:])}
   covered = {r['step']: r['step'] - previous[r['step']] for r in logs if r['step'] in previous}
   median_ms = statistics.median(r['train/ms_per_step'] for r in logs)
+  steps_done = train_records[-1]['step']  # below train.num_steps when a signal (e.g. a timeout) stopped the run
   train_seconds = (sum(r['train/ms_per_step'] * covered.get(r['step'], 0) for r in logs)
-                   + (config.train.num_steps - sum(covered.values())) * median_ms) / 1000
+                   + (steps_done - sum(covered.values())) * median_ms) / 1000
   tokens_per_s = statistics.median(r['train/tokens_per_s'] for r in logs)
   model_config = config_lib.model_config(config, 65)
   peak = peak_flops(jax.devices()[0].device_kind) if jax.default_backend() == 'gpu' else None
   achieved = train_flops_per_token(model_config) * tokens_per_s
   result = {
       'config': args.config, 'overrides': args.set, 'device_kind': jax.devices()[0].device_kind,
-      'devices': jax.device_count(), 'steps': config.train.num_steps, 'wall_s': wall, 'train_s': train_seconds,
+      'devices': jax.device_count(), 'steps': config.train.num_steps, 'steps_done': steps_done,
+      'stopped_by': metrics.get('stopped_by'), 'wall_s': wall, 'train_s': train_seconds,
+      'median_ms_per_step': median_ms,
       'best_val_loss': min(r['eval/val_loss'] for r in evals), 'final_val_loss': metrics.get('val_loss'),
       'final_train_loss': metrics.get('train_loss'), 'tokens_per_s': tokens_per_s,
       'tflops': achieved / 1e12, 'mfu': None if peak is None else achieved / (peak * jax.device_count()),
