@@ -6,6 +6,7 @@ value, and how to fix it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import pathlib
 from typing import Any
@@ -19,15 +20,21 @@ class ConfigError(ValueError):
   """A config field holds a value the trainer cannot use."""
 
 
-def load_config_file(spec: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """Loads `path.py` or `path.py:arg` and returns its `get_config([arg])`."""
+def load_experiment(spec: str | pathlib.Path) -> tuple[Any, str]:
+  """The module of experiment file `path.py` (or `path.py:arg`) and its argument ('' when none)."""
   path, _, arg = str(spec).partition(':')
   file = pathlib.Path(path)
   if not file.is_file():
     raise ConfigError(f'config file {path!r} does not exist; pass a file such as experiments/cpu.py')
-  module_spec = importlib.util.spec_from_file_location(f'_nanodecoder_config_{file.stem}', file)
+  module_spec = importlib.util.spec_from_file_location(f'_nanodecoder_experiment_{file.stem}', file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module, arg
+
+
+def load_config_file(spec: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Loads `path.py` or `path.py:arg` and returns its `get_config([arg])`."""
+  module, arg = load_experiment(spec)
   return module.get_config(arg) if arg else module.get_config()
 
 
@@ -48,23 +55,9 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  m = config.model
-  return ModelConfig(
-      vocab_size=vocab_size,
-      num_layers=m.num_layers,
-      num_heads=m.num_heads,
-      head_size=m.head_size,
-      context_length=m.context_length,
-      mlp_ratio=m.mlp_ratio,
-      dropout=m.dropout,
-      use_bias=m.use_bias,
-      tie_embeddings=m.tie_embeddings,
-      dtype=m.dtype,
-      param_dtype=m.param_dtype,
-      attention_impl=m.attention_impl,
-      remat=m.remat,
-      scan_layers=m.scan_layers,
-  )
+  """The ModelConfig of `config.model` (every ModelConfig field but the vocabulary size is a config field)."""
+  fields = (f.name for f in dataclasses.fields(ModelConfig) if f.name != 'vocab_size')
+  return ModelConfig(vocab_size=vocab_size, **{name: config.model[name] for name in fields})
 
 
 _POSITIVE = (

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -61,13 +60,7 @@ class Sweep:
 
 def load_declaration(spec: str | pathlib.Path):
   """What the experiment file's `get_sweep([arg])` returns, or None when it defines no `get_sweep`."""
-  path, _, arg = str(spec).partition(':')
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise ConfigError(f'config file {path!r} does not exist; pass a file such as experiments/sweep.py:blocks')
-  module_spec = importlib.util.spec_from_file_location(f'_nanodecoder_sweep_{file.stem}', file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module, arg = config_lib.load_experiment(spec)
   if not hasattr(module, 'get_sweep'):
     return None
   return module.get_sweep(arg) if arg else module.get_sweep()

@@ -1,6 +1,5 @@
 """Corpora, the character tokenizer, and step-keyed batches."""
 
-import hashlib
 import time
 
 import numpy as np

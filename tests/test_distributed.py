@@ -1,6 +1,5 @@
 """Several processes (jax.distributed over 127.0.0.1, CPU collectives) train like one process."""
 
-import json
 import os
 import socket
 import subprocess

@@ -2,16 +2,10 @@
 
 import errno
 import fcntl
-import json
-import os
 import re
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 
-from conftest import REPO
 from nanodecoder import config as config_lib
 from nanodecoder import train as train_lib
 from nanodecoder.checkpoint import CheckpointError, Checkpoints

@@ -8,7 +8,6 @@ from jax.sharding import PartitionSpec as P
 
 from nanodecoder import config as config_lib
 from nanodecoder import sharding as sharding_lib
-from nanodecoder import train as train_lib
 from nanodecoder.config import ConfigError
 from test_train import build, params, put
 
