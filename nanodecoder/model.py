@@ -1,8 +1,8 @@
 """A GPT-style decoder-only transformer in Flax NNX.
 
-Reads top to bottom like the design notes: linear layers, self-attention,
-feed-forward, add & norm, positional embeddings, the whole model. Shape
-letters used in the comments:
+Reads top to bottom like the design notes: linear layers, add & norm,
+self-attention, feed-forward, the block, then positional embeddings and the
+whole model. Shape letters used in the comments:
 
   B batch, T time (tokens), D embedding width, N heads, H head size
   (D = N * H), F feed-forward width, V vocabulary, S cached positions, L layers.
@@ -292,8 +292,7 @@ class Decoder(nnx.Module):
     """
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    positions = jnp.arange(tokens.shape[1]) + (0 if cache_index is None else cache_index)
-    x = self.token_embed[...].astype(dt)[tokens] + self.position_embed[...].astype(dt)[positions]  # [B, T, D]
+    x = self.embed(tokens, 0 if cache_index is None else cache_index)  # [B, T, D]
     embed_key, blocks_key = _split(dropout_key)
     x = dropout(x, cfg.dropout, embed_key)
     layer_keys = None if blocks_key is None else jax.random.split(blocks_key, cfg.num_layers)
@@ -311,9 +310,15 @@ class Decoder(nnx.Module):
     logits = jnp.einsum('btd,vd->btv', x, head[...].astype(dt), preferred_element_type=jnp.float32)  # [B, T, V]
     return logits, caches
 
+  def embed(self, tokens, start=0) -> jax.Array:
+    """Token + positional embeddings of tokens [B, T] at positions start, start + 1, ...: [B, T, D]."""
+    dt = jnp.dtype(self.cfg.dtype)
+    positions = start + jnp.arange(tokens.shape[1])
+    return self.token_embed[...].astype(dt)[tokens] + self.position_embed[...].astype(dt)[positions]
+
   def attention_maps(self, tokens) -> jax.Array:
     """Attention weights of every layer and head for `tokens` [B, T]: [L, B, N, T, T] (no dropout)."""
-    x = self.token_embed[...][tokens] + self.position_embed[...][jnp.arange(tokens.shape[1])]
+    x = self.embed(tokens)
     maps = []
     for block in self.layers():
       q, k, _ = block.attn.project(block.ln_attn(x))

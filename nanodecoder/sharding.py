@@ -110,10 +110,11 @@ def logical_spec(names, shape, mesh: Mesh) -> P:
 def state_shardings(state, mesh: Mesh):
   """NamedShardings for an (abstract) nnx.State, from its variables' logical names."""
 
-  def sharding(var):
-    names = var.get_metadata().get('out_sharding') if isinstance(var, nnx.Variable) else None
-    return var.replace(NamedSharding(mesh, logical_spec(names, var.shape, mesh))) if isinstance(var, nnx.Variable) \
-        else NamedSharding(mesh, P())
+  def sharding(leaf):
+    if not isinstance(leaf, nnx.Variable):
+      return NamedSharding(mesh, P())
+    names = leaf.get_metadata().get('out_sharding')
+    return leaf.replace(NamedSharding(mesh, logical_spec(names, leaf.shape, mesh)))
 
   return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
