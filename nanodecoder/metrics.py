@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
 import shutil
 import socket
 import sys
-import itertools
 import time
 from typing import Any, Mapping
 
