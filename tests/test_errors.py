@@ -94,11 +94,15 @@ def test_offline_tfds_without_the_file_fails_within_seconds(tmp_path):
   assert 'NANODECODER_MANUAL_DIR' in result.stderr
 
 
-def test_checkpoint_of_another_shape_is_refused(trained, corpus_file):
+@pytest.mark.parametrize('override, message', [
+    ('--config.model.head_size=4', 'has a different model shape: model.head_size=8 (config says 4)'),
+    # a longer context than the checkpoint's positional table
+    ('--config.model.context_length=32', 'has a different model shape: model.context_length=16 (config says 32)'),
+])
+def test_checkpoint_of_another_shape_is_refused(trained, corpus_file, override, message):
   before = files_in(trained)
-  result = launch(*tiny_args(corpus_file, '--config.model.head_size=4', '--config.train.num_steps=24'),
-                  '--workdir', str(trained))
-  assert_user_error(result, 'has a different model shape: model.head_size=8 (config says 4)')
+  result = launch(*tiny_args(corpus_file, override, '--config.train.num_steps=24'), '--workdir', str(trained))
+  assert_user_error(result, message)
   assert files_in(trained) == before
 
 
