@@ -4,6 +4,7 @@
 #   bench/gpu_check.sh                 # on the GPU machine (results in $OUT, default bench/out/gpu)
 #   SMOKE=1 bench/gpu_check.sh         # seconds-long dry run of the same plumbing (any machine, CPU too)
 #
+# 0. A 2 x 300-step diagnosis of the training loop's speed (see below).
 # 1. The base recipe (experiments/base.py, 5000 steps) in bf16: wall time, training time, best val loss on
 #    'validation+test', tokens/s and MFU.           Targets on one H100: val <= 1.47 in <= 60 s of training.
 # 2. Speed of the base and GPT-2-small (12 x 768, context 1024) shapes: ms/step, tokens/s and MFU over
@@ -35,6 +36,21 @@ fi
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", ocp.__version__)
 print(jax.devices())'
 } 2>&1 | tee "$OUT/env.txt"
+
+# 0. Diagnosis of an open question (bench/RESULTS.md): the training loop ran the base recipe at 37 ms/step on an
+#    H200 where train_speed.py times the same step at 9.8 ms. 300 steps of the loop with JAX's persistent
+#    compilation cache off, then on, in fresh processes.
+if [ "${SMOKE:-0}" != 1 ]; then
+  for cache in off on; do
+    rm -rf /tmp/nanodecoder_gpu_diag
+    env_cache=(); [ "$cache" = off ] && env_cache=(NANODECODER_COMPILATION_CACHE=)
+    echo "== loop speed, compilation cache $cache" | tee -a "$OUT/summary.txt"
+    env "${env_cache[@]}" timeout 60 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" --set train.num_steps=300 \
+      --set train.decay_steps=300 --set eval.every=300 --set eval.batches=10 --workdir /tmp/nanodecoder_gpu_diag \
+      --out "$OUT/diag_cache_$cache.json" > "$OUT/diag_cache_$cache.log" 2>&1
+    grep -E '"median_ms_per_step"|"stopped_by"' "$OUT/diag_cache_$cache.json" 2>/dev/null | tee -a "$OUT/summary.txt"
+  done
+fi
 
 echo "== base recipe" | tee -a "$OUT/summary.txt"
 rm -rf /tmp/nanodecoder_gpu_base
