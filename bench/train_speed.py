@@ -68,16 +68,8 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str]) -> dict:
   k = t.steps_per_call  # steps per compiled call, as the trainer runs them
   if steps % k:
     raise SystemExit(f'--steps={steps} must be a multiple of train.steps_per_call={k}')
-  shape_ = (t.batch_size, config.model.context_length + 1)
-  if k == 1:
-    step_fn = trainer.train_step
-    batch = lambda step: sharding.put_batch(lambda rows: dataset.train_batch(0, step, t.batch_size, rows),
-                                            sharding.batch_sharding(mesh), shape_)
-  else:
-    step_fn = trainer.train_steps
-    batch = lambda step: sharding.put_batch(
-        lambda rows: np.stack([dataset.train_batch(0, s, t.batch_size, rows) for s in range(step, step + k)]),
-        sharding.batch_sharding(mesh, batch_dim=1), (k, *shape_), batch_dim=1)
+  step_fn = trainer.train_step if k == 1 else trainer.train_steps
+  batch = lambda step: train.train_batches(dataset, mesh, 0, t.batch_size, step, k)
 
   start = time.perf_counter()
   compiled = step_fn.lower(trainer.state, batch(0)).compile()

@@ -235,6 +235,19 @@ def evaluate(trainer: Trainer, dataset: data_lib.Dataset, all_windows: bool | No
 # Loop -------------------------------------------------------------------------
 
 
+def train_batches(dataset: data_lib.Dataset, mesh: jax.sharding.Mesh, seed: int, batch_size: int, step: int,
+                  n: int = 1) -> jax.Array:
+  """The token windows of steps step .. step + n - 1 on `mesh`: [B, T+1] (n = 1, for `train_step`) or
+  [n, B, T+1] (for `train_steps`); this process builds only its own rows."""
+  shape = (batch_size, dataset.context_length + 1)
+  if n == 1:
+    return sharding_lib.put_batch(lambda rows: dataset.train_batch(seed, step, batch_size, rows),
+                                  sharding_lib.batch_sharding(mesh), shape)
+  return sharding_lib.put_batch(
+      lambda rows: np.stack([dataset.train_batch(seed, s, batch_size, rows) for s in range(step, step + n)]),
+      sharding_lib.batch_sharding(mesh, batch_dim=1), (n, *shape), batch_dim=1)
+
+
 def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   dp = sharding_lib.data_parallel_size(mesh)
   batch, accum = config.train.batch_size, config.train.grad_accum_steps
@@ -344,7 +357,6 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
 
   t = config.train
   schedule = learning_rate_schedule(t)
-  batch_shape = (t.batch_size, dataset.context_length + 1)
   tokens_per_step = t.batch_size * dataset.context_length
   save = lambda step, val_loss=None: checkpoints.save(step, trainer.state, config, dataset.tokenizer, val_loss)
 
@@ -353,14 +365,7 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
     k = t.steps_per_call
     return k if step % k == 0 and step + k <= t.num_steps else 1
 
-  def batches(step: int, n: int) -> jax.Array:
-    """The token windows of steps step .. step + n - 1 ([B, T+1], or [n, B, T+1] for n > 1)."""
-    if n == 1:
-      return sharding_lib.put_batch(lambda rows: dataset.train_batch(config.seed, step, t.batch_size, rows),
-                                    sharding_lib.batch_sharding(mesh), batch_shape)
-    return sharding_lib.put_batch(
-        lambda rows: np.stack([dataset.train_batch(config.seed, s, t.batch_size, rows) for s in range(step, step + n)]),
-        sharding_lib.batch_sharding(mesh, batch_dim=1), (n, *batch_shape), batch_dim=1)
+  batches = lambda step, n: train_batches(dataset, mesh, config.seed, t.batch_size, step, n)
 
   step = start_step = trainer.step
   n = call_size(step)
