@@ -86,7 +86,6 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
   run's data source, the tokenizer from the checkpoint. The devices must
   already be set up (cli.setup_jax).
   """
-  import jax
   import ml_collections
 
   from nanodecoder import checkpoint as checkpoint_lib
@@ -107,9 +106,7 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
     train_lib.check_mesh_fits(config, mesh)
     trainer = train_lib.create_trainer(config, config_lib.model_config(config, tokenizer.vocab_size), mesh,
                                        init=False)
-    state = jax.tree.map(lambda x: x, trainer.abstract_state)
-    state[0], state[1] = checkpoints.restore(step, trainer.abstract_state[0], trainer.abstract_state[1])
-    trainer.state = state
+    trainer.state = checkpoints.restore_state(step, trainer.abstract_state)
   finally:
     checkpoints.close()
   loss, count = train_lib.window_loss(trainer, tokens)

@@ -204,6 +204,12 @@ class Checkpoints:
       nnx.replace_by_pure_dict(filled[name], restored[name])
     return filled['params'], filled.get('opt_state')
 
+  def restore_state(self, step: int, abstract_state):
+    """The nnx.State of (model, optimizer) of step `step`, laid out as `abstract_state` says."""
+    state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
+    state[0], state[1] = self.restore(step, abstract_state[0], abstract_state[1])
+    return state
+
   def restore_latest_good(self, abstract_state, config: ml_collections.ConfigDict, log=print):
     """(step, state, meta) of the newest step that restores, or None; a broken step is set aside with a message.
 
@@ -224,9 +230,7 @@ class Checkpoints:
       for name, part in (('params', abstract_state[0]), ('opt_state', abstract_state[1])):
         _check_same_arrays(saved[name], _abstract(nnx.to_pure_dict(part)), name, step)
       try:
-        state = jax.tree.map(lambda x: x, abstract_state)
-        state[0], state[1] = self.restore(step, abstract_state[0], abstract_state[1])
-        return step, state, meta
+        return step, self.restore_state(step, abstract_state), meta
       except Exception as e:  # a corrupt or partial step: fall back to the previous one
         self._set_aside(step, e, log)
     return None
