@@ -136,19 +136,23 @@ class LayerNorm(nnx.Module):
 
 
 class KVCache(NamedTuple):
-  """Keys and values of the positions decoded so far, heads first."""
+  """Keys and values of the positions decoded so far, with batch and heads merged into one axis.
 
-  key: jax.Array  # [B, N, S, H] (with a leading L axis when layers are scanned)
-  value: jax.Array  # [B, N, S, H]
+  [B * N, S, H] rather than [B, N, S, H]: XLA's CPU backend then writes each
+  new position in place; with a unit batch axis (one sample) it copies every
+  cache on every token.
+  """
+
+  key: jax.Array  # [B * N, S, H] (with a leading L axis when layers are scanned)
+  value: jax.Array  # [B * N, S, H]
 
 
-def attend(q, k, v, *, impl: str = 'einsum', dropout_rate: float = 0.0, dropout_key=None, query_offset=None,
-           num_valid=None):
+def attend(q, k, v, *, impl: str = 'einsum', dropout_rate: float = 0.0, dropout_key=None, query_offset=None):
   """Causal scaled dot-product attention, heads first: q [B, N, T, H], k/v [B, N, S, H] -> [B, N, T, H].
 
   softmax(q k^T / sqrt(H) + mask) v, where query i (at position
-  `query_offset + i`) sees the keys at positions <= its own, and, over a KV
-  cache, only the first `num_valid` of them. Implementations:
+  `query_offset + i`, default i) sees the keys at positions <= its own; over
+  a KV cache that is the positions written so far. Implementations:
     'einsum'  the formula above as written (any backend; dropout on the
               attention weights; KV caches);
     'xla' / 'cudnn'  `jax.nn.dot_product_attention`, cuDNN's fused flash
@@ -163,20 +167,17 @@ def attend(q, k, v, *, impl: str = 'einsum', dropout_rate: float = 0.0, dropout_
     swap = lambda x: x.transpose(0, 2, 1, 3)  # the API wants [B, T, N, H]
     out = jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True, implementation=impl)
     return swap(out)
-  weights = attention_weights(q, k, query_offset, num_valid)  # [B, N, T, S]
+  weights = attention_weights(q, k, query_offset)  # [B, N, T, S]
   weights = dropout(weights, dropout_rate, dropout_key).astype(v.dtype)
-  return jnp.einsum('bnts,bnsh->bnth', weights, v)
+  return jnp.einsum('...ts,...sh->...th', weights, v)
 
 
-def attention_weights(q, k, query_offset=None, num_valid=None) -> jax.Array:
-  """softmax(q k^T / sqrt(H) + causal mask) in fp32: q [B, N, T, H], k [B, N, S, H] -> [B, N, T, S]."""
-  t, s = q.shape[2], k.shape[2]
-  scores = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+def attention_weights(q, k, query_offset=None) -> jax.Array:
+  """softmax(q k^T / sqrt(H) + causal mask) in fp32: q [..., T, H], k [..., S, H] -> [..., T, S]."""
+  t, s = q.shape[-2], k.shape[-2]
+  scores = jnp.einsum('...th,...sh->...ts', q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
   q_pos = jnp.arange(t)[:, None] + (0 if query_offset is None else query_offset)
-  k_pos = jnp.arange(s)[None, :]
-  mask = k_pos <= q_pos  # [T, S]: the triangle
-  if num_valid is not None:
-    mask = mask & (k_pos < num_valid)
+  mask = jnp.arange(s)[None, :] <= q_pos  # [T, S]: the triangle
   return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
 
 
@@ -211,10 +212,12 @@ class CausalSelfAttention(nnx.Module):
     if cache is None:
       y = attend(q, k, v, impl=cfg.attention_impl, dropout_rate=cfg.dropout, dropout_key=attn_key)
     else:  # write this step's keys/values at `cache_index`, attend over the whole cache
-      k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache_index, axis=2)
-      v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache_index, axis=2)
-      cache = KVCache(k, v)
-      y = attend(q, k.astype(dt), v.astype(dt), query_offset=cache_index, num_valid=cache_index + x.shape[1])
+      b, n, t, h = q.shape
+      merge = lambda a: a.reshape(b * n, t, h)  # [B, N, T, H] -> [B * N, T, H], the cache's layout
+      cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, merge(a).astype(c.dtype), cache_index, axis=1)
+                        for c, a in ((cache.key, k), (cache.value, v))))
+      y = attend(merge(q), cache.key.astype(dt), cache.value.astype(dt), query_offset=cache_index)
+      y = y.reshape(b, n, t, h)
     out = dense(y.transpose(0, 2, 1, 3), self.out[...].astype(dt), contract=2)  # [B, T, N, H] -> [B, T, D]
     out = checkpoint_name(out, 'projection')
     if self.out_bias is not None:
@@ -365,7 +368,7 @@ class Decoder(nnx.Module):
   def init_caches(self, batch_size: int, dtype: Any = None):
     """Empty KV caches over the whole context, one per layer (stacked when layers are scanned)."""
     cfg = self.cfg
-    shape = (batch_size, cfg.num_heads, cfg.context_length, cfg.head_size)
+    shape = (batch_size * cfg.num_heads, cfg.context_length, cfg.head_size)
     dtype = jnp.dtype(dtype or cfg.dtype)
     if cfg.scan_layers:
       stacked = (cfg.num_layers, *shape)

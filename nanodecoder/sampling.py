@@ -4,9 +4,10 @@ Positions past the context. The positional table covers `context_length`
 tokens. While prompt + generated text fit in it, each new token attends to
 everything before it, and cached decoding gives exactly the logits of
 re-running the model on the whole text. Past that point, when the cache is
-full, the last `context_length // 2` tokens are re-encoded at positions
-0, 1, ... (one prefill) and decoding goes on from there: every new token sees
-between half a context and a full context of history, and costs one cached
+full, the new token and the `context_length // 2` tokens before it are
+re-encoded at positions 0, 1, ... (one prefill instead of that token's cached
+step) and decoding goes on from there: every new token sees between half a
+context and a full context of history, and costs one cached
 step (plus one prefill every `context_length // 2` tokens). `use_cache=False`
 is the uncached method of nanoGPT: every token re-runs the model on the last
 `context_length` tokens.
@@ -72,14 +73,26 @@ def filter_logits(logits: jax.Array, temperature, top_k: int, top_p=None) -> jax
   return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def next_token(key, logits, temperature, top_k: int, top_p, greedy: bool) -> jax.Array:
-  """[B, V] logits -> [B] token ids."""
+def next_token(uniform, logits, temperature, top_k: int, top_p, greedy: bool) -> jax.Array:
+  """[B, V] logits -> [B] token ids, drawn by inverting the CDF at `uniform` [B] (in [0, 1)).
+
+  Token j is drawn when the probability of tokens 0..j-1 is <= uniform * total
+  < that of tokens 0..j, i.e. with its probability; filtered tokens have none.
+  One uniform per row, drawn for all steps before decoding starts, costs far
+  less per token than a fresh PRNG draw per vocabulary entry.
+  """
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+  cdf = jnp.cumsum(jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1), axis=-1)
+  return jnp.sum(cdf <= uniform[:, None] * cdf[:, -1:], axis=-1).astype(jnp.int32)
 
 
-# The decoding loop, as a state and one step, shared by the compiled loop and streaming.
+def uniforms(seed: int, steps: int, num_samples: int) -> jax.Array:
+  """The random numbers of a whole generation: [steps, num_samples] in [0, 1), fixed by the seed."""
+  return jax.random.uniform(jax.random.key(seed), (steps, num_samples))
+
+
+# The decoding loop: a state and steps on it, shared by the compiled loop and streaming.
 
 
 def _start(model: Decoder, prompt, num_samples: int, steps: int, use_cache: bool):
@@ -87,49 +100,69 @@ def _start(model: Decoder, prompt, num_samples: int, steps: int, use_cache: bool
   length = prompt.shape[0]
   total = max(length + steps, model.cfg.context_length)
   tokens = jnp.zeros((num_samples, total), jnp.int32).at[:, :length].set(prompt)
+  state = {'tokens': tokens, 'i': jnp.int32(0)}
   if not use_cache:
-    return {'tokens': tokens}
+    return state
   logits, caches = model(tokens[:, :length], caches=model.init_caches(num_samples), cache_index=0)
-  return {'tokens': tokens, 'caches': caches, 'cache_len': jnp.int32(length), 'logits': logits[:, -1]}
+  return dict(state, caches=caches, cache_len=jnp.int32(length), logits=logits[:, -1])
 
 
-def _advance(model: Decoder, state, i, prompt_len: int, key, temperature, top_p, *, top_k: int, greedy: bool):
-  """Samples token `i` after the prompt and appends it; returns (state, token [B])."""
-  context = model.cfg.context_length
-  tokens = state['tokens']
+def _sample(model: Decoder, state, prompt_len: int, randoms, temperature, top_p, *, top_k: int, greedy: bool):
+  """Samples token `i` after the prompt and appends it: (tokens, its position, token [B])."""
+  tokens, i = state['tokens'], state['i']
   length = prompt_len + i  # tokens before the new one
   if 'caches' in state:
     logits = state['logits']
   else:  # uncached: run the model over the last `context` tokens
+    context = model.cfg.context_length
     start = jnp.maximum(length - context, 0)
     window = jax.lax.dynamic_slice_in_dim(tokens, start, context, axis=1)
     all_logits, _ = model(window)
     logits = jax.lax.dynamic_index_in_dim(all_logits, length - 1 - start, axis=1, keepdims=False)
-  token = next_token(jax.random.fold_in(key, i), logits, temperature, top_k, top_p, greedy)
-  tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], length, axis=1)
-  state = dict(state, tokens=tokens)
+  token = next_token(randoms[i], logits, temperature, top_k, top_p, greedy)
+  return jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], length, axis=1), length, token
+
+
+def _decode(model: Decoder, state, prompt_len: int, *sample_args, **sample_kwargs):
+  """One token: sample it, then (with a cache) feed it to the model at the next cache slot."""
+  tokens, _, token = _sample(model, state, prompt_len, *sample_args, **sample_kwargs)
+  state = dict(state, tokens=tokens, i=state['i'] + 1)
   if 'caches' in state:
-    keep = context // 2
-
-    def refill(caches):  # cache full: re-encode the last `keep` tokens at positions 0..keep-1
-      window = jax.lax.dynamic_slice_in_dim(tokens, length - keep, keep, axis=1)
-      _, caches = model(window, caches=caches, cache_index=0)
-      return caches, jnp.int32(keep)
-
-    caches, cache_len = jax.lax.cond(state['cache_len'] == context, refill,
-                                     lambda caches: (caches, state['cache_len']), state['caches'])
-    logits, caches = model(token[:, None], caches=caches, cache_index=cache_len)
-    state.update(caches=caches, cache_len=cache_len + 1, logits=logits[:, -1])
+    logits, caches = model(token[:, None], caches=state['caches'], cache_index=state['cache_len'])
+    state.update(caches=caches, cache_len=state['cache_len'] + 1, logits=logits[:, -1])
   return state, token
 
 
+def _refill(model: Decoder, state, prompt_len: int, *sample_args, **sample_kwargs):
+  """One token when the cache is full: sample it, then re-encode the last half context with it at 0, 1, ..."""
+  tokens, length, token = _sample(model, state, prompt_len, *sample_args, **sample_kwargs)
+  keep = model.cfg.context_length // 2 + 1
+  window = jax.lax.dynamic_slice_in_dim(tokens, length + 1 - keep, keep, axis=1)
+  logits, caches = model(window, caches=model.init_caches(tokens.shape[0]), cache_index=0)
+  return dict(state, tokens=tokens, i=state['i'] + 1, caches=caches, cache_len=jnp.int32(keep),
+              logits=logits[:, -1]), token
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'num_samples', 'steps', 'top_k', 'greedy', 'use_cache'))
-def _generate(params, prompt, key, temperature, top_p, *, graphdef, num_samples, steps, top_k, greedy, use_cache):
+def _generate(params, prompt, randoms, temperature, top_p, *, graphdef, num_samples, steps, top_k, greedy, use_cache):
   model = nnx.merge(graphdef, params)
   state = _start(model, prompt, num_samples, steps, use_cache)
-  step = functools.partial(_advance, model, prompt_len=prompt.shape[0], key=key, temperature=temperature,
-                           top_p=top_p, top_k=top_k, greedy=greedy)
-  state = jax.lax.fori_loop(0, steps, lambda i, s: step(s, i)[0], state)
+  step_args, step_kwargs = (prompt.shape[0], randoms, temperature, top_p), dict(top_k=top_k, greedy=greedy)
+  decode = lambda s: _decode(model, s, *step_args, **step_kwargs)[0]
+  if not use_cache:
+    state = jax.lax.while_loop(lambda s: s['i'] < steps, decode, state)
+  else:
+    # Segments: decode until the cache is full, then one refill step. The
+    # branch sits outside the per-token loop, which then updates the caches
+    # in place (a branch inside it would copy every cache on every token).
+    refill = lambda s: _refill(model, s, *step_args, **step_kwargs)[0]
+    context = model.cfg.context_length
+
+    def segment(state):
+      state = jax.lax.while_loop(lambda s: (s['i'] < steps) & (s['cache_len'] < context), decode, state)
+      return jax.lax.cond(state['i'] < steps, refill, lambda s: s, state)
+
+    state = jax.lax.while_loop(lambda s: s['i'] < steps, segment, state)
   return jax.lax.dynamic_slice_in_dim(state['tokens'], prompt.shape[0], steps, axis=1)
 
 
@@ -151,7 +184,8 @@ def _top_p(options: SamplingOptions):
 def generate(model: Decoder, prompt: np.ndarray, options: SamplingOptions = SamplingOptions()) -> np.ndarray:
   """Token ids [num_samples, max_new_tokens] following `prompt` (token ids), in one compiled call."""
   prompt, graphdef, params, static = _prepare(model, prompt, options)
-  out = _generate(params, prompt, jax.random.key(options.seed), jnp.float32(options.temperature or 1.0),
+  randoms = uniforms(options.seed, options.max_new_tokens, options.num_samples)
+  out = _generate(params, prompt, randoms, jnp.float32(options.temperature or 1.0),
                   _top_p(options), graphdef=graphdef, num_samples=options.num_samples,
                   steps=options.max_new_tokens, use_cache=options.use_cache, **static)
   return np.asarray(out)
@@ -160,12 +194,15 @@ def generate(model: Decoder, prompt: np.ndarray, options: SamplingOptions = Samp
 def stream(model: Decoder, prompt: np.ndarray, options: SamplingOptions = SamplingOptions()) -> Iterator[np.ndarray]:
   """Yields each new token [num_samples] as soon as it is sampled (one compiled step per token)."""
   prompt, graphdef, params, static = _prepare(model, prompt, options)
-  key, temperature, top_p = jax.random.key(options.seed), jnp.float32(options.temperature or 1.0), _top_p(options)
+  randoms = uniforms(options.seed, options.max_new_tokens, options.num_samples)
+  temperature, top_p = jnp.float32(options.temperature or 1.0), _top_p(options)
   start = jax.jit(lambda params, prompt: _start(nnx.merge(graphdef, params), prompt, options.num_samples,
                                                 options.max_new_tokens, options.use_cache))
-  advance = jax.jit(lambda params, state, i: _advance(nnx.merge(graphdef, params), state, i, prompt.shape[0], key,
-                                                      temperature, top_p, **static), donate_argnums=1)
+  steps = {fn: jax.jit(lambda params, state, randoms, fn=fn: fn(nnx.merge(graphdef, params), state, prompt.shape[0],
+                                                                randoms, temperature, top_p, **static),
+                       donate_argnums=1) for fn in (_decode, _refill)}
   state = start(params, prompt)
-  for i in range(options.max_new_tokens):
-    state, token = advance(params, state, jnp.int32(i))
+  for _ in range(options.max_new_tokens):
+    full = options.use_cache and int(state['cache_len']) == model.cfg.context_length
+    state, token = steps[_refill if full else _decode](params, state, randoms)
     yield np.asarray(token)

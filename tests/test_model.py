@@ -73,12 +73,16 @@ def test_attention_equals_the_textbook_formula(impl):
   np.testing.assert_allclose(attend(q, k, v, impl=impl), naive_attention(q, k, v), rtol=1e-5, atol=1e-6)
 
 
-def test_attention_over_a_cache_sees_only_earlier_valid_positions():
+def test_attention_over_a_cache_sees_only_positions_up_to_its_own():
   q, k, v = jax.random.normal(jax.random.key(4), (3, 1, 2, 8, 4))
-  # Queries 5..6 (of a cache holding 7 valid positions out of 8) equal rows 5..6 of full attention over 7 positions.
+  # Queries at positions 5..6 over a cache of 8 slots (slot 7 not yet written, here random)
+  # equal rows 5..6 of full attention over the first 7 positions.
   full = naive_attention(q[:, :, :7], k[:, :, :7], v[:, :, :7])
-  cached = attend(q[:, :, 5:7], k, v, query_offset=5, num_valid=7)
+  cached = attend(q[:, :, 5:7], k, v, query_offset=5)
   np.testing.assert_allclose(cached, full[:, :, 5:7], rtol=1e-5, atol=1e-6)
+  # The same with batch and heads merged into one axis, the KV cache's layout.
+  merged = attend(q[:, :, 5:7].reshape(2, 2, 4), k.reshape(2, 8, 4), v.reshape(2, 8, 4), query_offset=5)
+  np.testing.assert_allclose(merged, full[:, :, 5:7].reshape(2, 2, 4), rtol=1e-5, atol=1e-6)
 
 
 def test_dense_gradient_equals_matmul_gradient():

@@ -1,15 +1,19 @@
 """Sampling: KV-cached decoding equals recomputation; the filters do what they say."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import make_tiny_config
 from nanodecoder import config as config_lib
 from nanodecoder import data as data_lib
 from nanodecoder import sharding as sharding_lib
 from nanodecoder import train as train_lib
+from nanodecoder.model import Decoder, _stack
 from nanodecoder.sampling import SamplingError, SamplingOptions, filter_logits, generate, next_token, stream
 
 
@@ -63,6 +67,18 @@ def test_cached_generation_past_the_context_refills_half_a_context(model):
   np.testing.assert_array_equal(out[0], greedy_reference(model, prompt, 45))
 
 
+def test_scanned_layers_sample_the_same_tokens(model):
+  """Stacked blocks (`scan_layers`) carry stacked caches; decoding gives the same text."""
+  with nnx.use_eager_sharding(False):
+    scanned = Decoder(dataclasses.replace(model.cfg, scan_layers=True), nnx.Rngs(params=0))
+    scanned.blocks = _stack(model.layers())
+  for name in ('token_embed', 'position_embed', 'ln_final'):
+    setattr(scanned, name, getattr(model, name))
+  prompt = np.array([3, 1, 4], np.int32)
+  options = SamplingOptions(max_new_tokens=30, num_samples=2, temperature=1.0, seed=3)  # past the context
+  np.testing.assert_array_equal(generate(scanned, prompt, options), generate(model, prompt, options))
+
+
 def test_long_prompt_keeps_its_last_context(model):
   prompt = np.arange(40, dtype=np.int32) % 20
   a = generate(model, prompt, SamplingOptions(max_new_tokens=5, temperature=0.0))
@@ -105,21 +121,32 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
   assert kept(filter_logits(LOGITS, 1.0, 0, top_p)) == expected
 
 
+def draw(uniform, temperature=1.0, top_k=0, top_p=None):
+  u = jnp.atleast_1d(jnp.asarray(uniform, jnp.float32))
+  return np.asarray(next_token(u, jnp.broadcast_to(LOGITS, (u.shape[0], 4)), temperature, top_k, top_p, greedy=False))
+
+
+def test_a_uniform_picks_the_token_whose_cdf_interval_holds_it():
+  # probabilities 0.1, 0.2, 0.3, 0.4: cumulative 0.1, 0.3, 0.6, 1.0
+  assert draw([0.0, 0.05, 0.11, 0.29, 0.31, 0.59, 0.61, 0.999]).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+  # filtered tokens are never drawn, even at the ends of [0, 1)
+  assert draw([0.0, 0.4, 0.999], top_k=2).tolist() == [2, 2, 3]
+  assert draw([0.0, 0.999], top_p=0.4).tolist() == [3, 3]
+
+
 def test_temperature_scales_logits_and_sampling_follows_the_distribution():
   np.testing.assert_allclose(filter_logits(LOGITS, 2.0, 0, 1.0), LOGITS / 2.0, rtol=1e-6)
-  keys = jax.random.split(jax.random.key(0), 20000)
-  draws = jax.vmap(lambda k: next_token(k, LOGITS, 0.5, 0, 1.0, greedy=False))(keys)
-  freq = np.bincount(np.asarray(draws).ravel(), minlength=4) / 20000
+  u = jax.random.uniform(jax.random.key(0), (20000,))
+  freq = np.bincount(draw(u, temperature=0.5), minlength=4) / 20000
   expected = np.asarray(jax.nn.softmax(LOGITS[0] / 0.5))
   np.testing.assert_allclose(freq, expected, atol=0.015)
   # top-k 2 at temperature 1: only tokens 2 and 3, in proportion 3:4.
-  draws = jax.vmap(lambda k: next_token(k, LOGITS, 1.0, 2, 1.0, greedy=False))(keys)
-  freq = np.bincount(np.asarray(draws).ravel(), minlength=4) / 20000
+  freq = np.bincount(draw(u, top_k=2), minlength=4) / 20000
   np.testing.assert_allclose(freq, [0, 0, 3 / 7, 4 / 7], atol=0.015)
 
 
 def test_zero_temperature_is_greedy():
-  assert int(next_token(jax.random.key(0), LOGITS, 0.0, 0, 1.0, greedy=True)[0]) == 3
+  assert int(next_token(jnp.zeros(1), LOGITS, 0.0, 0, 1.0, greedy=True)[0]) == 3
 
 
 @pytest.mark.parametrize('options, message', [
