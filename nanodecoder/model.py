@@ -154,7 +154,8 @@ def attend(q, k, v, *, impl: str = 'einsum', dropout_rate: float = 0.0, dropout_
   `query_offset + i`, default i) sees the keys at positions <= its own; over
   a KV cache that is the positions written so far. Implementations:
     'einsum'  the formula above as written (any backend; dropout on the
-              attention weights; KV caches);
+              attention weights; KV caches, whose [B * N, S, H] layout it
+              takes as well: any leading axes);
     'xla' / 'cudnn'  `jax.nn.dot_product_attention`, cuDNN's fused flash
               attention on NVIDIA GPUs (no attention-weight dropout, no cache);
     'auto'    'cudnn' on GPU where it applies, else 'einsum'.
