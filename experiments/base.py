@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.grad_accum_steps = 1  # micro-batches per step (batch_size / this rows each)
   train.steps_per_call = 10  # optimizer steps per compiled call: fewer host round trips (divides the intervals)
   train.log_every = 50  # steps between log lines
+  train.profile_steps = 0  # steps traced with jax.profiler into <workdir>/plugins/profile (0 = no trace)
+  train.profile_start = 100  # first traced step (past compilation and warm-up)
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.every = 250  # steps between evaluations (and at the last step)

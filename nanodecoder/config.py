@@ -123,5 +123,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if _get(config, field) % k:
       raise ConfigError(f'{field}={_get(config, field)} is not a multiple of train.steps_per_call={k}; '
                         'make it one (logs, evaluations and checkpoints happen between calls)')
+  for field in ('train.profile_steps', 'train.profile_start'):
+    value = _get(config, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ConfigError(f'{field} must be an integer >= 0, got {value!r}')
   if config.mesh.cpu_devices < 0:
     raise ConfigError(f'mesh.cpu_devices must be >= 0 (0 = one per core), got {config.mesh.cpu_devices!r}')

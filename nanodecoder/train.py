@@ -371,8 +371,10 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
   n = call_size(step)
   batch = batches(step, n) if step < t.num_steps else None
   window_start, window_steps = time.perf_counter(), 0
+  profile = _Profile(workdir, t.profile_start, t.profile_steps, logger.info)
   try:
     while step < t.num_steps:
+      profile.before(step)
       trainer.state, out = (trainer.train_step if n == 1 else trainer.train_steps)(trainer.state, batch)
       next_n = call_size(step + n)
       if step + n < t.num_steps:
@@ -383,6 +385,7 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
         raise FloatingPointError(f'loss became {losses[bad[0]]} at step {step + bad[0] + 1}; the last good checkpoint '
                                  'is kept; lower train.learning_rate or check the data')
       step, window_steps, n = step + n, window_steps + n, next_n
+      profile.after(step)
       if step == start_step + len(losses):
         logger.info(f'step {step}: compiled and ran the first call in {time.perf_counter() - window_start:.1f} s')
         window_start, window_steps = time.perf_counter(), 0
@@ -415,6 +418,30 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
         window_start, window_steps = time.perf_counter(), 0
     checkpoints.wait()  # the last save is on disk (a failed asynchronous save surfaces here)
   finally:
+    profile.after(None)
     checkpoints.close()
     logger.close()
   return metrics
+
+
+class _Profile:
+  """A jax.profiler trace of steps [start, start + steps) (whole compiled calls), for TensorBoard/Perfetto."""
+
+  def __init__(self, workdir: pathlib.Path, start: int, steps: int, log: Callable[[str], None]):
+    self.directory, self.start, self.end, self.log = pathlib.Path(workdir), start, start + steps, log
+    self.state = 'waiting' if steps else 'off'  # -> 'tracing' -> 'done'
+    self.first = start
+
+  def before(self, step: int) -> None:
+    if self.state == 'waiting' and step >= self.start:
+      jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+      self.state, self.first = 'tracing', step
+
+  def after(self, step: int | None) -> None:
+    """Stops the trace once `step` steps are done (None: the run is ending)."""
+    if self.state == 'tracing' and (step is None or step >= self.end):
+      jax.profiler.stop_trace()
+      self.state = 'done'
+      last = 'the end' if step is None else step
+      self.log(f'profiled steps {self.first + 1}..{last} into {self.directory / "plugins" / "profile"} '
+               '(TensorBoard profile tab, or its .trace.json.gz in ui.perfetto.dev)')

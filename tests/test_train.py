@@ -1,5 +1,6 @@
 """The optimizer, the compiled steps and the loop."""
 
+import gzip
 import json
 import math
 
@@ -152,3 +153,22 @@ def test_several_steps_per_call_equal_single_steps(tiny_config, tmp_path):
 def test_steps_per_call_must_divide_the_intervals(tiny_config, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r'eval.every=10 is not a multiple of train.steps_per_call=4'):
     train_lib.train_and_evaluate(tiny_config(**{'train.steps_per_call': 4, 'train.log_every': 4}), tmp_path)
+
+
+def test_profile_traces_the_asked_steps(tiny_config, tmp_path, capsys):
+  config = tiny_config(**{'train.num_steps': 12, 'train.decay_steps': 12, 'train.log_every': 3, 'eval.every': 6,
+                          'checkpoint.every': 6, 'train.steps_per_call': 3, 'train.profile_start': 4,
+                          'train.profile_steps': 2})
+  train_lib.train_and_evaluate(config, tmp_path)
+  assert 'profiled steps 7..9 into' in capsys.readouterr().out  # whole calls: the one holding steps 7-9
+  traces = list((tmp_path / 'plugins' / 'profile').glob('*/*.trace.json.gz'))
+  assert len(traces) == 1 and len(list(traces[0].parent.glob('*.xplane.pb'))) == 1
+  events = json.loads(gzip.decompress(traces[0].read_bytes()))['traceEvents']
+  modules = {e.get('args', {}).get('hlo_module') for e in events}
+  assert any(m and 'train_steps' in m for m in modules), modules  # the compiled steps ran inside the trace
+
+
+@pytest.mark.parametrize('field', ['train.profile_steps', 'train.profile_start'])
+def test_profile_fields_must_be_non_negative(tiny_config, tmp_path, field):
+  with pytest.raises(config_lib.ConfigError, match=f'{field} must be an integer >= 0, got -1'):
+    train_lib.train_and_evaluate(tiny_config(**{field: -1}), tmp_path)
