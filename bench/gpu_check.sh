@@ -46,9 +46,13 @@ if [ "${SMOKE:-0}" != 1 ]; then
     env_cache=(); [ "$cache" = off ] && env_cache=(NANODECODER_COMPILATION_CACHE=)
     echo "== loop speed, compilation cache $cache" | tee -a "$OUT/summary.txt"
     env "${env_cache[@]}" timeout 60 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" --set train.num_steps=300 \
-      --set train.decay_steps=300 --set eval.every=300 --set eval.batches=10 --workdir /tmp/nanodecoder_gpu_diag \
+      --set train.decay_steps=300 --set eval.every=300 --set eval.batches=10 --set train.profile_start=200 \
+      --set train.profile_steps=20 --workdir /tmp/nanodecoder_gpu_diag \
       --out "$OUT/diag_cache_$cache.json" > "$OUT/diag_cache_$cache.log" 2>&1
     grep -E '"median_ms_per_step"|"stopped_by"' "$OUT/diag_cache_$cache.json" 2>/dev/null | tee -a "$OUT/summary.txt"
+    # Where the 20 traced steps spent their time, device ops and host events (bench/trace_summary.py).
+    "$PY" bench/trace_summary.py /tmp/nanodecoder_gpu_diag/plugins/profile --top 12 > "$OUT/diag_trace_$cache.txt" 2>&1
+    head -n 30 "$OUT/diag_trace_$cache.txt" | tee -a "$OUT/summary.txt"
   done
 fi
 
