@@ -21,6 +21,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
+
 
 def worker(shape: str, layers: int, scan: bool) -> dict:
   import jax
@@ -73,10 +75,7 @@ def main():
   for r in rows:
     print(f'{r["layers"]:>6} {str(r["scan_layers"]):>5} {r["trace_lower_s"]:>13.1f} {r["compile_s"]:>9.1f}')
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix('.tmp')
-  tmp.write_text(json.dumps({'machine': machine(), 'results': rows}, indent=2))
-  tmp.replace(out)
+  atomic_write(out, json.dumps({'machine': machine(), 'results': rows}, indent=2) + '\n')
   print(f'wrote {out}')
 
 

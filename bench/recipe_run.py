@@ -20,6 +20,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +74,7 @@ def main():
   }
   print(json.dumps(result, indent=2))
   if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+    atomic_write(args.out, json.dumps(result, indent=2) + '\n')
 
 
 if __name__ == '__main__':

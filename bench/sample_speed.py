@@ -23,6 +23,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,10 +82,7 @@ def main():
     print(f'{r["batch_size"]:>5} {str(r["kv_cache"]):>8} {r["tokens"]:>6} {r["seconds"]:>8.2f} {r["tokens_per_s"]:>9.1f} '
           f'{r["ms_per_token_step"]:>8.2f} {speedup:>8}')
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix('.tmp')
-  tmp.write_text(json.dumps({'machine': machine(), 'shape': args.shape, 'results': rows}, indent=2))
-  tmp.replace(out)
+  atomic_write(out, json.dumps({'machine': machine(), 'shape': args.shape, 'results': rows}, indent=2) + '\n')
   print(f'wrote {out}')
 
 

@@ -30,6 +30,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
+
 # steps and repeats per shape when not given on the command line
 DEFAULT_STEPS = {'cpu': 50, 'base': 2}
 DEFAULT_REPEATS = {'cpu': 5, 'base': 3}
@@ -183,11 +185,8 @@ def main():
           f'{r["gflops"]:>8.1f} {r["fraction_of_matmul_ceiling"]:>10.0%} {mfu:>5} {r["peak_rss_mib"]:>12.0f}  '
           f'{" ".join(r["overrides"])}')
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   payload = {'machine': machine(), 'matmul_gflops': ceiling, 'overrides': args.set, 'results': rows}
-  tmp = out.with_suffix('.tmp')
-  tmp.write_text(json.dumps(payload, indent=2))
-  tmp.replace(out)
+  atomic_write(out, json.dumps(payload, indent=2) + '\n')
   print(f'wrote {out}')
 
 
