@@ -187,15 +187,18 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
 EVAL_BATCHES_PER_CALL = 16  # evaluation batches scanned in one compiled call
 
 
+def _pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
+  """`array` with zero rows appended up to a multiple of `multiple` rows."""
+  return np.concatenate([array, np.zeros((-len(array) % multiple, *array.shape[1:]), array.dtype)])
+
+
 def _mean_loss(trainer: Trainer, tokens: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
   """(mean loss, target count) over batches tokens [n, B, T+1] with weights [n, B, T], a few per call.
 
   The last call is padded with zero-weight batches so that every call has the same shape.
   """
   per_call = min(EVAL_BATCHES_PER_CALL, len(tokens))
-  pad = -len(tokens) % per_call
-  tokens = np.concatenate([tokens, np.zeros((pad, *tokens.shape[1:]), tokens.dtype)])
-  weights = np.concatenate([weights, np.zeros((pad, *weights.shape[1:]), weights.dtype)])
+  tokens, weights = _pad_rows(tokens, per_call), _pad_rows(weights, per_call)
   sharding = sharding_lib.batch_sharding(trainer.mesh, batch_dim=1)
   total = count = 0.0
   for i in range(0, len(tokens), per_call):
@@ -211,9 +214,7 @@ def window_loss(trainer: Trainer, tokens: np.ndarray) -> tuple[float, float]:
   """Exact (mean loss, target count) over every window of `tokens` (each target predicted once)."""
   batch_size, context = trainer.config.train.batch_size, trainer.model_config.context_length
   windows, weights = data_lib.all_windows(tokens, context)
-  pad = -len(windows) % batch_size
-  windows = np.concatenate([windows, np.zeros((pad, context + 1), windows.dtype)])
-  weights = np.concatenate([weights, np.zeros((pad, context), weights.dtype)])
+  windows, weights = _pad_rows(windows, batch_size), _pad_rows(weights, batch_size)
   return _mean_loss(trainer, windows.reshape(-1, batch_size, context + 1), weights.reshape(-1, batch_size, context))
 
 
