@@ -84,10 +84,14 @@ def count_parameters(workdir: str | pathlib.Path) -> int | None:
     return count_params(nnx.eval_shape(lambda: Decoder(model_config, nnx.Rngs(0))))
 
 
-def run_row(workdir: str | pathlib.Path, num_steps: int | None = None) -> dict[str, Any]:
-  """The summary numbers of one run (None where it has none yet); `num_steps` if it has no config.json yet."""
+def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: RunMetrics | None = None
+            ) -> dict[str, Any]:
+  """The summary numbers of one run (None where it has none yet); `num_steps` if it has no config.json yet.
+
+  `metrics`: the run's `read_metrics`, when the caller has read them already.
+  """
   workdir = pathlib.Path(workdir)
-  metrics = read_metrics(workdir)
+  metrics = read_metrics(workdir) if metrics is None else metrics
   try:
     num_steps = json.loads((workdir / 'config.json').read_text(encoding='utf-8'))['train']['num_steps']
   except (OSError, json.JSONDecodeError, KeyError):
@@ -255,9 +259,9 @@ def write_summary(root: str | pathlib.Path) -> list[pathlib.Path]:
   rows, curves = [], []
   for name, values, num_steps in points:
     workdir = root / name
-    row = {'point': root.name if name == '.' else name, **values, **run_row(workdir, num_steps)}
-    rows.append(row)
     metrics = read_metrics(workdir)
+    row = {'point': root.name if name == '.' else name, **values, **run_row(workdir, num_steps, metrics)}
+    rows.append(row)
     if metrics.train or metrics.evals:
       curves.append((row['point'], metrics))
   written = []
