@@ -141,20 +141,16 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
 def sample_command() -> None:
   from nanodecoder import checkpoint, sampling
 
-  if not FLAGS.workdir:
-    fail('--workdir is required to sample: the run directory holding checkpoints/')
+  workdir = _require_workdir('sample')
   options = SamplingOptions(max_new_tokens=FLAGS.max_new_tokens, num_samples=FLAGS.num_samples,
                             temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
                             use_cache=FLAGS.kv_cache)
   options.validate()
-  prompt = FLAGS.prompt
-  if FLAGS.prompt_file:
-    try:
-      prompt = pathlib.Path(FLAGS.prompt_file).read_text(encoding='utf-8')
-    except (OSError, UnicodeDecodeError) as e:
-      fail(f'cannot read --prompt_file {FLAGS.prompt_file!r}: {e}')
+  prompt = _given_prompt()
+  if prompt is None:
+    prompt = FLAGS.prompt  # its default, a newline
   setup_jax()
-  model, tokenizer, _, step = checkpoint.load_model(FLAGS.workdir, FLAGS.checkpoint)
+  model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint)
   prompt_ids = tokenizer.encode(prompt)
   if FLAGS.stream:
     if options.num_samples != 1:
@@ -290,9 +286,20 @@ def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Pa
 
 def _require_workdir(mode: str) -> pathlib.Path:
   if not FLAGS.workdir:
-    what = 'the root folder of a sweep (e.g. runs/sweep_blocks)' if mode == 'summary' else 'the run directory'
+    what = 'the root folder of a sweep (e.g. runs/sweep_blocks)' if mode == 'summary' else \
+        'the run directory holding checkpoints/'
     fail(f'--workdir is required for --mode {mode}: {what}')
   return pathlib.Path(FLAGS.workdir)
+
+
+def _given_prompt() -> str | None:
+  """The text of --prompt_file, else --prompt when given on the command line, else None."""
+  if FLAGS.prompt_file:
+    try:
+      return pathlib.Path(FLAGS.prompt_file).read_text(encoding='utf-8')
+    except (OSError, UnicodeDecodeError) as e:
+      fail(f'cannot read --prompt_file {FLAGS.prompt_file!r}: {e}')
+  return FLAGS.prompt if FLAGS['prompt'].present else None
 
 
 def eval_command() -> None:
@@ -319,14 +326,8 @@ def attention_command() -> None:
   from nanodecoder import analysis, checkpoint
 
   workdir = _require_workdir('attention')
-  if FLAGS.prompt_file:
-    try:
-      prompt = pathlib.Path(FLAGS.prompt_file).read_text(encoding='utf-8')
-    except (OSError, UnicodeDecodeError) as e:
-      fail(f'cannot read --prompt_file {FLAGS.prompt_file!r}: {e}')
-  elif FLAGS['prompt'].present:
-    prompt = FLAGS.prompt
-  else:
+  prompt = _given_prompt()
+  if prompt is None:
     fail("--mode attention needs the text to look at: --prompt 'ROMEO: ...' or --prompt_file FILE")
   setup_jax()
   model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint)
