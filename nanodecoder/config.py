@@ -66,6 +66,7 @@ _POSITIVE = (
     'train.grad_accum_steps',
     'eval.every', 'eval.batches', 'checkpoint.every', 'checkpoint.keep',
 )
+_NON_NEGATIVE = ('train.profile_steps', 'train.profile_start')
 _CHOICES = {
     'data.source': ('tfds', 'text'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
@@ -84,10 +85,11 @@ def _get(config, dotted):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first field the trainer could not use."""
-  for field in _POSITIVE:
-    value = _get(config, field)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      raise ConfigError(f'{field} must be a positive integer, got {value!r}')
+  for fields, least, what in ((_POSITIVE, 1, 'a positive integer'), (_NON_NEGATIVE, 0, 'an integer >= 0')):
+    for field in fields:
+      value = _get(config, field)
+      if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ConfigError(f'{field} must be {what}, got {value!r}')
   for field, choices in _CHOICES.items():
     value = _get(config, field)
     if value not in choices:
@@ -123,9 +125,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if _get(config, field) % k:
       raise ConfigError(f'{field}={_get(config, field)} is not a multiple of train.steps_per_call={k}; '
                         'make it one (logs, evaluations and checkpoints happen between calls)')
-  for field in ('train.profile_steps', 'train.profile_start'):
-    value = _get(config, field)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-      raise ConfigError(f'{field} must be an integer >= 0, got {value!r}')
   if config.mesh.cpu_devices < 0:
     raise ConfigError(f'mesh.cpu_devices must be >= 0 (0 = one per core), got {config.mesh.cpu_devices!r}')
