@@ -143,7 +143,19 @@ def _refill(model: Decoder, state, prompt_len: int, *sample_args, **sample_kwarg
               logits=logits[:, -1]), token
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'num_samples', 'steps', 'top_k', 'greedy', 'use_cache'))
+def _jit(fn, **kwargs):
+  """`jax.jit` for decoding. On CPU it turns off XLA's tree-reduction rewrite, which splits every
+  reduction into two kernels (sums over windows of 32 elements, then their total): the reductions of
+  a decoding step have at most a few hundred elements, and the extra kernels cost ~3% of a token."""
+  options = {'xla_disable_hlo_passes': 'tree_reduction_rewriter'} if jax.default_backend() == 'cpu' else None
+  return jax.jit(fn, compiler_options=options, **kwargs)
+
+
+@functools.cache
+def _compiled_generate():
+  return _jit(_generate, static_argnames=('graphdef', 'num_samples', 'steps', 'top_k', 'greedy', 'use_cache'))
+
+
 def _generate(params, prompt, randoms, temperature, top_p, *, graphdef, num_samples, steps, top_k, greedy, use_cache):
   model = nnx.merge(graphdef, params)
   state = _start(model, prompt, num_samples, steps, use_cache)
@@ -185,7 +197,7 @@ def generate(model: Decoder, prompt: np.ndarray, options: SamplingOptions = Samp
   """Token ids [num_samples, max_new_tokens] following `prompt` (token ids), in one compiled call."""
   prompt, graphdef, params, static = _prepare(model, prompt, options)
   randoms = uniforms(options.seed, options.max_new_tokens, options.num_samples)
-  out = _generate(params, prompt, randoms, jnp.float32(options.temperature or 1.0),
+  out = _compiled_generate()(params, prompt, randoms, jnp.float32(options.temperature or 1.0),
                   _top_p(options), graphdef=graphdef, num_samples=options.num_samples,
                   steps=options.max_new_tokens, use_cache=options.use_cache, **static)
   return np.asarray(out)
@@ -196,9 +208,9 @@ def stream(model: Decoder, prompt: np.ndarray, options: SamplingOptions = Sampli
   prompt, graphdef, params, static = _prepare(model, prompt, options)
   randoms = uniforms(options.seed, options.max_new_tokens, options.num_samples)
   temperature, top_p = jnp.float32(options.temperature or 1.0), _top_p(options)
-  start = jax.jit(lambda params, prompt: _start(nnx.merge(graphdef, params), prompt, options.num_samples,
+  start = _jit(lambda params, prompt: _start(nnx.merge(graphdef, params), prompt, options.num_samples,
                                                 options.max_new_tokens, options.use_cache))
-  steps = {fn: jax.jit(lambda params, state, randoms, fn=fn: fn(nnx.merge(graphdef, params), state, prompt.shape[0],
+  steps = {fn: _jit(lambda params, state, randoms, fn=fn: fn(nnx.merge(graphdef, params), state, prompt.shape[0],
                                                                 randoms, temperature, top_p, **static),
                        donate_argnums=1) for fn in (_decode, _refill)}
   state = start(params, prompt)
