@@ -8,7 +8,10 @@ compiled first and then timed over `--repeats` calls (the median is kept).
 The uncached method re-runs the model over a fixed window of context_length
 tokens per new token, so its per-token cost is the same for any length: it is
 timed over `--uncached_tokens` tokens (default 100) to keep the run short.
-Writes JSON (default bench/out/sample_speed.json).
+The last column compares the cached rows with PyTorch nanoGPT's uncached
+sampling of the base shape measured on the 2-core development CPUs (12-18
+tokens/s; issue 3's target is 50x of it). Writes JSON (default
+bench/out/sample_speed.json).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
+
+# PyTorch nanoGPT's uncached sampling, base shape, 2-core development CPUs (tokens/s, low and high).
+NANOGPT_UNCACHED_TOKENS_PER_S = (12.0, 18.0)
 
 
 def main():
@@ -73,14 +79,18 @@ def main():
     cached = next(r for r in rows if r['batch_size'] == batch and r['kv_cache'])
     uncached = next(r for r in rows if r['batch_size'] == batch and not r['kv_cache'])
     cached['speedup_vs_uncached'] = cached['tokens_per_s'] / uncached['tokens_per_s']
+    if args.shape == 'base':
+      cached['speedup_vs_nanogpt_uncached'] = [cached['tokens_per_s'] / r for r in NANOGPT_UNCACHED_TOKENS_PER_S[::-1]]
 
   print(f'shape {args.shape}: {model_config.num_layers} layers, {model_config.embed_dim} wide, '
         f'context {model_config.context_length}; {jax.devices()[0].platform}')
-  print(f'{"batch":>5} {"kv cache":>8} {"tokens":>6} {"seconds":>8} {"tokens/s":>9} {"ms/step":>8} {"speedup":>8}')
+  print(f'{"batch":>5} {"kv cache":>8} {"tokens":>6} {"seconds":>8} {"tokens/s":>9} {"ms/step":>8} {"speedup":>8} '
+        f'{"vs nanoGPT uncached":>20}')
   for r in rows:
     speedup = f'{r["speedup_vs_uncached"]:.0f}x' if 'speedup_vs_uncached' in r else ''
+    nanogpt = '-'.join(f'{x:.0f}' for x in r['speedup_vs_nanogpt_uncached']) + 'x' if 'speedup_vs_nanogpt_uncached' in r else ''
     print(f'{r["batch_size"]:>5} {str(r["kv_cache"]):>8} {r["tokens"]:>6} {r["seconds"]:>8.2f} {r["tokens_per_s"]:>9.1f} '
-          f'{r["ms_per_token_step"]:>8.2f} {speedup:>8}')
+          f'{r["ms_per_token_step"]:>8.2f} {speedup:>8} {nanogpt:>20}')
   out = pathlib.Path(args.out)
   atomic_write(out, json.dumps({'machine': machine(), 'shape': args.shape, 'results': rows}, indent=2) + '\n')
   print(f'wrote {out}')
