@@ -229,6 +229,16 @@ class CausalSelfAttention(nnx.Module):
 # Feed-forward -------------------------------------------------------------------
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x) = x / 2 * (1 + erf(x / sqrt(2))), written with erf as PyTorch (nanoGPT) does.
+
+  `jax.nn.gelu(approximate=False)` uses erfc instead: more accurate far in the
+  negative tail (the two differ by < 1e-6 there), but its erfc costs 2.5-4x
+  more on XLA's CPU backend (a decoding step spent 5% of its time in it).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * 2**-0.5))
+
+
 class FeedForward(nnx.Module):
   """Position-wise MLP: expand to F = mlp_ratio * D, GELU, project back to D."""
 
@@ -247,7 +257,7 @@ class FeedForward(nnx.Module):
     h = checkpoint_name(dense(x, self.fc[...].astype(dt)), 'projection')  # [B, T, F]
     if self.fc_bias is not None:
       h = h + self.fc_bias[...].astype(dt)
-    h = jax.nn.gelu(h, approximate=False)
+    h = gelu(h)
     out = checkpoint_name(dense(h, self.proj[...].astype(dt)), 'projection')  # [B, T, D]
     if self.proj_bias is not None:
       out = out + self.proj_bias[...].astype(dt)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanodecoder.model import Decoder, ModelConfig, attend, count_params, dense, dropout
+from nanodecoder.model import Decoder, ModelConfig, attend, count_params, dense, dropout, gelu
 
 CFG = ModelConfig(vocab_size=65, num_layers=2, num_heads=4, head_size=8, context_length=32)
 
@@ -95,6 +95,15 @@ def test_dense_gradient_equals_matmul_gradient():
   ref2 = lambda x, w: jnp.sum(jnp.sin(jnp.einsum('abcd,cde->abe', x, w)))
   for a, b in zip(jax.grad(ref2, (0, 1))(x, w2), jax.grad(lambda x, w: jnp.sum(jnp.sin(dense(x, w, 2))), (0, 1))(x, w2)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_is_exact_gelu():
+  x = np.linspace(-8, 8, 4001)
+  cdf = 0.5 * np.array([math.erfc(-v / math.sqrt(2)) for v in x])  # Phi(x) in float64
+  np.testing.assert_allclose(gelu(jnp.asarray(x, jnp.float32)), x * cdf, rtol=1e-5, atol=1e-6)
+  grad = jax.vmap(jax.grad(gelu))(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(grad, cdf + x * np.exp(-x**2 / 2) / math.sqrt(2 * math.pi), rtol=1e-5, atol=2e-6)
+  assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_dropout_keeps_the_expected_fraction_and_mean():
