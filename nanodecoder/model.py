@@ -234,7 +234,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
   `jax.nn.gelu(approximate=False)` uses erfc instead: more accurate far in the
   negative tail (the two differ by < 1e-6 there), but its erfc costs 2.5-4x
-  more on XLA's CPU backend (a decoding step spent 5% of its time in it).
+  more on XLA's CPU backend (the CPU recipe trains ~15% faster with erf).
   """
   return 0.5 * x * (1.0 + jax.lax.erf(x * 2**-0.5))
 

@@ -198,8 +198,8 @@ def generate(model: Decoder, prompt: np.ndarray, options: SamplingOptions = Samp
   prompt, graphdef, params, static = _prepare(model, prompt, options)
   randoms = uniforms(options.seed, options.max_new_tokens, options.num_samples)
   out = _compiled_generate()(params, prompt, randoms, jnp.float32(options.temperature or 1.0),
-                  _top_p(options), graphdef=graphdef, num_samples=options.num_samples,
-                  steps=options.max_new_tokens, use_cache=options.use_cache, **static)
+                             _top_p(options), graphdef=graphdef, num_samples=options.num_samples,
+                             steps=options.max_new_tokens, use_cache=options.use_cache, **static)
   return np.asarray(out)
 
 
@@ -209,10 +209,10 @@ def stream(model: Decoder, prompt: np.ndarray, options: SamplingOptions = Sampli
   randoms = uniforms(options.seed, options.max_new_tokens, options.num_samples)
   temperature, top_p = jnp.float32(options.temperature or 1.0), _top_p(options)
   start = _jit(lambda params, prompt: _start(nnx.merge(graphdef, params), prompt, options.num_samples,
-                                                options.max_new_tokens, options.use_cache))
+                                             options.max_new_tokens, options.use_cache))
   steps = {fn: _jit(lambda params, state, randoms, fn=fn: fn(nnx.merge(graphdef, params), state, prompt.shape[0],
-                                                                randoms, temperature, top_p, **static),
-                       donate_argnums=1) for fn in (_decode, _refill)}
+                                                             randoms, temperature, top_p, **static),
+                    donate_argnums=1) for fn in (_decode, _refill)}
   state = start(params, prompt)
   for _ in range(options.max_new_tokens):
     full = options.use_cache and int(state['cache_len']) == model.cfg.context_length
