@@ -95,6 +95,35 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_accumulation_on_2_devices_equals_one_big_batch_on_1(tiny_config):
+  full, dataset = build(tiny_config(), jax.devices()[:1])
+  accum, _ = build(tiny_config(**{'train.grad_accum_steps': 2}), jax.devices()[:2])
+  for step in range(2):
+    batch = dataset.train_batch(0, step, 8)
+    full.state, out_full = full.train_step(full.state, put(full, batch))
+    accum.state, out_accum = accum.train_step(accum.state, put(accum, batch))
+    np.testing.assert_allclose(float(out_full['loss']), float(out_accum['loss']), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params(full)), jax.tree.leaves(params(accum))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def all_reduces(trainer, dataset):
+  batch = put(trainer, dataset.train_batch(0, 0, 8))
+  hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
+  return [line for line in hlo.splitlines() if ' all-reduce(' in line or ' all-reduce-start(' in line]
+
+
+def test_data_parallel_gradients_are_all_reduced_as_one_vector(tiny_config):
+  trainer, dataset = build(tiny_config(), jax.devices()[:2])
+  flat = f'f32[{sum(x.size for x in jax.tree.leaves(params(trainer)))}]'
+  (line,) = all_reduces(trainer, dataset)  # the flat gradient and the loss, together
+  assert flat in line
+  # With dropout (random bits laid out over the global batch) GSPMD places the all-reduces, per array.
+  trainer, dataset = build(tiny_config(**{'model.dropout': 0.1}), jax.devices()[:2])
+  lines = all_reduces(trainer, dataset)
+  assert lines and not any(flat in line for line in lines)
+
+
 def test_dropout_changes_with_step_but_is_reproducible(tiny_config):
   config = tiny_config(**{'model.dropout': 0.3})
   a, dataset = build(config, jax.devices()[:1])
