@@ -179,35 +179,31 @@ def _generate(params, prompt, randoms, temperature, top_p, *, graphdef, num_samp
 
 
 def _prepare(model: Decoder, prompt: np.ndarray, options: SamplingOptions):
+  """(prompt, graphdef, params, (randoms, temperature, top_p), static sampling arguments) for decoding."""
   options.validate()
   prompt = np.asarray(prompt, np.int32).reshape(-1)
   if prompt.size == 0:
     raise SamplingError('the prompt is empty; give at least one character (e.g. a newline)')
   prompt = prompt[-model.cfg.context_length:]  # only the last context can condition the next token
   graphdef, params = nnx.split(model)
+  randoms = uniforms(options.seed, options.max_new_tokens, options.num_samples)
+  top_p = None if options.top_p >= 1.0 else jnp.float32(options.top_p)  # None: no nucleus filter compiled in
+  sampling = (randoms, jnp.float32(options.temperature or 1.0), top_p)
   static = dict(top_k=options.top_k, greedy=options.temperature == 0)
-  return jnp.asarray(prompt), graphdef, params, static
-
-
-def _top_p(options: SamplingOptions):
-  return None if options.top_p >= 1.0 else jnp.float32(options.top_p)  # None: no nucleus filter compiled in
+  return jnp.asarray(prompt), graphdef, params, sampling, static
 
 
 def generate(model: Decoder, prompt: np.ndarray, options: SamplingOptions = SamplingOptions()) -> np.ndarray:
   """Token ids [num_samples, max_new_tokens] following `prompt` (token ids), in one compiled call."""
-  prompt, graphdef, params, static = _prepare(model, prompt, options)
-  randoms = uniforms(options.seed, options.max_new_tokens, options.num_samples)
-  out = _compiled_generate()(params, prompt, randoms, jnp.float32(options.temperature or 1.0),
-                             _top_p(options), graphdef=graphdef, num_samples=options.num_samples,
+  prompt, graphdef, params, sampling, static = _prepare(model, prompt, options)
+  out = _compiled_generate()(params, prompt, *sampling, graphdef=graphdef, num_samples=options.num_samples,
                              steps=options.max_new_tokens, use_cache=options.use_cache, **static)
   return np.asarray(out)
 
 
 def stream(model: Decoder, prompt: np.ndarray, options: SamplingOptions = SamplingOptions()) -> Iterator[np.ndarray]:
   """Yields each new token [num_samples] as soon as it is sampled (one compiled step per token)."""
-  prompt, graphdef, params, static = _prepare(model, prompt, options)
-  randoms = uniforms(options.seed, options.max_new_tokens, options.num_samples)
-  temperature, top_p = jnp.float32(options.temperature or 1.0), _top_p(options)
+  prompt, graphdef, params, (randoms, temperature, top_p), static = _prepare(model, prompt, options)
   start = _jit(lambda params, prompt: _start(nnx.merge(graphdef, params), prompt, options.num_samples,
                                              options.max_new_tokens, options.use_cache))
   steps = {fn: _jit(lambda params, state, randoms, fn=fn: fn(nnx.merge(graphdef, params), state, prompt.shape[0],
