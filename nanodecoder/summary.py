@@ -86,16 +86,19 @@ def count_parameters(workdir: str | pathlib.Path) -> int | None:
 
 def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: RunMetrics | None = None
             ) -> dict[str, Any]:
-  """The summary numbers of one run (None where it has none yet); `num_steps` if it has no config.json yet.
+  """The summary numbers of one run (None where it has none yet).
 
-  `metrics`: the run's `read_metrics`, when the caller has read them already.
+  `num_steps`: the sweep manifest's, which wins over the run's config.json (the
+  settings of its last session); None: the config.json's. `metrics`: the run's
+  `read_metrics`, when the caller has read them already.
   """
   workdir = pathlib.Path(workdir)
   metrics = read_metrics(workdir) if metrics is None else metrics
-  try:
-    num_steps = json.loads((workdir / 'config.json').read_text(encoding='utf-8'))['train']['num_steps']
-  except (OSError, json.JSONDecodeError, KeyError):
-    pass
+  if num_steps is None:
+    try:
+      num_steps = json.loads((workdir / 'config.json').read_text(encoding='utf-8'))['train']['num_steps']
+    except (OSError, json.JSONDecodeError, KeyError):
+      pass
   status = sweep_lib.point_status(workdir, num_steps) if num_steps else sweep_lib.Status('new', 0, 0)
   row = dict.fromkeys(METRIC_COLUMNS)
   row.update(status=status.state, step=status.step, num_steps=num_steps, params=count_parameters(workdir),
@@ -161,7 +164,8 @@ def markdown(title: str, fields: list[str], rows: list[dict[str, Any]], images: 
     best_text = _number(r['best_val_loss'])
     if r is best:
       best_text = f'**{best_text}**'
-    cells = [*(str(r[f]) for f in fields or ['point']), r['status'], f'{r["step"]}/{r["num_steps"] or "?"}',
+    cells = [*('' if r[f] is None else str(r[f]) for f in fields or ['point']), r['status'],
+             f'{r["step"]}/{r["num_steps"] or "?"}',
              '' if r['params'] is None else f'{r["params"]:,}', best_text, _number(r['final_val_loss']),
              _number(r['final_train_loss']), '' if r['tokens_per_s'] is None else f'{r["tokens_per_s"]:,.0f}',
              '' if r['wall_time_s'] is None else format_duration(r['wall_time_s'])]
@@ -193,11 +197,11 @@ def _is_number(value: Any) -> bool:
 
 
 def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, path: pathlib.Path) -> None:
-  """Best val loss against the first field; one line per combination of the other fields."""
+  """Best val loss against the first field (rows without it are left out); one line per combination of the others."""
   x_field = fields[0] if fields else 'point'
   groups: dict[tuple, list[tuple[Any, float]]] = {}
   for r in rows:
-    if r['best_val_loss'] is not None:
+    if r['best_val_loss'] is not None and r[x_field] is not None:
       groups.setdefault(tuple(r[f] for f in fields[1:]), []).append((r[x_field], r['best_val_loss']))
   xs = [x for points in groups.values() for x, _ in points]
   numeric = all(_is_number(x) for x in xs)
@@ -207,7 +211,7 @@ def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, pat
   for key, points in groups.items():
     points.sort(key=lambda p: p[0] if numeric else categories.index(p[0]))
     px = [x if numeric else categories.index(x) for x, _ in points]
-    label = ', '.join(f'{f}={v}' for f, v in zip(fields[1:], key)) or None
+    label = ', '.join(f'{f} unset' if v is None else f'{f}={v}' for f, v in zip(fields[1:], key)) or None
     ax.plot(px, [y for _, y in points], 'o-', label=label)
   if numeric and min(xs) > 0 and max(xs) / min(xs) >= 8:
     ax.set_xscale('log', base=2)
@@ -260,7 +264,8 @@ def write_summary(root: str | pathlib.Path) -> list[pathlib.Path]:
   for name, values, num_steps in points:
     workdir = root / name
     metrics = read_metrics(workdir)
-    row = {'point': root.name if name == '.' else name, **values, **run_row(workdir, num_steps, metrics)}
+    row = {'point': root.name if name == '.' else name, **dict.fromkeys(fields), **values,
+           **run_row(workdir, num_steps, metrics)}  # a field the point does not set: None
     rows.append(row)
     if metrics.train or metrics.evals:
       curves.append((row['point'], metrics))
@@ -272,7 +277,8 @@ def write_summary(root: str | pathlib.Path) -> list[pathlib.Path]:
   atomic_write(root / 'summary.csv', buffer.getvalue())
   written.append(root / 'summary.csv')
   images = []
-  if any(r['best_val_loss'] is not None for r in rows):
+  x_field = fields[0] if fields else 'point'
+  if any(r['best_val_loss'] is not None and r[x_field] is not None for r in rows):
     plot_val_loss(rows, fields, f'{title}: best val loss', root / 'val_loss.png')
     images.append('val_loss.png')
   if curves:

@@ -144,3 +144,53 @@ def test_summary_mode_rewrites_the_files(sweep_root):
   assert result.stdout.startswith('# Summary of sweep tiny (tiny.py)')
   assert f'wrote {sweep_root / "summary.csv"}, {sweep_root / "summary.md"}' in result.stdout
   assert (sweep_root / 'summary.md').is_file() and (sweep_root / 'val_loss.png').stat().st_size > 1000
+
+
+def fake_run(workdir, config=None, step=20, val_loss=None):
+  """A run's files without training: a checkpoint at `step`, config.json, a log line and an evaluation there."""
+  (workdir / 'checkpoints' / str(step)).mkdir(parents=True, exist_ok=True)
+  if config is not None:
+    (workdir / 'config.json').write_text(config.to_json(indent=2))
+  when = {'step': step, 'time': 110.0, 'session_start': 100.0}
+  lines = [{**when, 'train/loss': 2.6}]
+  if val_loss is not None:
+    lines.append({**when, 'eval/train_loss': 2.5, 'eval/val_loss': val_loss})
+  (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+
+
+def test_points_with_different_fields_get_every_column(tiny_config, tmp_path):
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('tiny.py', base, [{'model.dropout': 0.1}, {'model.dropout': 0.0, 'eval.every': 5}])
+  sweep_lib.write_manifest(tmp_path, sweep, base)
+  for point, loss in zip(sweep.points, (2.5, 2.4)):
+    fake_run(sweep.workdir(tmp_path, point), val_loss=loss)
+  written = summary_lib.write_summary(tmp_path)
+  assert [p.name for p in written] == ['summary.csv', 'summary.md', 'val_loss.png', 'loss_curves.png']
+  rows = list(csv.DictReader((tmp_path / 'summary.csv').open()))
+  assert [(r['point'], r['dropout'], r['every'], r['best_val_loss']) for r in rows] == [
+      ('dropout=0.1', '0.1', '', '2.5'), ('dropout=0,every=5', '0.0', '5', '2.4')]
+  text = (tmp_path / 'summary.md').read_text()
+  assert '| 0.1 |  | finished | 20/20 |' in text and '| 0.0 | 5 | finished | 20/20 |' in text
+
+  runs = tmp_path / 'runs'  # a folder of runs: 'tag=c' has no x value (lr), so no point of the plot
+  for name, loss in (('lr=0.5', 2.5), ('lr=0.25,tag=b', 2.4), ('tag=c', 2.3)):
+    fake_run(runs / name, val_loss=loss)
+  assert [p.name for p in summary_lib.write_summary(runs)][:3] == ['summary.csv', 'summary.md', 'val_loss.png']
+  rows = list(csv.DictReader((runs / 'summary.csv').open()))
+  assert [(r['point'], r['lr'], r['tag']) for r in rows] == [('lr=0.25,tag=b', '0.25', 'b'), ('lr=0.5', '0.5', ''),
+                                                             ('tag=c', '', 'c')]
+  fake_run(runs / 'lr=0.5')
+  fake_run(runs / 'lr=0.25,tag=b')
+  assert 'val_loss.png' not in [p.name for p in summary_lib.write_summary(runs)]  # only tag=c has a val loss
+
+
+def test_status_counts_to_the_manifests_num_steps(tiny_config, tmp_path):
+  base = tiny_config(**{'train.num_steps': 40, 'train.decay_steps': 40})
+  sweep = sweep_lib.make_sweep('tiny.py', base, {'seed': [1, 2]})
+  for point in sweep.points:  # both stopped at step 20 by an earlier session of 20 steps
+    fake_run(sweep.workdir(tmp_path, point), sweep_lib.point_config(tiny_config(**{'train.decay_steps': 40}), point))
+  sweep_lib.write_manifest(tmp_path, sweep, base)
+  summary_lib.write_summary(tmp_path)
+  rows = list(csv.DictReader((tmp_path / 'summary.csv').open()))
+  assert [(r['status'], r['step'], r['num_steps']) for r in rows] == [('partial', '20', '40')] * 2
+  assert sweep_lib.listing(sweep, base, tmp_path).count('partial (20/40)') == 2
