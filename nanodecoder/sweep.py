@@ -13,7 +13,8 @@ overrides) with its own fields set, in `<root>/<field=value,...>`, root being
 --workdir or runs/<config.name>: `runs/sweep_shape/num_layers=2,head_size=16`.
 
 A point is finished when its latest checkpoint is at its train.num_steps;
-rerunning a sweep skips finished points and resumes interrupted ones.
+rerunning a sweep skips finished points and resumes interrupted ones, unless
+they were trained under other settings (see `check_saved_configs`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import ml_collections
 from nanodecoder import config as config_lib
 from nanodecoder.config import ConfigError
 from nanodecoder.files import atomic_write
-from nanodecoder.metrics import format_duration
+from nanodecoder.metrics import flatten_config, format_duration
 
 MANIFEST = 'sweep.json'
 
@@ -130,11 +131,48 @@ def point_config(base: ml_collections.ConfigDict, point: Point) -> ml_collection
 
 
 def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.ConfigDict) -> None:
-  """`root/sweep.json`: what the summary needs to know about the sweep."""
+  """`root/sweep.json`: what the summary needs to know about the sweep.
+
+  Runs `check_saved_configs` first: the manifest never describes points trained under other settings.
+  """
+  check_saved_configs(sweep, base, root)
   manifest = {'name': sweep.name, 'config': sweep.spec, 'fields': sweep.fields,
               'points': [{'name': p.name, 'overrides': p.overrides,
                           'num_steps': point_config(base, p).train.num_steps} for p in sweep.points]}
   atomic_write(pathlib.Path(root) / MANIFEST, json.dumps(manifest, indent=2) + '\n')
+
+
+# Fields a point's config may change between sessions without changing what it trains: its length (more steps
+# extend a run; the schedule's train.decay_steps is compared), the device layout (a checkpoint restores onto any
+# mesh, and parallel sweeps set mesh.cpu_devices per point), steps per compiled call, how often it logs, profiles,
+# evaluates and saves (and how many checkpoints it keeps, written in the background or not), and where this
+# machine keeps the same data. A trailing '.' covers a whole section.
+RESUMABLE_CHANGES = ('train.num_steps', 'mesh.', 'train.steps_per_call', 'train.log_every', 'train.profile_steps',
+                     'train.profile_start', 'eval.every', 'checkpoint.', 'data.manual_dir', 'data.tfds_data_dir')
+
+
+def _may_change_on_resume(field: str) -> bool:
+  return any(field == allowed or (allowed.endswith('.') and field.startswith(allowed)) for allowed in RESUMABLE_CHANGES)
+
+
+def check_saved_configs(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path) -> None:
+  """Refuses (ConfigError) to resume or skip a point whose checkpoints were trained under other settings.
+
+  A point with checkpoints and a config.json must match its config but for RESUMABLE_CHANGES; otherwise,
+  e.g. a full sweep after a short quick look in the same root, it would continue from a decayed schedule.
+  """
+  for point in sweep.points:
+    workdir = sweep.workdir(root, point)
+    config_file = workdir / 'config.json'
+    if not config_file.is_file() or not saved_steps(workdir):
+      continue  # not started, or starts from scratch
+    saved = flatten_config(json.loads(config_file.read_text(encoding='utf-8')))
+    current = flatten_config(json.loads(point_config(base, point).to_json()))  # JSON on both sides: tuples are lists
+    for field, value in current.items():
+      if field in saved and saved[field] != value and not _may_change_on_resume(field):
+        raise ConfigError(f'sweep point {point.index} ({point.name}) in {workdir} was trained with '
+                          f'{field}={saved[field]!r}, not {value!r}; pass another --workdir, or delete that '
+                          'folder to train the point again')
 
 
 # Progress of a point ------------------------------------------------------------
@@ -188,8 +226,9 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
   holds (e.g. for its share of the devices). Returns ({point name: exit
   status} of the points it ran, the signal that stopped the sweep or None).
   SIGTERM is passed on to the running points (they save and stop); after
-  SIGTERM or Ctrl-C no new point starts.
+  SIGTERM or Ctrl-C no new point starts. Raises ConfigError (`check_saved_configs`) before starting any.
   """
+  check_saved_configs(sweep, base, root)
   todo = []
   total = len(sweep.points)
   for point in sweep.points:
@@ -235,10 +274,16 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
 
 
 def child_env(slot: int, parallel: int, environ: dict[str, str] | None = None) -> dict[str, str]:
-  """The environment of the point in `slot`: its share of CUDA_VISIBLE_DEVICES when that lists enough GPUs."""
+  """The environment of the point in `slot`: its share of CUDA_VISIBLE_DEVICES when that lists enough GPUs.
+
+  Otherwise the `parallel` points share each GPU: each gets 0.9 / parallel of its memory instead of JAX's
+  default 75% (unless XLA_PYTHON_CLIENT_MEM_FRACTION is set); no effect without GPUs.
+  """
   env = dict(os.environ if environ is None else environ)
   gpus = [g for g in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if g.strip()]
   if parallel > 1 and len(gpus) >= parallel:
     share = len(gpus) // parallel
     env['CUDA_VISIBLE_DEVICES'] = ','.join(gpus[slot * share:(slot + 1) * share])
+  elif parallel > 1:
+    env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / parallel:.3g}')
   return env

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,16 @@ def test_child_env_shares_out_the_listed_gpus():
   assert [sweep_lib.child_env(slot, 2, env)['CUDA_VISIBLE_DEVICES'] for slot in (0, 1)] == ['0,1', '2,3']
   assert sweep_lib.child_env(1, 1, env)['CUDA_VISIBLE_DEVICES'] == '0,1,2,3'
   assert 'CUDA_VISIBLE_DEVICES' not in sweep_lib.child_env(0, 2, {'OTHER': 'x'})
+  assert 'XLA_PYTHON_CLIENT_MEM_FRACTION' not in sweep_lib.child_env(0, 2, env)  # a GPU each: JAX's default
+
+
+def test_child_env_splits_the_gpu_memory_when_points_share_gpus():
+  fraction = lambda slot, parallel, env: sweep_lib.child_env(slot, parallel, env).get('XLA_PYTHON_CLIENT_MEM_FRACTION')
+  assert [fraction(slot, 3, {}) for slot in (0, 1, 2)] == ['0.3'] * 3  # CUDA_VISIBLE_DEVICES unset
+  assert fraction(1, 2, {'CUDA_VISIBLE_DEVICES': '0'}) == '0.45'  # fewer GPUs than points
+  assert fraction(0, 4, {'CUDA_VISIBLE_DEVICES': '0,1,2'}) == '0.225'
+  assert fraction(0, 2, {'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.2'}) == '0.2'  # the user's setting wins
+  assert fraction(0, 1, {}) is None  # one point at a time: JAX's default
 
 
 class FakeProcess:
@@ -153,6 +164,43 @@ def test_finished_points_are_skipped_and_interrupted_ones_resume(tiny_config, tm
   assert len(sessions) == 2
   assert [line['step'] for line in lines if line['session_start'] == sessions[1] and 'train/loss' in line] == [20]
   assert all(sweep_lib.point_status(sweep.workdir(tmp_path, p), 20).state == 'finished' for p in sweep.points)
+
+
+def started_point(workdir, config, step):
+  """A point's workdir as a session of `config` stopped at `step` leaves it (config.json, the checkpoint folder)."""
+  (workdir / 'checkpoints' / str(step)).mkdir(parents=True, exist_ok=True)
+  (workdir / 'config.json').write_text(config.to_json(indent=2))
+
+
+def test_points_started_under_other_settings_are_refused_before_anything_runs(tiny_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(sweep_lib.time, 'sleep', lambda s: None)
+  base = tiny_config()  # 20 steps, decay over 20
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2]})
+  quick_look = tiny_config(**{'train.num_steps': 10, 'train.decay_steps': 10})
+  for point in sweep.points:
+    started_point(sweep.workdir(tmp_path, point), sweep_lib.point_config(quick_look, point), 10)
+  started = []
+
+  def start(point, slot):
+    started.append(point.name)
+    return FakeProcess(point.name)
+
+  message = (rf'^sweep point 0 \(seed=1\) in {re.escape(str(tmp_path / "seed=1"))} was trained with '
+             r'train.decay_steps=10, not 20; pass another --workdir, or delete that folder to train the point again$')
+  with pytest.raises(ConfigError, match=message):
+    sweep_lib.run(sweep, base, tmp_path, start, log=lambda m: None)
+  with pytest.raises(ConfigError, match=message):
+    sweep_lib.write_manifest(tmp_path, sweep, base)
+  assert started == [] and not (tmp_path / sweep_lib.MANIFEST).exists()
+
+  # Length, mesh and cadence may change on resume; a point without checkpoints starts afresh whatever it saved.
+  resumable = tiny_config(**{'train.num_steps': 10, 'mesh.cpu_devices': 1, 'eval.every': 5, 'train.log_every': 5,
+                             'checkpoint.every': 5})
+  started_point(sweep.workdir(tmp_path, sweep.points[0]), sweep_lib.point_config(resumable, sweep.points[0]), 10)
+  (sweep.workdir(tmp_path, sweep.points[1]) / 'checkpoints' / '10').rmdir()
+  sweep_lib.write_manifest(tmp_path, sweep, base)
+  results, _ = sweep_lib.run(sweep, base, tmp_path, start, log=lambda m: None)
+  assert started == ['seed=1', 'seed=2'] and results == {'seed=1': 0, 'seed=2': 0}
 
 
 SWEEP_FILE = '''
