@@ -33,6 +33,7 @@ def main():
 
   from nanodecoder import cli, config as config_lib, train
   from nanodecoder.model import train_flops_per_token
+  from nanodecoder.sweep import saved_steps
   from train_speed import machine, peak_flops
 
   config = config_lib.load_config_file(args.config)
@@ -46,30 +47,35 @@ def main():
   metrics = train.train_and_evaluate(config, args.workdir)
   wall = time.perf_counter() - start
 
-  records = [json.loads(line) for line in (pathlib.Path(args.workdir) / 'metrics.jsonl').read_text().splitlines()]
+  metrics_file = pathlib.Path(args.workdir) / 'metrics.jsonl'
+  records = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
   train_records = [r for r in records if 'train/loss' in r]
   logs = [r for r in train_records if 'train/ms_per_step' in r]
   evals = [r for r in records if 'eval/val_loss' in r]
-  # Each timed log line covers the steps since the previous log line; steps without a timing (the first,
-  # compiling call) count at the median speed.
-  previous = {r['step']: p['step'] for p, r in zip(train_records, train_records[1:])}
-  covered = {r['step']: r['step'] - previous[r['step']] for r in logs if r['step'] in previous}
-  median_ms = statistics.median(r['train/ms_per_step'] for r in logs)
-  steps_done = train_records[-1]['step']  # below train.num_steps when a signal (e.g. a timeout) stopped the run
-  train_seconds = (sum(r['train/ms_per_step'] * covered.get(r['step'], 0) for r in logs)
-                   + (steps_done - sum(covered.values())) * median_ms) / 1000
-  tokens_per_s = statistics.median(r['train/tokens_per_s'] for r in logs)
-  model_config = config_lib.model_config(config, 65)
+  # Below train.num_steps when a signal stopped the run: then its last checkpoint is past its last log line.
+  steps_done = max([r['step'] for r in train_records[-1:]] + saved_steps(args.workdir), default=0)
+  # None where a run stopped (signal, timeout) before its first timed log line or evaluation.
+  median_ms = tokens_per_s = train_seconds = achieved = None
+  if logs:
+    # Each timed log line covers the steps since the previous log line; steps without a timing (the first,
+    # compiling call) count at the median speed.
+    previous = {r['step']: p['step'] for p, r in zip(train_records, train_records[1:])}
+    covered = {r['step']: r['step'] - previous[r['step']] for r in logs if r['step'] in previous}
+    median_ms = statistics.median(r['train/ms_per_step'] for r in logs)
+    train_seconds = (sum(r['train/ms_per_step'] * covered.get(r['step'], 0) for r in logs)
+                     + (steps_done - sum(covered.values())) * median_ms) / 1000
+    tokens_per_s = statistics.median(r['train/tokens_per_s'] for r in logs)
+    achieved = train_flops_per_token(config_lib.model_config(config, 65)) * tokens_per_s
   peak = peak_flops(jax.devices()[0].device_kind) if jax.default_backend() == 'gpu' else None
-  achieved = train_flops_per_token(model_config) * tokens_per_s
   result = {
       'config': args.config, 'overrides': args.set, 'device_kind': jax.devices()[0].device_kind,
       'devices': jax.device_count(), 'steps': config.train.num_steps, 'steps_done': steps_done,
       'stopped_by': metrics.get('stopped_by'), 'wall_s': wall, 'train_s': train_seconds,
       'median_ms_per_step': median_ms,
-      'best_val_loss': min(r['eval/val_loss'] for r in evals), 'final_val_loss': metrics.get('val_loss'),
-      'final_train_loss': metrics.get('train_loss'), 'tokens_per_s': tokens_per_s,
-      'tflops': achieved / 1e12, 'mfu': None if peak is None else achieved / (peak * jax.device_count()),
+      'best_val_loss': min(r['eval/val_loss'] for r in evals) if evals else None,
+      'final_val_loss': metrics.get('val_loss'), 'final_train_loss': metrics.get('train_loss'),
+      'tokens_per_s': tokens_per_s, 'tflops': None if achieved is None else achieved / 1e12,
+      'mfu': None if peak is None or achieved is None else achieved / (peak * jax.device_count()),
       'machine': machine(),
   }
   print(json.dumps(result, indent=2))

@@ -35,8 +35,9 @@ from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
 # steps and repeats per shape when not given on the command line
 DEFAULT_STEPS = {'cpu': 50, 'base': 2}
 DEFAULT_REPEATS = {'cpu': 5, 'base': 3}
-# Settings per shape for CPU runs: the base shape trains 4x faster in 5x less memory as 8 micro-batches
-# through scanned layers (same math as one batch of 64; see README, Performance).
+# Settings per shape for CPU runs: the base shape trains 1.4x faster as 8 micro-batches through scanned layers
+# than as one batch (5.0 vs 7.2 s/step in bench/RESULTS.md), in about 1/8 of the activation memory (same math as
+# one batch of 64; see README, Performance).
 CPU_SETTINGS = {'base': ['model.scan_layers=true', 'train.grad_accum_steps=8', 'train.steps_per_call=1']}
 # Dense bf16 peak FLOP/s from the datasheets (SXM parts), for MFU.
 PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'B200': 2250e12}
@@ -68,8 +69,7 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str]) -> dict:
   trainer = train.create_trainer(config, model_config, mesh)
   t = config.train
   k = t.steps_per_call  # steps per compiled call, as the trainer runs them
-  if steps % k:
-    raise SystemExit(f'--steps={steps} must be a multiple of train.steps_per_call={k}')
+  steps = -(-steps // k) * k  # whole calls: rounded up to a multiple of k (the parent prints it)
   step_fn = trainer.train_step if k == 1 else trainer.train_steps
   batch = lambda step: train.train_batches(dataset, mesh, 0, t.batch_size, step, k)
 
@@ -92,8 +92,8 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str]) -> dict:
   flops = train_flops_per_token(model_config) * tokens_per_step
   peak = peak_flops(jax.devices()[0].device_kind) if jax.default_backend() == 'gpu' else None
   return {
-      'shape': shape, 'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
-      'device_kind': jax.devices()[0].device_kind, 'overrides': overrides,
+      'shape': shape, 'steps': steps, 'steps_per_call': k, 'devices': jax.device_count(),
+      'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind, 'overrides': overrides,
       'mfu': None if peak is None else flops / seconds / (peak * jax.device_count()),
       'mesh': dict(mesh.shape), 'batch_size': t.batch_size, 'context_length': config.model.context_length,
       'compile_s': compile_s, 'ms_per_step': 1000 * seconds,
@@ -173,6 +173,9 @@ def main():
     settings = args.set if args.set or measured['platform'] != 'cpu' else CPU_SETTINGS.get(shape, [])
     extra = [x for item in settings for x in ('--set', item)]
     row = run_child(['--worker', shape, '--steps', str(steps), '--repeats', str(repeats), *extra])
+    if row['steps'] != steps:
+      print(f'{shape}: timed blocks of {row["steps"]} steps ({steps} rounded up to a multiple of '
+            f'train.steps_per_call={row["steps_per_call"]})')
     row['fraction_of_matmul_ceiling'] = row['gflops'] / ceiling
     rows.append(row)
 
