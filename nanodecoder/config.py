@@ -83,6 +83,23 @@ def _get(config, dotted):
   return node
 
 
+def _check_attention_impl(m: ml_collections.ConfigDict) -> None:
+  """Refuses fused attention settings that cannot run. Backend-agnostic (a sweep validates its points on the
+  launching host): the model refuses 'cudnn' off GPU when it first runs (`model.attend`)."""
+  impl = m.attention_impl
+  if impl in ('xla', 'cudnn') and m.dropout > 0:
+    raise ConfigError(f'model.attention_impl={impl!r} has no attention-weight dropout but model.dropout={m.dropout}; '
+                      "use 'auto' (fused where no dropout is active) or set model.dropout=0")
+  if impl != 'cudnn':
+    return
+  if m.dtype == 'float32':
+    raise ConfigError("model.attention_impl='cudnn' needs model.dtype='bfloat16' or 'float16', got 'float32'; "
+                      "set model.dtype=bfloat16 or use attention_impl='auto'")
+  if m.head_size % 8 or m.head_size > 256:
+    raise ConfigError(f"model.attention_impl='cudnn' needs model.head_size a multiple of 8 up to 128 (256 on "
+                      f"Hopper and newer), got {m.head_size}; use attention_impl='auto' or change head_size")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first field the trainer could not use."""
   for fields, least, what in ((_POSITIVE, 1, 'a positive integer'), (_NON_NEGATIVE, 0, 'an integer >= 0')):
@@ -94,9 +111,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = _get(config, field)
     if value not in choices:
       raise ConfigError(f'{field} must be one of {", ".join(map(repr, choices))}, got {value!r}')
-  t = config.train
-  if not 0.0 <= config.model.dropout < 1.0:
-    raise ConfigError(f'model.dropout must be in [0, 1), got {config.model.dropout!r}')
+  t, m = config.train, config.model
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError(f'model.dropout must be in [0, 1), got {m.dropout!r}')
+  _check_attention_impl(m)
   if t.learning_rate <= 0:
     raise ConfigError(f'train.learning_rate must be > 0, got {t.learning_rate!r}')
   if not 0 <= t.min_learning_rate <= t.learning_rate:

@@ -94,7 +94,9 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
   Draws 16 random bits per element, two per 32-bit PRNG word: half the
   generator work of a float per element. Keeps an element with probability
-  round((1 - rate) * 2^16) / 2^16 and rescales by exactly its inverse.
+  p = round((1 - rate) * 2^16) / 2^16 and multiplies it by 1 / p. bf16/fp16
+  inputs are scaled in fp32 and rounded once (as PyTorch does): 1 / p rounded
+  to bf16 would be off by up to 0.4% (1.1111 -> 1.1094 at rate 0.1).
   """
   if key is None or rate == 0.0:
     return x
@@ -102,7 +104,10 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   words = jax.random.bits(key, (*x.shape[:-1], (x.shape[-1] + 1) // 2), jnp.uint32)
   halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :x.shape[-1]]
   keep = halves < jnp.uint16(threshold) if threshold < 65536 else jnp.ones(x.shape, bool)
-  return jnp.where(keep, x * (65536.0 / threshold), 0).astype(x.dtype)
+  scale = 65536.0 / threshold
+  if jnp.finfo(x.dtype).bits < 32:  # bf16 / fp16
+    return jnp.where(keep, x.astype(jnp.float32) * scale, 0).astype(x.dtype)
+  return jnp.where(keep, x * scale, 0).astype(x.dtype)
 
 
 def _split(key, num: int = 2):
@@ -156,21 +161,33 @@ def attend(q, k, v, *, impl: str = 'einsum', dropout_rate: float = 0.0, dropout_
     'einsum'  the formula above as written (any backend; dropout on the
               attention weights; KV caches, whose [B * N, S, H] layout it
               takes as well: any leading axes);
-    'xla' / 'cudnn'  `jax.nn.dot_product_attention`, cuDNN's fused flash
-              attention on NVIDIA GPUs (no attention-weight dropout, no cache);
-    'auto'    'cudnn' on GPU where it applies, else 'einsum'.
+    'xla' / 'cudnn'  `jax.nn.dot_product_attention`; 'cudnn' is cuDNN's fused
+              flash attention (NVIDIA GPUs, bf16/fp16). Neither takes a KV
+              cache or attention-weight dropout, so such calls run 'einsum'
+              (`config.validate` refuses either impl with model.dropout > 0);
+    'auto'    'cudnn' where it surely applies (see `auto_attention_impl`), else 'einsum'.
   """
   fused_ok = query_offset is None and (dropout_key is None or dropout_rate == 0.0)
   if impl == 'auto':
-    impl = 'cudnn' if fused_ok and jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) \
-        else 'einsum'
+    impl = auto_attention_impl(q.dtype, q.shape[-1], jax.default_backend()) if fused_ok else 'einsum'
   if impl in ('xla', 'cudnn') and fused_ok:
+    if impl == 'cudnn' and jax.default_backend() != 'gpu':
+      from nanodecoder.config import ConfigError  # here, not at the top: config imports this module
+      raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
+                        f"{jax.default_backend()!r}; use 'auto' or 'einsum'")
     swap = lambda x: x.transpose(0, 2, 1, 3)  # the API wants [B, T, N, H]
     out = jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True, implementation=impl)
     return swap(out)
   weights = attention_weights(q, k, query_offset)  # [B, N, T, S]
   weights = dropout(weights, dropout_rate, dropout_key).astype(v.dtype)
   return jnp.einsum('...ts,...sh->...th', weights, v)
+
+
+def auto_attention_impl(dtype, head_size: int, backend: str) -> str:
+  """What 'auto' runs without cache or dropout: 'cudnn' on a GPU in bf16/fp16 with head_size a multiple
+  of 8 up to 128 (cuDNN takes 256 on Hopper and newer; 'auto' stays on the safe side), else 'einsum'."""
+  fits = dtype in (jnp.bfloat16, jnp.float16) and head_size % 8 == 0 and head_size <= 128
+  return 'cudnn' if backend == 'gpu' and fits else 'einsum'
 
 
 def attention_weights(q, k, query_offset=None) -> jax.Array:
@@ -301,7 +318,8 @@ class Decoder(nnx.Module):
   def __call__(self, tokens, *, dropout_key=None, caches=None, cache_index=None):
     """tokens [B, T] int -> (logits [B, T, V] fp32, updated caches or None).
 
-    Token i sits at position i, or at `cache_index + i` when decoding with caches.
+    Token i sits at position i, or at `cache_index + i` when decoding with caches;
+    positions must stay below `context_length` (see `embed`).
     `dropout_key` (training only) turns dropout on.
     """
     cfg = self.cfg
@@ -325,9 +343,20 @@ class Decoder(nnx.Module):
     return logits, caches
 
   def embed(self, tokens, start=0) -> jax.Array:
-    """Token + positional embeddings of tokens [B, T] at positions start, start + 1, ...: [B, T, D]."""
+    """Token + positional embeddings of tokens [B, T] at positions start, start + 1, ...: [B, T, D].
+
+    Refuses positions past the table (checked when `start` is a Python int),
+    as nanoGPT does: JAX would clamp the lookup to the last row, and a KV
+    cache write to the last slots.
+    """
+    t, context = tokens.shape[1], self.cfg.context_length
+    if t > context:
+      raise ValueError(f'{t} tokens do not fit model.context_length={context}; pass at most the last {context}')
+    if isinstance(start, int) and start + t > context:
+      raise ValueError(f'positions {start}..{start + t - 1} run past model.context_length={context} (the KV '
+                       'cache size); start a new cache or pass fewer tokens')
     dt = jnp.dtype(self.cfg.dtype)
-    positions = start + jnp.arange(tokens.shape[1])
+    positions = start + jnp.arange(t)
     return self.token_embed[...].astype(dt)[tokens] + self.position_embed[...].astype(dt)[positions]
 
   def attention_maps(self, tokens) -> jax.Array:

@@ -7,8 +7,11 @@ The mesh has three axes:
   tensor  slices of the attention heads and the feed-forward width.
 
 Model parameters carry logical axis names (see nanodecoder.model); RULES maps
-them to mesh axes. A dimension that a mesh axis does not divide evenly stays
-replicated over that axis.
+them to mesh axes, and dimensions without a rule (vocabulary, head size, norms,
+stacked layers) are replicated. `logical_spec` also replicates a dimension
+that its mesh axis does not divide; training refuses such meshes up front
+instead (train.check_mesh_fits checks the heads, feed-forward and embedding
+widths).
 """
 
 from __future__ import annotations
@@ -27,9 +30,8 @@ from nanodecoder.config import ConfigError
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
-# logical axis name -> mesh axis (or axes); names not listed are replicated.
+# logical axis name of a parameter dimension -> mesh axis; names not listed are replicated.
 RULES = {
-    'batch': BATCH_AXES,
     'embed': 'fsdp',
     'heads': 'tensor',
     'mlp': 'tensor',
@@ -91,20 +93,11 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
 
 
 def logical_spec(names, shape, mesh: Mesh) -> P:
-  """PartitionSpec for a value with logical axis `names`, dropping mesh axes that don't divide."""
+  """PartitionSpec for a value with logical axis `names`: each dimension on its RULES axis if that divides it."""
   if not names:
     return P()
-  spec, used = [], set()
-  for name, dim in zip(names, shape):
-    axes = RULES.get(name)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-    if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
-      used.update(axes)
-      spec.append(axes[0] if len(axes) == 1 else axes)
-    else:
-      spec.append(None)
-  return P(*spec)
+  axes = (RULES.get(name) for name in names)
+  return P(*(a if a and mesh.shape[a] > 1 and dim % mesh.shape[a] == 0 else None for a, dim in zip(axes, shape)))
 
 
 def state_shardings(state, mesh: Mesh):

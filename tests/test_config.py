@@ -44,6 +44,31 @@ def test_validate_names_field_and_value(field, value, message):
     config_lib.validate(config)
 
 
+CUDNN_BF16 = {'model.attention_impl': 'cudnn', 'model.dtype': 'bfloat16'}
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'model.attention_impl': 'cudnn'}, r"model.attention_impl='cudnn' needs model.dtype='bfloat16' or 'float16', "
+                                        r"got 'float32'"),
+    ({**CUDNN_BF16, 'model.head_size': 12}, r"attention_impl='cudnn' needs model.head_size a multiple of 8 .*got 12"),
+    ({**CUDNN_BF16, 'model.head_size': 264}, r'got 264; use attention_impl=.auto. or change head_size'),
+    ({**CUDNN_BF16, 'model.dropout': 0.1}, r"'cudnn' has no attention-weight dropout but model.dropout=0.1"),
+    ({'model.attention_impl': 'xla', 'model.dropout': 0.2}, r"model.attention_impl='xla' has no attention-weight"),
+])
+def test_fused_attention_settings_that_cannot_run_are_refused(overrides, message):
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  for field, value in overrides.items():
+    config_lib.set_field(config, field, value)
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_cudnn_in_bfloat16_validates_without_a_gpu():  # a sweep validates its points on the launching host
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  config.model.update(attention_impl='cudnn', dtype='bfloat16')  # head_size 32, dropout 0
+  config_lib.validate(config)
+
+
 def test_warmup_longer_than_run():
   config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
   config.train.num_steps = 50

@@ -53,13 +53,17 @@ def test_mesh_matches_one_device_and_shards_parameters(tiny_config, reference, d
   assert mu.sharding.spec == fc.sharding.spec
 
 
-def test_dimension_a_mesh_axis_does_not_divide_stays_replicated():
+def test_logical_spec_shards_ruled_dimensions_the_mesh_divides_and_replicates_the_rest():
   mesh = sharding_lib.make_mesh(config_lib.load_config_file('experiments/cpu.py').mesh, jax.devices()[:8])
   spec = sharding_lib.logical_spec(('vocab', 'embed'), (65, 12), mesh)
   assert spec == P(None, None)  # 'embed' maps to fsdp, size 1 here; nothing to shard
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(1, 4, 2), sharding_lib.AXES)
   assert sharding_lib.logical_spec(('embed', 'mlp'), (12, 6), mesh) == P('fsdp', 'tensor')
   assert sharding_lib.logical_spec(('embed', 'mlp'), (10, 6), mesh) == P(None, 'tensor')  # 10 % 4 != 0
+  # No rule for the vocabulary, the head size or stacked layers: replicated even where a mesh axis would divide.
+  assert sharding_lib.logical_spec(('vocab', 'embed'), (64, 12), mesh) == P(None, 'fsdp')
+  assert sharding_lib.logical_spec(('layers', 'heads', 'head', 'embed'), (4, 2, 8, 12), mesh) == P(
+      None, 'tensor', None, 'fsdp')
 
 
 @pytest.mark.parametrize('sizes, message', [
