@@ -1,0 +1,36 @@
+"""atomic_write: whole files, with the permissions a plain open() gives."""
+
+import os
+import stat
+
+from nanodecoder import files
+
+
+def mode(path):
+  return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_new_file_gets_0666_less_the_umask(tmp_path, monkeypatch):
+  monkeypatch.setattr(files, '_UMASK', 0o027)
+  files.atomic_write(tmp_path / 'sub' / 'a.json', '{}\n')
+  assert mode(tmp_path / 'sub' / 'a.json') == 0o640
+  assert (tmp_path / 'sub' / 'a.json').read_text() == '{}\n'
+  monkeypatch.setattr(files, '_UMASK', 0o022)
+  files.atomic_write(tmp_path / 'b.bin', b'\x00\x01')
+  assert mode(tmp_path / 'b.bin') == 0o644 and (tmp_path / 'b.bin').read_bytes() == b'\x00\x01'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['b.bin', 'sub']  # no temporary file left
+
+
+def test_umask_is_the_process_umask(tmp_path):
+  with open(tmp_path / 'plain', 'w'):
+    pass
+  files.atomic_write(tmp_path / 'atomic', '')
+  assert mode(tmp_path / 'atomic') == mode(tmp_path / 'plain')
+
+
+def test_rewriting_keeps_the_file_permissions(tmp_path):
+  path = tmp_path / 'summary.csv'
+  files.atomic_write(path, 'a\n')
+  path.chmod(0o604)
+  files.atomic_write(path, 'b\n')
+  assert mode(path) == 0o604 and path.read_text() == 'b\n'
