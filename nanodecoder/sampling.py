@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Iterator
 
 import jax
@@ -46,6 +47,8 @@ class SamplingOptions:
       raise SamplingError(f'max_new_tokens must be positive, got {self.max_new_tokens}')
     if self.num_samples <= 0:
       raise SamplingError(f'num_samples must be positive, got {self.num_samples}')
+    if not math.isfinite(self.temperature):
+      raise SamplingError(f'temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}')
     if self.temperature < 0:
       raise SamplingError(f'temperature must be >= 0 (0 = greedy), got {self.temperature}')
     if self.top_k < 0:
@@ -55,11 +58,14 @@ class SamplingOptions:
 
 
 def filter_logits(logits: jax.Array, temperature, top_k: int, top_p=None) -> jax.Array:
-  """Logits [..., V] scaled by 1/temperature, with tokens outside top-k / top-p set to -inf.
+  """Logits [..., V] less their maximum, scaled by 1/temperature, with tokens outside top-k / top-p set to -inf.
 
-  top_k 0 and top_p None (or 1) keep every token.
+  top_k 0 and top_p None (or 1) keep every token. The shift keeps a tiny
+  temperature finite (the largest logit stays 0): it tends to greedy, never NaN.
   """
-  logits = logits.astype(jnp.float32) / temperature
+  logits = logits.astype(jnp.float32)
+  temperature = jnp.maximum(temperature, jnp.finfo(jnp.float32).tiny)  # float32 turns 1e-50 into 0
+  logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
   if 0 < top_k < logits.shape[-1]:
     kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
@@ -88,8 +94,13 @@ def next_token(uniform, logits, temperature, top_k: int, top_p, greedy: bool) ->
 
 
 def uniforms(seed: int, steps: int, num_samples: int) -> jax.Array:
-  """The random numbers of a whole generation: [steps, num_samples] in [0, 1), fixed by the seed."""
-  return jax.random.uniform(jax.random.key(seed), (steps, num_samples))
+  """The random numbers of a whole generation: [steps, num_samples] in [0, 1).
+
+  Sample j's column depends only on (seed, j), not on num_samples.
+  """
+  key = jax.random.key(seed)
+  sample_uniforms = lambda j: jax.random.uniform(jax.random.fold_in(key, j), (steps,))
+  return jax.vmap(sample_uniforms, out_axes=1)(jnp.arange(num_samples))
 
 
 # The decoding loop: a state and steps on it, shared by the compiled loop and streaming.

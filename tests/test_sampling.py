@@ -99,7 +99,14 @@ def test_samples_are_reproducible_per_seed_and_differ_across_rows(model):
   a, b = generate(model, prompt, options), generate(model, prompt, options)
   np.testing.assert_array_equal(a, b)
   assert a.shape == (4, 20) and len({tuple(row) for row in a}) > 1
-  assert not np.array_equal(a, generate(model, prompt, SamplingOptions(max_new_tokens=20, num_samples=4, seed=2)))
+  assert not np.array_equal(a, generate(model, prompt, dataclasses.replace(options, seed=2)))
+
+
+def test_a_sample_does_not_depend_on_the_number_of_samples(model):
+  prompt = np.array([2], np.int32)
+  options = SamplingOptions(max_new_tokens=20, num_samples=4, temperature=1.0, seed=1)  # compiled above
+  one = generate(model, prompt, dataclasses.replace(options, num_samples=1))
+  np.testing.assert_array_equal(generate(model, prompt, options)[:1], one)
 
 
 LOGITS = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]]))
@@ -135,7 +142,7 @@ def test_a_uniform_picks_the_token_whose_cdf_interval_holds_it():
 
 
 def test_temperature_scales_logits_and_sampling_follows_the_distribution():
-  np.testing.assert_allclose(filter_logits(LOGITS, 2.0, 0, 1.0), LOGITS / 2.0, rtol=1e-6)
+  np.testing.assert_allclose(filter_logits(LOGITS, 2.0, 0, 1.0), (LOGITS - LOGITS.max()) / 2.0, rtol=1e-6)
   u = jax.random.uniform(jax.random.key(0), (20000,))
   freq = np.bincount(draw(u, temperature=0.5), minlength=4) / 20000
   expected = np.asarray(jax.nn.softmax(LOGITS[0] / 0.5))
@@ -145,12 +152,29 @@ def test_temperature_scales_logits_and_sampling_follows_the_distribution():
   np.testing.assert_allclose(freq, [0, 0, 3 / 7, 4 / 7], atol=0.015)
 
 
-def test_zero_temperature_is_greedy():
-  assert int(next_token(jnp.zeros(1), LOGITS, 0.0, 0, 1.0, greedy=True)[0]) == 3
+@pytest.mark.parametrize('temperature', [1e-39, 1e-50])  # float32: subnormal, and 0
+def test_a_tiny_temperature_tends_to_greedy_not_nan(temperature):
+  logits = jnp.array([[0.0, 50.0, 49.0, -3.0], [7.0, 7.0, 6.0, 1e4]])  # logits / 1e-39 overflow float32
+  probs = np.asarray(jax.nn.softmax(filter_logits(logits, temperature, 0, None), axis=-1))
+  np.testing.assert_array_equal(probs, [[0, 1, 0, 0], [0, 0, 0, 1]])
+  u = jnp.array([0.0, 0.999])
+  assert np.asarray(next_token(u, logits, temperature, 0, None, greedy=False)).tolist() == [1, 3]
+  assert np.asarray(next_token(u, logits, temperature, 2, jnp.float32(0.5), greedy=False)).tolist() == [1, 3]
+
+
+def test_zero_and_tiny_temperatures_give_the_argmax_text(model):
+  """Through SamplingOptions: whatever the seed and filters, every row is the greedy text."""
+  prompt = np.array([1, 5, 7, 2], np.int32)
+  expected = greedy_reference(model, prompt, 12)  # the shapes of the first test: no new compilation
+  for temperature in (0.0, 1e-39):
+    options = SamplingOptions(max_new_tokens=12, num_samples=3, temperature=temperature, top_k=3, top_p=0.9, seed=5)
+    np.testing.assert_array_equal(generate(model, prompt, options), [expected] * 3)
 
 
 @pytest.mark.parametrize('options, message', [
     (SamplingOptions(temperature=-1.0), r'temperature must be >= 0 \(0 = greedy\), got -1.0'),
+    (SamplingOptions(temperature=float('nan')), r'temperature must be a finite number >= 0 \(0 = greedy\), got nan'),
+    (SamplingOptions(temperature=float('inf')), r'temperature must be a finite number >= 0 .*, got inf'),
     (SamplingOptions(top_p=0.0), r'top_p must be in \(0, 1\] \(1 = off\), got 0.0'),
     (SamplingOptions(top_p=1.5), r'top_p must be in \(0, 1\]'),
     (SamplingOptions(top_k=-2), r'top_k must be >= 0'),
