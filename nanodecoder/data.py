@@ -17,12 +17,13 @@ never changes which windows a step sees.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
 import pathlib
 import socket
+import threading
+import time
 import urllib.parse
 
 import ml_collections
@@ -118,19 +119,30 @@ def _tfds_corpus(name: str, data_dir: str, manual_dir: str) -> Corpus:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's start-up chatter
   import tensorflow_datasets as tfds  # heavy; only for this source
 
-  builder = tfds.builder(name, data_dir=data_dir or None, file_format='array_record')
+  make_builder = lambda: tfds.builder(name, data_dir=data_dir or None, file_format='array_record')
+  try:
+    builder = make_builder()
+  except tfds.core.DatasetNotFoundError:
+    raise DataError(f"data.tfds_name {name!r} is not a TFDS dataset; use e.g. 'tiny_shakespeare', or "
+                    "data.source='text' with data.text_path=FILE") from None
   if not builder.is_prepared():
+    url_infos = builder.url_infos or {}  # None for datasets without checksums
     download_config = None
     if manual_dir:
-      missing = [info.filename for info in builder.url_infos.values()
+      missing = [info.filename for info in url_infos.values()
                  if info.filename and not (pathlib.Path(manual_dir) / info.filename).is_file()]
       if missing:
         raise DataError(f'data.manual_dir {manual_dir!r} lacks {", ".join(missing)}; '
-                        f'download it from {", ".join(builder.url_infos)} into that folder')
+                        f'download it from {", ".join(url_infos)} into that folder')
       download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     else:
-      _require_network(name, list(builder.url_infos))
-    builder.download_and_prepare(download_config=download_config)
+      _require_network(name, list(url_infos))
+    try:
+      builder.download_and_prepare(download_config=download_config)
+    except FileExistsError:  # another process (e.g. a sweep point) prepared it at the same time
+      if not builder.is_prepared():
+        raise
+      builder = make_builder()  # reads the other process's dataset info
   splits = {}
   for split in builder.info.splits:
     source = builder.as_data_source(split=split)
@@ -140,22 +152,32 @@ def _tfds_corpus(name: str, data_dir: str, manual_dir: str) -> Corpus:
 
 
 def _require_network(name: str, urls: list[str], timeout: float = 5.0) -> None:
-  """Fails within seconds when the dataset's download hosts are unreachable."""
+  """Fails within seconds when the dataset's download hosts are unreachable.
+
+  The probes run in daemon threads: a DNS lookup that hangs (it has no timeout)
+  cannot keep the process alive after the error.
+  """
+  errors = []
 
   def connect(url):
     parsed = urllib.parse.urlparse(url)
-    socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+    try:
+      socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+    except Exception as e:  # DNS failure, refused, timeout: all mean offline
+      errors.append(e)
 
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(urls)))
-  try:
-    for future in [pool.submit(connect, url) for url in urls]:
-      future.result(timeout=timeout + 1)
-  except Exception as e:  # DNS failure, refused, timeout: all mean offline
+  probes = [threading.Thread(target=connect, args=(url,), name=f'probe {url}', daemon=True) for url in urls]
+  for probe in probes:
+    probe.start()
+  deadline = time.monotonic() + timeout + 1
+  for probe in probes:
+    probe.join(max(0.0, deadline - time.monotonic()))
+  if any(probe.is_alive() for probe in probes):
+    errors.append(TimeoutError(f'no answer within {timeout + 1:g} s'))
+  if errors:
     files = ', '.join(urls)
-    raise DataError(f'cannot download tfds {name!r} ({type(e).__name__}: {e}); offline, put {files} into a folder '
-                    f'and pass --config.data.manual_dir=DIR (or set {MANUAL_DIR_ENV}=DIR)') from None
-  finally:
-    pool.shutdown(wait=False, cancel_futures=True)
+    raise DataError(f'cannot download tfds {name!r} ({type(errors[0]).__name__}: {errors[0]}); offline, put {files} '
+                    f'into a folder and pass --config.data.manual_dir=DIR (or set {MANUAL_DIR_ENV}=DIR)')
 
 
 # Batches ----------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Corpora, the character tokenizer, and step-keyed batches."""
 
+import errno
+import socket
+import threading
 import time
 
 import numpy as np
@@ -26,9 +29,13 @@ def test_tokenizer_names_unknown_characters():
 
 
 @pytest.fixture(scope='module')
-def shakespeare(shakespeare_dir, tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp('tfds')
-  return data_lib._tfds_corpus('tiny_shakespeare', str(data_dir), str(shakespeare_dir))
+def shakespeare_tfds_dir(shakespeare_dir, tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def shakespeare(shakespeare_dir, shakespeare_tfds_dir):
+  return data_lib._tfds_corpus('tiny_shakespeare', shakespeare_tfds_dir, str(shakespeare_dir))
 
 
 def test_tiny_shakespeare_splits_and_vocabulary(shakespeare, shakespeare_dir):
@@ -43,17 +50,68 @@ def test_tiny_shakespeare_splits_and_vocabulary(shakespeare, shakespeare_dir):
   assert tok.decode(tok.encode(original[:5000])) == original[:5000]
 
 
+@pytest.mark.parametrize('winner_finished', [True, False])
+def test_a_prepare_race_lost_to_another_process(shakespeare, shakespeare_tfds_dir, shakespeare_dir, monkeypatch,
+                                                winner_finished):
+  """Two processes prepare at once, the other renames its folder first: go on with its dataset once it is there."""
+  import tensorflow_datasets as tfds
+  builder_cls = tfds.builder_cls('tiny_shakespeare')
+  prepared = iter([False])  # not prepared at the first look; afterwards, as the other process left it
+  monkeypatch.setattr(builder_cls, 'is_prepared', lambda self: next(prepared, winner_finished))
+
+  def lose_the_race(self, **kwargs):
+    raise FileExistsError(errno.EEXIST, 'File exists', 'tiny_shakespeare/1.0.0')
+
+  monkeypatch.setattr(builder_cls, 'download_and_prepare', lose_the_race)
+  if winner_finished:
+    corpus = data_lib._tfds_corpus('tiny_shakespeare', shakespeare_tfds_dir, str(shakespeare_dir))
+    assert corpus.splits == shakespeare.splits
+  else:
+    with pytest.raises(FileExistsError):
+      data_lib._tfds_corpus('tiny_shakespeare', shakespeare_tfds_dir, str(shakespeare_dir))
+
+
 def test_unknown_split_lists_the_available_ones(shakespeare):
   with pytest.raises(DataError, match=r"split 'valid' \(in 'train\+valid'\) does not exist.*available: train, validation, test"):
     shakespeare.text('train+valid')
 
 
+def no_network(address, timeout=None, **kwargs):
+  raise socket.gaierror(socket.EAI_AGAIN, 'Temporary failure in name resolution')
+
+
 def test_offline_tfds_without_file_fails_fast(tmp_path, monkeypatch):
   monkeypatch.delenv(data_lib.MANUAL_DIR_ENV, raising=False)
+  monkeypatch.setattr(socket, 'create_connection', no_network)  # offline, also on a machine with internet
   start = time.monotonic()
-  with pytest.raises(DataError, match=r'cannot download tfds .*manual_dir=DIR.*NANODECODER_MANUAL_DIR'):
+  with pytest.raises(DataError, match=r"cannot download tfds 'tiny_shakespeare' \(gaierror: .*name resolution\); "
+                                      r'offline, put https://.*input.txt into a folder.*manual_dir=DIR.*'
+                                      r'NANODECODER_MANUAL_DIR'):
     data_lib._tfds_corpus('tiny_shakespeare', str(tmp_path / 'tfds'), '')
   assert time.monotonic() - start < 15
+  assert not (tmp_path / 'tfds' / 'tiny_shakespeare').exists()
+
+
+def test_a_hanging_network_probe_fails_on_time_and_cannot_block_exit(monkeypatch):
+  """A DNS lookup has no timeout: the probe gives up on it, and its thread is a daemon (not joined at exit)."""
+  release = threading.Event()
+  monkeypatch.setattr(socket, 'create_connection', lambda *args, **kwargs: release.wait(30))
+  start = time.monotonic()
+  try:
+    with pytest.raises(DataError, match=r"cannot download tfds 'x' \(TimeoutError: no answer within 1.1 s\)"):
+      data_lib._require_network('x', ['https://example.invalid/a.txt'], timeout=0.1)
+    assert time.monotonic() - start < 5
+    hanging = [t for t in threading.enumerate() if t.is_alive() and t.name.startswith('probe ')]
+    assert hanging and all(t.daemon for t in hanging)
+  finally:
+    release.set()
+
+
+def test_unknown_tfds_name_is_one_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setattr(socket, 'getaddrinfo', no_network)  # the name check is local
+  with pytest.raises(DataError, match=r"^data.tfds_name 'tiny_shakespear' is not a TFDS dataset; use e.g. "
+                                      r"'tiny_shakespeare', or data.source='text' with data.text_path=FILE$"):
+    data_lib._tfds_corpus('tiny_shakespear', str(tmp_path / 'tfds'), '')
 
 
 def test_manual_dir_without_the_file_says_what_is_missing(tmp_path):
