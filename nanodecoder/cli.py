@@ -146,15 +146,16 @@ def sample_command() -> None:
                             temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
                             use_cache=FLAGS.kv_cache)
   options.validate()
+  if FLAGS.stream and options.num_samples != 1:
+    fail(f'--stream prints one sample, got --num_samples={options.num_samples}; use --num_samples=1')
   prompt = _given_prompt()
   if prompt is None:
     prompt = FLAGS.prompt  # its default, a newline
+  out = _checked_out()
   setup_jax()
   model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint)
   prompt_ids = tokenizer.encode(prompt)
   if FLAGS.stream:
-    if options.num_samples != 1:
-      fail('--stream prints one sample; use --num_samples=1')
     sys.stdout.write(prompt)
     pieces = []
     for token in sampling.stream(model, prompt_ids, options):
@@ -169,8 +170,8 @@ def sample_command() -> None:
     for i, text in enumerate(samples):
       print(f'--- sample {i + 1}/{len(samples)} (checkpoint step {step}) ---')
       print(text)
-  if FLAGS.out:
-    atomic_write(FLAGS.out, ''.join(f'--- sample {i + 1} ---\n{text}\n' for i, text in enumerate(samples)))
+  if out:
+    _write_out(out, ''.join(f'--- sample {i + 1} ---\n{text}\n' for i, text in enumerate(samples)))
 
 
 # Sweeps -------------------------------------------------------------------------
@@ -244,6 +245,13 @@ def sweep_command(declaration) -> None:
         output.close()
 
   sweep_lib.write_manifest(root, sweep, base)
+  if parallel > 1:  # points started together would race to download and prepare a TFDS dataset: do it here, once
+    from nanodecoder import data
+
+    point_data = [sweep_lib.point_config(base, point).data for point in sweep.points]
+    tfds_data = {(d.tfds_name, d.tfds_data_dir, d.manual_dir): d for d in point_data if d.source == 'tfds'}
+    for data_config in tfds_data.values():
+      data.load_corpus(data_config)
   print(f'sweep {sweep.name}: {len(sweep.points)} points in {root}, {parallel} at a time', flush=True)
   results, stopped_by = sweep_lib.run(sweep, base, root, start, parallel, log=lambda m: print(m, flush=True))
   paths = summary.write_summary(root)
@@ -292,8 +300,34 @@ def _require_workdir(mode: str) -> pathlib.Path:
   return pathlib.Path(FLAGS.workdir)
 
 
+def _checked_out() -> pathlib.Path | None:
+  """--out (sample, eval) as a path, refused before any work when no file can be written there."""
+  if not FLAGS.out:
+    return None
+  out = pathlib.Path(FLAGS.out)
+  if out.is_dir():
+    fail(f'--out {out} is a directory; give a file path, e.g. --out {out / "out.txt"}')
+  folder = next(parent for parent in out.parents if parent.exists())
+  if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    fail(f'cannot write --out {out}: {folder} is not a writable directory; give a path in one')
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    fail(f'cannot write --out {out}: cannot create {out.parent} ({e.strerror}); give a path in a writable directory')
+  return out
+
+
+def _write_out(out: pathlib.Path, text: str) -> None:
+  try:
+    atomic_write(out, text)
+  except OSError as e:
+    fail(f'cannot write --out {out}: {e.strerror or e}')
+
+
 def _given_prompt() -> str | None:
-  """The text of --prompt_file, else --prompt when given on the command line, else None."""
+  """The text of --prompt_file, else --prompt when given on the command line, else None; both is an error."""
+  if FLAGS.prompt_file and FLAGS['prompt'].present:
+    fail('--prompt and --prompt_file both give the prompt; pass only one of them')
   if FLAGS.prompt_file:
     try:
       return pathlib.Path(FLAGS.prompt_file).read_text(encoding='utf-8')
@@ -309,6 +343,7 @@ def eval_command() -> None:
   from nanodecoder import analysis
 
   workdir = _require_workdir('eval')
+  out = _checked_out()
   saved = None
   try:  # the run's device settings (mesh.cpu_devices), before JAX starts
     saved = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text(encoding='utf-8')))
@@ -317,8 +352,8 @@ def eval_command() -> None:
   setup_jax(saved)
   report = analysis.evaluate_split(workdir, FLAGS.checkpoint, FLAGS.split)
   print(analysis.format_report(report))
-  if FLAGS.out:
-    atomic_write(FLAGS.out, json.dumps(report, indent=2) + '\n')
+  if out:
+    _write_out(out, json.dumps(report, indent=2) + '\n')
 
 
 def attention_command() -> None:

@@ -2,6 +2,7 @@
 
 import errno
 import fcntl
+import os
 import re
 
 import pytest
@@ -87,9 +88,17 @@ def test_bad_text_file(tmp_path, content, message):
 
 
 def test_offline_tfds_without_the_file_fails_within_seconds(tmp_path):
+  # An offline machine, also where the network works: the child's sitecustomize makes every connection fail.
+  offline = tmp_path / 'offline'
+  offline.mkdir()
+  (offline / 'sitecustomize.py').write_text(
+      'import socket\n\n\ndef refuse(*args, **kwargs):\n  raise OSError("network disabled by the test")\n\n\n'
+      'socket.create_connection = refuse\n')
+  python_path = os.pathsep.join(filter(None, [str(offline), os.environ.get('PYTHONPATH')]))
   env_free = ['--config.data.manual_dir=', f'--config.data.tfds_data_dir={tmp_path / "tfds"}']
   result = launch('--config', 'experiments/cpu.py', *TINY, *env_free, '--workdir', str(tmp_path / 'run'),
-                  timeout=60, env={'NANODECODER_MANUAL_DIR': ''})
+                  timeout=60, env={'NANODECODER_MANUAL_DIR': '', 'PYTHONPATH': python_path})
+  assert 'network disabled by the test' in result.stderr
   assert_user_error(result, "cannot download tfds 'tiny_shakespeare'")
   assert 'NANODECODER_MANUAL_DIR' in result.stderr
 
@@ -120,8 +129,9 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(trained, corpus_
   result = launch(*tiny_args(corpus_file, '--config.train.learning_rate=1e30', '--config.train.min_learning_rate=1e29',
                              '--config.train.grad_clip=0', '--config.train.num_steps=24', '--config.train.decay_steps=24'),
                   '--workdir', str(workdir))
-  assert_user_error(result, 'loss became ')
-  assert re.search(r'loss became (nan|inf) at step 1[3-9]; the last good checkpoint is kept', result.stderr)
+  assert_user_error(result, ' became ')
+  assert re.search(r'error: (loss|gradient norm) became (nan|inf) at step 1[3-9]; the last good checkpoint is kept',
+                   result.stderr)
   assert Checkpoints(workdir, read_only=True).steps() == [12]
   ok = launch('--mode', 'sample', '--workdir', str(workdir), '--max_new_tokens', '5')
   assert ok.returncode == 0, ok.stderr[-2000:]
@@ -149,6 +159,43 @@ def test_zero_temperature_is_greedy_and_reproducible(trained):
 
 def test_sampling_a_workdir_without_checkpoints(tmp_path):
   assert_user_error(launch('--mode', 'sample', '--workdir', str(tmp_path)), f'no checkpoints in {tmp_path}')
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--mode', 'sample', '--out', '{tmp}'], '--out {tmp} is a directory; give a file path'),
+    (['--mode', 'eval', '--out', '{tmp}/file/report.json'],
+     'cannot write --out {tmp}/file/report.json: {tmp}/file is not a writable directory'),
+    (['--mode', 'sample', '--stream', '--num_samples', '2'],
+     '--stream prints one sample, got --num_samples=2; use --num_samples=1'),
+    (['--mode', 'sample', '--prompt', 'a', '--prompt_file', '{tmp}/file'],
+     '--prompt and --prompt_file both give the prompt; pass only one of them'),
+])
+def test_bad_flags_are_refused_before_loading_a_checkpoint(tmp_path, flags, message):
+  """The workdir has no checkpoint: a check made after loading one would report that instead."""
+  (tmp_path / 'file').write_text('KING:')
+  result = launch(*[flag.format(tmp=tmp_path) for flag in flags], '--workdir', str(tmp_path / 'run'))
+  assert_user_error(result, message.format(tmp=tmp_path))
+
+
+def test_failing_to_write_out_is_one_line(tmp_path, monkeypatch, capsys):
+  from nanodecoder import cli
+
+  def disk_full(path, data):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(cli, 'atomic_write', disk_full)
+  with pytest.raises(SystemExit) as exit_:
+    cli._write_out(tmp_path / 'samples.txt', 'text')
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err == f'error: cannot write --out {tmp_path}/samples.txt: No space left on device\n'
+
+
+def test_parallel_sweep_prepares_the_tfds_dataset_once_before_its_points(tmp_path):
+  """The parent loads the corpus (points starting together would race on the TFDS prepare): a bad name fails once."""
+  result = launch('--config', 'experiments/sweep.py:blocks', '--config.data.tfds_name=tiny_shakespear',
+                  '--sweep_parallel=2', '--workdir', str(tmp_path / 'sweep'))
+  assert_user_error(result, "data.tfds_name 'tiny_shakespear' is not a TFDS dataset; use e.g. 'tiny_shakespeare'")
+  assert files_in(tmp_path / 'sweep') == ['sweep.json']  # no point was started
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tiny_config, tmp_path, monkeypatch):

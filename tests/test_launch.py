@@ -22,18 +22,42 @@ def launch(*args, timeout=180, env=None):
                         timeout=timeout)
 
 
-@pytest.mark.slow
-def test_launch_trains_a_tiny_config(corpus_file, tmp_path):
-  workdir = tmp_path / 'run'
+@pytest.fixture(scope='module')
+def tiny_run(corpus_file, tmp_path_factory):
+  """launch.py training the tiny config: (its workdir, the finished process)."""
+  workdir = tmp_path_factory.mktemp('launch') / 'run'
   result = launch('--config', 'experiments/cpu.py', '--config.data.source=text',
                   f'--config.data.text_path={corpus_file}', *TINY, '--workdir', str(workdir))
   assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+@pytest.mark.slow
+def test_launch_trains_a_tiny_config(tiny_run, corpus_file):
+  workdir, result = tiny_run
   out = result.stdout
   assert 'on 2 cpu devices' in out
   assert 'step 12 |' in out and 'ms/step' in out and 'tokens/s' in out
   assert 'final: train loss' in out and 'val loss' in out
   saved = json.loads((workdir / 'config.json').read_text())
   assert saved['model']['num_layers'] == 1 and saved['data']['text_path'] == str(corpus_file)
+
+
+@pytest.mark.slow
+def test_sample_stream_out_prompt_file_and_nokv_cache_give_one_text(tiny_run, tmp_path):
+  """Greedy within the context: streamed with the KV cache == compiled without it == both --out files."""
+  workdir, _ = tiny_run
+  (tmp_path / 'prompt.txt').write_text('the quick', encoding='utf-8')  # + 7 new characters = the context, 16
+  sample = ['--mode', 'sample', '--workdir', str(workdir), '--prompt_file', str(tmp_path / 'prompt.txt'),
+            '--temperature', '0', '--max_new_tokens', '7']
+  streamed = launch(*sample, '--stream', '--out', str(tmp_path / 'streamed.txt'))
+  uncached = launch(*sample, '--nokv_cache', '--out', str(tmp_path / 'new' / 'uncached.txt'))
+  assert streamed.returncode == 0 and uncached.returncode == 0, streamed.stderr[-2000:] + uncached.stderr[-2000:]
+  text = streamed.stdout.removesuffix('\n')
+  assert text.startswith('the quick') and len(text) == 16, streamed.stdout
+  assert uncached.stdout == f'--- sample 1/1 (checkpoint step 12) ---\n{text}\n'
+  for out in (tmp_path / 'streamed.txt', tmp_path / 'new' / 'uncached.txt'):
+    assert out.read_text(encoding='utf-8') == f'--- sample 1 ---\n{text}\n'
 
 
 @pytest.mark.parametrize('args, message', [
