@@ -14,16 +14,20 @@ complete, so a crash never leaves a half-written step behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import pathlib
+import re
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from nanodecoder.config import ConfigError
@@ -36,6 +40,34 @@ SHAPE_FIELDS = ('num_layers', 'num_heads', 'head_size', 'context_length', 'mlp_r
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint, or a checkpoint that cannot be written."""
+
+
+def gather_from_processes(value: int) -> np.ndarray:
+  """`value` of every process, by process index; with several processes a collective that every process must call."""
+  if jax.process_count() == 1:
+    return np.array([value])
+  return np.asarray(multihost_utils.process_allgather(np.int32(value)))
+
+
+# Errors that say nothing about a checkpoint's files: the step is left in place and the run stops.
+_ENVIRONMENT_ERRORS = (MemoryError, PermissionError, TimeoutError, ConnectionError, BlockingIOError, InterruptedError,
+                       jax.errors.JaxRuntimeError)
+_ENVIRONMENT_ERRNOS = {errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ESTALE, errno.EIO}
+_ENVIRONMENT_STATUS = re.compile(r'\b(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED):')
+
+
+def _is_environment_error(error: BaseException) -> bool:
+  """True if `error` (or an error it was raised from) is about memory, permissions or the file system, not the data."""
+  while error is not None:
+    if (isinstance(error, _ENVIRONMENT_ERRORS) or getattr(error, 'errno', None) in _ENVIRONMENT_ERRNOS
+        or _ENVIRONMENT_STATUS.search(str(error))):  # tensorstore's status codes, e.g. 'RESOURCE_EXHAUSTED: ...'
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _first_line(error: BaseException) -> str:
+  return f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:200]}'
 
 
 class WorkdirLock:
@@ -118,6 +150,7 @@ class Checkpoints:
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     finally:
       absl_logging.set_verbosity(previous)
+    self._in_flight: int | None = None  # the step of the last started save (asynchronous: maybe still writing)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -129,16 +162,18 @@ class Checkpoints:
     Raises CheckpointError if this save or the previous (asynchronous) one failed.
     """
     meta = {'step': step, 'val_loss': val_loss, 'config': config.to_dict(), 'tokenizer': tokenizer.to_json()}
+    self.wait()  # Orbax waits for the previous save anyway; waiting here names its step if it failed
     with self._failures(step):
       self.manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(nnx.to_pure_dict(state[0])),
           opt_state=ocp.args.StandardSave(nnx.to_pure_dict(state[1])),
           meta=ocp.args.JsonSave(meta),
       ), metrics=None if val_loss is None else {'val_loss': val_loss}, force=True)
+    self._in_flight = step
 
   def wait(self) -> None:
     """Blocks until every started save is on disk; CheckpointError if one failed."""
-    with self._failures(None):
+    with self._failures(self._in_flight):
       self.manager.wait_until_finished()
 
   def close(self) -> None:
@@ -211,37 +246,64 @@ class Checkpoints:
     return state
 
   def restore_latest_good(self, abstract_state, config: ml_collections.ConfigDict, log=print):
-    """(step, state, meta) of the newest step that restores, or None; a broken step is set aside with a message.
+    """(step, state, meta) of the newest step that restores, or None when there is no checkpoint.
 
-    A checkpoint of another model shape is refused (ConfigError), not skipped.
+    An unreadable (corrupt or partial) step is set aside as `<step>.corrupt`, with a message, and the previous
+    one is tried. CheckpointError, moving nothing, for an error that says nothing about the files (memory,
+    permissions, ...); CheckpointError too when steps were set aside and none is left. A checkpoint of another
+    model shape is refused (ConfigError). All processes take the same decisions (process 0 moves the folders).
     """
     for step in reversed(self.steps()):
+      restored = error = None
       try:
-        meta = self.meta(step)
-      except Exception as e:
-        self._set_aside(step, e, log)
-        continue
-      check_model_matches(meta['config'], config, str(self.directory.parent))
-      try:
-        saved = self.manager.item_metadata(step)
-      except Exception as e:
-        self._set_aside(step, e, log)
-        continue
-      for name, part in (('params', abstract_state[0]), ('opt_state', abstract_state[1])):
-        _check_same_arrays(saved[name], _abstract(nnx.to_pure_dict(part)), name, step)
-      try:
-        return step, self.restore_state(step, abstract_state), meta
-      except Exception as e:  # a corrupt or partial step: fall back to the previous one
-        self._set_aside(step, e, log)
+        restored = self._restore_checked(step, abstract_state, config)
+      except ConfigError:
+        raise
+      except Exception as e:  # noqa: BLE001 (sorted out below)
+        error = e
+      outcome = 0 if error is None else 2 if _is_environment_error(error) else 1  # ok, unreadable, environment
+      outcomes = gather_from_processes(outcome)
+      if outcomes.max() == 2:
+        cause = _first_line(error) if outcome == 2 else f'an error on process {int(outcomes.argmax())}, in its output'
+        raise CheckpointError(f'cannot read the checkpoint at step {step} in {self.directory} ({cause}); it is left '
+                              'in place: fix the cause (memory, permissions, file system), then rerun to resume'
+                              ) from error
+      if outcomes.max() == 1:
+        self._set_aside(step, error, log)
+      else:
+        return restored
+    set_aside = sorted(path.name for path in self.directory.glob('*.corrupt'))
+    if set_aside:
+      raise CheckpointError(f'no checkpoint in {self.directory} restores (set aside as unreadable: '
+                            f'{", ".join(set_aside)}); rename one back to its step number to retry it, or move them '
+                            'out of the folder (or pass another --workdir) to start from scratch')
     return None
 
-  def _set_aside(self, step: int, error: Exception, log) -> None:
+  def _restore_checked(self, step: int, abstract_state, config: ml_collections.ConfigDict):
+    """(step, state, meta) of step `step`; ConfigError if it holds another model than `config` builds."""
+    meta = self.meta(step)
+    check_model_matches(meta['config'], config, str(self.directory.parent))
+    saved = self.manager.item_metadata(step)
+    for name, part in (('params', abstract_state[0]), ('opt_state', abstract_state[1])):
+      _check_same_arrays(saved[name], _abstract(nnx.to_pure_dict(part)), name, step)
+    return step, self.restore_state(step, abstract_state), meta
+
+  def _set_aside(self, step: int, error: Exception | None, log) -> None:
+    """Process 0 renames step `step` to `<step>.corrupt`; every process then reloads the list of steps."""
     aside = self.directory / f'{step}.corrupt'
+    failure = None
     if jax.process_index() == 0:
-      (self.directory / str(step)).rename(aside)
-    reason = (str(error).strip().splitlines() or [''])[0][:200]
-    log(f'checkpoint at step {step} is unreadable ({type(error).__name__}: {reason}); '
-        f'moved it to {aside.name}, falling back to the previous one')
+      try:
+        (self.directory / str(step)).rename(aside)
+      except OSError as e:
+        failure = e
+    if gather_from_processes(failure is not None).any():
+      what = _first_line(failure) if failure is not None else 'see the output of process 0'
+      raise CheckpointError(f'cannot move the unreadable checkpoint at step {step} to {aside} ({what}); '
+                            'move or delete it yourself, then rerun') from failure
+    reason = _first_line(error) if error is not None else 'unreadable on another process'
+    log(f'checkpoint at step {step} is unreadable ({reason}); moved it to {aside.name}, '
+        'falling back to the previous one')
     self.manager.reload()
 
 

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, retention, restore onto other meshes, refusals, signals."""
 
+import errno
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from nanodecoder import config as config_lib
 from nanodecoder import sharding as sharding_lib
 from nanodecoder import train as train_lib
 from nanodecoder.checkpoint import CheckpointError, Checkpoints
+from nanodecoder.data import CharTokenizer
 
 
 def train_losses(workdir):
@@ -51,20 +53,75 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_pa
   assert metrics['val_loss'] > 0
 
 
+def small_state():
+  """An nnx.State of two small modules, standing in for (model, optimizer) where only saving matters."""
+  return nnx.state((nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.Linear(2, 2, rngs=nnx.Rngs(1))))
+
+
 def test_keeps_the_latest_and_the_best(tiny_config, tmp_path):
-  config = tiny_config(**{'train.num_steps': 30, 'checkpoint.every': 5, 'eval.every': 5, 'checkpoint.keep': 2})
-  train_lib.train_and_evaluate(config, tmp_path)
+  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  checkpoints = Checkpoints(tmp_path, keep=2)
+  for step, val_loss in zip([1, 2, 3, 4], [3.0, 1.0, 2.0, 4.0]):  # the best (2) is neither first nor latest
+    checkpoints.save(step, state, config, tokenizer, val_loss)
+  checkpoints.wait()
+  checkpoints.close()
   checkpoints = Checkpoints(tmp_path, read_only=True)
-  steps = checkpoints.steps()
-  val = {s: checkpoints.meta(s)['val_loss'] for s in steps}
-  assert steps[-2:] == [25, 30]
-  best = checkpoints.best_step()
-  assert set(steps) == {25, 30, best} and val[best] == min(val.values())
-  meta = checkpoints.meta(30)
-  assert meta['step'] == 30 and meta['config']['model']['num_layers'] == 2
-  assert checkpoints.select('best') == best and checkpoints.select('30') == 30
-  with pytest.raises(CheckpointError, match=r'no checkpoint at step 7 .*saved steps: '):
+  assert checkpoints.steps() == [2, 3, 4]
+  assert checkpoints.best_step() == 2 and checkpoints.select('best') == 2
+  meta = checkpoints.meta(4)
+  assert meta['step'] == 4 and meta['val_loss'] == 4.0 and meta['config']['model']['num_layers'] == 2
+  assert checkpoints.select('latest') == 4 and checkpoints.select('3') == 3
+  with pytest.raises(CheckpointError, match=r'no checkpoint at step 7 .*saved steps: 2, 3, 4'):
     checkpoints.select('7')
+
+
+def test_a_failed_asynchronous_save_is_reported_with_its_own_step(tiny_config, tmp_path, monkeypatch):
+  """Orbax reports a failed background save when the next save waits for it: the error names the failed step."""
+  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  checkpoints = Checkpoints(tmp_path)
+  checkpoints.save(5, state, config, tokenizer)
+
+  def disk_full():
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(checkpoints.manager, 'wait_until_finished', disk_full)
+  with pytest.raises(CheckpointError, match=r'cannot write the checkpoint of step 5 in .*No space left on device'):
+    checkpoints.save(10, state, config, tokenizer)
+  monkeypatch.undo()
+  checkpoints.close()
+
+
+def test_a_stop_right_after_an_evaluation_keeps_its_val_loss(tiny_config, tmp_path, monkeypatch):
+  """Stopped at step 3 (evaluated, not a checkpoint step): the checkpoint it saves carries step 3's val loss."""
+  polls = iter(range(100))
+  monkeypatch.setattr(train_lib.StopRequest, 'requested', lambda self: next(polls) == 2)  # after step 3
+  config = tiny_config(**{'train.num_steps': 12, 'eval.every': 3, 'checkpoint.every': 6})
+  metrics = train_lib.train_and_evaluate(config, tmp_path)
+  assert 'stopped_by' in metrics
+  checkpoints = Checkpoints(tmp_path, read_only=True)
+  assert checkpoints.steps() == [3] and checkpoints.meta(3)['val_loss'] == metrics['val_loss']
+
+
+def test_resuming_with_another_steps_per_call_realigns_and_continues_the_run(tiny_config, tmp_path):
+  """Stopped at step 3 with single steps, resumed with 2 steps per call: step 4 runs alone, then pairs."""
+  settings = {'train.num_steps': 6, 'train.decay_steps': 6, 'train.log_every': 2, 'eval.every': 6,
+              'checkpoint.every': 6, 'train.steps_per_call': 2}
+  train_lib.train_and_evaluate(tiny_config(**settings), tmp_path / 'whole')
+  train_lib.train_and_evaluate(tiny_config(**{**settings, 'train.num_steps': 3, 'train.steps_per_call': 1}),
+                               tmp_path / 'split')
+  train_lib.train_and_evaluate(tiny_config(**settings), tmp_path / 'split')
+  whole, split = train_losses(tmp_path / 'whole'), train_losses(tmp_path / 'split')
+  assert sorted(split) == [2, 3, 4, 6]
+  # Not bit-identical: a scanned pair of steps and two single steps round differently (~1e-9).
+  np.testing.assert_allclose([split[s] for s in (2, 4, 6)], [whole[s] for s in (2, 4, 6)], rtol=1e-6)
+  (step_w, params_w), (step_s, params_s) = final_params(tmp_path / 'whole'), final_params(tmp_path / 'split')
+  assert step_w == step_s == 6
+  for a, b in zip(jax.tree.leaves(params_w), jax.tree.leaves(params_s)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # The first pair (steps 5-6) compiles: its time is not a speed, so step 6 reports none (the whole run does).
+  speeds = lambda d: {r['step'] for r in map(json.loads, (d / 'metrics.jsonl').read_text().splitlines())
+                      if 'train/ms_per_step' in r}
+  assert 6 in speeds(tmp_path / 'whole') and 6 not in speeds(tmp_path / 'split')
 
 
 def test_restores_onto_a_different_device_count(tiny_config, tmp_path):
@@ -115,6 +172,37 @@ def test_a_workdir_held_by_another_run_is_refused(tiny_config, tmp_path):
       train_lib.train_and_evaluate(tiny_config(), tmp_path)
   finally:
     lock.release()
+
+
+def test_a_restore_error_that_is_not_about_the_files_moves_nothing(tiny_config, tmp_path, monkeypatch):
+  train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 4, 'checkpoint.every': 2}), tmp_path)
+  before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  for error in (MemoryError('out of memory'), PermissionError(errno.EACCES, 'Permission denied'),
+                jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 4.0GiB')):
+    def fail(self, step, abstract_state):
+      raise error
+
+    monkeypatch.setattr(Checkpoints, 'restore_state', fail)
+    with pytest.raises(CheckpointError, match=rf'cannot read the checkpoint at step 4 in .* \({type(error).__name__}: '
+                                              r'.*\); it is left in place'):
+      train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 6, 'checkpoint.every': 2}), tmp_path)
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
+
+
+def test_no_restorable_checkpoint_stops_instead_of_starting_over(tiny_config, tmp_path, monkeypatch):
+  train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 4, 'checkpoint.every': 2}), tmp_path)
+
+  def unreadable(self, step, abstract_state):
+    raise ValueError(f'DATA_LOSS: checksum mismatch in step {step}')
+
+  monkeypatch.setattr(Checkpoints, 'restore_state', unreadable)
+  message = r'no checkpoint in .* restores \(set aside as unreadable: 2.corrupt, 4.corrupt\); rename one back'
+  with pytest.raises(CheckpointError, match=message):
+    train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 6, 'checkpoint.every': 2}), tmp_path)
+  monkeypatch.undo()
+  with pytest.raises(CheckpointError, match=message):  # the next start too: the run does not begin again at step 0
+    train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 6, 'checkpoint.every': 2}), tmp_path)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['2.corrupt', '4.corrupt']
 
 
 @pytest.mark.slow
