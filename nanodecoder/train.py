@@ -343,25 +343,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   mesh = sharding_lib.make_mesh(config.mesh)
   check_mesh_fits(config, mesh)
   is_main = jax.process_index() == 0
-  dataset = _load_data(config, is_main)  # before touching the workdir: bad data leaves nothing behind
   lock = checkpoint_lib.WorkdirLock(workdir)
-  if is_main:
-    lock.acquire()
   try:
+    dataset = _load_data_and_lock(config, lock, is_main)
     with StopRequest() as stop:
       return _train(config, dataset, workdir, mesh, stop, is_main)
   finally:
     lock.release()
 
 
-def _load_data(config: ml_collections.ConfigDict, is_main: bool) -> data_lib.Dataset:
-  multihost = jax.process_count() > 1
-  if multihost and not is_main:  # process 0 prepares the data (e.g. a TFDS download) first
-    multihost_utils.sync_global_devices('nanodecoder: data prepared')
-  dataset = data_lib.load_dataset(config)
-  if multihost and is_main:
-    multihost_utils.sync_global_devices('nanodecoder: data prepared')
+def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.WorkdirLock,
+                        is_main: bool) -> data_lib.Dataset:
+  """Process 0 loads the data (e.g. a TFDS download) and locks the workdir, then the others load the data.
+
+  The data comes first: bad data leaves nothing behind. Every process raises if any of them failed.
+  """
+  dataset = failure = None
+  if is_main:
+    try:
+      dataset = data_lib.load_dataset(config)
+      lock.acquire()
+    except Exception as e:  # noqa: BLE001 (raised below, on every process)
+      failure = e
+  _raise_on_every_process(failure, 'to load the data or lock the workdir')
+  if not is_main:
+    try:
+      dataset = data_lib.load_dataset(config)
+    except Exception as e:  # noqa: BLE001
+      failure = e
+  _raise_on_every_process(failure, 'to load the data')
   return dataset
+
+
+# The error kinds a failed process passes to the others (by index; any other is a RuntimeError there).
+_SHARED_ERRORS = (config_lib.ConfigError, data_lib.DataError, checkpoint_lib.CheckpointError, RuntimeError)
+
+
+def _raise_on_every_process(failure: Exception | None, what: str) -> None:
+  """Raises `failure`, and on the other processes an error of its kind naming the failed process.
+
+  With several processes a collective that every process calls, so none waits forever for a failed one.
+  """
+  kind = 0 if failure is None else 1 + next(
+      (i for i, cls in enumerate(_SHARED_ERRORS) if isinstance(failure, cls)), len(_SHARED_ERRORS) - 1)
+  kinds = checkpoint_lib.gather_from_processes(kind)
+  if failure is not None:
+    raise failure
+  if kinds.any():
+    failed = int(np.flatnonzero(kinds)[0])
+    raise _SHARED_ERRORS[kinds[failed] - 1](f'process {failed} failed {what} (its error is in its output); '
+                                           f'process {jax.process_index()} stops too')
 
 
 def _train(config, dataset, workdir, mesh, stop, is_main):
@@ -395,9 +426,11 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
   save = lambda step, val_loss=None: checkpoints.save(step, trainer.state, config, dataset.tokenizer, val_loss)
 
   def call_size(step: int) -> int:
-    """Steps in the next compiled call: steps_per_call, or single steps to realign an odd resume."""
-    k = t.steps_per_call
-    return k if step % k == 0 and step + k <= t.num_steps else 1
+    """Steps in the next compiled call: steps_per_call, or single steps to realign an odd resume.
+
+    (config validation makes num_steps a multiple of steps_per_call: an aligned call never passes the end)
+    """
+    return t.steps_per_call if step % t.steps_per_call == 0 else 1
 
   batches = lambda step, n: train_batches(dataset, mesh, config.seed, t.batch_size, step, n)
 
@@ -405,6 +438,7 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
   n = call_size(step)
   batch = batches(step, n) if step < t.num_steps else None
   window_start, window_steps = time.perf_counter(), 0
+  compiling = True  # the first call of each size compiles: left out of the speed
   profile = _Profile(workdir, t.profile_start, t.profile_steps, logger.info)
   try:
     while step < t.num_steps:
@@ -413,20 +447,26 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
       next_n = call_size(step + n)
       if step + n < t.num_steps:
         batch = batches(step + n, next_n)  # prepared while the device works
-      losses = np.atleast_1d(jax.device_get(out['loss']))  # block every call: queued collectives can starve
-      bad = np.flatnonzero(~np.isfinite(losses))
+      # Block on every call (queued collectives can starve). A finite loss with an infinite gradient still
+      # makes NaN parameters: both must be finite before a checkpoint can hold them.
+      losses, grad_norms = map(np.atleast_1d, jax.device_get((out['loss'], out['grad_norm'])))
+      bad = np.flatnonzero(~(np.isfinite(losses) & np.isfinite(grad_norms)))
       if bad.size:
-        raise FloatingPointError(f'loss became {losses[bad[0]]} at step {step + bad[0] + 1}; the last good checkpoint '
-                                 'is kept; lower train.learning_rate or check the data')
-      step, window_steps, n = step + n, window_steps + n, next_n
+        i = bad[0]
+        name, value = ('loss', losses[i]) if not np.isfinite(losses[i]) else ('gradient norm', grad_norms[i])
+        raise FloatingPointError(f'{name} became {value} at step {step + i + 1}; the last good checkpoint is kept; '
+                                 'lower train.learning_rate or check the data')
+      step, window_steps = step + n, window_steps + n
       profile.after(step)
-      if step == start_step + len(losses):
-        logger.info(f'step {step}: compiled and ran the first call in {time.perf_counter() - window_start:.1f} s')
+      if compiling:
+        if step == start_step + n:
+          logger.info(f'step {step}: compiled and ran the first call in {time.perf_counter() - window_start:.1f} s')
         window_start, window_steps = time.perf_counter(), 0
+      compiling, n = next_n != n, next_n
       if step % t.log_every == 0 or step == t.num_steps:
         elapsed = time.perf_counter() - window_start
         scalars = {'train/loss': float(losses[-1]), 'train/lr': float(schedule(step - 1)),
-                   'train/grad_norm': float(np.atleast_1d(jax.device_get(out['grad_norm']))[-1])}
+                   'train/grad_norm': float(grad_norms[-1])}
         if window_steps:  # none right after the first (compiling) call: no speed to report yet
           scalars.update({'train/ms_per_step': 1000 * elapsed / window_steps,
                           'train/tokens_per_s': tokens_per_step * window_steps / elapsed})
@@ -442,7 +482,7 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
         save(step, val_loss)
       if step < t.num_steps and stop.requested():
         if not saved:
-          save(step)
+          save(step, val_loss)
         checkpoints.wait()
         metrics['stopped_by'] = stop.name()
         logger.info(f'stopped by {metrics["stopped_by"]} after step {step}; checkpoint saved, '

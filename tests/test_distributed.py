@@ -4,12 +4,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from conftest import REPO
+from nanodecoder.checkpoint import WorkdirLock
 from test_checkpoint import final_params, train_losses
 from test_launch import TINY
 
@@ -22,9 +24,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def command(corpus_file, workdir, devices, *extra):
+def command(corpus_file, workdir, devices, *extra, kill_after=300):
   overrides = [a for a in TINY if not a.startswith('--config.mesh.cpu_devices')]
-  return ['timeout', '-s', 'KILL', '300', sys.executable, 'launch.py', '--config', 'experiments/cpu.py',
+  return ['timeout', '-s', 'KILL', str(kill_after), sys.executable, 'launch.py', '--config', 'experiments/cpu.py',
           '--config.data.source=text', f'--config.data.text_path={corpus_file}', *overrides,
           f'--config.mesh.cpu_devices={devices}', '--config.train.log_every=1', '--config.checkpoint.every=6',
           '--workdir', str(workdir), *extra]
@@ -62,3 +64,19 @@ def test_two_processes_match_one_process(corpus_file, tmp_path):
   assert step_m == step_s == 12
   for a, b in zip(jax.tree.leaves(params_m), jax.tree.leaves(params_s)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_locked_workdir_stops_every_process_instead_of_hanging(corpus_file, tmp_path):
+  """Only process 0 takes the workdir lock; when it cannot, process 1 must not wait for it at a collective."""
+  lock = WorkdirLock(tmp_path)
+  lock.acquire()
+  try:
+    port, start = free_port(), time.time()
+    results = run_processes([command(corpus_file, tmp_path, 2, f'--coordinator_address=127.0.0.1:{port}',
+                                     '--num_processes=2', f'--process_id={i}', kill_after=90) for i in range(2)])
+  finally:
+    lock.release()
+  (rc0, _, err0), (rc1, _, err1) = results
+  assert rc0 == 2 and f'error: workdir {tmp_path} is in use by another run (pid {os.getpid()})' in err0, err0[-2000:]
+  assert rc1 == 2 and 'error: process 0 failed to load the data or lock the workdir' in err1, err1[-2000:]
+  assert time.time() - start < 60

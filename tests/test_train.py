@@ -14,6 +14,7 @@ from nanodecoder import config as config_lib
 from nanodecoder import data as data_lib
 from nanodecoder import sharding as sharding_lib
 from nanodecoder import train as train_lib
+from nanodecoder.checkpoint import Checkpoints
 
 
 def build(config, devices):
@@ -114,13 +115,19 @@ def test_data_parallel_gradients_are_all_reduced_as_one_vector(tiny_config):
 
 
 def test_dropout_changes_with_step_but_is_reproducible(tiny_config):
-  config = tiny_config(**{'model.dropout': 0.3})
-  a, dataset = build(config, jax.devices()[:1])
-  b, _ = build(config, jax.devices()[:1])
+  a, dataset = build(tiny_config(**{'model.dropout': 0.3}), jax.devices()[:1])
+  b, _ = build(tiny_config(**{'model.dropout': 0.3}), jax.devices()[:1])
+  plain, _ = build(tiny_config(), jax.devices()[:1])
+  for x, y in zip(jax.tree.leaves(params(a)), jax.tree.leaves(params(plain))):
+    np.testing.assert_array_equal(x, y)  # same parameters: the losses below differ only by their dropout masks
   batch = put(a, dataset.train_batch(0, 0, 8))
-  a.state, out_a = a.train_step(a.state, batch)
-  b.state, out_b = b.train_step(b.state, batch)
-  assert float(out_a['loss']) == float(out_b['loss'])
+  loss = lambda trainer, state: float(trainer.train_step(state, batch)[1]['loss'])  # of the parameters before the step
+  at_step_0 = loss(a, a.init_state())
+  assert loss(b, b.init_state()) == at_step_0  # reproducible
+  assert loss(plain, plain.init_state()) != at_step_0  # dropout is on
+  state = a.init_state()
+  state[1]['step'][...] = 1  # the same parameters and batch at optimizer step 1
+  assert loss(a, state) != at_step_0  # another mask
 
 
 def test_evaluate_all_windows_counts_every_target(tiny_config):
@@ -150,8 +157,30 @@ def test_batch_must_divide_over_data_parallel_devices(tiny_config, tmp_path):
 
 def test_diverging_loss_stops_with_a_clear_error(tiny_config, tmp_path):
   config = tiny_config(**{'train.learning_rate': 1e30, 'train.min_learning_rate': 1e29, 'train.grad_clip': 0.0})
-  with pytest.raises(FloatingPointError, match=r'loss became (nan|inf) at step \d+'):
+  with pytest.raises(FloatingPointError, match=r'(loss|gradient norm) became (nan|inf) at step \d+'):
     train_lib.train_and_evaluate(config, tmp_path)
+
+
+def test_an_infinite_gradient_stops_before_its_step_is_saved(tiny_config, tmp_path, monkeypatch):
+  """A finite loss with an infinite gradient norm (clipping then makes NaN parameters) stops the run at that step."""
+  create_trainer = train_lib.create_trainer
+
+  def with_infinite_gradient_at_step_3(*args, **kwargs):
+    trainer = create_trainer(*args, **kwargs)
+    train_step = trainer.train_step
+
+    def step(state, batch):
+      state, out = train_step(state, batch)
+      return state, out if int(state[1]['step'][...]) != 3 else {**out, 'grad_norm': jnp.float32(jnp.inf)}
+
+    trainer.train_step = step
+    return trainer
+
+  monkeypatch.setattr(train_lib, 'create_trainer', with_infinite_gradient_at_step_3)
+  config = tiny_config(**{'train.num_steps': 6, 'checkpoint.every': 1, 'eval.every': 6, 'train.log_every': 1})
+  with pytest.raises(FloatingPointError, match=r'^gradient norm became inf at step 3; the last good checkpoint'):
+    train_lib.train_and_evaluate(config, tmp_path)
+  assert Checkpoints(tmp_path, read_only=True).steps() == [1, 2]
 
 
 def test_several_steps_per_call_equal_single_steps(tiny_config, tmp_path):
