@@ -77,13 +77,17 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ConfigError(f'mesh sizes {dict(zip(AXES, sizes))} do not divide the {num_devices} devices; '
+      raise ConfigError(f'{_named(sizes)} do not divide the {num_devices} devices; '
                         'choose sizes whose product divides the device count')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ConfigError(f'mesh sizes {dict(zip(AXES, sizes))} use {math.prod(sizes)} devices but there are {num_devices}; '
+    raise ConfigError(f'{_named(sizes)} use {math.prod(sizes)} devices but there are {num_devices}; '
                       'make their product equal the device count (or set one to -1)')
   return tuple(sizes)
+
+
+def _named(sizes) -> str:
+  return ', '.join(f'mesh.{axis}={size}' for axis, size in zip(AXES, sizes))
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:

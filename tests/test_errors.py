@@ -47,7 +47,7 @@ CONFIG_CASES = [
     (['--config.model.num_heads=3', '--config.mesh.data=1', '--config.mesh.tensor=2'],
      'mesh.tensor=2 does not divide model.num_heads=3'),
     (['--config.train.batch_size=7'], 'train.batch_size=7 (micro-batch 7) is not divisible by the data-parallel size 2'),
-    (['--config.mesh.data=3'], "mesh sizes {'data': 3, 'fsdp': 1, 'tensor': 1} use 3 devices but there are 2"),
+    (['--config.mesh.data=3'], 'mesh.data=3, mesh.fsdp=1, mesh.tensor=1 use 3 devices but there are 2'),
     (['--config.train.num_steps=1', '--config.train.warmup_steps=5', '--config.train.decay_steps=12'],
      'train.warmup_steps=5 is longer than the run (train.num_steps=1)'),
     (['--config.train.steps_per_call=5'], 'train.num_steps=12 is not a multiple of train.steps_per_call=5'),

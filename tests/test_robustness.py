@@ -53,10 +53,11 @@ def test_any_override_trains_or_fails_with_a_validation_error(corpus_file, tmp_p
     for field, value in overrides.items():
       config_lib.set_field(config, field, value)
     metrics = train_lib.train_and_evaluate(config, tmp_path_factory.mktemp('run'))
-  except (config_lib.ConfigError, DataError) as e:
-    assert '\n' not in str(e) and re.search(r'\b(model|train|data|mesh|eval|checkpoint)\.\w+|split ', str(e)), e
+  except (config_lib.ConfigError, DataError, FloatingPointError) as e:  # diverging: stops naming train.learning_rate
+    assert '\n' not in str(e), e
+    assert re.search(r'\b(model|train|data|mesh|eval|checkpoint)\.\w+|split ', str(e)), e
     return
-  assert np.isfinite(metrics['val_loss']) or config.train.learning_rate > 0.1  # trained (a huge rate may diverge)
+  assert np.isfinite(metrics['val_loss'])  # trained
 
 
 def test_two_process_run_killed_at_random_points_ends_like_an_uninterrupted_one(corpus_file, tmp_path):

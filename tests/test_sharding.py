@@ -67,7 +67,7 @@ def test_logical_spec_shards_ruled_dimensions_the_mesh_divides_and_replicates_th
 
 
 @pytest.mark.parametrize('sizes, message', [
-    ({'data': 3}, r"mesh sizes \{'data': 3, 'fsdp': 1, 'tensor': 1\} use 3 devices but there are 8"),
+    ({'data': 3}, r'mesh.data=3, mesh.fsdp=1, mesh.tensor=1 use 3 devices but there are 8'),
     ({'data': -1, 'fsdp': 3}, r'do not divide the 8 devices'),
 ])
 def test_mesh_sizes_must_match_the_devices(tiny_config, sizes, message):
