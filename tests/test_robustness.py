@@ -16,6 +16,7 @@ from conftest import REPO
 from nanodecoder import config as config_lib
 from nanodecoder import train as train_lib
 from nanodecoder.data import DataError
+from nanodecoder.sweep import saved_steps
 from test_checkpoint import final_params, train_losses
 from test_distributed import command, free_port, run_processes
 
@@ -76,9 +77,13 @@ def test_two_process_run_killed_at_random_points_ends_like_an_uninterrupted_one(
   workdir, rng = tmp_path / 'killed', random.Random(0)
   for _ in range(3):
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    latest = saved_steps(workdir)[-1:]
     procs = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                               start_new_session=True) for c in processes(workdir)]
-    time.sleep(rng.uniform(6.0, 12.0))
+    deadline = time.monotonic() + 120  # each round makes progress, however slow the machine: wait for a new save
+    while saved_steps(workdir)[-1:] == latest and time.monotonic() < deadline:
+      time.sleep(0.1)
+    time.sleep(rng.uniform(0.0, 3.0))  # then kill anywhere: mid-step, mid-save, mid-evaluation
     for p in procs:  # the whole process group: `timeout` and the Python process under it
       os.killpg(p.pid, signal.SIGKILL)
       p.wait()
