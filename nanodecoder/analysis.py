@@ -106,7 +106,8 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
     train_lib.check_mesh_fits(config, mesh)
     trainer = train_lib.create_trainer(config, config_lib.model_config(config, tokenizer.vocab_size), mesh,
                                        init=False)
-    trainer.state = checkpoints.restore_state(step, trainer.abstract_state)
+    with checkpoint_lib.reading(checkpoints, step):
+      trainer.state = checkpoints.restore_state(step, trainer.abstract_state)
   finally:
     checkpoints.close()
   loss, count = train_lib.window_loss(trainer, tokens)

@@ -314,7 +314,26 @@ def load_meta(workdir: str | pathlib.Path, which: str | int = 'latest') -> tuple
     raise CheckpointError(f'no checkpoints in {workdir}; train first or pass the workdir of a run')
   checkpoints = Checkpoints(workdir, read_only=True)
   step = checkpoints.select(which)
-  return checkpoints, step, checkpoints.meta(step)
+  try:
+    with reading(checkpoints, step):
+      return checkpoints, step, checkpoints.meta(step)
+  except CheckpointError:
+    checkpoints.close()
+    raise
+
+
+@contextlib.contextmanager
+def reading(checkpoints: Checkpoints, step: int):
+  """Read-only use (sampling, evaluation): a step that does not restore becomes one CheckpointError line."""
+  try:
+    yield
+  except (CheckpointError, ConfigError):
+    raise
+  except Exception as e:  # noqa: BLE001 (corrupt, partial or unreachable files)
+    others = [s for s in checkpoints.steps() if s != step]
+    raise CheckpointError(f'cannot read the checkpoint at step {step} in {checkpoints.directory} ({_first_line(e)}); '
+                          f'pass --checkpoint with another step ({", ".join(map(str, others)) or "there is none"}), '
+                          'or rerun training in the workdir, which sets unreadable steps aside') from e
 
 
 def load_model(workdir: str | pathlib.Path, which: str | int = 'latest'):
@@ -331,7 +350,8 @@ def load_model(workdir: str | pathlib.Path, which: str | int = 'latest'):
       graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, nnx.Rngs(0))))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    params, _ = checkpoints.restore(step, abstract)
+    with reading(checkpoints, step):
+      params, _ = checkpoints.restore(step, abstract)
   finally:
     checkpoints.close()
   return nnx.merge(graphdef, params), tokenizer, config, step

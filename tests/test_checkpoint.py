@@ -154,6 +154,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
   for file in params_dir.rglob('*'):
     if file.is_file() and file.stat().st_size > 0 and 'd' in file.parent.name:
       file.write_bytes(b'garbage')
+  # Sampling or evaluating (read-only) refuses it in one line and moves nothing.
+  with pytest.raises(CheckpointError, match=r'^cannot read the checkpoint at step 10 in .*; pass --checkpoint with '
+                                            r'another step \(5\), or rerun training'):
+    checkpoint_lib.load_model(tmp_path, 'latest')
+  assert checkpoint_lib.load_model(tmp_path, 5)[3] == 5
+  assert Checkpoints(tmp_path, read_only=True).steps() == [5, 10]
   capsys.readouterr()
   train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 12, 'checkpoint.every': 5, 'eval.every': 5,
                                               'checkpoint.keep': 3}), tmp_path)
