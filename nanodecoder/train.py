@@ -288,6 +288,10 @@ def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if batch % accum:
     raise config_lib.ConfigError(f'train.batch_size={batch} is not divisible by train.grad_accum_steps={accum}')
   tensor, fsdp, m = mesh.shape['tensor'], mesh.shape['fsdp'], config.model
+  platform = mesh.devices.flat[0].platform
+  if m.attention_impl == 'cudnn' and platform != 'gpu':
+    raise config_lib.ConfigError(f"model.attention_impl='cudnn' needs NVIDIA GPUs, but the mesh is on {platform} "
+                                 "devices; use 'auto' or 'einsum'")
   if m.num_heads % tensor or (m.mlp_ratio * m.num_heads * m.head_size) % tensor:
     raise config_lib.ConfigError(f'mesh.tensor={tensor} does not divide model.num_heads={m.num_heads} (or the '
                                  'feed-forward width); pick a tensor size that divides the number of heads')

@@ -46,6 +46,8 @@ CONFIG_CASES = [
     (['--config.model.dropout=1.5'], 'model.dropout must be in [0, 1), got 1.5'),
     (['--config.model.num_heads=3', '--config.mesh.data=1', '--config.mesh.tensor=2'],
      'mesh.tensor=2 does not divide model.num_heads=3'),
+    (['--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'],
+     "model.attention_impl='cudnn' needs NVIDIA GPUs, but the mesh is on cpu devices"),
     (['--config.train.batch_size=7'], 'train.batch_size=7 (micro-batch 7) is not divisible by the data-parallel size 2'),
     (['--config.mesh.data=3'], 'mesh.data=3, mesh.fsdp=1, mesh.tensor=1 use 3 devices but there are 2'),
     (['--config.train.num_steps=1', '--config.train.warmup_steps=5', '--config.train.decay_steps=12'],
