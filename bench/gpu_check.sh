@@ -46,11 +46,14 @@ if [ "${SMOKE:-0}" != 1 ]; then
     rm -rf /tmp/nanodecoder_gpu_diag
     env_cache=(); [ "$cache" = off ] && env_cache=(NANODECODER_COMPILATION_CACHE=)
     echo "== loop speed, compilation cache $cache" | tee -a "$OUT/summary.txt"
-    env "${env_cache[@]}" timeout 60 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" --set train.num_steps=300 \
+    env "${env_cache[@]}" JAX_LOG_COMPILES=1 timeout 60 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" --set train.num_steps=300 \
       --set train.decay_steps=300 --set eval.every=300 --set eval.batches=10 --set train.profile_start=200 \
       --set train.profile_steps=20 --workdir /tmp/nanodecoder_gpu_diag \
       --out "$OUT/diag_cache_$cache.json" > "$OUT/diag_cache_$cache.log" 2>&1
     grep -E '"median_ms_per_step"|"stopped_by"' "$OUT/diag_cache_$cache.json" 2>/dev/null | tee -a "$OUT/summary.txt"
+    # More than one compilation of the step would mean the loop retraces (e.g. a changing argument signature).
+    echo "compilations of the train step: $(grep -c 'Compiling jit(train_step' "$OUT/diag_cache_$cache.log")" \
+      | tee -a "$OUT/summary.txt"
     # Where the 20 traced steps spent their time, device ops and host events (bench/trace_summary.py).
     "$PY" bench/trace_summary.py /tmp/nanodecoder_gpu_diag/plugins/profile --top 12 > "$OUT/diag_trace_$cache.txt" 2>&1
     head -n 30 "$OUT/diag_trace_$cache.txt" | tee -a "$OUT/summary.txt"
