@@ -201,7 +201,12 @@ class Checkpoints:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def best_step(self) -> int | None:
-    scored = [(m['val_loss'], s) for s in self.steps() if (m := self.meta(s))['val_loss'] is not None]
+    scored = []
+    for step in self.steps():
+      with reading(self, step):
+        val_loss = self.meta(step)['val_loss']
+      if val_loss is not None:
+        scored.append((val_loss, step))
     return min(scored)[1] if scored else None
 
   def select(self, which: str | int) -> int:
@@ -257,12 +262,17 @@ class Checkpoints:
       restored = error = None
       try:
         restored = self._restore_checked(step, abstract_state, config)
-      except ConfigError:
-        raise
-      except Exception as e:  # noqa: BLE001 (sorted out below)
+      except Exception as e:  # noqa: BLE001 (sorted out below, the same way on every process)
         error = e
-      outcome = 0 if error is None else 2 if _is_environment_error(error) else 1  # ok, unreadable, environment
+      # ok, unreadable, environment, another model
+      outcome = (0 if error is None else 3 if isinstance(error, ConfigError) else 2 if _is_environment_error(error)
+                 else 1)
       outcomes = gather_from_processes(outcome)
+      if outcomes.max() == 3:
+        if outcome == 3:
+          raise error
+        raise ConfigError(f'the checkpoint at step {step} in {self.directory} holds another model (process '
+                          f'{int(outcomes.argmax())} says how); pass another --workdir')
       if outcomes.max() == 2:
         cause = _first_line(error) if outcome == 2 else f'an error on process {int(outcomes.argmax())}, in its output'
         raise CheckpointError(f'cannot read the checkpoint at step {step} in {self.directory} ({cause}); it is left '
@@ -313,11 +323,11 @@ def load_meta(workdir: str | pathlib.Path, which: str | int = 'latest') -> tuple
   if not (workdir / 'checkpoints').is_dir():
     raise CheckpointError(f'no checkpoints in {workdir}; train first or pass the workdir of a run')
   checkpoints = Checkpoints(workdir, read_only=True)
-  step = checkpoints.select(which)
   try:
+    step = checkpoints.select(which)
     with reading(checkpoints, step):
       return checkpoints, step, checkpoints.meta(step)
-  except CheckpointError:
+  except BaseException:
     checkpoints.close()
     raise
 
@@ -329,11 +339,13 @@ def reading(checkpoints: Checkpoints, step: int):
     yield
   except (CheckpointError, ConfigError):
     raise
-  except Exception as e:  # noqa: BLE001 (corrupt, partial or unreachable files)
-    others = [s for s in checkpoints.steps() if s != step]
-    raise CheckpointError(f'cannot read the checkpoint at step {step} in {checkpoints.directory} ({_first_line(e)}); '
-                          f'pass --checkpoint with another step ({", ".join(map(str, others)) or "there is none"}), '
-                          'or rerun training in the workdir, which sets unreadable steps aside') from e
+  except Exception as e:  # noqa: BLE001 (corrupt or partial files, or the machine: memory, permissions, ...)
+    where = f'cannot read the checkpoint at step {step} in {checkpoints.directory} ({_first_line(e)})'
+    if _is_environment_error(e):
+      raise CheckpointError(f'{where}; fix the cause (memory, permissions, file system) and rerun') from e
+    others = ', '.join(str(s) for s in checkpoints.steps() if s != step) or 'there is none'
+    raise CheckpointError(f'{where}; pass --checkpoint with another step ({others}), or rerun training in the '
+                          'workdir, which sets unreadable steps aside') from e
 
 
 def load_model(workdir: str | pathlib.Path, which: str | int = 'latest'):

@@ -170,6 +170,28 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
   assert Checkpoints(tmp_path, read_only=True).steps()[-1] == 12
 
 
+def test_read_only_loading_refuses_in_one_line(tiny_config, tmp_path, monkeypatch):
+  """Choosing 'best' reads every step's metadata; restoring can fail for reasons that are not the files."""
+  config = tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5, 'eval.every': 5, 'checkpoint.keep': 3})
+  train_lib.train_and_evaluate(config, tmp_path)
+
+  def out_of_memory(*args, **kwargs):
+    raise MemoryError('no room')
+
+  monkeypatch.setattr(Checkpoints, 'restore', out_of_memory)
+  with pytest.raises(CheckpointError, match=r'^cannot read the checkpoint at step 10 in .* \(MemoryError: no room\); '
+                                            r'fix the cause \(memory, permissions, file system\) and rerun$'):
+    checkpoint_lib.load_model(tmp_path, 10)
+  monkeypatch.undo()
+  for file in (tmp_path / 'checkpoints' / '5' / 'meta').rglob('*'):
+    if file.is_file():
+      file.write_text('{not json')
+  with pytest.raises(CheckpointError, match=r'^cannot read the checkpoint at step 5 .*; pass --checkpoint with '
+                                            r'another step \(10\)'):
+    checkpoint_lib.load_model(tmp_path, 'best')
+  assert checkpoint_lib.load_model(tmp_path, 'latest')[3] == 10
+
+
 def test_a_workdir_held_by_another_run_is_refused(tiny_config, tmp_path):
   lock = checkpoint_lib.WorkdirLock(tmp_path)
   lock.acquire()
