@@ -85,7 +85,7 @@ def _get(config, dotted):
 
 def _check_attention_impl(m: ml_collections.ConfigDict) -> None:
   """Refuses fused attention settings that cannot run. Backend-agnostic (a sweep validates its points on the
-  launching host): the model refuses 'cudnn' off GPU when it first runs (`model.attend`)."""
+  launching host): training refuses 'cudnn' off GPUs where the devices are known (`train.check_mesh_fits`)."""
   impl = m.attention_impl
   if impl in ('xla', 'cudnn') and m.dropout > 0:
     raise ConfigError(f'model.attention_impl={impl!r} has no attention-weight dropout but model.dropout={m.dropout}; '
