@@ -244,6 +244,7 @@ def sweep_command(declaration) -> None:
       if output is not None:
         output.close()
 
+  sweep_lib.check_saved_configs(sweep, base, root)
   sweep_lib.write_manifest(root, sweep, base)
   if parallel > 1:  # points started together would race to download and prepare a TFDS dataset: do it here, once
     from nanodecoder import data
@@ -278,6 +279,7 @@ def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Pa
   point = sweep.points[index]
   config = sweep_lib.point_config(base, point)
   workdir = sweep.workdir(root, point)
+  sweep_lib.check_saved_configs(sweep, base, root, [point])  # this point only: the others may run elsewhere
   sweep_lib.write_manifest(root, sweep, base)
   status = sweep_lib.point_status(workdir, config.train.num_steps)
   if status.state == 'finished':

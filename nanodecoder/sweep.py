@@ -131,11 +131,7 @@ def point_config(base: ml_collections.ConfigDict, point: Point) -> ml_collection
 
 
 def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.ConfigDict) -> None:
-  """`root/sweep.json`: what the summary needs to know about the sweep.
-
-  Runs `check_saved_configs` first: the manifest never describes points trained under other settings.
-  """
-  check_saved_configs(sweep, base, root)
+  """`root/sweep.json`: what the summary needs to know about the sweep (after `check_saved_configs`)."""
   manifest = {'name': sweep.name, 'config': sweep.spec, 'fields': sweep.fields,
               'points': [{'name': p.name, 'overrides': p.overrides,
                           'num_steps': point_config(base, p).train.num_steps} for p in sweep.points]}
@@ -155,13 +151,15 @@ def _may_change_on_resume(field: str) -> bool:
   return any(field == allowed or (allowed.endswith('.') and field.startswith(allowed)) for allowed in RESUMABLE_CHANGES)
 
 
-def check_saved_configs(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path) -> None:
+def check_saved_configs(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
+                        points: Sequence[Point] | None = None) -> None:
   """Refuses (ConfigError) to resume or skip a point whose checkpoints were trained under other settings.
 
   A point with checkpoints and a config.json must match its config but for RESUMABLE_CHANGES; otherwise,
   e.g. a full sweep after a short quick look in the same root, it would continue from a decayed schedule.
+  Checks `points` (default: all of them).
   """
-  for point in sweep.points:
+  for point in sweep.points if points is None else points:
     workdir = sweep.workdir(root, point)
     config_file = workdir / 'config.json'
     if not config_file.is_file() or not saved_steps(workdir):
@@ -226,9 +224,8 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
   holds (e.g. for its share of the devices). Returns ({point name: exit
   status} of the points it ran, the signal that stopped the sweep or None).
   SIGTERM is passed on to the running points (they save and stop); after
-  SIGTERM or Ctrl-C no new point starts. Raises ConfigError (`check_saved_configs`) before starting any.
+  SIGTERM or Ctrl-C no new point starts. Call `check_saved_configs` first.
   """
-  check_saved_configs(sweep, base, root)
   todo = []
   total = len(sweep.points)
   for point in sweep.points:

@@ -172,7 +172,7 @@ def started_point(workdir, config, step):
   (workdir / 'config.json').write_text(config.to_json(indent=2))
 
 
-def test_points_started_under_other_settings_are_refused_before_anything_runs(tiny_config, tmp_path, monkeypatch):
+def test_points_started_under_other_settings_are_refused(tiny_config, tmp_path, monkeypatch):
   monkeypatch.setattr(sweep_lib.time, 'sleep', lambda s: None)
   base = tiny_config()  # 20 steps, decay over 20
   sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2]})
@@ -185,20 +185,20 @@ def test_points_started_under_other_settings_are_refused_before_anything_runs(ti
     started.append(point.name)
     return FakeProcess(point.name)
 
-  message = (rf'^sweep point 0 \(seed=1\) in {re.escape(str(tmp_path / "seed=1"))} was trained with '
-             r'train.decay_steps=10, not 20; pass another --workdir, or delete that folder to train the point again$')
-  with pytest.raises(ConfigError, match=message):
-    sweep_lib.run(sweep, base, tmp_path, start, log=lambda m: None)
-  with pytest.raises(ConfigError, match=message):
-    sweep_lib.write_manifest(tmp_path, sweep, base)
-  assert started == [] and not (tmp_path / sweep_lib.MANIFEST).exists()
+  message = lambda i: (rf'^sweep point {i} \(seed={i + 1}\) in {re.escape(str(tmp_path / f"seed={i + 1}"))} was '
+                       r'trained with train.decay_steps=10, not 20; pass another --workdir, or delete that folder '
+                       r'to train the point again$')
+  with pytest.raises(ConfigError, match=message(0)):
+    sweep_lib.check_saved_configs(sweep, base, tmp_path)
+  with pytest.raises(ConfigError, match=message(1)):
+    sweep_lib.check_saved_configs(sweep, base, tmp_path, sweep.points[1:])  # as `--sweep_index 1` checks
 
   # Length, mesh and cadence may change on resume; a point without checkpoints starts afresh whatever it saved.
   resumable = tiny_config(**{'train.num_steps': 10, 'mesh.cpu_devices': 1, 'eval.every': 5, 'train.log_every': 5,
                              'checkpoint.every': 5})
   started_point(sweep.workdir(tmp_path, sweep.points[0]), sweep_lib.point_config(resumable, sweep.points[0]), 10)
   (sweep.workdir(tmp_path, sweep.points[1]) / 'checkpoints' / '10').rmdir()
-  sweep_lib.write_manifest(tmp_path, sweep, base)
+  sweep_lib.check_saved_configs(sweep, base, tmp_path)
   results, _ = sweep_lib.run(sweep, base, tmp_path, start, log=lambda m: None)
   assert started == ['seed=1', 'seed=2'] and results == {'seed=1': 0, 'seed=2': 0}
 
