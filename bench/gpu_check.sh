@@ -52,8 +52,8 @@ if [ "${SMOKE:-0}" != 1 ]; then
       --out "$OUT/diag_cache_$cache.json" > "$OUT/diag_cache_$cache.log" 2>&1
     grep -E '"median_ms_per_step"|"stopped_by"' "$OUT/diag_cache_$cache.json" 2>/dev/null | tee -a "$OUT/summary.txt"
     # More than one compilation of the step would mean the loop retraces (e.g. a changing argument signature).
-    echo "compilations of the train step: $(grep -c 'Compiling jit(train_step' "$OUT/diag_cache_$cache.log")" \
-      | tee -a "$OUT/summary.txt"
+    echo "compilations: train_steps $(grep -c 'Compiling jit(train_steps) ' "$OUT/diag_cache_$cache.log")," \
+      "train_step $(grep -c 'Compiling jit(train_step) ' "$OUT/diag_cache_$cache.log")" | tee -a "$OUT/summary.txt"
     # Where the 20 traced steps spent their time, device ops and host events (bench/trace_summary.py).
     "$PY" bench/trace_summary.py /tmp/nanodecoder_gpu_diag/plugins/profile --top 12 > "$OUT/diag_trace_$cache.txt" 2>&1
     head -n 30 "$OUT/diag_trace_$cache.txt" | tee -a "$OUT/summary.txt"
