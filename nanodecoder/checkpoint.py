@@ -264,24 +264,24 @@ class Checkpoints:
         restored = self._restore_checked(step, abstract_state, config)
       except Exception as e:  # noqa: BLE001 (sorted out below, the same way on every process)
         error = e
-      # ok, unreadable, environment, another model
-      outcome = (0 if error is None else 3 if isinstance(error, ConfigError) else 2 if _is_environment_error(error)
-                 else 1)
+      ok, unreadable, environment, other_model = range(4)  # outcomes, the worst one (highest) decides
+      outcome = (ok if error is None else other_model if isinstance(error, ConfigError)
+                 else environment if _is_environment_error(error) else unreadable)
       outcomes = gather_from_processes(outcome)
-      if outcomes.max() == 3:
-        if outcome == 3:
+      worst, worst_process = outcomes.max(), int(outcomes.argmax())
+      if worst == other_model:
+        if outcome == other_model:
           raise error
         raise ConfigError(f'the checkpoint at step {step} in {self.directory} holds another model (process '
-                          f'{int(outcomes.argmax())} says how); pass another --workdir')
-      if outcomes.max() == 2:
-        cause = _first_line(error) if outcome == 2 else f'an error on process {int(outcomes.argmax())}, in its output'
+                          f'{worst_process} says how); pass another --workdir')
+      if worst == environment:
+        cause = _first_line(error) if outcome == environment else f'an error on process {worst_process}, in its output'
         raise CheckpointError(f'cannot read the checkpoint at step {step} in {self.directory} ({cause}); it is left '
                               'in place: fix the cause (memory, permissions, file system), then rerun to resume'
                               ) from error
-      if outcomes.max() == 1:
-        self._set_aside(step, error, log)
-      else:
+      if worst == ok:
         return restored
+      self._set_aside(step, error, log)
     set_aside = sorted(path.name for path in self.directory.glob('*.corrupt'))
     if set_aside:
       raise CheckpointError(f'no checkpoint in {self.directory} restores (set aside as unreadable: '
