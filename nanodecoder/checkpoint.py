@@ -23,14 +23,13 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from nanodecoder.config import ConfigError
+from nanodecoder.sharding import gather_from_processes
 from nanodecoder.data import CharTokenizer
 
 # Config fields that fix the parameter shapes: a checkpoint restores only into the same values.
@@ -40,13 +39,6 @@ SHAPE_FIELDS = ('num_layers', 'num_heads', 'head_size', 'context_length', 'mlp_r
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint, or a checkpoint that cannot be written."""
-
-
-def gather_from_processes(value: int) -> np.ndarray:
-  """`value` of every process, by process index; with several processes a collective that every process must call."""
-  if jax.process_count() == 1:
-    return np.array([value])
-  return np.asarray(multihost_utils.process_allgather(np.int32(value)))
 
 
 # Errors that say nothing about a checkpoint's files: the step is left in place and the run stops.

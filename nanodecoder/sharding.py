@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from nanodecoder.config import ConfigError
@@ -70,6 +71,13 @@ def initialize_distributed(mode: str = 'auto', coordinator_address: str | None =
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
   return True
+
+
+def gather_from_processes(value: int) -> np.ndarray:
+  """`value` of every process, by process index; with several processes a collective that every process must call."""
+  if jax.process_count() == 1:
+    return np.array([value])
+  return np.asarray(multihost_utils.process_allgather(np.int32(value)))
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:

@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nanodecoder import checkpoint as checkpoint_lib
@@ -330,10 +329,7 @@ class StopRequest:
 
   def requested(self) -> bool:
     """True on every process as soon as any process was signalled."""
-    flag = self.signal is not None
-    if jax.process_count() > 1:
-      flag = bool(multihost_utils.process_allgather(np.int32(flag)).any())
-    return flag
+    return bool(sharding_lib.gather_from_processes(self.signal is not None).any())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -390,7 +386,7 @@ def _raise_on_every_process(failure: Exception | None, what: str) -> None:
   """
   kind = 0 if failure is None else 1 + next(
       (i for i, cls in enumerate(_SHARED_ERRORS) if isinstance(failure, cls)), len(_SHARED_ERRORS) - 1)
-  kinds = checkpoint_lib.gather_from_processes(kind)
+  kinds = sharding_lib.gather_from_processes(kind)
   if failure is not None:
     raise failure
   if kinds.any():
