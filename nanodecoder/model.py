@@ -104,10 +104,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   words = jax.random.bits(key, (*x.shape[:-1], (x.shape[-1] + 1) // 2), jnp.uint32)
   halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :x.shape[-1]]
   keep = halves < jnp.uint16(threshold) if threshold < 65536 else jnp.ones(x.shape, bool)
-  scale = 65536.0 / threshold
-  if jnp.finfo(x.dtype).bits < 32:  # bf16 / fp16
-    return jnp.where(keep, x.astype(jnp.float32) * scale, 0).astype(x.dtype)
-  return jnp.where(keep, x * scale, 0).astype(x.dtype)
+  return jnp.where(keep, x.astype(jnp.float32) * (65536.0 / threshold), 0).astype(x.dtype)  # fp32: no casts
 
 
 def _split(key, num: int = 2):
