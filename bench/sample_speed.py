@@ -88,7 +88,8 @@ def main():
         f'{"vs nanoGPT uncached":>20}')
   for r in rows:
     speedup = f'{r["speedup_vs_uncached"]:.0f}x' if 'speedup_vs_uncached' in r else ''
-    nanogpt = '-'.join(f'{x:.0f}' for x in r['speedup_vs_nanogpt_uncached']) + 'x' if 'speedup_vs_nanogpt_uncached' in r else ''
+    vs_nanogpt = r.get('speedup_vs_nanogpt_uncached')
+    nanogpt = '-'.join(f'{x:.0f}' for x in vs_nanogpt) + 'x' if vs_nanogpt else ''
     print(f'{r["batch_size"]:>5} {str(r["kv_cache"]):>8} {r["tokens"]:>6} {r["seconds"]:>8.2f} {r["tokens_per_s"]:>9.1f} '
           f'{r["ms_per_token_step"]:>8.2f} {speedup:>8} {nanogpt:>20}')
   out = pathlib.Path(args.out)
