@@ -89,6 +89,36 @@ def _dense_bwd(contract, residuals, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+@jax.custom_vjp
+def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """Rows of table [V, D] at integer ids [...]: [..., D].
+
+  Mathematically `table[ids]`. The custom gradient adds up each id's output
+  gradients with a one-hot matmul (fp32 accumulation) instead of XLA's
+  scatter-add: on NVIDIA GPUs that scatter runs as atomic compare-and-swap
+  loops (bf16 always; fp32 too in jaxlib 0.10.2-0.11.0), which serialize when
+  many tokens share an id, as a character vocabulary's space and 'e' do.
+  The matmul costs 2 * tokens * V * D FLOPs: noise for character vocabularies.
+  """
+  return table[ids]
+
+
+def _embed_lookup_fwd(table, ids):
+  return table[ids], (table, ids)
+
+
+def _embed_lookup_bwd(residuals, g):
+  table, ids = residuals
+  one_hot = jax.nn.one_hot(ids, table.shape[0], dtype=g.dtype)  # [..., V]; exact in any dtype
+  token_axes = list(range(ids.ndim))
+  grad = jax.lax.dot_general(one_hot, g, ((token_axes, token_axes), ((), ())), precision=jax.lax.Precision.HIGHEST,
+                             preferred_element_type=jnp.float32)  # [V, D]
+  return grad.astype(table.dtype), None
+
+
+embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   """Inverted dropout (the identity when `key` is None, i.e. in evaluation).
 
@@ -349,8 +379,8 @@ class Decoder(nnx.Module):
       raise ValueError(f'positions {start}..{start + t - 1} run past model.context_length={context} (the KV '
                        'cache size); start a new cache or pass fewer tokens')
     dt = jnp.dtype(self.cfg.dtype)
-    positions = start + jnp.arange(t)
-    return self.token_embed[...].astype(dt)[tokens] + self.position_embed[...].astype(dt)[positions]
+    positions = jax.lax.dynamic_slice_in_dim(self.position_embed[...], start, t)  # [T, D]: a slice, no gather
+    return embed_lookup(self.token_embed[...].astype(dt), tokens) + positions.astype(dt)
 
   def attention_maps(self, tokens) -> jax.Array:
     """Attention weights of every layer and head for `tokens` [B, T]: [L, B, N, T, T] (no dropout)."""
