@@ -1,34 +1,49 @@
 #!/usr/bin/env bash
-# GPU checks for a lent H100/H200: well under 10 minutes, installs nothing. Writes results under $OUT.
+# GPU checks for a lent H100/H200: about 5-6 minutes, installs nothing. Writes results under $OUT.
 #
-#   bench/gpu_check.sh                 # on the GPU machine (results in $OUT, default bench/out/gpu)
+#   bench/gpu_check.sh                 # on the GPU machine: $OUT/summary.txt, the rest in $OUT/results.tgz
 #   SMOKE=1 bench/gpu_check.sh         # seconds-long dry run of the same plumbing (any machine, CPU too)
 #
-# 0. A 2 x 300-step diagnosis of the training loop's speed (see below).
-# 1. The base recipe (experiments/base.py, 5000 steps) in bf16: wall time, training time, best val loss on
-#    'validation+test', tokens/s and MFU.           Targets on one H100: val <= 1.47 in <= 60 s of training.
-# 2. Speed of the base and GPT-2-small (12 x 768, context 1024) shapes: ms/step, tokens/s and MFU over
-#    100 timed steps.                                Target: GPT-2-small MFU >= 45% in bf16.
-# 3. If the script is under 7 minutes by then: GPT-2-small at batch 64.
+# 1. The token-embedding gradient, XLA's scatter-add against the one-hot matmul the model uses
+#    (bench/embed_grad.py), on uniform ids and on the ids of tiny-shakespeare.
+# 2. The base recipe (experiments/base.py, 5000 steps) in bf16: wall time, training time, best val loss on
+#    'validation+test', tokens/s and MFU, with 20 of its steps profiled.  Targets on one H100: val <= 1.47 in
+#    <= 60 s of training.
+# 3. Speed of the base and GPT-2-small (12 x 768, context 1024) shapes on tiny-shakespeare's tokens: ms/step,
+#    tokens/s and MFU over 100 timed steps.                               Target: GPT-2-small MFU >= 45% in bf16.
+# 4. Only if the recipe trained slower than 15 ms/step: 300 steps of it with the persistent compilation cache off.
+# 5. With time left: GPT-2-small at batch 64, then 60 steps of GPT-2-small in the training loop, profiled.
 # Needs jax with CUDA, flax, optax and orbax-checkpoint (the GPU image has them), ml_collections
 # (pure Python; taken from .gpu/site when the image lacks it), and the tiny-shakespeare text at
 # .gpu/input.txt or $NANODECODER_TEXT (the machine has no network; bench/RESULTS.md says how to stage both).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu}"
-mkdir -p "$OUT"
+RESULTS=/tmp/nanodecoder_gpu_results  # every file, packed into $OUT/results.tgz at the end (few files come back)
+rm -rf "$RESULTS" && mkdir -p "$OUT" "$RESULTS"
+SUMMARY="$OUT/summary.txt"
+trap 'cp "$SUMMARY" "$RESULTS/"; tar czf "$OUT/results.tgz" -C "$RESULTS" .' EXIT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}:$PWD/.gpu/site" PYTHONUNBUFFERED=1
 TEXT="${NANODECODER_TEXT:-$PWD/.gpu/input.txt}"
 PY="${PYTHON:-python3}"
 data=(--set 'data.source="text"' --set "data.text_path=\"$TEXT\"")
 if [ "${SMOKE:-0}" = 1 ]; then
-  recipe=(--config experiments/cpu.py --set train.num_steps=40 --set train.decay_steps=40 --set train.warmup_steps=5 --set train.log_every=10
-          --set eval.every=20 --set eval.batches=2)
+  recipe=(--config experiments/cpu.py --set train.num_steps=40 --set train.decay_steps=40 --set train.warmup_steps=5
+          --set train.log_every=10 --set eval.every=20 --set eval.batches=2 --set train.profile_start=20
+          --set train.profile_steps=10)
   speed=(--shapes cpu --steps 10 --repeats 2)
+  speed_gpt2=(--shapes cpu --steps 10 --repeats 2)
+  gpt2=(--config experiments/cpu.py)
+  slow_ms=0  # exercise step 4 too
 else
-  recipe=(--config experiments/base.py --set 'model.dtype="bfloat16"')
+  recipe=(--config experiments/base.py --set 'model.dtype="bfloat16"' --set train.profile_start=1000
+          --set train.profile_steps=20)
   speed=(--shapes base,gpt2_small --steps 20 --repeats 5 --set 'model.dtype="bfloat16"')
+  speed_gpt2=(--shapes gpt2_small --steps 20 --repeats 5)
+  gpt2=(--config experiments/gpt2_small.py)
+  slow_ms=15
 fi
+section() { echo "== $* (script at ${SECONDS} s)" | tee -a "$SUMMARY"; }
 
 {
   date -u
@@ -36,67 +51,63 @@ fi
   "$PY" -c 'import jax, flax, optax, orbax.checkpoint as ocp, ml_collections
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", ocp.__version__)
 print(jax.devices())'
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee "$RESULTS/env.txt"
 
-# 0. Diagnosis of an open question (bench/RESULTS.md): the training loop ran the base recipe at 37 ms/step on an
-#    H200 where train_speed.py times the same step at 9.8 ms. 300 steps of the loop with JAX's persistent
-#    compilation cache off, then on, in fresh processes.
-if [ "${SMOKE:-0}" != 1 ]; then
-  for cache in off on; do
-    rm -rf /tmp/nanodecoder_gpu_diag
-    env_cache=(); [ "$cache" = off ] && env_cache=(NANODECODER_COMPILATION_CACHE=)
-    echo "== loop speed, compilation cache $cache" | tee -a "$OUT/summary.txt"
-    env "${env_cache[@]}" JAX_LOG_COMPILES=1 timeout 60 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" --set train.num_steps=300 \
-      --set train.decay_steps=300 --set eval.every=300 --set eval.batches=10 --set train.profile_start=200 \
-      --set train.profile_steps=20 --workdir /tmp/nanodecoder_gpu_diag \
-      --out "$OUT/diag_cache_$cache.json" > "$OUT/diag_cache_$cache.log" 2>&1
-    grep -E '"median_ms_per_step"|"stopped_by"' "$OUT/diag_cache_$cache.json" 2>/dev/null | tee -a "$OUT/summary.txt"
-    # More than one compilation of the step would mean the loop retraces (e.g. a changing argument signature).
-    echo "compilations: train_steps $(grep -c 'Compiling jit(train_steps) ' "$OUT/diag_cache_$cache.log")," \
-      "train_step $(grep -c 'Compiling jit(train_step) ' "$OUT/diag_cache_$cache.log")" | tee -a "$OUT/summary.txt"
-    # Where the 20 traced steps spent their time, device ops and host events (bench/trace_summary.py).
-    "$PY" bench/trace_summary.py /tmp/nanodecoder_gpu_diag/plugins/profile --top 12 > "$OUT/diag_trace_$cache.txt" 2>&1
-    head -n 30 "$OUT/diag_trace_$cache.txt" | tee -a "$OUT/summary.txt"
-  done
-fi
+section 'embedding gradient: scatter-add vs one-hot matmul'
+timeout 90 "$PY" bench/embed_grad.py --text "$TEXT" --out "$RESULTS/embed_grad.json" 2>&1 | tee -a "$SUMMARY"
 
-# The base recipe runs with the compilation-cache setting that the diagnosis found faster (default: on).
-recipe_cache=() cache_label=on
-if [ "${SMOKE:-0}" != 1 ] && "$PY" - "$OUT" 2>/dev/null <<'PY'
+section 'base recipe'
+rm -rf /tmp/nanodecoder_gpu_base
+timeout 170 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" \
+  --workdir /tmp/nanodecoder_gpu_base --out "$RESULTS/base_recipe.json" > "$RESULTS/base_recipe.log" 2>&1
+echo "exit $?" | tee -a "$SUMMARY"
+cp /tmp/nanodecoder_gpu_base/metrics.jsonl "$RESULTS/base_recipe_metrics.jsonl" 2>/dev/null
+tail -n 25 "$RESULTS/base_recipe.log" | tee -a "$SUMMARY"
+# Where 20 steps of the loop spent their time: device ops and host events (bench/trace_summary.py).
+"$PY" bench/trace_summary.py /tmp/nanodecoder_gpu_base/plugins/profile --top 12 2>&1 | head -n 40 | tee -a "$SUMMARY"
+
+section 'speed (tiny-shakespeare tokens)'
+timeout 120 "$PY" bench/train_speed.py "${speed[@]}" --text "$TEXT" --out "$RESULTS/train_speed.json" \
+  > "$RESULTS/train_speed.log" 2>&1
+echo "exit $?" | tee -a "$SUMMARY"
+tail -n 8 "$RESULTS/train_speed.log" | tee -a "$SUMMARY"
+
+# A loop slower than the step alone: is it the persistent compilation cache (on above, off in train_speed.py)?
+if ! "$PY" - "$RESULTS/base_recipe.json" "$slow_ms" 2>/dev/null <<'PY'
 import json, sys
-ms = {c: json.load(open(f'{sys.argv[1]}/diag_cache_{c}.json')).get('median_ms_per_step') for c in ('off', 'on')}
-sys.exit(0 if None not in ms.values() and ms['off'] < 0.8 * ms['on'] else 1)
+ms = json.load(open(sys.argv[1])).get('median_ms_per_step')
+sys.exit(0 if ms is not None and ms <= float(sys.argv[2]) else 1)
 PY
 then
-  recipe_cache=(NANODECODER_COMPILATION_CACHE=) cache_label=off
+  section "loop speed with the compilation cache off (the recipe ran slower than ${slow_ms} ms/step)"
+  rm -rf /tmp/nanodecoder_gpu_diag
+  NANODECODER_COMPILATION_CACHE= timeout 60 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" \
+    --set train.num_steps=300 --set train.decay_steps=300 --set eval.every=300 --set eval.batches=10 \
+    --set train.profile_start=200 --workdir /tmp/nanodecoder_gpu_diag --out "$RESULTS/diag_cache_off.json" \
+    > "$RESULTS/diag_cache_off.log" 2>&1
+  grep -E '"median_ms_per_step"|"stopped_by"' "$RESULTS/diag_cache_off.json" 2>&1 | tee -a "$SUMMARY"
+  "$PY" bench/trace_summary.py /tmp/nanodecoder_gpu_diag/plugins/profile --top 12 2>&1 | head -n 30 \
+    | tee -a "$SUMMARY"
 fi
-echo "== base recipe (compilation cache $cache_label)" | tee -a "$OUT/summary.txt"
-rm -rf /tmp/nanodecoder_gpu_base
-env "${recipe_cache[@]}" timeout 170 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" \
-  --workdir /tmp/nanodecoder_gpu_base --out "$OUT/base_recipe.json" > "$OUT/base_recipe.log" 2>&1
-echo "exit $?" | tee -a "$OUT/summary.txt"
-cp /tmp/nanodecoder_gpu_base/metrics.jsonl "$OUT/base_recipe_metrics.jsonl" 2>/dev/null
-tail -n 25 "$OUT/base_recipe.log" | tee -a "$OUT/summary.txt"
 
-echo "== speed" | tee -a "$OUT/summary.txt"
-timeout 120 "$PY" bench/train_speed.py "${speed[@]}" --out "$OUT/train_speed.json" > "$OUT/train_speed.log" 2>&1
-status=$?
-echo "exit $status" | tee -a "$OUT/summary.txt"
-tail -n 8 "$OUT/train_speed.log" | tee -a "$OUT/summary.txt"
-if [ "$status" != 0 ] && [ "$status" != 124 ]; then  # e.g. no cuDNN flash attention here: plain XLA attention
-  echo "== speed, einsum attention" | tee -a "$OUT/summary.txt"
-  timeout 60 "$PY" bench/train_speed.py "${speed[@]}" --set 'model.attention_impl="einsum"' \
-    --out "$OUT/train_speed_einsum.json" > "$OUT/train_speed_einsum.log" 2>&1
-  echo "exit $?" | tee -a "$OUT/summary.txt"
-  tail -n 8 "$OUT/train_speed_einsum.log" | tee -a "$OUT/summary.txt"
+# With time left (the whole script must stay well under 10 minutes): GPT-2-small at batch 64, whose larger
+# matmuls may raise MFU (the issue fixes the shape, not the batch), then a profile of GPT-2-small's steps.
+if [ "${SMOKE:-0}" = 1 ] || [ "$SECONDS" -lt 330 ]; then
+  section 'speed, GPT-2-small at batch 64'
+  timeout 90 "$PY" bench/train_speed.py "${speed_gpt2[@]}" --set train.batch_size=64 --text "$TEXT" \
+    --out "$RESULTS/train_speed_gpt2_batch64.json" > "$RESULTS/train_speed_gpt2_batch64.log" 2>&1
+  echo "exit $?" | tee -a "$SUMMARY"
+  tail -n 4 "$RESULTS/train_speed_gpt2_batch64.log" | tee -a "$SUMMARY"
 fi
-# 3. If time is left (the whole script must stay well under 10 minutes): GPT-2-small at batch 64, whose larger
-#    matmuls may raise MFU (the issue fixes the shape, not the batch).
-if [ "${SMOKE:-0}" != 1 ] && [ "$SECONDS" -lt 420 ]; then
-  echo "== speed, GPT-2-small at batch 64 (script at ${SECONDS} s)" | tee -a "$OUT/summary.txt"
-  timeout 90 "$PY" bench/train_speed.py --shapes gpt2_small --steps 20 --repeats 5 --set 'model.dtype="bfloat16"' \
-    --set train.batch_size=64 --out "$OUT/train_speed_gpt2_batch64.json" > "$OUT/train_speed_gpt2_batch64.log" 2>&1
-  echo "exit $?" | tee -a "$OUT/summary.txt"
-  tail -n 4 "$OUT/train_speed_gpt2_batch64.log" | tee -a "$OUT/summary.txt"
+if [ "${SMOKE:-0}" = 1 ] || [ "$SECONDS" -lt 400 ]; then
+  section 'GPT-2-small in the training loop, 20 steps profiled'
+  rm -rf /tmp/nanodecoder_gpu_gpt2
+  timeout 75 "$PY" bench/recipe_run.py "${gpt2[@]}" "${data[@]}" --set train.num_steps=60 --set train.decay_steps=60 \
+    --set train.warmup_steps=10 --set train.log_every=10 --set eval.every=60 --set eval.batches=2 \
+    --set train.profile_start=30 --set train.profile_steps=20 --workdir /tmp/nanodecoder_gpu_gpt2 \
+    --out "$RESULTS/gpt2_loop.json" > "$RESULTS/gpt2_loop.log" 2>&1
+  grep -E '"median_ms_per_step"|"mfu"' "$RESULTS/gpt2_loop.json" 2>&1 | tee -a "$SUMMARY"
+  "$PY" bench/trace_summary.py /tmp/nanodecoder_gpu_gpt2/plugins/profile --top 15 2>&1 | head -n 45 \
+    | tee -a "$SUMMARY"
 fi
-echo "total ${SECONDS} s" | tee -a "$OUT/summary.txt"
+echo "total ${SECONDS} s" | tee -a "$SUMMARY"

@@ -4,7 +4,9 @@
   python bench/train_speed.py --shapes cpu --steps 100 --repeats 5
 
 Each shape runs in its own process (so peak RSS is its own) with the
-experiment's settings, on random tokens (speed does not depend on the text).
+experiment's settings, on uniformly random tokens, or on the character tokens
+of `--text`: on GPUs speed can depend on how often tokens repeat (atomic
+scatter-adds serialize on repeated ids; see `nanodecoder.model.embed_lookup`).
 Prints a table and writes JSON (default bench/out/train_speed.json).
 Per shape: compile time of the first step (persistent compilation cache
 off), median ms/step over `repeats` blocks of `steps` steps, tokens/s,
@@ -47,7 +49,7 @@ def peak_flops(device_kind: str) -> float | None:
   return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_kind), None)
 
 
-def worker(shape: str, steps: int, repeats: int, overrides: list[str]) -> dict:
+def worker(shape: str, steps: int, repeats: int, overrides: list[str], text: str | None = None) -> dict:
   import jax
   import numpy as np
 
@@ -61,11 +63,15 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str]) -> dict:
   cli.setup_jax(config)
   mesh = sharding.make_mesh(config.mesh)
   train.check_mesh_fits(config, mesh)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 65, size=200_000).astype(np.int32)
-  dataset = data_lib.Dataset(data_lib.CharTokenizer(''.join(map(chr, range(32, 97)))), tokens, tokens,
-                             config.model.context_length)
-  model_config = config_lib.model_config(config, 65)
+  if text:
+    corpus = pathlib.Path(text).read_text(encoding='utf-8')
+    tokenizer = data_lib.CharTokenizer.from_text(corpus)
+    tokens = tokenizer.encode(corpus)
+  else:
+    tokenizer = data_lib.CharTokenizer(''.join(map(chr, range(32, 97))))  # 65 symbols, as tiny-shakespeare
+    tokens = np.random.default_rng(0).integers(0, 65, size=200_000).astype(np.int32)
+  dataset = data_lib.Dataset(tokenizer, tokens, tokens, config.model.context_length)
+  model_config = config_lib.model_config(config, tokenizer.vocab_size)
   trainer = train.create_trainer(config, model_config, mesh)
   t = config.train
   k = t.steps_per_call  # steps per compiled call, as the trainer runs them
@@ -92,7 +98,7 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str]) -> dict:
   flops = train_flops_per_token(model_config) * tokens_per_step
   peak = peak_flops(jax.devices()[0].device_kind) if jax.default_backend() == 'gpu' else None
   return {
-      'shape': shape, 'steps': steps, 'steps_per_call': k, 'devices': jax.device_count(),
+      'shape': shape, 'tokens': text or 'uniform random', 'steps': steps, 'steps_per_call': k, 'devices': jax.device_count(),
       'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind, 'overrides': overrides,
       'mfu': None if peak is None else flops / seconds / (peak * jax.device_count()),
       'mesh': dict(mesh.shape), 'batch_size': t.batch_size, 'context_length': config.model.context_length,
@@ -151,6 +157,8 @@ def main():
   parser.add_argument('--repeats', type=int, help='timed blocks; the median is reported')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON',
                       help='config override for every shape, e.g. --set mesh.cpu_devices=1 (replaces CPU_SETTINGS)')
+  parser.add_argument('--text', help='train on the character tokens of this text file (default: uniform random '
+                      'tokens over 65 symbols)')
   parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'train_speed.json'))
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   parser.add_argument('--ceiling', action='store_true', help=argparse.SUPPRESS)
@@ -161,7 +169,7 @@ def main():
     print(json.dumps({'matmul_gflops': matmul_ceiling(), 'platform': jax.default_backend()}))
     return
   if args.worker:
-    print(json.dumps(worker(args.worker, args.steps, args.repeats, args.set)))
+    print(json.dumps(worker(args.worker, args.steps, args.repeats, args.set, args.text)))
     return
 
   measured = run_child(['--ceiling'])
@@ -171,7 +179,7 @@ def main():
     steps = args.steps or DEFAULT_STEPS.get(shape, 10)
     repeats = args.repeats or DEFAULT_REPEATS.get(shape, 3)
     settings = args.set if args.set or measured['platform'] != 'cpu' else CPU_SETTINGS.get(shape, [])
-    extra = [x for item in settings for x in ('--set', item)]
+    extra = [x for item in settings for x in ('--set', item)] + (['--text', str(pathlib.Path(args.text).resolve())] if args.text else [])
     row = run_child(['--worker', shape, '--steps', str(steps), '--repeats', str(repeats), *extra])
     if row['steps'] != steps:
       print(f'{shape}: timed blocks of {row["steps"]} steps ({steps} rounded up to a multiple of '
@@ -188,7 +196,8 @@ def main():
           f'{r["gflops"]:>8.1f} {r["fraction_of_matmul_ceiling"]:>10.0%} {mfu:>5} {r["peak_rss_mib"]:>12.0f}  '
           f'{" ".join(r["overrides"])}')
   out = pathlib.Path(args.out)
-  payload = {'machine': machine(), 'matmul_gflops': ceiling, 'overrides': args.set, 'results': rows}
+  payload = {'machine': machine(), 'matmul_gflops': ceiling, 'overrides': args.set, 'tokens': args.text or 'uniform random',
+             'results': rows}
   atomic_write(out, json.dumps(payload, indent=2) + '\n')
   print(f'wrote {out}')
 
