@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for a lent H100/H200: about 5-6 minutes, installs nothing. Writes results under $OUT.
+# GPU checks for a lent H100/H200: about 4-5 minutes, installs nothing. Writes results under $OUT.
 #
 #   bench/gpu_check.sh                 # on the GPU machine: $OUT/summary.txt, the rest in $OUT/results.tgz
 #   SMOKE=1 bench/gpu_check.sh         # seconds-long dry run of the same plumbing (any machine, CPU too)
@@ -12,7 +12,7 @@
 # 3. Speed of the base and GPT-2-small (12 x 768, context 1024) shapes on tiny-shakespeare's tokens: ms/step,
 #    tokens/s and MFU over 100 timed steps.                               Target: GPT-2-small MFU >= 45% in bf16.
 # 4. Only if the recipe trained slower than 15 ms/step: 300 steps of it with the persistent compilation cache off.
-# 5. With time left: GPT-2-small at batch 64, then 60 steps of GPT-2-small in the training loop, profiled.
+# 5. 60 steps of GPT-2-small in the training loop, profiled, its optimized HLO dumped.
 # Needs jax with CUDA, flax, optax and orbax-checkpoint (the GPU image has them), ml_collections
 # (pure Python; taken from .gpu/site when the image lacks it), and the tiny-shakespeare text at
 # .gpu/input.txt or $NANODECODER_TEXT (the machine has no network; bench/RESULTS.md says how to stage both).
@@ -32,14 +32,12 @@ if [ "${SMOKE:-0}" = 1 ]; then
           --set train.log_every=10 --set eval.every=20 --set eval.batches=2 --set train.profile_start=20
           --set train.profile_steps=10)
   speed=(--shapes cpu --steps 10 --repeats 2)
-  speed_gpt2=(--shapes cpu --steps 10 --repeats 2)
   gpt2=(--config experiments/cpu.py)
   slow_ms=0  # exercise step 4 too
 else
   recipe=(--config experiments/base.py --set 'model.dtype="bfloat16"' --set train.profile_start=1000
           --set train.profile_steps=20)
   speed=(--shapes base,gpt2_small --steps 20 --repeats 5 --set 'model.dtype="bfloat16"')
-  speed_gpt2=(--shapes gpt2_small --steps 20 --repeats 5)
   gpt2=(--config experiments/gpt2_small.py)
   slow_ms=15
 fi
@@ -90,24 +88,18 @@ then
     | tee -a "$SUMMARY"
 fi
 
-# With time left (the whole script must stay well under 10 minutes): GPT-2-small at batch 64, whose larger
-# matmuls may raise MFU (the issue fixes the shape, not the batch), then a profile of GPT-2-small's steps.
-if [ "${SMOKE:-0}" = 1 ] || [ "$SECONDS" -lt 330 ]; then
-  section 'speed, GPT-2-small at batch 64'
-  timeout 90 "$PY" bench/train_speed.py "${speed_gpt2[@]}" --set train.batch_size=64 --text "$TEXT" \
-    --out "$RESULTS/train_speed_gpt2_batch64.json" > "$RESULTS/train_speed_gpt2_batch64.log" 2>&1
-  echo "exit $?" | tee -a "$SUMMARY"
-  tail -n 4 "$RESULTS/train_speed_gpt2_batch64.log" | tee -a "$SUMMARY"
-fi
-if [ "${SMOKE:-0}" = 1 ] || [ "$SECONDS" -lt 400 ]; then
-  section 'GPT-2-small in the training loop, 20 steps profiled'
-  rm -rf /tmp/nanodecoder_gpu_gpt2
+# 5. GPT-2-small in the training loop: 20 steps profiled and the optimized HLO of its step kept, for the next look
+#    at where its MFU goes (the trace and the HLO land in results.tgz).
+section 'GPT-2-small in the training loop, 20 steps profiled'
+rm -rf /tmp/nanodecoder_gpu_gpt2 /tmp/nanodecoder_gpu_hlo
+XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/nanodecoder_gpu_hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=train_steps" \
   timeout 75 "$PY" bench/recipe_run.py "${gpt2[@]}" "${data[@]}" --set train.num_steps=60 --set train.decay_steps=60 \
-    --set train.warmup_steps=10 --set train.log_every=10 --set eval.every=60 --set eval.batches=2 \
-    --set train.profile_start=30 --set train.profile_steps=20 --workdir /tmp/nanodecoder_gpu_gpt2 \
-    --out "$RESULTS/gpt2_loop.json" > "$RESULTS/gpt2_loop.log" 2>&1
-  grep -E '"median_ms_per_step"|"mfu"' "$RESULTS/gpt2_loop.json" 2>&1 | tee -a "$SUMMARY"
-  "$PY" bench/trace_summary.py /tmp/nanodecoder_gpu_gpt2/plugins/profile --top 15 2>&1 | head -n 45 \
-    | tee -a "$SUMMARY"
-fi
+  --set train.warmup_steps=10 --set train.log_every=10 --set eval.every=60 --set eval.batches=2 \
+  --set train.profile_start=30 --set train.profile_steps=20 --workdir /tmp/nanodecoder_gpu_gpt2 \
+  --out "$RESULTS/gpt2_loop.json" > "$RESULTS/gpt2_loop.log" 2>&1
+grep -E '"median_ms_per_step"|"mfu"' "$RESULTS/gpt2_loop.json" 2>&1 | tee -a "$SUMMARY"
+"$PY" bench/trace_summary.py /tmp/nanodecoder_gpu_gpt2/plugins/profile --top 40 > "$RESULTS/gpt2_trace.txt" 2>&1
+head -n 30 "$RESULTS/gpt2_trace.txt" | tee -a "$SUMMARY"
+find /tmp/nanodecoder_gpu_gpt2/plugins/profile -name '*.trace.json.gz' -exec cp {} "$RESULTS/gpt2.trace.json.gz" \;
+find /tmp/nanodecoder_gpu_hlo -name '*train_steps*after_optimizations.txt' -exec gzip -c {} \; > "$RESULTS/gpt2_hlo.txt.gz" 2>/dev/null
 echo "total ${SECONDS} s" | tee -a "$SUMMARY"

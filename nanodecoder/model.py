@@ -179,29 +179,36 @@ class KVCache(NamedTuple):
   value: jax.Array  # [B * N, S, H]
 
 
-def attend(q, k, v, *, impl: str = 'einsum', dropout_rate: float = 0.0, dropout_key=None, query_offset=None):
-  """Causal scaled dot-product attention, heads first: q [B, N, T, H], k/v [B, N, S, H] -> [B, N, T, H].
+def attend(q, k, v, *, impl: str = 'einsum', dropout_rate: float = 0.0, dropout_key=None):
+  """Causal scaled dot-product attention of each head over the sequence: q, k, v [B, T, N, H] -> [B, T, N, H].
 
-  softmax(q k^T / sqrt(H) + mask) v, where query i (at position
-  `query_offset + i`, default i) sees the keys at positions <= its own; over
-  a KV cache that is the positions written so far. Implementations:
-    'einsum'  the formula above as written (any backend; dropout on the
-              attention weights; KV caches, whose [B * N, S, H] layout it
-              takes as well: any leading axes);
-    'xla' / 'cudnn'  `jax.nn.dot_product_attention`; 'cudnn' is cuDNN's fused
-              flash attention (NVIDIA GPUs, bf16/fp16). Neither takes a KV
-              cache or attention-weight dropout, so such calls run 'einsum'
-              (`config.validate` refuses either impl with model.dropout > 0);
+  softmax(q k^T / sqrt(H) + mask) v, where query i sees keys 0..i. Implementations:
+    'einsum'  the formula as written, heads first (`attend_heads_first`; any
+              backend; dropout on the attention weights);
+    'xla' / 'cudnn'  `jax.nn.dot_product_attention`, which takes this layout
+              as it is (no transposes around the kernel); 'cudnn' is cuDNN's
+              fused flash attention (NVIDIA GPUs, bf16/fp16). Neither drops out
+              attention weights, so such calls run 'einsum' (`config.validate`
+              refuses either impl with model.dropout > 0);
     'auto'    'cudnn' where it surely applies (see `auto_attention_impl`), else 'einsum'.
   """
-  fused_ok = query_offset is None and (dropout_key is None or dropout_rate == 0.0)
+  fused_ok = dropout_key is None or dropout_rate == 0.0
   if impl == 'auto':
     impl = auto_attention_impl(q.dtype, q.shape[-1], jax.default_backend()) if fused_ok else 'einsum'
   if impl in ('xla', 'cudnn') and fused_ok:
-    swap = lambda x: x.transpose(0, 2, 1, 3)  # the API wants [B, T, N, H]
-    out = jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True, implementation=impl)
-    return swap(out)
-  weights = attention_weights(q, k, query_offset)  # [B, N, T, S]
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+  swap = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, N, H] <-> [B, N, T, H]
+  return swap(attend_heads_first(swap(q), swap(k), swap(v), dropout_rate=dropout_rate, dropout_key=dropout_key))
+
+
+def attend_heads_first(q, k, v, *, query_offset=None, dropout_rate: float = 0.0, dropout_key=None):
+  """The formula of `attend` as written: q [..., T, H], k/v [..., S, H] -> [..., T, H] (any leading axes).
+
+  Query i sits at position `query_offset + i` (default i) and sees the keys at
+  positions <= its own; over a KV cache ([B * N, S, H]) those are the
+  positions written so far.
+  """
+  weights = attention_weights(q, k, query_offset)  # [..., T, S]
   weights = dropout(weights, dropout_rate, dropout_key).astype(v.dtype)
   return jnp.einsum('...ts,...sh->...th', weights, v)
 
@@ -238,28 +245,28 @@ class CausalSelfAttention(nnx.Module):
     self.cfg = cfg
 
   def project(self, x):
-    """x [B, T, D] -> queries, keys, values, each [B, N, T, H]."""
+    """x [B, T, D] -> queries, keys, values, each [B, T, N, H]."""
     dt = jnp.dtype(self.cfg.dtype)
     qkv = checkpoint_name(dense(x, self.qkv[...].astype(dt)), 'projection')  # [B, T, 3, N, H]
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(dt)
-    return qkv.transpose(2, 0, 3, 1, 4)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
   def __call__(self, x, *, dropout_key=None, cache: KVCache | None = None, cache_index=None):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    q, k, v = self.project(x)  # each [B, N, T, H]
+    q, k, v = self.project(x)  # each [B, T, N, H]
     attn_key, out_key = _split(dropout_key)
     if cache is None:
       y = attend(q, k, v, impl=cfg.attention_impl, dropout_rate=cfg.dropout, dropout_key=attn_key)
     else:  # write this step's keys/values at `cache_index`, attend over the whole cache
-      b, n, t, h = q.shape
-      merge = lambda a: a.reshape(b * n, t, h)  # [B, N, T, H] -> [B * N, T, H], the cache's layout
+      b, t, n, h = q.shape
+      merge = lambda a: a.transpose(0, 2, 1, 3).reshape(b * n, t, h)  # [B, T, N, H] -> [B * N, T, H] (cache layout)
       cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, merge(a).astype(c.dtype), cache_index, axis=1)
                         for c, a in ((cache.key, k), (cache.value, v))))
-      y = attend(merge(q), cache.key.astype(dt), cache.value.astype(dt), query_offset=cache_index)
-      y = y.reshape(b, n, t, h)
-    out = dense(y.transpose(0, 2, 1, 3), self.out[...].astype(dt), contract=2)  # [B, T, N, H] -> [B, T, D]
+      y = attend_heads_first(merge(q), cache.key.astype(dt), cache.value.astype(dt), query_offset=cache_index)
+      y = y.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+    out = dense(y, self.out[...].astype(dt), contract=2)  # [B, T, N, H] -> [B, T, D]
     out = checkpoint_name(out, 'projection')
     if self.out_bias is not None:
       out = out + self.out_bias[...].astype(dt)
@@ -388,7 +395,7 @@ class Decoder(nnx.Module):
     maps = []
     for block in self.layers():
       q, k, _ = block.attn.project(block.ln_attn(x))
-      maps.append(attention_weights(q, k))
+      maps.append(attention_weights(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)))
       x, _ = block(x)
     return jnp.stack(maps)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanodecoder.model import (Decoder, ModelConfig, attend, auto_attention_impl, count_params, dense, dropout,
-                               embed_lookup, gelu)
+from nanodecoder.model import (Decoder, ModelConfig, attend, attend_heads_first, auto_attention_impl, count_params,
+                               dense, dropout, embed_lookup, gelu)
 
 CFG = ModelConfig(vocab_size=65, num_layers=2, num_heads=4, head_size=8, context_length=32)
 
@@ -70,8 +70,10 @@ def naive_attention(q, k, v):
 
 @pytest.mark.parametrize('impl', ['einsum', 'xla'])  # 'auto' runs one of these, as chosen below
 def test_attention_equals_the_textbook_formula(impl):
-  q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 3, 5, 4))
-  np.testing.assert_allclose(attend(q, k, v, impl=impl), naive_attention(q, k, v), rtol=1e-5, atol=1e-6)
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 3, 5, 4))  # [B, N, T, H] each
+  swap = lambda x: x.transpose(0, 2, 1, 3)  # attend takes [B, T, N, H]
+  np.testing.assert_allclose(attend(swap(q), swap(k), swap(v), impl=impl), swap(naive_attention(q, k, v)),
+                             rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('dtype, head_size, backend, impl', [
@@ -98,10 +100,10 @@ def test_attention_over_a_cache_sees_only_positions_up_to_its_own():
   # Queries at positions 5..6 over a cache of 8 slots (slot 7 not yet written, here random)
   # equal rows 5..6 of full attention over the first 7 positions.
   full = naive_attention(q[:, :, :7], k[:, :, :7], v[:, :, :7])
-  cached = attend(q[:, :, 5:7], k, v, query_offset=5)
+  cached = attend_heads_first(q[:, :, 5:7], k, v, query_offset=5)
   np.testing.assert_allclose(cached, full[:, :, 5:7], rtol=1e-5, atol=1e-6)
   # The same with batch and heads merged into one axis, the KV cache's layout.
-  merged = attend(q[:, :, 5:7].reshape(2, 2, 4), k.reshape(2, 8, 4), v.reshape(2, 8, 4), query_offset=5)
+  merged = attend_heads_first(q[:, :, 5:7].reshape(2, 2, 4), k.reshape(2, 8, 4), v.reshape(2, 8, 4), query_offset=5)
   np.testing.assert_allclose(merged, full[:, :, 5:7].reshape(2, 2, 4), rtol=1e-5, atol=1e-6)
 
 
