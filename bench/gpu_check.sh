@@ -22,6 +22,7 @@ OUT="${OUT:-bench/out/gpu}"
 RESULTS=/tmp/nanodecoder_gpu_results  # every file, packed into $OUT/results.tgz at the end (few files come back)
 rm -rf "$RESULTS" && mkdir -p "$OUT" "$RESULTS"
 SUMMARY="$OUT/summary.txt"
+rm -f "$SUMMARY"
 trap 'cp "$SUMMARY" "$RESULTS/"; tar czf "$OUT/results.tgz" -C "$RESULTS" .' EXIT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}:$PWD/.gpu/site" PYTHONUNBUFFERED=1
 TEXT="${NANODECODER_TEXT:-$PWD/.gpu/input.txt}"
