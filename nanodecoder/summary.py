@@ -196,13 +196,18 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, path: pathlib.Path) -> None:
-  """Best val loss against the first field (rows without it are left out); one line per combination of the others."""
+def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, path: pathlib.Path) -> bool:
+  """Best val loss against the first field (rows without it are left out); one line per combination of the others.
+
+  Returns whether it wrote `path` (not when no row has both).
+  """
   x_field = fields[0] if fields else 'point'
   groups: dict[tuple, list[tuple[Any, float]]] = {}
   for r in rows:
     if r['best_val_loss'] is not None and r[x_field] is not None:
       groups.setdefault(tuple(r[f] for f in fields[1:]), []).append((r[x_field], r['best_val_loss']))
+  if not groups:
+    return False
   xs = [x for points in groups.values() for x, _ in points]
   numeric = all(_is_number(x) for x in xs)
   categories = list(dict.fromkeys(xs))
@@ -225,6 +230,7 @@ def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, pat
   if len(groups) > 1:
     ax.legend()
   save_png(figure, path)
+  return True
 
 
 def plot_loss_curves(curves: list[tuple[str, RunMetrics]], title: str, path: pathlib.Path) -> None:
@@ -277,9 +283,7 @@ def write_summary(root: str | pathlib.Path) -> list[pathlib.Path]:
   atomic_write(root / 'summary.csv', buffer.getvalue())
   written.append(root / 'summary.csv')
   images = []
-  x_field = fields[0] if fields else 'point'
-  if any(r['best_val_loss'] is not None and r[x_field] is not None for r in rows):
-    plot_val_loss(rows, fields, f'{title}: best val loss', root / 'val_loss.png')
+  if plot_val_loss(rows, fields, f'{title}: best val loss', root / 'val_loss.png'):
     images.append('val_loss.png')
   if curves:
     plot_loss_curves(curves, title, root / 'loss_curves.png')
