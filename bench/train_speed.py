@@ -98,8 +98,9 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str], text: str
   flops = train_flops_per_token(model_config) * tokens_per_step
   peak = peak_flops(jax.devices()[0].device_kind) if jax.default_backend() == 'gpu' else None
   return {
-      'shape': shape, 'tokens': text or 'uniform random', 'steps': steps, 'steps_per_call': k, 'devices': jax.device_count(),
-      'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind, 'overrides': overrides,
+      'shape': shape, 'tokens': text or 'uniform random', 'steps': steps, 'steps_per_call': k,
+      'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
+      'device_kind': jax.devices()[0].device_kind, 'overrides': overrides,
       'mfu': None if peak is None else flops / seconds / (peak * jax.device_count()),
       'mesh': dict(mesh.shape), 'batch_size': t.batch_size, 'context_length': config.model.context_length,
       'compile_s': compile_s, 'ms_per_step': 1000 * seconds,
@@ -179,7 +180,9 @@ def main():
     steps = args.steps or DEFAULT_STEPS.get(shape, 10)
     repeats = args.repeats or DEFAULT_REPEATS.get(shape, 3)
     settings = args.set if args.set or measured['platform'] != 'cpu' else CPU_SETTINGS.get(shape, [])
-    extra = [x for item in settings for x in ('--set', item)] + (['--text', str(pathlib.Path(args.text).resolve())] if args.text else [])
+    extra = [x for item in settings for x in ('--set', item)]
+    if args.text:
+      extra += ['--text', str(pathlib.Path(args.text).resolve())]
     row = run_child(['--worker', shape, '--steps', str(steps), '--repeats', str(repeats), *extra])
     if row['steps'] != steps:
       print(f'{shape}: timed blocks of {row["steps"]} steps ({steps} rounded up to a multiple of '
@@ -196,8 +199,8 @@ def main():
           f'{r["gflops"]:>8.1f} {r["fraction_of_matmul_ceiling"]:>10.0%} {mfu:>5} {r["peak_rss_mib"]:>12.0f}  '
           f'{" ".join(r["overrides"])}')
   out = pathlib.Path(args.out)
-  payload = {'machine': machine(), 'matmul_gflops': ceiling, 'overrides': args.set, 'tokens': args.text or 'uniform random',
-             'results': rows}
+  payload = {'machine': machine(), 'matmul_gflops': ceiling, 'overrides': args.set,
+             'tokens': args.text or 'uniform random', 'results': rows}
   atomic_write(out, json.dumps(payload, indent=2) + '\n')
   print(f'wrote {out}')
 
