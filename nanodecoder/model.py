@@ -98,7 +98,8 @@ def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
   scatter-add: on NVIDIA GPUs that scatter runs as atomic compare-and-swap
   loops (bf16 always; fp32 too in jaxlib 0.10.2-0.11.0), which serialize when
   many tokens share an id, as a character vocabulary's space and 'e' do.
-  The matmul costs 2 * tokens * V * D FLOPs: noise for character vocabularies.
+  The matmul costs 2 * tokens * V * D FLOPs: noise for character vocabularies
+  and for the position table (V = context_length: ~0.25% of a base or GPT-2-small step).
   """
   return table[ids]
 
@@ -386,8 +387,12 @@ class Decoder(nnx.Module):
       raise ValueError(f'positions {start}..{start + t - 1} run past model.context_length={context} (the KV '
                        'cache size); start a new cache or pass fewer tokens')
     dt = jnp.dtype(self.cfg.dtype)
-    positions = jax.lax.dynamic_slice_in_dim(self.position_embed[...], start, t)  # [T, D]: a slice, no gather
-    return embed_lookup(self.token_embed[...].astype(dt), tokens) + positions.astype(dt)
+    # Positions are looked up per token like the tokens themselves: the table's gradient is then a
+    # one-hot matmul, not a sum over the batch axis, which XLA's GPU compiler would make the minor
+    # axis of the whole residual stream (a transpose at every matmul; see bench/gpu_hlo.py).
+    positions = jnp.broadcast_to(start + jnp.arange(t), tokens.shape)  # [B, T]
+    token_part = embed_lookup(self.token_embed[...].astype(dt), tokens)  # [B, T, D]
+    return token_part + embed_lookup(self.position_embed[...].astype(dt), positions)
 
   def attention_maps(self, tokens) -> jax.Array:
     """Attention weights of every layer and head for `tokens` [B, T]: [L, B, N, T, T] (no dropout)."""

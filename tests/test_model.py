@@ -1,6 +1,7 @@
 """The decoder: shapes, causality, initial loss, attention and KV-cache equivalences."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -127,10 +128,24 @@ def test_embedding_gradient_equals_gather_gradient_without_a_scatter():
   ours = lambda table: jnp.sum(jnp.sin(embed_lookup(table, ids)) * weights)
   assert ours(table) == ref(table)  # the lookup itself is a plain gather
   np.testing.assert_allclose(jax.grad(ours)(table), jax.grad(ref)(table), rtol=1e-5, atol=1e-5)
-  # The gradient of the whole model has no scatter at all (position embeddings are a slice).
+  # The gradient of the whole model has no scatter at all (position embeddings are looked up the same way).
   model = make_model()
   loss = lambda model: jnp.mean(model(jnp.asarray(ids[:, :CFG.context_length]))[0])
   assert 'scatter' not in jax.jit(nnx.grad(loss)).lower(model).as_text()
+
+
+def test_gradient_sums_no_activation_over_the_batch_axis_alone():
+  # XLA's GPU layout assignment gives a reduction's operand a layout in which the reduced axes are
+  # minor. A sum over the batch axis alone (the gradient of position embeddings added to every row)
+  # thus made the whole residual stream batch-minor, with a transpose before every matmul (18% of a
+  # GPT-2-small step on an H100). The position table's gradient is a one-hot matmul instead.
+  model = make_model()
+  tokens = jax.random.randint(jax.random.key(0), (3, CFG.context_length), 0, CFG.vocab_size)
+  loss = lambda model: jnp.mean(jnp.square(model(tokens)[0]))
+  hlo = jax.jit(nnx.grad(loss)).lower(model).as_text()
+  batch_sums = re.findall(rf'across dimensions = \[0\] : \(tensor<3x{CFG.context_length}x', hlo)
+  assert 'across dimensions = [0, 1]' in hlo  # the pattern matches this lowering's reductions
+  assert not batch_sums
 
 
 def test_gelu_is_exact_gelu():
