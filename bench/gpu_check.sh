@@ -12,7 +12,7 @@
 # 3. Speed of the base and GPT-2-small (12 x 768, context 1024) shapes on tiny-shakespeare's tokens: ms/step,
 #    tokens/s and MFU over 100 timed steps.                               Target: GPT-2-small MFU >= 45% in bf16.
 # 4. Only if the recipe trained slower than 15 ms/step: 300 steps of it with the persistent compilation cache off.
-# 5. 60 steps of GPT-2-small in the training loop, profiled, its optimized HLO dumped.
+# 5. 60 steps of GPT-2-small in the training loop, profiled, its optimized HLO dumped and its kernels counted.
 # Needs jax with CUDA, flax, optax and orbax-checkpoint (the GPU image has them), ml_collections
 # (pure Python; taken from .gpu/site when the image lacks it), and the tiny-shakespeare text at
 # .gpu/input.txt or $NANODECODER_TEXT (the machine has no network; bench/RESULTS.md says how to stage both).
@@ -103,4 +103,11 @@ grep -E '"median_ms_per_step"|"mfu"' "$RESULTS/gpt2_loop.json" 2>&1 | tee -a "$S
 head -n 30 "$RESULTS/gpt2_trace.txt" | tee -a "$SUMMARY"
 find /tmp/nanodecoder_gpu_gpt2/plugins/profile -name '*.trace.json.gz' -exec cp {} "$RESULTS/gpt2.trace.json.gz" \;
 find /tmp/nanodecoder_gpu_hlo -name '*train_steps*after_optimizations.txt' -exec gzip -c {} \; > "$RESULTS/gpt2_hlo.txt.gz" 2>/dev/null
+# Its kernels by kind, to set beside what bench/gpu_hlo.py predicts without a GPU.
+"$PY" - "$RESULTS/gpt2_hlo.txt.gz" <<'PY' 2>&1 | tee -a "$SUMMARY"
+import gzip, sys
+sys.path.insert(0, 'bench')
+from gpu_hlo import kernel_counts
+print('kernels of the step:', kernel_counts(gzip.open(sys.argv[1], 'rt').read()))
+PY
 echo "total ${SECONDS} s" | tee -a "$SUMMARY"
