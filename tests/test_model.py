@@ -137,8 +137,8 @@ def test_embedding_gradient_equals_gather_gradient_without_a_scatter():
 def test_gradient_sums_no_activation_over_the_batch_axis_alone():
   # XLA's GPU layout assignment gives a reduction's operand a layout in which the reduced axes are
   # minor. A sum over the batch axis alone (the gradient of position embeddings added to every row)
-  # thus made the whole residual stream batch-minor, with a transpose before every matmul (18% of a
-  # GPT-2-small step on an H100). The position table's gradient is a one-hot matmul instead.
+  # thus made the whole residual stream batch-minor, with a transpose before every matmul (9.4 of the
+  # 55 ms of a GPT-2-small step on an H100). The position table's gradient is a one-hot matmul instead.
   model = make_model()
   tokens = jax.random.randint(jax.random.key(0), (3, CFG.context_length), 0, CFG.vocab_size)
   loss = lambda model: jnp.mean(jnp.square(model(tokens)[0]))
