@@ -1,7 +1,8 @@
-"""The optimized XLA program of one training step for an NVIDIA H100, compiled on a machine without a GPU.
+"""A training step's optimized XLA program for NVIDIA H100s, compiled on a machine without a GPU.
 
   python bench/gpu_hlo.py                                   # GPT-2-small shape, its experiment's settings
   python bench/gpu_hlo.py --shape base --set 'model.dtype="bfloat16"'
+  python bench/gpu_hlo.py --devices 8 --set mesh.fsdp=8 --set mesh.data=1   # FSDP over 8 GPUs of one host
 
 XLA compiles ahead of time for a described target (deviceless compilation):
 no GPU or driver is needed, only JAX's CUDA plugin and libraries, installed
@@ -12,9 +13,9 @@ that sees the project's packages):
     /tmp/cuda/bin/pip install "jax-cuda12-plugin[with-cuda]==$(python -c 'import jax; print(jax.__version__)')"
   /tmp/cuda/bin/python bench/gpu_hlo.py
 
-Prints the kernels of the step by kind (matmuls, fused attention, transposes,
-reductions, elementwise loops) and writes the optimized HLO and a JSON summary
-(default bench/out/gpu_hlo.*). Use it to see what a change does to the GPU
+Prints the kernels of the step by kind (matmuls, fused attention, collectives
+between devices, transposes, reductions, elementwise loops) and writes the
+optimized HLO and a JSON summary (default bench/out/gpu_hlo.*). Use it to see what a change does to the GPU
 program, e.g. whether layouts force transposes, before a GPU is at hand; only
 a GPU can time it (bench/gpu_check.sh). Autotuning needs a device, so XLA
 takes its default matmul configurations: the matmuls show as gemm fusions
@@ -67,6 +68,7 @@ runtime_version { major: 12 minor: 8 }
 KINDS = (  # (kind, pattern on a kernel's name, then on its call target / backend), first match wins
     ('matmul', r'^gemm_fusion|^__cublas'),
     ('attention', r'^__cudnn\$fmha'),
+    ('collective', r'^(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)$'),
     ('transpose', r'transpose'),
     ('reduction', r'reduce'),
     ('triton', r'^__triton$'),  # fused by XLA into Triton kernels (LayerNorm, softmax)
@@ -78,6 +80,8 @@ def kernel_counts(hlo: str) -> dict[str, int]:
   """Kernels of the optimized program by kind: its fusions and library calls, wherever they sit."""
   kernels = re.findall(r'^\s+%([\w.-]+) = \S.*? fusion\(.*?(?:"kind":"(\w+)"|$)', hlo, re.M)
   kernels += [(target, '') for target in re.findall(r'custom-call\(.*custom_call_target="([^"]+)"', hlo)]
+  collectives = r'^\s+%[\w.-]+ = \S.*? (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\('
+  kernels += [(op, '') for op in re.findall(collectives, hlo, re.M)]
   counts = collections.Counter()
   for name, backend in kernels:
     counts[next((kind for kind, pattern in KINDS if re.search(pattern, name) or re.search(pattern, backend)),
@@ -88,6 +92,7 @@ def kernel_counts(hlo: str) -> dict[str, int]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--shape', default='gpt2_small', help='experiment file under experiments/')
+  parser.add_argument('--devices', type=int, default=1, help='GPUs of one host the mesh spans')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON', help='config override')
   parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'gpu_hlo'), help='output path without suffix')
   args = parser.parse_args()
@@ -102,7 +107,8 @@ def main():
   from nanodecoder.model import auto_attention_impl
 
   try:
-    topology = topologies.get_topology_desc(platform='cuda', topology='1x1x1', target_config=H100_TARGET)
+    topology = topologies.get_topology_desc(platform='cuda', topology=f'1x1x{args.devices}',
+                                           target_config=H100_TARGET)
   except Exception as e:  # noqa: BLE001  (any failure means the same thing here)
     sys.exit(f'cannot compile for CUDA here ({type(e).__name__}: {str(e).splitlines()[0]}); install '
              f'"jax-cuda12-plugin[with-cuda]=={jax.__version__}" (see the top of {pathlib.Path(__file__).name})')
@@ -121,13 +127,13 @@ def main():
   hlo = trainer.train_step.lower(trainer.abstract_state, batch).compile().as_text()
 
   counts = kernel_counts(hlo)
-  print(f'{args.shape} on {topology.devices[0].device_kind} (deviceless), attention_impl='
-        f'{config.model.attention_impl}, {" ".join(args.set)}')
+  print(f'{args.shape} on {args.devices} x {topology.devices[0].device_kind} (deviceless), mesh '
+        f'{dict(mesh.shape)}, attention_impl={config.model.attention_impl} {" ".join(args.set)}')
   print('  '.join(f'{kind} {n}' for kind, n in counts.items()))
   out = pathlib.Path(args.out)
   atomic_write(out.with_suffix('.hlo.txt'), hlo)
   summary = {'shape': args.shape, 'overrides': args.set, 'attention_impl': config.model.attention_impl,
-             'jax': jax.__version__, 'target': 'H100 80GB (deviceless)', 'kernels': counts}
+             'jax': jax.__version__, 'target': f'{args.devices} x H100 80GB (deviceless)', 'kernels': counts}
   atomic_write(out.with_suffix('.json'), json.dumps(summary, indent=2) + '\n')
   print(f'wrote {out.with_suffix(".hlo.txt")} and {out.with_suffix(".json")}')
 
