@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 REMAT_POLICIES = ('none', 'block', 'matmuls')
 ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn')
@@ -346,26 +347,35 @@ class Decoder(nnx.Module):
     self.ln_final = LayerNorm(cfg)
     self.lm_head = None if cfg.tie_embeddings else _param(normal(0.02), ('vocab', 'embed'), rngs.params(), (v, d), cfg)
 
-  def __call__(self, tokens, *, dropout_key=None, caches=None, cache_index=None):
+  def __call__(self, tokens, *, dropout_key=None, caches=None, cache_index=None, activation_sharding=None):
     """tokens [B, T] int -> (logits [B, T, V] fp32, updated caches or None).
 
     Token i sits at position i, or at `cache_index + i` when decoding with caches;
     positions must stay below `context_length` (see `embed`).
     `dropout_key` (training only) turns dropout on.
+    `activation_sharding` (a NamedSharding of [B, T, D] arrays, e.g. rows over
+    the batch mesh axes) pins the residual stream to it after the embeddings and
+    after every block, and has the embedding tables looked up whole. Left to
+    itself, GSPMD can lay the stream out like the parameters' embedding axis
+    (FSDP) and move it between the two layouts with all-to-alls.
     """
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    x = self.embed(tokens, 0 if cache_index is None else cache_index)  # [B, T, D]
+    pin = (lambda x: x) if activation_sharding is None else (
+        lambda x: jax.lax.with_sharding_constraint(x, activation_sharding))
+    whole = None if activation_sharding is None else NamedSharding(activation_sharding.mesh, P())
+    x = self.embed(tokens, 0 if cache_index is None else cache_index, table_sharding=whole)  # [B, T, D]
     embed_key, blocks_key = _split(dropout_key)
-    x = dropout(x, cfg.dropout, embed_key)
+    x = pin(dropout(x, cfg.dropout, embed_key))
     layer_keys = None if blocks_key is None else jax.random.split(blocks_key, cfg.num_layers)
     if cfg.scan_layers:
-      x, caches = self._scan_blocks(x, layer_keys, caches, cache_index)
+      x, caches = self._scan_blocks(x, layer_keys, caches, cache_index, pin)
     else:
       new_caches = []
       for i, block in enumerate(self.blocks):
         x, cache = self._block(block, x, None if layer_keys is None else layer_keys[i],
                                None if caches is None else caches[i], cache_index)
+        x = pin(x)
         new_caches.append(cache)
       caches = None if caches is None else tuple(new_caches)
     x = self.ln_final(x)
@@ -373,8 +383,10 @@ class Decoder(nnx.Module):
     logits = jnp.einsum('btd,vd->btv', x, head[...].astype(dt), preferred_element_type=jnp.float32)  # [B, T, V]
     return logits, caches
 
-  def embed(self, tokens, start=0) -> jax.Array:
+  def embed(self, tokens, start=0, table_sharding=None) -> jax.Array:
     """Token + positional embeddings of tokens [B, T] at positions start, start + 1, ...: [B, T, D].
+
+    `table_sharding` (optional) is the sharding the tables are read in.
 
     Refuses positions past the table (checked when `start` is a Python int),
     as nanoGPT does: JAX would clamp the lookup to the last row, and a KV
@@ -387,12 +399,16 @@ class Decoder(nnx.Module):
       raise ValueError(f'positions {start}..{start + t - 1} run past model.context_length={context} (the KV '
                        'cache size); start a new cache or pass fewer tokens')
     dt = jnp.dtype(self.cfg.dtype)
+
+    def table(param):  # [rows, D] in the compute dtype
+      value = param[...].astype(dt)
+      return value if table_sharding is None else jax.lax.with_sharding_constraint(value, table_sharding)
+
     # Positions are looked up per token like the tokens themselves: the table's gradient is then a
     # one-hot matmul, not a sum over the batch axis, which XLA's GPU compiler would make the minor
     # axis of the whole residual stream (a transpose at every matmul; see bench/gpu_hlo.py).
     positions = jnp.broadcast_to(start + jnp.arange(t), tokens.shape)  # [B, T]
-    token_part = embed_lookup(self.token_embed[...].astype(dt), tokens)  # [B, T, D]
-    return token_part + embed_lookup(self.position_embed[...].astype(dt), positions)
+    return embed_lookup(table(self.token_embed), tokens) + embed_lookup(table(self.position_embed), positions)
 
   def attention_maps(self, tokens) -> jax.Array:
     """Attention weights of every layer and head for `tokens` [B, T]: [L, B, N, T, T] (no dropout)."""
@@ -429,13 +445,13 @@ class Decoder(nnx.Module):
     run = jax.checkpoint(lambda state, x, key: nnx.merge(graphdef, state)(x, dropout_key=key)[0], policy=policy)
     return run(state, x, key), None
 
-  def _scan_blocks(self, x, layer_keys, caches, cache_index):
+  def _scan_blocks(self, x, layer_keys, caches, cache_index, pin):
     graphdef, stacked = nnx.split(self.blocks)
 
     def body(x, layer):
       state, key, cache = layer
       x, cache = self._block(nnx.merge(graphdef, state), x, key, cache, cache_index)
-      return x, cache
+      return pin(x), cache
 
     x, caches = jax.lax.scan(body, x, (stacked, layer_keys, caches))
     return x, caches

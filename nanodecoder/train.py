@@ -125,6 +125,9 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
   # The gradient all-reduced as one flat vector (see `_mean_over_devices`): CPU data-only meshes, no dropout.
   flat_all_reduce = (mesh.devices.flat[0].platform == 'cpu' and model_config.dropout == 0
                      and mesh.shape['data'] > 1 and mesh.shape['fsdp'] == mesh.shape['tensor'] == 1)
+  # The residual stream keeps the batch's layout: rows over the batch axes (see Decoder.__call__).
+  # (Under `_mean_over_devices` each device runs the model on its own rows: nothing to pin.)
+  rows = None if flat_all_reduce else batch_sharding
 
   def train_step(state, batch):
     """One optimizer step on a [batch, context_length + 1] token batch."""
@@ -133,7 +136,7 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
     model_graph, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params, rest, tokens, key):
-      logits, _ = nnx.merge(model_graph, params, rest)(tokens[:, :-1], dropout_key=key)
+      logits, _ = nnx.merge(model_graph, params, rest)(tokens[:, :-1], dropout_key=key, activation_sharding=rows)
       total, count = cross_entropy(logits, tokens[:, 1:])
       return total / count
 
@@ -175,7 +178,7 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
 
     def add(totals, xs):
       tokens, w = xs
-      logits, _ = model(tokens[:, :-1])
+      logits, _ = model(tokens[:, :-1], activation_sharding=batch_sharding)
       return jax.tree.map(jnp.add, totals, cross_entropy(logits, tokens[:, 1:], w)), None
 
     return jax.lax.scan(add, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), (batches, weights))[0]

@@ -1,5 +1,7 @@
 """Data, FSDP and tensor-parallel meshes give the one-device result; parameters are really sharded."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -51,6 +53,19 @@ def test_mesh_matches_one_device_and_shards_parameters(tiny_config, reference, d
   # Optimizer moments are laid out like their parameters.
   mu = trainer.state[1]['opt_state'][1][0]['mu']['blocks'][0]['mlp']['fc'][...]
   assert mu.sharding.spec == fc.sharding.spec
+
+
+@pytest.mark.parametrize('data, fsdp, tensor', [(1, 8, 1), (2, 2, 2)])
+def test_step_keeps_activations_in_the_batch_layout(tiny_config, data, fsdp, tensor):
+  # Left to GSPMD, an FSDP step moved the residual stream between the batch's layout and the
+  # parameters' embedding-axis layout with all-to-alls (102 per GPT-2-small step on 8 H100s, by
+  # bench/gpu_hlo.py). The trainer pins the stream to the batch layout (Decoder activation_sharding).
+  config = tiny_config(**SHAPE, **{'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': tensor})
+  trainer, dataset = build(config, jax.devices()[:8])
+  batch = put(trainer, dataset.train_batch(config.seed, 0, 8))
+  hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
+  assert re.search(r' all-gather(-start)?\(', hlo)  # FSDP gathers parameters: the pattern matches collectives
+  assert not re.search(r' all-to-all(-start)?\(', hlo)
 
 
 def test_logical_spec_shards_ruled_dimensions_the_mesh_divides_and_replicates_the_rest():
