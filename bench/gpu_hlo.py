@@ -105,17 +105,16 @@ def main():
 
   from nanodecoder import config as config_lib, sharding, train
   from nanodecoder.model import auto_attention_impl
+  from train_speed import load_config
 
   try:
     topology = topologies.get_topology_desc(platform='cuda', topology=f'1x1x{args.devices}',
                                            target_config=H100_TARGET)
   except Exception as e:  # noqa: BLE001  (any failure means the same thing here)
-    sys.exit(f'cannot compile for CUDA here ({type(e).__name__}: {str(e).splitlines()[0]}); install '
+    reason = (str(e).splitlines() or [''])[0]
+    sys.exit(f'cannot compile for CUDA here ({type(e).__name__}: {reason}); install '
              f'"jax-cuda12-plugin[with-cuda]=={jax.__version__}" (see the top of {pathlib.Path(__file__).name})')
-  config = config_lib.load_config_file(REPO / 'experiments' / f'{args.shape}.py')
-  for item in args.set:
-    key, value = item.split('=', 1)
-    config_lib.set_field(config, key, json.loads(value))
+  config = load_config(REPO / 'experiments' / f'{args.shape}.py', args.set)
   m = config.model
   if m.attention_impl == 'auto':  # 'auto' would look at this machine's backend, the CPU
     m.attention_impl = auto_attention_impl(jnp.dtype(m.dtype), m.head_size, 'gpu') if m.dropout == 0 else 'einsum'

@@ -34,12 +34,9 @@ def main():
   from nanodecoder import cli, config as config_lib, train
   from nanodecoder.model import train_flops_per_token
   from nanodecoder.sweep import saved_steps
-  from train_speed import machine, peak_flops
+  from train_speed import load_config, machine, peak_flops
 
-  config = config_lib.load_config_file(args.config)
-  for item in args.set:
-    key, value = item.split('=', 1)
-    config_lib.set_field(config, key, json.loads(value))
+  config = load_config(args.config, args.set)
   cli.setup_jax(config)
   import jax
 

@@ -49,6 +49,17 @@ def peak_flops(device_kind: str) -> float | None:
   return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_kind), None)
 
 
+def load_config(path: str | pathlib.Path, overrides: list[str]):
+  """The experiment file at `path` with `--set FIELD=JSON` overrides applied."""
+  from nanodecoder import config as config_lib
+
+  config = config_lib.load_config_file(path)
+  for item in overrides:
+    key, value = item.split('=', 1)
+    config_lib.set_field(config, key, json.loads(value))
+  return config
+
+
 def worker(shape: str, steps: int, repeats: int, overrides: list[str], text: str | None = None) -> dict:
   import jax
   import numpy as np
@@ -56,10 +67,7 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str], text: str
   from nanodecoder import cli, config as config_lib, data as data_lib, sharding, train
   from nanodecoder.model import train_flops_per_token
 
-  config = config_lib.load_config_file(REPO / 'experiments' / f'{shape}.py')
-  for item in overrides:
-    key, value = item.split('=', 1)
-    config_lib.set_field(config, key, json.loads(value))
+  config = load_config(REPO / 'experiments' / f'{shape}.py', overrides)
   cli.setup_jax(config)
   mesh = sharding.make_mesh(config.mesh)
   train.check_mesh_fits(config, mesh)
