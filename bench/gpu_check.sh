@@ -103,11 +103,13 @@ grep -E '"median_ms_per_step"|"mfu"' "$RESULTS/gpt2_loop.json" 2>&1 | tee -a "$S
 head -n 30 "$RESULTS/gpt2_trace.txt" | tee -a "$SUMMARY"
 find /tmp/nanodecoder_gpu_gpt2/plugins/profile -name '*.trace.json.gz' -exec cp {} "$RESULTS/gpt2.trace.json.gz" \;
 find /tmp/nanodecoder_gpu_hlo -name '*train_steps*after_optimizations.txt' -exec gzip -c {} \; > "$RESULTS/gpt2_hlo.txt.gz" 2>/dev/null
-# Its kernels by kind, to set beside what bench/gpu_hlo.py predicts without a GPU.
+# Its kernels by kind and their bytes, to set beside what bench/gpu_hlo.py predicts without a GPU.
 "$PY" - "$RESULTS/gpt2_hlo.txt.gz" <<'PY' 2>&1 | tee -a "$SUMMARY"
 import gzip, sys
 sys.path.insert(0, 'bench')
-from gpu_hlo import kernel_counts
-print('kernels of the step:', kernel_counts(gzip.open(sys.argv[1], 'rt').read()))
+from gpu_hlo import kernel_counts, kernel_traffic
+hlo = gzip.open(sys.argv[1], 'rt').read()
+print('kernels of the step:', kernel_counts(hlo))
+print('their inputs + outputs (GB):', {kind: round(gb, 1) for kind, gb in kernel_traffic(hlo).items()})
 PY
 echo "total ${SECONDS} s" | tee -a "$SUMMARY"

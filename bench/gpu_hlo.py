@@ -14,7 +14,8 @@ that sees the project's packages):
   /tmp/cuda/bin/python bench/gpu_hlo.py
 
 Prints the kernels of the step by kind (matmuls, fused attention, collectives
-between devices, transposes, reductions, elementwise loops) and writes the
+between devices, transposes, reductions, elementwise loops) and the bytes they
+read and write (a model of memory traffic, whole arrays per kernel), and writes the
 optimized HLO and a JSON summary (default bench/out/gpu_hlo.*). Use it to see what a change does to the GPU
 program, e.g. whether layouts force transposes, before a GPU is at hand; only
 a GPU can time it (bench/gpu_check.sh). Autotuning needs a device, so XLA
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import pathlib
 import re
@@ -89,6 +91,33 @@ def kernel_counts(hlo: str) -> dict[str, int]:
   return {kind: counts[kind] for kind, _ in KINDS + (('other', ''),)}
 
 
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'f64': 8}
+
+
+_ARRAY = re.compile(r'\b(pred|[su]8|bf16|f16|[suf]32|[sf]64)\[([\d,]*)\]')
+
+
+def _bytes(shape: str, element: str = '') -> int:
+  """Bytes of an HLO shape (an array, or a tuple of them: element '#i' takes its i-th): 'bf16[32,768]{1,0}' -> 49152."""
+  arrays = _ARRAY.findall(shape)
+  if element:
+    arrays = arrays[int(element[1:]):][:1]
+  return sum(_BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d) for dtype, dims in arrays)
+
+
+def kernel_traffic(hlo: str) -> dict[str, float]:
+  """GB the kernels read and write per step, counting each kernel's whole inputs and outputs (a slice counts
+  the array it slices; a cuBLAS call its workspace): matmuls, bound by compute, and everything else."""
+  shapes = dict(re.findall(r'^\s+%([\w.-]+) = (\(.*?\)|\S+) ', hlo, re.M))
+  traffic = {'matmul_gb': 0.0, 'other_gb': 0.0}
+  kernels = re.findall(r'^\s+%([\w.-]+) = (\(.*?\)|\S+) (?:fusion|custom-call)\(([^)]*)\)(.*)$', hlo, re.M)
+  for name, output, operands, rest in kernels:
+    size = _bytes(output) + sum(_bytes(shapes.get(operand, ''), element)
+                                for operand, element in re.findall(r'%([\w.-]+)(#\d+)?', operands))
+    traffic['matmul_gb' if name.startswith('gemm_fusion') or '__cublas' in rest else 'other_gb'] += size / 1e9
+  return traffic
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--shape', default='gpt2_small', help='experiment file under experiments/')
@@ -125,14 +154,17 @@ def main():
   batch = jax.ShapeDtypeStruct((rows, context + 1), jnp.int32, sharding=sharding.batch_sharding(mesh))
   hlo = trainer.train_step.lower(trainer.abstract_state, batch).compile().as_text()
 
-  counts = kernel_counts(hlo)
+  counts, traffic = kernel_counts(hlo), kernel_traffic(hlo)
   print(f'{args.shape} on {args.devices} x {topology.devices[0].device_kind} (deviceless), mesh '
         f'{dict(mesh.shape)}, attention_impl={config.model.attention_impl} {" ".join(args.set)}')
-  print('  '.join(f'{kind} {n}' for kind, n in counts.items()))
+  print('kernels:', '  '.join(f'{kind} {n}' for kind, n in counts.items()))
+  print(f'kernel inputs + outputs per step (per device): matmuls {traffic["matmul_gb"]:.1f} GB, '
+        f'the rest {traffic["other_gb"]:.1f} GB')
   out = pathlib.Path(args.out)
   atomic_write(out.with_suffix('.hlo.txt'), hlo)
   summary = {'shape': args.shape, 'overrides': args.set, 'attention_impl': config.model.attention_impl,
-             'jax': jax.__version__, 'target': f'{args.devices} x H100 80GB (deviceless)', 'kernels': counts}
+             'jax': jax.__version__, 'target': f'{args.devices} x H100 80GB (deviceless)', 'kernels': counts,
+             'traffic': traffic}
   atomic_write(out.with_suffix('.json'), json.dumps(summary, indent=2) + '\n')
   print(f'wrote {out.with_suffix(".hlo.txt")} and {out.with_suffix(".json")}')
 
