@@ -89,6 +89,33 @@ def test_auto_attention_picks_cudnn_only_where_it_applies(dtype, head_size, back
   assert auto_attention_impl(jnp.dtype(dtype), head_size, backend) == impl
 
 
+@pytest.mark.parametrize('use_bias', [False, True])
+def test_fused_attention_models_project_separately_with_the_same_result(use_bias):
+  """'xla' attention gets q, k, v from three matmuls (`project(separately=True)`), 'einsum' cuts them out
+  of one: the same parameters give the same loss and gradients."""
+  cfg = ModelConfig(**{**CFG.__dict__, 'use_bias': use_bias})
+  tokens = jax.random.randint(jax.random.key(10), (2, 17), 0, 65)
+
+  def loss_and_grads(impl):
+    model = make_model(ModelConfig(**{**cfg.__dict__, 'attention_impl': impl}))
+    if use_bias:  # biases start at zero: give them values that matter
+      for layer in model.blocks:
+        layer.attn.qkv_bias[...] = jax.random.normal(jax.random.key(11), layer.attn.qkv_bias.shape)
+
+    def loss(model):
+      logits, _ = model(tokens[:, :-1])
+      return -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1).mean()
+
+    return nnx.value_and_grad(loss)(model)
+
+  (packed_loss, packed_grads), (separate_loss, separate_grads) = loss_and_grads('einsum'), loss_and_grads('xla')
+  np.testing.assert_allclose(separate_loss, packed_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), separate_grads, packed_grads)
+  q_packed = make_model(cfg).blocks[0].attn.project(jnp.ones((1, 3, cfg.embed_dim)))
+  q_separate = make_model(cfg).blocks[0].attn.project(jnp.ones((1, 3, cfg.embed_dim)), separately=True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), q_separate, q_packed)
+
+
 def test_a_cudnn_model_decodes_with_a_cache_on_any_backend():
   """KV-cache decoding never runs the fused kernel: a model trained with 'cudnn' samples on CPU too."""
   model = make_model(ModelConfig(**{**CFG.__dict__, 'num_layers': 1, 'attention_impl': 'cudnn', 'dtype': 'bfloat16'}))
