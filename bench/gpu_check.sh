@@ -11,6 +11,7 @@
 #    <= 60 s of training.
 # 3. Speed of the base and GPT-2-small (12 x 768, context 1024) shapes on tiny-shakespeare's tokens: ms/step,
 #    tokens/s and MFU over 100 timed steps.                               Target: GPT-2-small MFU >= 45% in bf16.
+#    Then GPT-2-small again with q, k, v cut out of one packed projection (train_speed.py --packed-qkv), to compare.
 # 4. Only if the recipe trained slower than 15 ms/step: 300 steps of it with the persistent compilation cache off.
 # 5. 60 steps of GPT-2-small in the training loop, profiled, its optimized HLO dumped and its kernels counted.
 # Needs jax with CUDA, flax, optax and orbax-checkpoint (the GPU image has them), ml_collections
@@ -33,12 +34,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
           --set train.log_every=10 --set eval.every=20 --set eval.batches=2 --set train.profile_start=20
           --set train.profile_steps=10)
   speed=(--shapes cpu --steps 10 --repeats 2)
+  packed=(--shapes cpu --steps 10 --repeats 2)
   gpt2=(--config experiments/cpu.py)
   slow_ms=0  # exercise step 4 too
 else
   recipe=(--config experiments/base.py --set 'model.dtype="bfloat16"' --set train.profile_start=1000
           --set train.profile_steps=20)
   speed=(--shapes base,gpt2_small --steps 20 --repeats 5 --set 'model.dtype="bfloat16"')
+  packed=(--shapes gpt2_small --steps 20 --repeats 5 --set 'model.dtype="bfloat16"')
   gpt2=(--config experiments/gpt2_small.py)
   slow_ms=15
 fi
@@ -70,6 +73,13 @@ timeout 120 "$PY" bench/train_speed.py "${speed[@]}" --text "$TEXT" --out "$RESU
   > "$RESULTS/train_speed.log" 2>&1
 echo "exit $?" | tee -a "$SUMMARY"
 tail -n 8 "$RESULTS/train_speed.log" | tee -a "$SUMMARY"
+# Fused attention gets q, k and v from three matmuls (CausalSelfAttention.project); the packed single matmul for
+# comparison (bench/gpu_hlo.py: 4 GB less kernel traffic per step for the three, 72 more matmul kernels).
+section 'speed of GPT-2-small with one packed q, k, v projection'
+timeout 60 "$PY" bench/train_speed.py "${packed[@]}" --packed-qkv --text "$TEXT" \
+  --out "$RESULTS/train_speed_packed_qkv.json" > "$RESULTS/train_speed_packed_qkv.log" 2>&1
+echo "exit $?" | tee -a "$SUMMARY"
+tail -n 4 "$RESULTS/train_speed_packed_qkv.log" | tee -a "$SUMMARY"
 
 # A loop slower than the step alone: is it the persistent compilation cache (on above, off in train_speed.py)?
 if ! "$PY" - "$RESULTS/base_recipe.json" "$slow_ms" 2>/dev/null <<'PY'

@@ -60,12 +60,17 @@ def load_config(path: str | pathlib.Path, overrides: list[str]):
   return config
 
 
-def worker(shape: str, steps: int, repeats: int, overrides: list[str], text: str | None = None) -> dict:
+def worker(shape: str, steps: int, repeats: int, overrides: list[str], text: str | None = None,
+           packed_qkv: bool = False) -> dict:
   import jax
   import numpy as np
 
   from nanodecoder import cli, config as config_lib, data as data_lib, sharding, train
-  from nanodecoder.model import train_flops_per_token
+  from nanodecoder.model import CausalSelfAttention, train_flops_per_token
+
+  if packed_qkv:  # for comparison: q, k, v cut out of one matmul's result even for fused attention kernels
+    project = CausalSelfAttention.project
+    CausalSelfAttention.project = lambda self, x, separately=False: project(self, x)
 
   config = load_config(REPO / 'experiments' / f'{shape}.py', overrides)
   cli.setup_jax(config)
@@ -108,7 +113,7 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str], text: str
   return {
       'shape': shape, 'tokens': text or 'uniform random', 'steps': steps, 'steps_per_call': k,
       'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
-      'device_kind': jax.devices()[0].device_kind, 'overrides': overrides,
+      'device_kind': jax.devices()[0].device_kind, 'overrides': overrides, 'packed_qkv': packed_qkv,
       'mfu': None if peak is None else flops / seconds / (peak * jax.device_count()),
       'mesh': dict(mesh.shape), 'batch_size': t.batch_size, 'context_length': config.model.context_length,
       'compile_s': compile_s, 'ms_per_step': 1000 * seconds,
@@ -168,6 +173,8 @@ def main():
                       help='config override for every shape, e.g. --set mesh.cpu_devices=1 (replaces CPU_SETTINGS)')
   parser.add_argument('--text', help='train on the character tokens of this text file (default: uniform random '
                       'tokens over 65 symbols)')
+  parser.add_argument('--packed-qkv', action='store_true', help='project q, k, v with one matmul also where '
+                      'attention is a fused kernel (the model then uses three; see CausalSelfAttention.project)')
   parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'train_speed.json'))
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   parser.add_argument('--ceiling', action='store_true', help=argparse.SUPPRESS)
@@ -178,7 +185,7 @@ def main():
     print(json.dumps({'matmul_gflops': matmul_ceiling(), 'platform': jax.default_backend()}))
     return
   if args.worker:
-    print(json.dumps(worker(args.worker, args.steps, args.repeats, args.set, args.text)))
+    print(json.dumps(worker(args.worker, args.steps, args.repeats, args.set, args.text, args.packed_qkv)))
     return
 
   measured = run_child(['--ceiling'])
@@ -191,6 +198,8 @@ def main():
     extra = [x for item in settings for x in ('--set', item)]
     if args.text:
       extra += ['--text', str(pathlib.Path(args.text).resolve())]
+    if args.packed_qkv:
+      extra.append('--packed-qkv')
     row = run_child(['--worker', shape, '--steps', str(steps), '--repeats', str(repeats), *extra])
     if row['steps'] != steps:
       print(f'{shape}: timed blocks of {row["steps"]} steps ({steps} rounded up to a multiple of '
@@ -205,7 +214,7 @@ def main():
     mfu = '' if r['mfu'] is None else f'{r["mfu"]:.0%}'
     print(f'{r["shape"]:<10} {r["devices"]:>7} {r["compile_s"]:>9.1f} {r["ms_per_step"]:>9.1f} {r["tokens_per_s"]:>9.0f} '
           f'{r["gflops"]:>8.1f} {r["fraction_of_matmul_ceiling"]:>10.0%} {mfu:>5} {r["peak_rss_mib"]:>12.0f}  '
-          f'{" ".join(r["overrides"])}')
+          f'{" ".join(r["overrides"] + ["--packed-qkv"] * r["packed_qkv"])}')
   out = pathlib.Path(args.out)
   payload = {'machine': machine(), 'matmul_gflops': ceiling, 'overrides': args.set,
              'tokens': args.text or 'uniform random', 'results': rows}
