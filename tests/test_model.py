@@ -111,9 +111,9 @@ def test_fused_attention_models_project_separately_with_the_same_result(use_bias
   (packed_loss, packed_grads), (separate_loss, separate_grads) = loss_and_grads('einsum'), loss_and_grads('xla')
   np.testing.assert_allclose(separate_loss, packed_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), separate_grads, packed_grads)
-  q_packed = make_model(cfg).blocks[0].attn.project(jnp.ones((1, 3, cfg.embed_dim)))
-  q_separate = make_model(cfg).blocks[0].attn.project(jnp.ones((1, 3, cfg.embed_dim)), separately=True)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), q_separate, q_packed)
+  packed = make_model(cfg).blocks[0].attn.project(jnp.ones((1, 3, cfg.embed_dim)))
+  separate = make_model(cfg).blocks[0].attn.project(jnp.ones((1, 3, cfg.embed_dim)), separately=True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), separate, packed)
 
 
 def test_a_cudnn_model_decodes_with_a_cache_on_any_backend():
