@@ -220,7 +220,7 @@ def sweep_command(declaration) -> None:
     fail(f'--sweep_parallel must be >= 1, got {FLAGS.sweep_parallel}')
   jax.config.update('jax_platforms', 'cpu')  # this process only starts points: keep the accelerators free
   parallel = min(FLAGS.sweep_parallel, len(sweep.points))
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+  cores = sharding.usable_cores()
   script = sys.argv[0] if sys.argv[0].endswith('.py') and os.path.isfile(sys.argv[0]) else str(
       pathlib.Path(__file__).resolve().parents[1] / 'launch.py')
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import pathlib
 from typing import Any
 
@@ -66,7 +67,9 @@ _POSITIVE = (
     'train.grad_accum_steps',
     'eval.every', 'eval.batches', 'checkpoint.every', 'checkpoint.keep',
 )
-_NON_NEGATIVE = ('train.profile_steps', 'train.profile_start')
+_NON_NEGATIVE = ('seed', 'train.profile_steps', 'train.profile_start')
+_FINITE = ('model.dropout', 'train.learning_rate', 'train.min_learning_rate', 'train.beta1', 'train.beta2',
+           'train.weight_decay', 'train.grad_clip', 'data.text_eval_fraction')
 _CHOICES = {
     'data.source': ('tfds', 'text'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
@@ -100,6 +103,21 @@ def _check_attention_impl(m: ml_collections.ConfigDict) -> None:
                       f"Hopper and newer), got {m.head_size}; use attention_impl='auto' or change head_size")
 
 
+def check_mesh_shape(config: ml_collections.ConfigDict, data: int, fsdp: int, tensor: int) -> None:
+  """Refuses mesh axis sizes that the heads, widths or batch cannot be split over."""
+  m, batch, accum = config.model, config.train.batch_size, config.train.grad_accum_steps
+  if m.num_heads % tensor or (m.mlp_ratio * m.num_heads * m.head_size) % tensor:
+    raise ConfigError(f'mesh.tensor={tensor} does not divide model.num_heads={m.num_heads} (or the '
+                      'feed-forward width); pick a tensor size that divides the number of heads')
+  if (m.num_heads * m.head_size) % fsdp:
+    raise ConfigError(f'mesh.fsdp={fsdp} does not divide the embedding width '
+                      f'{m.num_heads * m.head_size}; pick an fsdp size that divides it')
+  dp = data * fsdp
+  if (batch // accum) % dp:
+    raise ConfigError(f'train.batch_size={batch} (micro-batch {batch // accum}) is not divisible by the '
+                      f'data-parallel size {dp} (mesh data x fsdp); pick a multiple of {dp * accum}')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first field the trainer could not use."""
   for fields, least, what in ((_POSITIVE, 1, 'a positive integer'), (_NON_NEGATIVE, 0, 'an integer >= 0')):
@@ -107,6 +125,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       value = _get(config, field)
       if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise ConfigError(f'{field} must be {what}, got {value!r}')
+  for field in _FINITE:
+    value = _get(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise ConfigError(f'{field} must be a finite number, got {value!r}')
   for field, choices in _CHOICES.items():
     value = _get(config, field)
     if value not in choices:
@@ -145,3 +167,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         'make it one (logs, evaluations and checkpoints happen between calls)')
   if config.mesh.cpu_devices < 0:
     raise ConfigError(f'mesh.cpu_devices must be >= 0 (0 = one per core), got {config.mesh.cpu_devices!r}')
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps='
+                      f'{t.grad_accum_steps}; pick a batch size that the micro-batches divide')
+  check_mesh_shape(config, *(max(config.mesh[a], 1) for a in ('data', 'fsdp', 'tensor')))  # -1: checked on the mesh

@@ -10,7 +10,7 @@ Model parameters carry logical axis names (see nanodecoder.model); RULES maps
 them to mesh axes, and dimensions without a rule (vocabulary, head size, norms,
 stacked layers) are replicated. `logical_spec` also replicates a dimension
 that its mesh axis does not divide; training refuses such meshes up front
-instead (train.check_mesh_fits checks the heads, feed-forward and embedding
+instead (config.check_mesh_shape checks the heads, feed-forward and embedding
 widths).
 """
 
@@ -48,7 +48,12 @@ def set_cpu_devices(count: int) -> None:
   """
   if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     return
-  jax.config.update('jax_num_cpu_devices', count or os.cpu_count() or 1)
+  jax.config.update('jax_num_cpu_devices', count or usable_cores())
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (its CPU affinity: taskset, cgroups, SLURM's --cpus-per-task)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def _cluster_detected() -> bool:
@@ -131,10 +136,6 @@ def batch_sharding(mesh: Mesh, batch_dim: int = 0) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...], batch_dim: int = 0) -> slice:

@@ -46,15 +46,17 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> Callable[[Any], 
 
 
 def make_optimizer(train: ml_collections.ConfigDict, stacked_blocks: bool = False) -> optax.GradientTransformation:
-  """AdamW with weight decay on matrices only (not on norms or biases), after global-norm clipping.
+  """AdamW with weight decay on weight matrices only (not on norms or biases), after global-norm clipping.
 
   With `stacked_blocks` (scanned layers) the parameters under 'blocks' carry
-  an extra leading layer axis, which does not make a vector a matrix.
+  an extra leading layer axis, which does not make a vector a matrix. Biases
+  go by name: the attention's q/k/v bias is [3, N, H].
   """
 
   def is_matrix(path, p):
-    stacked = stacked_blocks and getattr(path[0], 'key', None) == 'blocks'
-    return p.ndim - stacked >= 2
+    names = [str(getattr(k, 'key', '')) for k in path]
+    stacked = stacked_blocks and names[0] == 'blocks'
+    return p.ndim - stacked >= 2 and not any(name.endswith('bias') for name in names)
 
   adamw = optax.adamw(
       learning_rate_schedule(train), b1=train.beta1, b2=train.beta2, weight_decay=train.weight_decay,
@@ -285,24 +287,11 @@ def train_batches(dataset: data_lib.Dataset, mesh: jax.sharding.Mesh, seed: int,
 
 
 def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  dp = sharding_lib.data_parallel_size(mesh)
-  batch, accum = config.train.batch_size, config.train.grad_accum_steps
-  if batch % accum:
-    raise config_lib.ConfigError(f'train.batch_size={batch} is not divisible by train.grad_accum_steps={accum}')
-  tensor, fsdp, m = mesh.shape['tensor'], mesh.shape['fsdp'], config.model
   platform = mesh.devices.flat[0].platform
-  if m.attention_impl == 'cudnn' and platform != 'gpu':
+  if config.model.attention_impl == 'cudnn' and platform != 'gpu':
     raise config_lib.ConfigError(f"model.attention_impl='cudnn' needs NVIDIA GPUs, but the mesh is on {platform} "
                                  "devices; use 'auto' or 'einsum'")
-  if m.num_heads % tensor or (m.mlp_ratio * m.num_heads * m.head_size) % tensor:
-    raise config_lib.ConfigError(f'mesh.tensor={tensor} does not divide model.num_heads={m.num_heads} (or the '
-                                 'feed-forward width); pick a tensor size that divides the number of heads')
-  if (m.num_heads * m.head_size) % fsdp:
-    raise config_lib.ConfigError(f'mesh.fsdp={fsdp} does not divide the embedding width '
-                                 f'{m.num_heads * m.head_size}; pick an fsdp size that divides it')
-  if (batch // accum) % dp:
-    raise config_lib.ConfigError(f'train.batch_size={batch} (micro-batch {batch // accum}) is not divisible by the '
-                                 f'data-parallel size {dp} (mesh data x fsdp); pick a multiple of {dp * accum}')
+  config_lib.check_mesh_shape(config, *(mesh.shape[axis] for axis in ('data', 'fsdp', 'tensor')))
 
 
 class StopRequest:

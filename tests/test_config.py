@@ -36,6 +36,12 @@ def test_recipes_match_nanogpt():
     ('train.warmup_steps', 3000, r'train.warmup_steps=3000 must be >= 0 and below train.decay_steps=2000'),
     ('train.learning_rate', 0.0, r'train.learning_rate must be > 0'),
     ('mesh.data', 0, r'mesh.data must be a positive integer or -1'),
+    ('seed', -1, r'seed must be an integer >= 0, got -1'),
+    ('train.learning_rate', float('nan'), r'train.learning_rate must be a finite number, got nan'),
+    ('train.weight_decay', float('inf'), r'train.weight_decay must be a finite number, got inf'),
+    ('train.grad_accum_steps', 5, r'train.batch_size=12 is not divisible by train.grad_accum_steps=5'),
+    ('mesh.tensor', 3, r'mesh.tensor=3 does not divide model.num_heads=4'),
+    ('mesh.data', 5, r'train.batch_size=12 \(micro-batch 12\) is not divisible by the data-parallel size 5'),
 ])
 def test_validate_names_field_and_value(field, value, message):
   config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')

@@ -15,6 +15,7 @@ from nanodecoder import data as data_lib
 from nanodecoder import sharding as sharding_lib
 from nanodecoder import train as train_lib
 from nanodecoder.checkpoint import Checkpoints
+from nanodecoder.model import Decoder
 
 
 def build(config, devices):
@@ -54,6 +55,23 @@ def test_weight_decay_only_on_matrices(tiny_config):
   updates, _ = tx.update(zero_grads, tx.init(params), params)
   np.testing.assert_allclose(updates['matrix'], -0.5 * params['matrix'] * float(train_lib.learning_rate_schedule(config.train)(0)))
   np.testing.assert_array_equal(updates['vector'], 0.0)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_weight_decay_spares_every_bias_and_norm_of_the_model(tiny_config, scan_layers):
+  config = tiny_config(**{'model.use_bias': True, 'model.scan_layers': scan_layers})
+  config.train.weight_decay, config.train.grad_clip, config.train.warmup_steps = 0.5, 0.0, 0
+  with nnx.use_eager_sharding(False):
+    model = Decoder(config_lib.model_config(config, 65), nnx.Rngs(params=0))
+  params = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))  # biases start at 0, which decay leaves alone
+  tx = train_lib.make_optimizer(config.train, stacked_blocks=scan_layers)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  decayed = {tuple(getattr(k, 'key', None) for k in path): bool(jnp.any(u != 0))
+             for path, u in jax.tree_util.tree_leaves_with_path(updates)}
+  name = lambda path: next(k for k in reversed(path) if isinstance(k, str))
+  assert {name(p) for p, d in decayed.items() if d} == {'qkv', 'out', 'fc', 'proj', 'token_embed', 'position_embed'}
+  assert {name(p) for p, d in decayed.items() if not d} == {'qkv_bias', 'out_bias', 'fc_bias', 'proj_bias', 'bias',
+                                                            'scale'}
 
 
 def test_tiny_model_overfits_one_batch(tiny_config):
