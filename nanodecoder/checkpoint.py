@@ -62,6 +62,17 @@ def _first_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:200]}'
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """Only errors from absl logging (Orbax's warnings and notes) inside the block."""
+  previous = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(min(previous, absl_logging.ERROR))
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(previous)
+
+
 class WorkdirLock:
   """An exclusive lock on a workdir, released automatically when the process dies."""
 
@@ -131,17 +142,16 @@ class Checkpoints:
     if keep_best:
       policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
                                                 keep_checkpoints_without_metrics=False))
-    previous = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(min(previous, absl_logging.ERROR))  # read_only makes Orbax warn that it is
-    try:
+    with _quiet_absl():  # a read-only manager makes Orbax warn that it is read-only
       options = ocp.CheckpointManagerOptions(
           preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+          # best_fn makes Orbax write each step's metrics beside it: without them a resumed run's manager
+          # would see the earlier steps unscored and let the best one go.
+          best_fn=(lambda m: m['val_loss']) if keep_best else None, best_mode='min',
           enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
       handlers = {'params': ocp.StandardCheckpointHandler(), 'opt_state': ocp.StandardCheckpointHandler(),
                   'meta': ocp.JsonCheckpointHandler()}
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-    finally:
-      absl_logging.set_verbosity(previous)
     self._in_flight: int | None = None  # the step of the last started save (asynchronous: maybe still writing)
 
   def steps(self) -> list[int]:
@@ -155,7 +165,8 @@ class Checkpoints:
     """
     meta = {'step': step, 'val_loss': val_loss, 'config': config.to_dict(), 'tokenizer': tokenizer.to_json()}
     self.wait()  # Orbax waits for the previous save anyway; waiting here names its step if it failed
-    with self._failures(step):
+    quiet = _quiet_absl() if val_loss is None else contextlib.nullcontext()  # Orbax warns of a step without metrics
+    with self._failures(step), quiet:
       self.manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(nnx.to_pure_dict(state[0])),
           opt_state=ocp.args.StandardSave(nnx.to_pure_dict(state[1])),

@@ -75,6 +75,20 @@ def test_keeps_the_latest_and_the_best(tiny_config, tmp_path):
     checkpoints.select('7')
 
 
+def test_the_best_survives_a_resume(tiny_config, tmp_path, caplog):
+  """A resumed run's manager scores the earlier session's steps too (Orbax keeps their metrics on disk)."""
+  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  for session in ([(1, 3.0), (2, 1.0), (3, 2.0)], [(4, 4.0), (5, None), (6, 5.0)]):
+    checkpoints = Checkpoints(tmp_path, keep=2)
+    for step, val_loss in session:
+      checkpoints.save(step, state, config, tokenizer, val_loss)
+    checkpoints.wait()
+    checkpoints.close()
+  checkpoints = Checkpoints(tmp_path, read_only=True)
+  assert checkpoints.steps() == [2, 5, 6] and checkpoints.best_step() == 2
+  assert 'did not provide metrics' not in caplog.text  # a step saved without an evaluation is not a warning
+
+
 def test_a_failed_asynchronous_save_is_reported_with_its_own_step(tiny_config, tmp_path, monkeypatch):
   """Orbax reports a failed background save when the next save waits for it: the error names the failed step."""
   config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
