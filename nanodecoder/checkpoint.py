@@ -14,6 +14,7 @@ complete, so a crash never leaves a half-written step behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -58,8 +59,13 @@ def _is_environment_error(error: BaseException) -> bool:
   return False
 
 
+def _shortened(text: str, limit: int = 240) -> str:
+  """`text` cut in the middle to at most ~`limit` characters: the start says what failed, the end often why."""
+  return text if len(text) <= limit else f'{text[:limit // 2]} ... {text[-limit // 2:]}'
+
+
 def _first_line(error: BaseException) -> str:
-  return f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:200]}'
+  return f'{type(error).__name__}: {_shortened((str(error).strip().splitlines() or [""])[0])}'
 
 
 @contextlib.contextmanager
@@ -81,8 +87,14 @@ class WorkdirLock:
     self._file = None
 
   def acquire(self) -> None:
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    file = open(self.path, 'a+')
+    if self.path.parent.exists() and not self.path.parent.is_dir():
+      raise CheckpointError(f'workdir {self.path.parent} is a file; pass a folder as --workdir')
+    try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      file = open(self.path, 'a+')
+    except OSError as e:
+      raise CheckpointError(f'cannot use workdir {self.path.parent}: {e.strerror or e}; pass a writable folder '
+                            'as --workdir') from None
     try:
       fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -110,7 +122,7 @@ def _abstract(tree):
 
 
 def check_model_matches(saved_config: dict, config: ml_collections.ConfigDict, where: str) -> None:
-  diffs = [f'model.{f}={saved_config["model"][f]!r} (config says {config.model[f]!r})'
+  diffs = [f'model.{f}={saved_config["model"].get(f)!r} (config says {config.model[f]!r})'
            for f in SHAPE_FIELDS if saved_config['model'].get(f) != config.model[f]]
   if diffs:
     raise ConfigError(f'checkpoint in {where} has a different model shape: {", ".join(diffs)}; '
@@ -193,7 +205,7 @@ class Checkpoints:
     except CheckpointError:
       raise
     except Exception as e:  # disk full, read-only or vanished folder, ...
-      reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+      reason = _shortened((str(e).strip().splitlines() or [type(e).__name__])[-1])
       good = [s for s in self.steps() if (self.directory / str(s)).is_dir()]
       kept = f'the checkpoint at step {good[-1]} is intact' if good else 'no earlier checkpoint exists'
       what = f'step {step}' if step is not None else 'the last step'
@@ -361,6 +373,8 @@ def load_model(workdir: str | pathlib.Path, which: str | int = 'latest'):
     config = ml_collections.ConfigDict(meta['config'])
     tokenizer = CharTokenizer.from_json(meta['tokenizer'])
     model_config = config_lib.model_config(config, tokenizer.vocab_size)
+    if model_config.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':  # trained on GPUs, read here
+      model_config = dataclasses.replace(model_config, attention_impl='auto')
     with nnx.use_eager_sharding(False):
       graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, nnx.Rngs(0))))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -319,6 +319,19 @@ def _checked_out() -> pathlib.Path | None:
   return out
 
 
+def _checked_out_folder(out: pathlib.Path) -> pathlib.Path:
+  """--out (attention) as a folder, created before any work; refused when it cannot be."""
+  if out.exists() and not out.is_dir():
+    fail(f'--out {out} is a file; give a folder for the pictures, e.g. --out {out}_maps')
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    fail(f'cannot create --out folder {out} ({e.strerror or e}); give a path in a writable directory')
+  if not os.access(out, os.W_OK | os.X_OK):
+    fail(f'cannot write into --out folder {out}; give a writable one')
+  return out
+
+
 def _write_out(out: pathlib.Path, text: str) -> None:
   try:
     atomic_write(out, text)
@@ -366,12 +379,12 @@ def attention_command() -> None:
   prompt = _given_prompt()
   if prompt is None:
     fail("--mode attention needs the text to look at: --prompt 'ROMEO: ...' or --prompt_file FILE")
+  out = _checked_out_folder(pathlib.Path(FLAGS.out) if FLAGS.out else workdir / 'attention')
   setup_jax()
   model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint)
   maps, shown = analysis.attention_maps(model, tokenizer, prompt)
   if len(shown) < len(prompt):
     print(f'the prompt is longer than the context ({len(shown)}); drawing its last {len(shown)} characters')
-  out = pathlib.Path(FLAGS.out) if FLAGS.out else workdir / 'attention'
   paths = analysis.plot_attention(maps, shown, out, title=f'{workdir} (step {step}), ')
   print(f'attention maps of {maps.shape[0]} layers x {maps.shape[1]} heads over {len(shown)} characters '
         f'(checkpoint step {step}): ' + ', '.join(map(str, paths)))

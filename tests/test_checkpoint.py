@@ -20,6 +20,7 @@ from nanodecoder import sharding as sharding_lib
 from nanodecoder import train as train_lib
 from nanodecoder.checkpoint import CheckpointError, Checkpoints
 from nanodecoder.data import CharTokenizer
+from nanodecoder.model import Decoder
 
 
 def train_losses(workdir):
@@ -101,6 +102,15 @@ def test_a_failed_asynchronous_save_is_reported_with_its_own_step(tiny_config, t
   monkeypatch.setattr(checkpoints.manager, 'wait_until_finished', disk_full)
   with pytest.raises(CheckpointError, match=r'cannot write the checkpoint of step 5 in .*No space left on device'):
     checkpoints.save(10, state, config, tokenizer)
+
+  def long_disk_full():  # tensorstore's message names the file first, the cause last
+    raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "params/0.0" in OCDBT database at local file "{"x" * 300}": '
+                     "Failed to write 653636 bytes to file 7: No space left on device [os_error_code='28']")
+
+  monkeypatch.setattr(checkpoints.manager, 'wait_until_finished', long_disk_full)
+  with pytest.raises(CheckpointError, match=r'\(ValueError: RESOURCE_EXHAUSTED: Error writing .{1,200} \.\.\. '
+                                            r'.{1,120}No space left on device'):
+    checkpoints.save(10, state, config, tokenizer)
   monkeypatch.undo()
   checkpoints.close()
 
@@ -151,6 +161,21 @@ def test_restores_onto_a_different_device_count(tiny_config, tmp_path):
     leaf = state[0]['blocks'][0]['mlp']['fc'][...]
     assert leaf.sharding.mesh.size == devices
     assert_trees_equal(jax.device_get(nnx.to_pure_dict(state[0])), final_params(tmp_path)[1])
+
+
+def test_a_model_trained_with_cudnn_attention_loads_and_runs_off_gpus(tiny_config, tmp_path):
+  """Only NVIDIA GPUs run cuDNN attention: elsewhere the loaded model attends with 'auto' (uncached sampling too)."""
+  config = tiny_config(**{'model.attention_impl': 'cudnn', 'model.dtype': 'bfloat16'})
+  with nnx.use_eager_sharding(False):
+    model = Decoder(config_lib.model_config(config, 2), nnx.Rngs(params=0))
+  checkpoints = Checkpoints(tmp_path)
+  checkpoints.save(1, nnx.state((model, nnx.Linear(2, 2, rngs=nnx.Rngs(0)))), config, CharTokenizer('ab'))
+  checkpoints.wait()
+  checkpoints.close()
+  loaded, _, saved_config, _ = checkpoint_lib.load_model(tmp_path)
+  assert saved_config.model.attention_impl == 'cudnn' and loaded.cfg.attention_impl == 'auto'
+  logits, _ = loaded(np.zeros((1, 4), np.int32))
+  assert logits.shape == (1, 4, 2)
 
 
 def test_refuses_a_checkpoint_of_another_shape(tiny_config, tmp_path):

@@ -176,12 +176,19 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
      '--stream prints one sample, got --num_samples=2; use --num_samples=1'),
     (['--mode', 'sample', '--prompt', 'a', '--prompt_file', '{tmp}/file'],
      '--prompt and --prompt_file both give the prompt; pass only one of them'),
+    (['--mode', 'attention', '--prompt', 'a', '--out', '{tmp}/file'], '--out {tmp}/file is a file; give a folder'),
 ])
 def test_bad_flags_are_refused_before_loading_a_checkpoint(tmp_path, flags, message):
   """The workdir has no checkpoint: a check made after loading one would report that instead."""
   (tmp_path / 'file').write_text('KING:')
   result = launch(*[flag.format(tmp=tmp_path) for flag in flags], '--workdir', str(tmp_path / 'run'))
   assert_user_error(result, message.format(tmp=tmp_path))
+
+
+def test_a_workdir_that_is_a_file_is_refused(corpus_file, tmp_path):
+  (tmp_path / 'run').write_text('not a folder')
+  result = launch(*tiny_args(corpus_file), '--workdir', str(tmp_path / 'run'))
+  assert_user_error(result, f'workdir {tmp_path}/run is a file; pass a folder as --workdir')
 
 
 def test_failing_to_write_out_is_one_line(tmp_path, monkeypatch, capsys):
