@@ -101,7 +101,7 @@ def _text_corpus(path: str, eval_fraction: float) -> Corpus:
     raw = file.read_bytes()
   except FileNotFoundError:
     raise DataError(f'data.text_path {path!r} does not exist; point it at a UTF-8 text file') from None
-  except (IsADirectoryError, PermissionError) as e:
+  except OSError as e:  # a directory, no permission, a file used as a folder, a name too long, ...
     raise DataError(f'data.text_path {path!r} cannot be read ({e.strerror}); point it at a readable UTF-8 text file') from None
   try:
     text = raw.decode('utf-8')

@@ -148,6 +148,14 @@ class Progress:
     return f'[{"#" * filled}{"." * (cells - filled)}] {self.step}/{self.total} {self.text()}{loss_text}'
 
 
+def _ends_without_newline(path: pathlib.Path) -> bool:
+  if not path.exists() or path.stat().st_size == 0:
+    return False
+  with open(path, 'rb') as file:
+    file.seek(-1, os.SEEK_END)
+    return file.read(1) != b'\n'
+
+
 class MetricsLogger:
   """Logs metrics of process 0 to the console, workdir/metrics.jsonl and TensorBoard.
 
@@ -173,7 +181,10 @@ class MetricsLogger:
     if enabled:
       path = pathlib.Path(workdir) / 'metrics.jsonl'
       path.parent.mkdir(parents=True, exist_ok=True)
+      torn = _ends_without_newline(path)
       self._file = open(path, 'a', encoding='utf-8')
+      if torn:  # a crash cut the last record short: end it, so that this session's first record stays readable
+        self._file.write('\n')
     self._tensorboard_dir = pathlib.Path(workdir) if enabled and tensorboard else None
 
   def _open_tensorboard(self, step: int) -> None:

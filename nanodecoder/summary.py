@@ -277,7 +277,8 @@ def write_summary(root: str | pathlib.Path) -> list[pathlib.Path]:
       curves.append((row['point'], metrics))
   written = []
   buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=['point', *fields, *METRIC_COLUMNS], lineterminator='\n')
+  metric_columns = [c for c in METRIC_COLUMNS if c not in fields]  # e.g. a sweep over num_steps: one column
+  writer = csv.DictWriter(buffer, fieldnames=['point', *fields, *metric_columns], lineterminator='\n')
   writer.writeheader()
   writer.writerows({k: ('' if v is None else v) for k, v in r.items()} for r in rows)
   atomic_write(root / 'summary.csv', buffer.getvalue())

@@ -104,7 +104,7 @@ def make_sweep(spec: str, base: ml_collections.ConfigDict, declaration) -> Sweep
   names = short_names(fields)
   points = []
   for i, point in enumerate(overrides):
-    name = ','.join(f'{names[f]}={format_value(v)}' for f, v in point.items())
+    name = ','.join(f'{names[f]}={format_value(v)}' for f, v in point.items()) or 'base'  # {}: the base config
     points.append(Point(i, name, point))
     point_config(base, points[-1])  # raises ConfigError naming the field
   seen = {}

@@ -79,6 +79,7 @@ def write(path, content):
 @pytest.mark.parametrize('content, message', [
     (None, 'does not exist; point it at a UTF-8 text file'),
     ('dir', 'cannot be read (Is a directory)'),
+    ('file/', 'cannot be read (Not a directory)'),  # a file used as a folder
     (b'', 'is empty; it needs the training text'),
     (b'to be or not to be', "has 16 tokens, fewer than one window of context_length + 1 = 17"),
     (b'caf\xe9 au lait' * 100, 'is not UTF-8 (bad byte at offset 3); convert it'),
@@ -87,6 +88,8 @@ def test_bad_text_file(tmp_path, content, message):
   path = tmp_path / 'corpus.txt'
   if content == 'dir':
     path.mkdir()
+  elif content == 'file/':
+    path = write(path, b'text') / 'input.txt'
   else:
     write(path, content)
   result = launch(*tiny_args(path), '--workdir', str(tmp_path / 'run'))

@@ -11,6 +11,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from nanodecoder import train as train_lib
 from nanodecoder.metrics import MetricsLogger, Progress, flatten_config, format_duration
+from nanodecoder.summary import read_metrics
 
 TRAIN = {'train/loss': 2.5, 'train/lr': 1e-3, 'train/grad_norm': 0.5, 'train/ms_per_step': 4.0,
          'train/tokens_per_s': 32000.0}
@@ -71,6 +72,18 @@ def test_a_resumed_session_replaces_the_steps_it_logs_again(tmp_path):
       (10, 3.0), (20, 3.0), (30, 1.0), (40, 1.0)]
   sessions = [json.loads(line)['session_start'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert sessions[:3] == [sessions[0]] * 3 and sessions[3:] == [sessions[3]] * 2 and sessions[3] > sessions[0]
+
+
+def test_a_record_cut_short_by_a_crash_does_not_swallow_the_next_sessions_first(tmp_path):
+  first = MetricsLogger(tmp_path, stream=io.StringIO(), tensorboard=False)
+  first.write(100, {'train/loss': 3.0})
+  first.close()
+  with open(tmp_path / 'metrics.jsonl', 'a') as file:
+    file.write('{"step": 200, "train/lo')  # the process died mid-write
+  second = MetricsLogger(tmp_path, stream=io.StringIO(), tensorboard=False)
+  second.write(200, {'train/loss': 2.0})
+  second.close()
+  assert sorted(read_metrics(tmp_path).train) == [100, 200]
 
 
 def test_progress_bar_with_eta_on_a_terminal(tmp_path):

@@ -194,3 +194,14 @@ def test_status_counts_to_the_manifests_num_steps(tiny_config, tmp_path):
   rows = list(csv.DictReader((tmp_path / 'summary.csv').open()))
   assert [(r['status'], r['step'], r['num_steps']) for r in rows] == [('partial', '20', '40')] * 2
   assert sweep_lib.listing(sweep, base, tmp_path).count('partial (20/40)') == 2
+
+
+def test_sweeping_a_field_named_like_a_metric_column_gives_one_column(tiny_config, tmp_path):
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('tiny.py', base, {'train.num_steps': [10, 20], 'train.decay_steps': [10, 20]})
+  sweep_lib.write_manifest(tmp_path, sweep, base)
+  for point in sweep.points:
+    fake_run(sweep.workdir(tmp_path, point), sweep_lib.point_config(base, point))
+  summary_lib.write_summary(tmp_path)
+  header = (tmp_path / 'summary.csv').read_text().splitlines()[0].split(',')
+  assert header.count('num_steps') == 1 and header[:3] == ['point', 'num_steps', 'decay_steps']

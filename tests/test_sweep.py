@@ -32,6 +32,8 @@ def test_a_dict_sweeps_the_product_last_field_fastest(tiny_config):
 def test_a_list_gives_the_points_one_by_one_and_clashing_names_stay_dotted(tiny_config):
   sweep = sweep_lib.make_sweep('x.py', tiny_config(), [{'model.dropout': 0.1}, {'model.dropout': 0.0, 'eval.every': 5}])
   assert [p.name for p in sweep.points] == ['dropout=0.1', 'dropout=0,every=5']
+  sweep = sweep_lib.make_sweep('x.py', tiny_config(), [{}, {'model.num_layers': 1}])  # the base config is a point
+  assert [p.name for p in sweep.points] == ['base', 'num_layers=1']
   sweep = sweep_lib.make_sweep('x.py', tiny_config(), {'eval.every': [10], 'checkpoint.every': [10, 20],
                                                        'data.text_path': ['a/b.txt']})
   assert [p.name for p in sweep.points] == ['eval.every=10,checkpoint.every=10,text_path=a_b.txt',
