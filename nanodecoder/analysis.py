@@ -86,6 +86,7 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
   run's data source, the tokenizer from the checkpoint. The devices must
   already be set up (cli.setup_jax).
   """
+  import jax
   import ml_collections
 
   from nanodecoder import checkpoint as checkpoint_lib
@@ -102,8 +103,8 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
     tokens = tokenizer.encode(data_lib.load_corpus(config.data).text(split))
     if len(tokens) < 2:
       raise DataError(f'split {split!r} has {len(tokens)} characters; it needs at least 2 to predict one')
+    config = config_lib.for_reading_here(config, jax.device_count(), jax.default_backend())  # any machine
     mesh = sharding_lib.make_mesh(config.mesh)
-    train_lib.check_mesh_fits(config, mesh)
     trainer = train_lib.create_trainer(config, config_lib.model_config(config, tokenizer.vocab_size), mesh,
                                        init=False)
     with checkpoint_lib.reading(checkpoints, step):

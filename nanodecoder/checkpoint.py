@@ -14,7 +14,6 @@ complete, so a crash never leaves a half-written step behind.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import os
@@ -372,9 +371,8 @@ def load_model(workdir: str | pathlib.Path, which: str | int = 'latest'):
   try:
     config = ml_collections.ConfigDict(meta['config'])
     tokenizer = CharTokenizer.from_json(meta['tokenizer'])
-    model_config = config_lib.model_config(config, tokenizer.vocab_size)
-    if model_config.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':  # trained on GPUs, read here
-      model_config = dataclasses.replace(model_config, attention_impl='auto')
+    here = config_lib.for_reading_here(config, 1, jax.default_backend())
+    model_config = config_lib.model_config(here, tokenizer.vocab_size)
     with nnx.use_eager_sharding(False):
       graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, nnx.Rngs(0))))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

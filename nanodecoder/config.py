@@ -55,6 +55,19 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
     raise ConfigError(f'config field {dotted!r} cannot take {value!r}: {e}') from None
 
 
+def for_reading_here(config: ml_collections.ConfigDict, num_devices: int, backend: str) -> ml_collections.ConfigDict:
+  """A saved run's config made to read its checkpoints on this machine (evaluation, sampling): data parallel
+  over its `num_devices` devices, the batch rounded up to fill them, and 'auto' attention where the run's
+  'cudnn' cannot run (off NVIDIA GPUs). What it computes is unchanged."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.mesh.update(data=-1, fsdp=1, tensor=1)
+  config.train.grad_accum_steps = 1
+  config.train.batch_size = -(-config.train.batch_size // num_devices) * num_devices
+  if config.model.attention_impl == 'cudnn' and backend != 'gpu':
+    config.model.attention_impl = 'auto'
+  return config
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
   """The ModelConfig of `config.model` (every ModelConfig field but the vocabulary size is a config field)."""
   fields = (f.name for f in dataclasses.fields(ModelConfig) if f.name != 'vocab_size')

@@ -88,6 +88,20 @@ def test_attention_and_eval_modes(run, tmp_path):
       f"{report['bits_per_char']:.4f} bits/char"]
 
 
+def test_eval_reads_a_checkpoint_on_any_device_count(corpus_file, tmp_path):
+  """A run trained on 8 devices (data 4 x FSDP 2, 8 rows) evaluates on 3: data parallel over them, 9 rows."""
+  workdir = tmp_path / 'run'
+  train_lib.train_and_evaluate(make_tiny_config(corpus_file, **{
+      'mesh.data': 4, 'mesh.fsdp': 2, 'train.batch_size': 8, 'train.num_steps': 4, 'checkpoint.every': 4}), workdir)
+  here = analysis.evaluate_split(workdir)
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=3'}
+  result = subprocess.run([sys.executable, 'launch.py', '--mode', 'eval', '--workdir', str(workdir), '--out',
+                           str(tmp_path / 'eval.json')], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / 'eval.json').read_text())
+  assert report['predicted'] == here['predicted'] and report['loss'] == pytest.approx(here['loss'], rel=1e-5)
+
+
 @pytest.mark.parametrize('args, message', [
     (['--mode', 'attention', '--workdir', 'x'], "error: --mode attention needs the text to look at: --prompt"),
     (['--mode', 'eval'], 'error: --workdir is required for --mode eval'),
