@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.steps_per_call = 10  # optimizer steps per compiled call: fewer host round trips (divides the intervals)
   train.log_every = 50  # steps between log lines
   train.profile_steps = 0  # steps traced with jax.profiler into <workdir>/plugins/profile (0 = no trace)
-  train.profile_start = 100  # first traced step (past compilation and warm-up)
+  train.profile_start = 100  # steps before the trace (past compilation and warm-up): it starts at step 101
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.every = 250  # steps between evaluations (and at the last step)

@@ -434,7 +434,7 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
   profile = _Profile(workdir, t.profile_start, t.profile_steps, logger.info)
   try:
     while step < t.num_steps:
-      profile.before(step)
+      profile.before(step, n)
       trainer.state, out = (trainer.train_step if n == 1 else trainer.train_steps)(trainer.state, batch)
       next_n = call_size(step + n)
       if step + n < t.num_steps:
@@ -498,8 +498,13 @@ class _Profile:
     self.state = 'waiting' if steps else 'off'  # -> 'tracing' -> 'done'
     self.first = start
 
-  def before(self, step: int) -> None:
-    if self.state == 'waiting' and step >= self.start:
+  def before(self, step: int, n: int) -> None:
+    """Starts the trace if the call about to run (steps step + 1 .. step + n) holds a step of the window."""
+    if self.state != 'waiting':
+      return
+    if step >= self.end:  # resumed past the window
+      self.state = 'done'
+    elif step + n > self.start:
       jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
       self.state, self.first = 'tracing', step
 

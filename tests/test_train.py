@@ -225,12 +225,22 @@ def test_profile_traces_the_asked_steps(tiny_config, tmp_path, capsys):
                           'checkpoint.every': 6, 'train.steps_per_call': 3, 'train.profile_start': 4,
                           'train.profile_steps': 2})
   train_lib.train_and_evaluate(config, tmp_path)
-  assert 'profiled steps 7..9 into' in capsys.readouterr().out  # whole calls: the one holding steps 7-9
+  assert 'profiled steps 4..6 into' in capsys.readouterr().out  # whole calls: the one holding steps 5-6
   traces = list((tmp_path / 'plugins' / 'profile').glob('*/*.trace.json.gz'))
   assert len(traces) == 1 and len(list(traces[0].parent.glob('*.xplane.pb'))) == 1
   events = json.loads(gzip.decompress(traces[0].read_bytes()))['traceEvents']
   modules = {e.get('args', {}).get('hlo_module') for e in events}
   assert any(m and 'train_steps' in m for m in modules), modules  # the compiled steps ran inside the trace
+
+
+def test_a_run_resumed_past_the_profile_window_traces_nothing(tiny_config, tmp_path, capsys):
+  settings = {'train.decay_steps': 12, 'train.log_every': 3, 'eval.every': 6, 'checkpoint.every': 6,
+              'train.steps_per_call': 3, 'train.profile_start': 0, 'train.profile_steps': 3}
+  train_lib.train_and_evaluate(tiny_config(**settings, **{'train.num_steps': 6}), tmp_path)
+  assert 'profiled steps 1..3 into' in capsys.readouterr().out
+  train_lib.train_and_evaluate(tiny_config(**settings, **{'train.num_steps': 12}), tmp_path)  # resumes at step 6
+  assert 'profiled' not in capsys.readouterr().out
+  assert len(list((tmp_path / 'plugins' / 'profile').glob('*/*.trace.json.gz'))) == 1
 
 
 @pytest.mark.parametrize('field', ['train.profile_steps', 'train.profile_start'])
