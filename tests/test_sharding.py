@@ -91,6 +91,11 @@ def test_mesh_sizes_must_match_the_devices(tiny_config, sizes, message):
     sharding_lib.make_mesh(config.mesh, jax.devices()[:8])
 
 
+def test_one_cpu_device_per_core_the_process_may_use(monkeypatch):
+  monkeypatch.setattr(sharding_lib.os, 'sched_getaffinity', lambda pid: {0, 5, 6}, raising=False)  # e.g. taskset
+  assert sharding_lib.usable_cores() == 3
+
+
 @pytest.mark.parametrize('overrides', [
     {'model.scan_layers': True},
     {'model.remat': 'block'},
