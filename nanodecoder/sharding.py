@@ -59,7 +59,8 @@ def usable_cores() -> int:
 def _cluster_detected() -> bool:
   """A launcher started several processes of this program (SLURM, Open MPI, a multi-host TPU slice)."""
   env = os.environ
-  return (int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+  srun_step = 'SLURM_STEP_NODELIST' in env  # started by srun: not a lone process in an allocation of several tasks
+  return ((srun_step and int(env.get('SLURM_NTASKS', '1')) > 1) or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
           or len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1)
 
 

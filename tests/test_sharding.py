@@ -91,6 +91,22 @@ def test_mesh_sizes_must_match_the_devices(tiny_config, sizes, message):
     sharding_lib.make_mesh(config.mesh, jax.devices()[:8])
 
 
+@pytest.mark.parametrize('env, detected', [
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2', 'SLURM_STEP_NODELIST': 'node[1-2]'}, True),  # srun's tasks
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2'}, False),  # the batch script itself, outside srun
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1', 'SLURM_STEP_NODELIST': 'node1'}, False),
+    ({'OMPI_COMM_WORLD_SIZE': '4'}, True),
+    ({'TPU_WORKER_HOSTNAMES': 'a,b'}, True),
+    ({}, False),
+])
+def test_cluster_launchers_are_detected(monkeypatch, env, detected):
+  for name in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_STEP_NODELIST', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES'):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert sharding_lib._cluster_detected() == detected
+
+
 def test_one_cpu_device_per_core_the_process_may_use(monkeypatch):
   monkeypatch.setattr(sharding_lib.os, 'sched_getaffinity', lambda pid: {0, 5, 6}, raising=False)  # e.g. taskset
   assert sharding_lib.usable_cores() == 3
