@@ -399,6 +399,12 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
     trainer.state = trainer.init_state()
   else:
     step, trainer.state, meta = restored
+    saved_chars = data_lib.CharTokenizer.from_json(meta['tokenizer']).chars
+    if saved_chars != dataset.tokenizer.chars:  # same count, other characters: the ids would mean other things
+      different = ''.join(sorted(set(saved_chars) ^ set(dataset.tokenizer.chars)))
+      raise config_lib.ConfigError(f'the checkpoint at step {step} in {checkpoints.directory} was trained on other '
+                                   f'characters than this data has (differing: {different!r}); train on the same '
+                                   'data or pass another --workdir')
     logger.info(f'resumed from the checkpoint at step {step} in {checkpoints.directory}')
     if step >= config.train.num_steps:
       logger.info(f'already trained for train.num_steps={config.train.num_steps} steps; nothing to do')

@@ -125,6 +125,19 @@ def test_checkpoint_of_another_shape_is_refused(trained, corpus_file, override, 
   assert files_in(trained) == before
 
 
+def test_resuming_on_text_with_other_characters_is_refused(trained, corpus_file, tmp_path):
+  """Same vocabulary size, one character swapped: token ids would silently change meaning."""
+  text = corpus_file.read_text()
+  swapped = next(c for c in 'zqxjkv' if c in text)
+  assert '~' not in text
+  other = tmp_path / 'other.txt'
+  other.write_text(text.replace(swapped, '~'))
+  before = files_in(trained)
+  result = launch(*tiny_args(other, '--config.train.num_steps=24'), '--workdir', str(trained))
+  assert_user_error(result, f"was trained on other characters than this data has (differing: '{swapped}~')")
+  assert files_in(trained) == before
+
+
 def test_second_run_in_a_held_workdir_is_refused(trained, corpus_file):
   with open(trained / '.lock', 'a+') as held:  # what a live run holds
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
