@@ -221,7 +221,7 @@ def _mean_over_devices(gradients: Callable, mesh: jax.sharding.Mesh) -> Callable
 # Evaluation -------------------------------------------------------------------
 
 
-EVAL_BATCHES_PER_CALL = 16  # evaluation batches scanned in one compiled call
+EVAL_BATCHES_PER_CALL = 16  # at most this many evaluation batches scanned in one compiled call
 
 
 def _pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
@@ -234,7 +234,8 @@ def _mean_loss(trainer: Trainer, tokens: np.ndarray, weights: np.ndarray) -> tup
 
   The last call is padded with zero-weight batches so that every call has the same shape.
   """
-  per_call = min(EVAL_BATCHES_PER_CALL, len(tokens))
+  calls = -(-len(tokens) // EVAL_BATCHES_PER_CALL)
+  per_call = -(-len(tokens) // calls)  # as even as calls allow: 20 batches run as 2 x 10, not 2 x 16
   tokens, weights = _pad_rows(tokens, per_call), _pad_rows(weights, per_call)
   sharding = sharding_lib.batch_sharding(trainer.mesh, batch_dim=1)
   total = count = 0.0
