@@ -118,9 +118,12 @@ def test_fused_attention_models_project_separately_with_the_same_result(use_bias
 
 def test_a_cudnn_model_decodes_with_a_cache_on_any_backend():
   """KV-cache decoding never runs the fused kernel: a model trained with 'cudnn' samples on CPU too."""
-  model = make_model(ModelConfig(**{**CFG.__dict__, 'num_layers': 1, 'attention_impl': 'cudnn', 'dtype': 'bfloat16'}))
-  logits, _ = model(jnp.zeros((1, 4), jnp.int32), caches=model.init_caches(1), cache_index=0)
-  assert logits.shape == (1, 4, CFG.vocab_size)
+  settings = {**CFG.__dict__, 'num_layers': 1, 'dtype': 'bfloat16'}
+  model = make_model(ModelConfig(**{**settings, 'attention_impl': 'cudnn'}))
+  reference = make_model(ModelConfig(**{**settings, 'attention_impl': 'einsum'}))  # the same weights
+  tokens = jnp.array([[3, 1, 4, 1]])
+  logits, _ = model(tokens, caches=model.init_caches(1), cache_index=0)
+  np.testing.assert_array_equal(logits, reference(tokens, caches=reference.init_caches(1), cache_index=0)[0])
 
 
 def test_attention_over_a_cache_sees_only_positions_up_to_its_own():

@@ -3,6 +3,7 @@
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -121,6 +122,11 @@ def test_scan_and_remat_compute_the_same_step(tiny_config, reference, overrides)
   config = tiny_config(**SHAPE, **overrides)
   trainer, losses = run_steps(config, jax.devices()[:1])
   one, one_losses = reference
+  # The program really scans and recomputes: the same numbers alone would not show it.
+  model = trainer.model()
+  gradient = str(jax.make_jaxpr(nnx.grad(lambda m: m(jnp.zeros((1, 8), jnp.int32))[0].sum()))(model))
+  assert (' scan[' in gradient) == bool(overrides.get('model.scan_layers'))
+  assert (' remat2[' in gradient) == (overrides.get('model.remat', 'none') != 'none')  # jax.checkpoint
   np.testing.assert_allclose(losses, one_losses, rtol=1e-5)  # same math, fp32 rounding in another order
   flat = lambda t: jax.tree.leaves(jax.tree.map(np.asarray, t))
   ours = nnx.state(trainer.model(), nnx.Param)
@@ -139,5 +145,6 @@ def test_bfloat16_compute_keeps_fp32_parameters_and_follows_fp32(tiny_config):
   trainer, losses = run_steps(tiny_config(**SHAPE, **{'model.dtype': 'bfloat16'}), jax.devices()[:2], steps=20)
   _, fp32_losses = run_steps(tiny_config(**SHAPE), jax.devices()[:2], steps=20)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params(trainer)))
+  assert trainer.model_config.dtype == 'bfloat16' and not np.array_equal(losses, fp32_losses)  # bf16 ran
   np.testing.assert_allclose(losses, fp32_losses, atol=0.03)  # bf16 rounding of activations only
   assert losses[-1] < losses[0] - 0.2
