@@ -50,16 +50,18 @@ def main():
   from nanodecoder.model import embed_lookup
   from train_speed import machine
 
-  id_sources = {'uniform': np.random.default_rng(0).integers(0, 65, size=1_000_000).astype(np.int32)}
+  vocab = 65  # tiny-shakespeare's characters
+  id_sources = {'uniform': np.random.default_rng(0).integers(0, vocab, size=1_000_000).astype(np.int32)}
   if args.text:
     text = pathlib.Path(args.text).read_text(encoding='utf-8')
-    id_sources['text'] = CharTokenizer.from_text(text).encode(text)
+    tokenizer = CharTokenizer.from_text(text)
+    id_sources['text'], vocab = tokenizer.encode(text), max(vocab, tokenizer.vocab_size)
   rows = []
   for shape, (batch, length, width) in SHAPES.items():
     for dtype in ('bfloat16', 'float32'):
       for source, ids in id_sources.items():
         ids = jnp.asarray(ids[:batch * length].reshape(batch, length))
-        table = jax.random.normal(jax.random.key(0), (65, width), jnp.float32)
+        table = jax.random.normal(jax.random.key(0), (vocab, width), jnp.float32)
         cotangent = jax.random.normal(jax.random.key(1), (batch, length, width), dtype)
         # The gradient of the lookup as training takes it: through the cast to the compute dtype.
         grad = lambda lookup: jax.jit(jax.grad(lambda t, g: jnp.sum(lookup(t.astype(dtype), ids) * g, dtype=jnp.float32)))

@@ -42,7 +42,8 @@ DEFAULT_REPEATS = {'cpu': 5, 'base': 3}
 # one batch of 64; see README, Performance).
 CPU_SETTINGS = {'base': ['model.scan_layers=true', 'train.grad_accum_steps=8', 'train.steps_per_call=1']}
 # Dense bf16 peak FLOP/s from the datasheets (SXM parts), for MFU.
-PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'B200': 2250e12}
+PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12,
+                   'B200': 2250e12}  # first match wins: the SXM parts last
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -101,10 +102,12 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str], text: str
   step = k
   for _ in range(repeats):
     start = time.perf_counter()
+    next_batch = batch(step)
     for _ in range(steps // k):
-      trainer.state, out = compiled(trainer.state, batch(step))
-      jax.device_get(out['loss'])  # the trainer blocks on every call too
+      trainer.state, out = compiled(trainer.state, next_batch)
       step += k
+      next_batch = batch(step)  # built while the device works, as the trainer does
+      jax.device_get(out['loss'])  # the trainer blocks on every call too
     times.append((time.perf_counter() - start) / steps)
   seconds = statistics.median(times)
   tokens_per_step = t.batch_size * config.model.context_length

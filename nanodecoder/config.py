@@ -138,6 +138,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       value = _get(config, field)
       if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise ConfigError(f'{field} must be {what}, got {value!r}')
+  if config.seed >= 2**32:
+    raise ConfigError(f'seed must be below 2**32 (JAX takes 32-bit PRNG seeds: larger ones repeat smaller ones), '
+                      f'got {config.seed}')
   for field in _FINITE:
     value = _get(config, field)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

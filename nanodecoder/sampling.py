@@ -55,8 +55,8 @@ class SamplingOptions:
       raise SamplingError(f'top_k must be >= 0 (0 = off), got {self.top_k}')
     if not 0.0 < self.top_p <= 1.0:
       raise SamplingError(f'top_p must be in (0, 1] (1 = off), got {self.top_p}')
-    if not 0 <= self.seed < 2**63:
-      raise SamplingError(f'seed must be an integer in [0, 2**63), got {self.seed}')
+    if not 0 <= self.seed < 2**32:  # JAX's PRNG keys take 32-bit seeds: larger ones would repeat smaller ones
+      raise SamplingError(f'seed must be an integer in [0, 2**32), got {self.seed}')
 
 
 def filter_logits(logits: jax.Array, temperature, top_k: int, top_p=None) -> jax.Array:

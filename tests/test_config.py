@@ -37,6 +37,7 @@ def test_recipes_match_nanogpt():
     ('train.learning_rate', 0.0, r'train.learning_rate must be > 0'),
     ('mesh.data', 0, r'mesh.data must be a positive integer or -1'),
     ('seed', -1, r'seed must be an integer >= 0, got -1'),
+    ('seed', 2**32, r'seed must be below 2\*\*32 .*, got 4294967296'),
     ('train.learning_rate', float('nan'), r'train.learning_rate must be a finite number, got nan'),
     ('train.weight_decay', float('inf'), r'train.weight_decay must be a finite number, got inf'),
     ('train.grad_accum_steps', 5, r'train.batch_size=12 is not divisible by train.grad_accum_steps=5'),

@@ -185,6 +185,10 @@ def test_gelu_is_exact_gelu():
   grad = jax.vmap(jax.grad(gelu))(jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(grad, cdf + x * np.exp(-x**2 / 2) / math.sqrt(2 * math.pi), rtol=1e-5, atol=2e-6)
   assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+  # bf16 inputs: computed in fp32 and rounded once (as PyTorch), also in the tail where 1 + erf cancels.
+  x16 = jnp.asarray(x, jnp.bfloat16)
+  exact = np.asarray(x16, np.float64) * 0.5 * np.array([math.erfc(-v / math.sqrt(2)) for v in np.asarray(x16, float)])
+  np.testing.assert_allclose(np.asarray(gelu(x16), np.float64), exact, rtol=2**-8, atol=1e-6)  # bf16's rounding
 
 
 def test_dropout_keeps_the_expected_fraction_and_mean():
@@ -194,6 +198,8 @@ def test_dropout_keeps_the_expected_fraction_and_mean():
   assert abs(kept.mean() - 0.8) < 0.005
   np.testing.assert_allclose(float(y.mean()), 1.0, atol=0.01)
   np.testing.assert_array_equal(dropout(x, 0.2, None), x)
+  nearly_all = dropout(x, 0.999999, jax.random.key(0))  # keeps 1 in 65536 at least, scaled by 65536
+  assert set(np.unique(np.asarray(nearly_all))) <= {0.0, 65536.0}
 
 
 def test_bfloat16_dropout_rounds_the_scaled_value_once():

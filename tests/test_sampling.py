@@ -179,8 +179,8 @@ def test_zero_and_tiny_temperatures_give_the_argmax_text(model):
     (SamplingOptions(top_p=1.5), r'top_p must be in \(0, 1\]'),
     (SamplingOptions(top_k=-2), r'top_k must be >= 0'),
     (SamplingOptions(max_new_tokens=0), r'max_new_tokens must be positive'),
-    (SamplingOptions(seed=-1), r'seed must be an integer in \[0, 2\*\*63\), got -1'),
-    (SamplingOptions(seed=2**64), r'seed must be an integer in \[0, 2\*\*63\), got 18446744073709551616'),
+    (SamplingOptions(seed=-1), r'seed must be an integer in \[0, 2\*\*32\), got -1'),
+    (SamplingOptions(seed=2**32), r'seed must be an integer in \[0, 2\*\*32\), got 4294967296'),
 ])
 def test_bad_options_are_refused(model, options, message):
   with pytest.raises(SamplingError, match=message):
