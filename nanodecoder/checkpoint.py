@@ -309,6 +309,8 @@ class Checkpoints:
     check_model_matches(meta['config'], config, str(self.directory.parent))
     saved = self.manager.item_metadata(step)
     for name, part in (('params', abstract_state[0]), ('opt_state', abstract_state[1])):
+      if not jax.tree_util.tree_leaves(saved[name]):  # its metadata file is missing or empty: damaged, not other
+        raise ValueError(f'the {name} of the checkpoint at step {step} list no arrays')
       _check_same_arrays(saved[name], _abstract(nnx.to_pure_dict(part)), name, step)
     return step, self.restore_state(step, abstract_state), meta
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -81,6 +82,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f'{e} (see --helpfull)')
   except (AttributeError, KeyError) as e:  # ml_collections: a field the config does not have
     message = str(e.args[0] if e.args else e).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
+    suggestion = re.match(r"'?([\w.]+)'? Did you mean \"([\w.]+)\"", message)
+    if suggestion:  # ml_collections' "'num_layrs' Did you mean "num_layers" instead of "num_layrs"?"
+      message = f'{suggestion[1]!r} (did you mean {suggestion[2]!r}?)'
     fail(f'unknown config field in the overrides: {message}; see experiments/base.py for the fields')
 
 

@@ -215,6 +215,17 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
   assert Checkpoints(tmp_path, read_only=True).steps()[-1] == 12
 
 
+def test_a_checkpoint_without_its_array_metadata_is_set_aside_not_called_another_model(tiny_config, tmp_path, capsys):
+  settings = {'checkpoint.every': 5, 'eval.every': 5, 'checkpoint.keep': 3}
+  train_lib.train_and_evaluate(tiny_config(**settings, **{'train.num_steps': 10}), tmp_path)
+  (tmp_path / 'checkpoints' / '10' / 'params' / '_METADATA').unlink()
+  capsys.readouterr()
+  train_lib.train_and_evaluate(tiny_config(**settings, **{'train.num_steps': 12}), tmp_path)
+  out = capsys.readouterr().out
+  assert 'checkpoint at step 10 is unreadable' in out and 'resumed from the checkpoint at step 5' in out
+  assert (tmp_path / 'checkpoints' / '10.corrupt').is_dir()
+
+
 def test_read_only_loading_refuses_in_one_line(tiny_config, tmp_path, monkeypatch):
   """Choosing 'best' reads every step's metadata; restoring can fail for reasons that are not the files."""
   config = tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5, 'eval.every': 5, 'checkpoint.keep': 3})

@@ -62,7 +62,8 @@ def test_sample_stream_out_prompt_file_and_nokv_cache_give_one_text(tiny_run, tm
 
 @pytest.mark.parametrize('args, message', [
     (['--config', 'experiments/nope.py'], "error: cannot load the --config file: [Errno 2] No such file or directory: 'experiments/nope.py'"),
-    (['--config', 'experiments/cpu.py', '--config.model.num_layer=3'], "error: unknown config field in the overrides: 'num_layer' Did you mean \"num_layers\""),
+    (['--config', 'experiments/cpu.py', '--config.model.num_layer=3'],
+     "error: unknown config field in the overrides: 'num_layer' (did you mean 'num_layers'?); see experiments/base.py"),
     (['--config', 'experiments/cpu.py', '--config.model.num_layers=three'], "error: flag --config.model.num_layers=three: invalid literal for int()"),
     (['--config', 'experiments/cpu.py', '--config.model.num_heads=0'], 'error: model.num_heads must be a positive integer, got 0'),
     (['--config', 'experiments/cpu.py', '--config.data.source=text', '--config.data.text_path=/no/such.txt'],
