@@ -7,6 +7,7 @@ import pathlib
 import signal
 import threading
 import time
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -365,6 +366,15 @@ def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.
     except Exception as e:  # noqa: BLE001
       failure = e
   _raise_on_every_process(failure, 'to load the data')
+  # Each process reads its own copy of the data: they must agree, or the rows they feed come from other texts.
+  fingerprint = zlib.crc32(dataset.tokenizer.chars.encode('utf-8'))
+  for tokens in (dataset.train_tokens, dataset.eval_tokens):
+    fingerprint = zlib.crc32(np.ascontiguousarray(tokens).tobytes(), fingerprint)
+  fingerprints = sharding_lib.gather_from_processes(fingerprint & 0x7FFFFFFF)
+  if (fingerprints != fingerprints[0]).any():
+    other = int(np.flatnonzero(fingerprints != fingerprints[0])[0])
+    raise data_lib.DataError(f'process {other} read other data than process 0 (another text or tokenizer); give '
+                             'every process the same data files')
   return dataset
 
 
@@ -438,7 +448,7 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
   batch = batches(step, n) if step < t.num_steps else None
   window_start, window_steps = time.perf_counter(), 0
   compiling = True  # the first call of each size compiles: left out of the speed
-  profile = _Profile(workdir, t.profile_start, t.profile_steps, logger.info)
+  profile = _Profile(workdir, t.profile_start, t.profile_steps if is_main else 0, logger.info)  # one trace file
   try:
     while step < t.num_steps:
       profile.before(step, n)

@@ -46,10 +46,12 @@ def test_two_processes_match_one_process(corpus_file, tmp_path):
   port = free_port()
   multi = tmp_path / 'multi'
   results = run_processes([command(corpus_file, multi, 2, f'--coordinator_address=127.0.0.1:{port}',
-                                   '--num_processes=2', f'--process_id={i}') for i in range(2)])
+                                   '--num_processes=2', f'--process_id={i}', '--config.train.profile_start=2',
+                                   '--config.train.profile_steps=2') for i in range(2)])
   for rc, out, err in results:
     assert rc == 0, err[-3000:]
   assert 'on 4 cpu devices' in results[0][1] and "mesh {'data': 4" in results[0][1]
+  assert len(list((multi / 'plugins' / 'profile').glob('*/*.trace.json.gz'))) == 1  # process 0 traces
   assert 'step ' not in results[1][1] and 'model:' not in results[1][1]  # only process 0 logs
   (rc, out, err), = run_processes([command(corpus_file, tmp_path / 'single', 4)])
   assert rc == 0, err[-3000:]
@@ -63,6 +65,18 @@ def test_two_processes_match_one_process(corpus_file, tmp_path):
   assert step_m == step_s == 12
   for a, b in zip(jax.tree.leaves(params_m), jax.tree.leaves(params_s)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_processes_reading_different_texts_stop_with_one_error(corpus_file, tmp_path):
+  """Process 1's copy of the corpus lost a line (the same characters): its rows would come from another text."""
+  other = tmp_path / 'other.txt'
+  other.write_text(''.join(corpus_file.read_text().splitlines(keepends=True)[1:]))
+  port = free_port()
+  results = run_processes([command(text, tmp_path / 'run', 2, f'--coordinator_address=127.0.0.1:{port}',
+                                   '--num_processes=2', f'--process_id={i}', kill_after=120)
+                           for i, text in enumerate((corpus_file, other))])
+  for rc, out, err in results:
+    assert rc == 2 and 'error: process 1 read other data than process 0' in err, (rc, err[-3000:])
 
 
 def test_a_locked_workdir_stops_every_process_instead_of_hanging(corpus_file, tmp_path):
