@@ -211,8 +211,14 @@ class Checkpoints:
       raise CheckpointError(f'cannot write the checkpoint of {what} in {self.directory} ({type(e).__name__}: {reason}); '
                             f'{kept}: free disk space or fix permissions, then rerun to resume') from e
 
+  # Reading goes to the item handlers, not through the manager: the manager's restore ends at a barrier across
+  # processes, which a process whose read failed skips, leaving the others waiting. The callers gather every
+  # process's outcome instead, at points all of them reach.
+  def _item(self, step: int, name: str) -> pathlib.Path:
+    return self.directory / str(step) / name
+
   def meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    return ocp.JsonCheckpointHandler().restore(self._item(step, 'meta'))
 
   def best_step(self) -> int | None:
     scored = []
@@ -250,12 +256,12 @@ class Checkpoints:
     """
     parts = {'params': abstract_params, 'opt_state': abstract_opt_state}
     parts = {name: part for name, part in parts.items() if part is not None}
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{
-        name: ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(part))) for name, part in parts.items()}))
     filled = {}
     for name, part in parts.items():
+      restored = ocp.StandardCheckpointHandler().restore(
+          self._item(step, name), args=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(part))))
       filled[name] = jax.tree.map(lambda x: x, part)  # a copy to fill in
-      nnx.replace_by_pure_dict(filled[name], restored[name])
+      nnx.replace_by_pure_dict(filled[name], restored)
     return filled['params'], filled.get('opt_state')
 
   def restore_state(self, step: int, abstract_state):
@@ -307,11 +313,11 @@ class Checkpoints:
     """(step, state, meta) of step `step`; ConfigError if it holds another model than `config` builds."""
     meta = self.meta(step)
     check_model_matches(meta['config'], config, str(self.directory.parent))
-    saved = self.manager.item_metadata(step)
     for name, part in (('params', abstract_state[0]), ('opt_state', abstract_state[1])):
-      if not jax.tree_util.tree_leaves(saved[name]):  # its metadata file is missing or empty: damaged, not other
+      saved = ocp.StandardCheckpointHandler().metadata(self._item(step, name))
+      if not jax.tree_util.tree_leaves(saved):  # its metadata file is missing or empty: damaged, not other
         raise ValueError(f'the {name} of the checkpoint at step {step} list no arrays')
-      _check_same_arrays(saved[name], _abstract(nnx.to_pure_dict(part)), name, step)
+      _check_same_arrays(saved, _abstract(nnx.to_pure_dict(part)), name, step)
     return step, self.restore_state(step, abstract_state), meta
 
   def _set_aside(self, step: int, error: Exception | None, log) -> None:

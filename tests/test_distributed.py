@@ -92,3 +92,65 @@ def test_a_locked_workdir_stops_every_process_instead_of_hanging(corpus_file, tm
   (rc0, _, err0), (rc1, _, err1) = results
   assert rc0 == 2 and f'error: workdir {tmp_path} is in use by another run (pid {os.getpid()})' in err0, err0[-2000:]
   assert rc1 == 2 and 'error: process 0 failed to load the data or lock the workdir' in err1, err1[-2000:]
+
+
+FAULTY_READS = '''\
+"""launch.py with reads of the checkpoints' arrays failing on this process, as a damaged disk or lack of memory would."""
+import pathlib
+import runpy
+import sys
+
+import orbax.checkpoint as ocp
+
+error, step = sys.argv.pop(1), sys.argv.pop(1)
+read = ocp.StandardCheckpointHandler.restore
+
+
+def failing_read(self, directory, *args, **kwargs):
+  if step in ('any', pathlib.Path(directory).parent.name):
+    raise {'memory': MemoryError('injected: out of memory'), 'damage': ValueError('injected: damaged')}[error]
+  return read(self, directory, *args, **kwargs)
+
+
+ocp.StandardCheckpointHandler.restore = failing_read
+sys.argv[0] = 'launch.py'
+sys.path[0] = str(pathlib.Path('launch.py').resolve().parent)  # as `python launch.py` would have it
+runpy.run_path('launch.py', run_name='__main__')
+'''
+
+
+def test_a_read_failing_on_one_process_stops_or_falls_back_on_every_process(corpus_file, tmp_path):
+  """Every process takes the same collective steps whatever one process's restore meets: no hang, one decision."""
+  workdir = tmp_path / 'run'
+  faulty = tmp_path / 'faulty_reads.py'
+  faulty.write_text(FAULTY_READS)
+
+  def run(*extra, faults=None, kill_after=120):
+    port = free_port()
+    commands = [command(corpus_file, workdir, 2, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                        f'--process_id={i}', *extra, kill_after=kill_after) for i in range(2)]
+    if faults:  # process 1 runs launch.py through the wrapper that fails its reads
+      commands[1][commands[1].index('launch.py')] = str(faulty)
+      commands[1][commands[1].index(str(faulty)) + 1:1] = faults
+    return run_processes(commands)
+
+  for rc, out, err in run():
+    assert rc == 0, err[-3000:]
+  first = train_losses(workdir)
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['12', '6']
+
+  # Out of memory on process 1 only: both stop at once with the step left in place, none hangs at a barrier.
+  (rc0, _, err0), (rc1, _, err1) = run('--config.train.num_steps=18', faults=['memory', 'any'])
+  assert rc0 == 2 and 'cannot read the checkpoint at step 12' in err0 and 'an error on process 1' in err0, err0[-2000:]
+  assert rc1 == 2 and 'MemoryError: injected: out of memory' in err1, err1[-2000:]
+  assert not list((workdir / 'checkpoints').glob('*.corrupt'))
+
+  # Step 12 unreadable on process 1 only: every process sets it aside and resumes from step 6.
+  results = run('--config.train.num_steps=18', faults=['damage', '12'])
+  for rc, out, err in results:
+    assert rc == 0, err[-3000:]
+  assert 'checkpoint at step 12 is unreadable' in results[0][1] + results[0][2]
+  assert (workdir / 'checkpoints' / '12.corrupt').is_dir()
+  again = train_losses(workdir)
+  assert sorted(again) == list(range(1, 19))
+  np.testing.assert_array_equal([again[s] for s in range(7, 13)], [first[s] for s in range(7, 13)])
