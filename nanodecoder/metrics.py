@@ -6,6 +6,8 @@
   metrics.jsonl   one JSON object per `write`: {'step', 'time', 'session_start',
                   <metric>: value, ...}; `session_start` (unix time the process
                   started logging) tells the sessions of a resumed run apart.
+                  A resumed session drops the records an earlier one wrote
+                  past the checkpoint it resumes from (see `start`).
   events.out.*    TensorBoard scalars (one tag per metric) and the flattened
                   config as hparams; `tensorboard --logdir runs` shows every run.
 """
@@ -23,6 +25,8 @@ import time
 from typing import Any, Mapping
 
 import ml_collections
+
+from nanodecoder.files import atomic_write
 
 _file_counter = itertools.count()
 
@@ -148,12 +152,14 @@ class Progress:
     return f'[{"#" * filled}{"." * (cells - filled)}] {self.step}/{self.total} {self.text()}{loss_text}'
 
 
-def _ends_without_newline(path: pathlib.Path) -> bool:
-  if not path.exists() or path.stat().st_size == 0:
+def _kept(line: str, start_step: int | None) -> bool:
+  """Whether a line of metrics.jsonl stays when a session starts training at `start_step` (None: unknown)."""
+  if not line.endswith('\n'):  # cut short by a crash
     return False
-  with open(path, 'rb') as file:
-    file.seek(-1, os.SEEK_END)
-    return file.read(1) != b'\n'
+  try:
+    return start_step is None or json.loads(line)['step'] <= start_step
+  except (ValueError, KeyError, TypeError):  # not a record of ours: leave it
+    return True
 
 
 class MetricsLogger:
@@ -175,17 +181,29 @@ class MetricsLogger:
     self.progress_bar = bool(self.progress) and (isatty() if progress_bar is None else progress_bar)
     self._bar_shown = False
     self._loss: float | None = None
-    self._file = None
+    self._path = pathlib.Path(workdir) / 'metrics.jsonl'
+    self._file = None  # opened at the first write
+    self._start_step: int | None = None
     self._tb: TensorBoardWriter | None = None
     self._config = config
-    if enabled:
-      path = pathlib.Path(workdir) / 'metrics.jsonl'
-      path.parent.mkdir(parents=True, exist_ok=True)
-      torn = _ends_without_newline(path)
-      self._file = open(path, 'a', encoding='utf-8')
-      if torn:  # a crash cut the last record short: end it, so that this session's first record stays readable
-        self._file.write('\n')
     self._tensorboard_dir = pathlib.Path(workdir) if enabled and tensorboard else None
+
+  def start(self, step: int) -> None:
+    """This session trains from `step` on (0, or the checkpoint it resumed from); call before the first write.
+
+    An earlier session that crashed after its last checkpoint logged steps that this one trains again: their
+    records leave metrics.jsonl (TensorBoard hides their events) when this session writes its first.
+    """
+    self._start_step = step
+
+  def _open_file(self) -> None:
+    """Opens metrics.jsonl to append, first rewriting it without the records `start` replaces or a torn line."""
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+    lines = self._path.read_text(encoding='utf-8').splitlines(keepends=True) if self._path.exists() else []
+    kept = [line for line in lines if _kept(line, self._start_step)]
+    if kept != lines:
+      atomic_write(self._path, ''.join(kept))
+    self._file = open(self._path, 'a', encoding='utf-8')
 
   def _open_tensorboard(self, step: int) -> None:
     """Opens this session's event file (with the first metrics: none for a run with nothing to do)."""
@@ -197,7 +215,7 @@ class MetricsLogger:
     if self._tb is not None:
       if self._config is not None:
         self._tb.hparams(flatten_config(self._config))
-      self._tb.session_start(step)
+      self._tb.session_start(step if self._start_step is None else self._start_step + 1)
 
   def _clear_bar(self) -> None:
     if self._bar_shown:
@@ -221,6 +239,8 @@ class MetricsLogger:
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
+    if self._file is None:
+      self._open_file()
     self._file.write(json.dumps({'step': step, 'time': time.time(), 'session_start': self.session_start,
                                  **metrics}) + '\n')
     self._file.flush()

@@ -421,6 +421,7 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
       logger.info(f'already trained for train.num_steps={config.train.num_steps} steps; nothing to do')
       if meta['val_loss'] is not None:
         metrics = {'val_loss': meta['val_loss']}
+  logger.start(trainer.step)
   if is_main:
     atomic_write(workdir / 'config.json', config.to_json(indent=2))
     atomic_write(workdir / 'tokenizer.json', dataset.tokenizer.to_json())

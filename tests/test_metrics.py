@@ -59,19 +59,23 @@ def test_jsonl_and_tensorboard_hold_the_same_scalars_and_the_config(tiny_config,
   assert hparams['model.num_layers'] == 2 and hparams['data.source'] == 'text' and hparams['model.use_bias'] is False
 
 
-def test_a_resumed_session_replaces_the_steps_it_logs_again(tmp_path):
+def test_a_resumed_session_replaces_what_was_logged_past_its_checkpoint(tmp_path):
   first = MetricsLogger(tmp_path, stream=io.StringIO())
+  first.start(0)
   for step in (10, 20, 30):
     first.write(step, {'train/loss': 3.0})
-  first.close()  # crashed after step 30; resumes from a checkpoint at step 20
+  first.close()  # crashed after step 30; resumes from a checkpoint at step 20, logging every 4 steps
   second = MetricsLogger(tmp_path, stream=io.StringIO())
-  for step in (30, 40):
+  second.start(20)
+  for step in (24, 28, 32):
     second.write(step, {'train/loss': 1.0})
   second.close()
-  assert [(e.step, e.value) for e in load_events(tmp_path).Scalars('train/loss')] == [
-      (10, 3.0), (20, 3.0), (30, 1.0), (40, 1.0)]
-  sessions = [json.loads(line)['session_start'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert sessions[:3] == [sessions[0]] * 3 and sessions[3:] == [sessions[3]] * 2 and sessions[3] > sessions[0]
+  expected = [(10, 3.0), (20, 3.0), (24, 1.0), (28, 1.0), (32, 1.0)]
+  assert [(e.step, e.value) for e in load_events(tmp_path).Scalars('train/loss')] == expected
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], r['train/loss']) for r in records] == expected
+  sessions = [r['session_start'] for r in records]
+  assert sessions[:2] == [sessions[0]] * 2 and sessions[2:] == [sessions[2]] * 3 and sessions[2] > sessions[0]
 
 
 def test_a_record_cut_short_by_a_crash_does_not_swallow_the_next_sessions_first(tmp_path):
