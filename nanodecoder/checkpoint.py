@@ -19,6 +19,7 @@ import fcntl
 import os
 import pathlib
 import re
+import sys
 from typing import Any
 
 import jax
@@ -65,6 +66,27 @@ def _shortened(text: str, limit: int = 240) -> str:
 
 def _first_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {_shortened((str(error).strip().splitlines() or [""])[0])}'
+
+
+def _ignore_wakeups_of_closed_loops() -> None:
+  """Silences the reads a failed restore leaves behind; every other unraisable error still prints.
+
+  When one array of a restore fails, Orbax closes its event loop while tensorstore still reads the others; as
+  each finishes, its callback meets the closed loop and Python prints a traceback ('RuntimeError: Event loop
+  is closed' in call_soon_threadsafe), after the restore's own error was already handled.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'ignores_closed_loops', False):
+    return
+
+  def hook(unraisable):
+    error, trace = unraisable.exc_value, unraisable.exc_traceback
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed' and trace is not None
+            and trace.tb_frame.f_code.co_name == 'call_soon_threadsafe'):
+      previous(unraisable)
+
+  hook.ignores_closed_loops = True
+  sys.unraisablehook = hook
 
 
 @contextlib.contextmanager
@@ -149,6 +171,7 @@ class Checkpoints:
   def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, read_only: bool = False):
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+    _ignore_wakeups_of_closed_loops()
     policies = [checkpoint_managers.LatestN(n=keep)]
     if keep_best:
       policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,

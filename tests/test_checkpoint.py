@@ -239,6 +239,22 @@ def test_a_checkpoint_without_its_array_metadata_is_set_aside_not_called_another
   assert (tmp_path / 'checkpoints' / '10.corrupt').is_dir()
 
 
+@pytest.mark.slow
+def test_a_checkpoint_missing_its_manifest_is_handled_without_tracebacks(corpus_file, tmp_path):
+  """The other reads of a failed restore finish after Orbax closed their event loop: nothing of that is printed."""
+  from test_launch import TINY, launch
+  train = ['--config', 'experiments/cpu.py', '--config.data.source=text', f'--config.data.text_path={corpus_file}',
+           *TINY, '--config.checkpoint.every=6', '--workdir', str(tmp_path)]
+  assert launch(*train).returncode == 0
+  (tmp_path / 'checkpoints' / '12' / 'params' / 'manifest.ocdbt').unlink()
+  sample = launch('--mode', 'sample', '--workdir', str(tmp_path), '--max_new_tokens', '5')
+  assert sample.returncode == 2 and 'error: cannot read the checkpoint at step 12' in sample.stderr, sample.stderr
+  resumed = launch(*train, '--config.train.num_steps=18')
+  assert resumed.returncode == 0 and 'resumed from the checkpoint at step 6' in resumed.stdout, resumed.stderr
+  for result in (sample, resumed):
+    assert 'Traceback' not in result.stderr and 'Event loop is closed' not in result.stderr, result.stderr[-3000:]
+
+
 def test_read_only_loading_refuses_in_one_line(tiny_config, tmp_path, monkeypatch):
   """Choosing 'best' reads every step's metadata; restoring can fail for reasons that are not the files."""
   config = tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5, 'eval.every': 5, 'checkpoint.keep': 3})
