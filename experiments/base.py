@@ -72,5 +72,5 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # data-parallel axis size; -1 = all devices left over
   mesh.fsdp = 1  # fully-sharded data parallel: batch and parameters split over it
   mesh.tensor = 1  # tensor parallel: heads and feed-forward width split over it
-  mesh.cpu_devices = 0  # CPU only: split the host into this many devices (0 = one per core)
+  mesh.cpu_devices = 0  # CPU only: split the host into this many devices (0: one per core, or fewer to split the batch)
   return config

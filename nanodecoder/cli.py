@@ -96,7 +96,7 @@ def fail(message: str) -> None:
 def setup_jax(config: ml_collections.ConfigDict | None = None) -> None:
   """Process-wide JAX settings; must run before the first computation."""
   if config is not None:
-    sharding.set_cpu_devices(config.mesh.cpu_devices)
+    sharding.set_cpu_devices(sharding.cpu_device_count(config, sharding.usable_cores()))
   cache = os.environ.get(CACHE_ENV, str(pathlib.Path.home() / '.cache' / 'nanodecoder' / 'jax'))
   if cache:  # NANODECODER_COMPILATION_CACHE='' turns the persistent cache off
     jax.config.update('jax_compilation_cache_dir', cache)
@@ -232,8 +232,9 @@ def sweep_command(declaration) -> None:
     # The same command line for one point; later flags win, so the appended ones take effect.
     command = [sys.executable, script, *sys.argv[1:], f'--workdir={root}', f'--sweep_index={point.index}',
                '--sweep_parallel=1']
-    if parallel > 1 and base.mesh.cpu_devices == 0:
-      command.append(f'--config.mesh.cpu_devices={max(1, cores // parallel)}')
+    if parallel > 1 and base.mesh.cpu_devices == 0:  # each point gets its share of the cores
+      devices = sharding.cpu_device_count(sweep_lib.point_config(base, point), max(1, cores // parallel))
+      command.append(f'--config.mesh.cpu_devices={devices}')
     env = sweep_lib.child_env(slot, parallel)
     env[SWEEP_SUMMARY_ENV] = '0'
     output = None

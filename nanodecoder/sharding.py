@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from nanodecoder.config import ConfigError
+from nanodecoder.config import ConfigError, check_mesh_shape
 
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -40,7 +40,7 @@ RULES = {
 
 
 def set_cpu_devices(count: int) -> None:
-  """Splits the host CPU into `count` devices (0: one per core); call before JAX starts.
+  """Splits the host CPU into `count` devices; call before JAX starts.
 
   XLA's CPU backend runs the small operations of these models on few threads;
   a data-parallel mesh over one device per core keeps every core busy.
@@ -48,7 +48,29 @@ def set_cpu_devices(count: int) -> None:
   """
   if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     return
-  jax.config.update('jax_num_cpu_devices', count or usable_cores())
+  jax.config.update('jax_num_cpu_devices', count)
+
+
+def cpu_device_count(config: ml_collections.ConfigDict, cores: int) -> int:
+  """`mesh.cpu_devices`, or for 0 one device per core, fewer where the mesh cannot be split that many ways.
+
+  With a -1 mesh axis this is the most devices, up to `cores`, over which the heads, widths and batch split
+  (the CPU recipe's batch of 12 takes 6 of 8 cores, not 8); a mesh without -1 gets `cores`, as it says how
+  many it needs. Counts one process's devices: a run of several processes sets mesh.cpu_devices itself.
+  """
+  if config.mesh.cpu_devices:
+    return config.mesh.cpu_devices
+  sizes = [config.mesh[axis] for axis in AXES]
+  if -1 not in sizes:
+    return cores
+  known = math.prod(size for size in sizes if size != -1)
+  for count in range(cores - cores % known, 0, -known):
+    try:
+      check_mesh_shape(config, *(count // known if size == -1 else size for size in sizes))
+    except ConfigError:
+      continue
+    return count
+  return cores  # nothing fits: the mesh check at training start says why
 
 
 def usable_cores() -> int:

@@ -148,3 +148,19 @@ def test_bfloat16_compute_keeps_fp32_parameters_and_follows_fp32(tiny_config):
   assert trainer.model_config.dtype == 'bfloat16' and not np.array_equal(losses, fp32_losses)  # bf16 ran
   np.testing.assert_allclose(losses, fp32_losses, atol=0.03)  # bf16 rounding of activations only
   assert losses[-1] < losses[0] - 0.2
+
+
+@pytest.mark.parametrize('cores, mesh, expected', [
+    (8, {}, 6),  # the CPU recipe's batch of 12 splits 6 ways, not 8
+    (16, {}, 12),
+    (10, {}, 6),
+    (2, {}, 2),
+    (8, {'fsdp': 2}, 6),  # data 3 x fsdp 2
+    (8, {'data': 1, 'tensor': -1}, 4),  # 4 heads
+    (8, {'cpu_devices': 3}, 3),  # asked for
+    (3, {'data': 2}, 3),  # no -1 axis: the mesh says how many it needs
+])
+def test_automatic_cpu_device_count_splits_the_batch_and_mesh(cores, mesh, expected):
+  config = config_lib.load_config_file('experiments/cpu.py')
+  config.mesh.update(mesh)
+  assert sharding_lib.cpu_device_count(config, cores) == expected
