@@ -287,13 +287,15 @@ def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Pa
   sweep_lib.check_saved_configs(sweep, base, root, [point])  # this point only: the others may run elsewhere
   sweep_lib.write_manifest(root, sweep, base)
   status = sweep_lib.point_status(workdir, config.train.num_steps)
-  if status.state == 'finished':
-    print(f'sweep point {index} ({point.name}) is finished (step {status.step}); nothing to do')
-  else:
-    print(f'sweep point {index} of {count}: {point.name} in {workdir}', flush=True)
-    train_command(config, workdir)
-  if os.environ.get(SWEEP_SUMMARY_ENV, '1') != '0' and jax.process_index() == 0:
-    summary.write_summary(root)
+  try:
+    if status.state == 'finished':
+      print(f'sweep point {index} ({point.name}) is finished (step {status.step}); nothing to do')
+    else:
+      print(f'sweep point {index} of {count}: {point.name} in {workdir}', flush=True)
+      train_command(config, workdir)
+  finally:  # also when it failed or was stopped: the summary shows how far it got
+    if os.environ.get(SWEEP_SUMMARY_ENV, '1') != '0' and jax.process_index() == 0:
+      summary.write_summary(root)
 
 
 # Analysis -----------------------------------------------------------------------

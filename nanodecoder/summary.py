@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import pathlib
 import statistics
 from typing import Any
@@ -104,10 +105,12 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
   row.update(status=status.state, step=status.step, num_steps=num_steps, params=count_parameters(workdir),
              wall_time_s=metrics.wall_time_s)
   if metrics.evals:
-    best_step, best = min(metrics.evals.items(), key=lambda item: item[1]['eval/val_loss'])
     last = metrics.evals[max(metrics.evals)]
-    row.update(best_val_loss=best['eval/val_loss'], best_val_step=best_step, final_val_loss=last['eval/val_loss'],
-               final_train_loss=last.get('eval/train_loss'))
+    row.update(final_val_loss=last['eval/val_loss'], final_train_loss=last.get('eval/train_loss'))
+    finite = [(step, r['eval/val_loss']) for step, r in metrics.evals.items() if math.isfinite(r['eval/val_loss'])]
+    if finite:  # a diverged run's NaN is no one's best
+      best_step, best = min(finite, key=lambda item: item[1])
+      row.update(best_val_loss=best, best_val_step=best_step)
   speeds = [r['train/tokens_per_s'] for r in metrics.train.values() if r.get('train/tokens_per_s', 0) > 0]
   if speeds:
     row['tokens_per_s'] = statistics.median(speeds)
@@ -157,14 +160,14 @@ def markdown(title: str, fields: list[str], rows: list[dict[str, Any]], images: 
   lines = [f'# Summary of {title}', '', f'{len(rows)} points, {finished} finished.']
   if best is not None:
     lines[-1] += f' Lowest val loss: {best["best_val_loss"]:.4f} ({best["point"]}, step {best["best_val_step"]}).'
-  header = [*(fields or ['point']), 'status', 'step', 'params', 'best val loss', 'final val loss',
+  header = ['point', *fields, 'status', 'step', 'params', 'best val loss', 'final val loss',
             'final train loss', 'tokens/s', 'wall time']
   lines += ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in rows:
     best_text = _number(r['best_val_loss'])
     if r is best:
       best_text = f'**{best_text}**'
-    cells = [*('' if r[f] is None else str(r[f]) for f in fields or ['point']), r['status'],
+    cells = [r['point'], *('' if r[f] is None else str(r[f]) for f in fields), r['status'],
              f'{r["step"]}/{r["num_steps"] or "?"}',
              '' if r['params'] is None else f'{r["params"]:,}', best_text, _number(r['final_val_loss']),
              _number(r['final_train_loss']), '' if r['tokens_per_s'] is None else f'{r["tokens_per_s"]:,.0f}',
@@ -247,13 +250,15 @@ def plot_loss_curves(curves: list[tuple[str, RunMetrics]], title: str, path: pat
                     label=name)
     if metrics.evals:
       val_ax.plot(list(metrics.evals), [r['eval/val_loss'] for r in metrics.evals.values()], 'o-', color=color,
-                  ms=3, lw=1.2)
+                  ms=3, lw=1.2, label=None if metrics.train else name)  # each name once, on the left if it can
   for ax, what in ((train_ax, 'train loss (one batch)'), (val_ax, 'val loss')):
     ax.set_xlabel('step')
     ax.set_title(what)
     ax.grid(alpha=0.3)
   train_ax.set_ylabel('loss (nats/char)')
-  train_ax.legend(fontsize='small')
+  for ax in (train_ax, val_ax):
+    if ax.get_legend_handles_labels()[1]:
+      ax.legend(fontsize='small')
   figure.suptitle(title)
   save_png(figure, path)
 

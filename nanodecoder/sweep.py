@@ -231,7 +231,7 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
   for point in sweep.points:
     status = point_status(sweep.workdir(root, point), point_config(base, point).train.num_steps)
     if status.state == 'finished':
-      log(f'[{point.index + 1}/{total}] {point.name}: finished (step {status.step}); skipped')
+      log(f'[point {point.index} of {total}] {point.name}: finished (step {status.step}); skipped')
     else:
       todo.append((point, status))
   results: dict[str, int] = {}
@@ -253,7 +253,7 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         slot = min(set(range(parallel)) - running.keys())
         point, status = todo.pop(0)
         how = f'resuming from step {status.step}' if status.state == 'partial' else 'starting'
-        log(f'[{point.index + 1}/{total}] {point.name}: {how}')
+        log(f'[point {point.index} of {total}] {point.name}: {how}')
         running[slot] = (point, start(point, slot), time.time())
       time.sleep(0.1)
       for slot, (point, process, started) in list(running.items()):
@@ -263,7 +263,7 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         del running[slot]
         results[point.name] = code
         outcome = 'finished' if code == 0 else 'stopped' if code in (130, 143) else f'failed (exit status {code})'
-        log(f'[{point.index + 1}/{total}] {point.name}: {outcome} after {format_duration(time.time() - started)}')
+        log(f'[point {point.index} of {total}] {point.name}: {outcome} after {format_duration(time.time() - started)}')
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)

@@ -65,16 +65,16 @@ def test_summary_md_is_the_same_table(sweep_root):
   best = min((r for r in rows.values() if r['best_val_loss']), key=lambda r: float(r['best_val_loss']))
   assert text.startswith('# Summary of sweep tiny (tiny.py)\n\n3 points, 2 finished. Lowest val loss: '
                          f'{float(best["best_val_loss"]):.4f} ({best["point"]}, step 20).')
-  header = ('| seed | status | step | params | best val loss | final val loss | final train loss | tokens/s | '
+  header = ('| point | seed | status | step | params | best val loss | final val loss | final train loss | tokens/s | '
             'wall time |')
   assert header in text
   for name in ('seed=1', 'seed=2'):
     r = rows[name]
     loss = f'{float(r["best_val_loss"]):.4f}'
     loss = f'**{loss}**' if r is best else loss
-    assert (f'| {r["seed"]} | finished | 20/20 | {int(r["params"]):,} | {loss} | {float(r["final_val_loss"]):.4f} | '
+    assert (f'| {name} | {r["seed"]} | finished | 20/20 | {int(r["params"]):,} | {loss} | {float(r["final_val_loss"]):.4f} | '
             f'{float(r["final_train_loss"]):.4f} | {float(r["tokens_per_s"]):,.0f} |') in text
-  assert '| 3 | new | 0/20 |  |  |  |  |  |  |' in text
+  assert '| seed=3 | 3 | new | 0/20 |  |  |  |  |  |  |' in text
   assert '![val_loss.png](val_loss.png)' in text and '![loss_curves.png](loss_curves.png)' in text
 
 
@@ -170,7 +170,8 @@ def test_points_with_different_fields_get_every_column(tiny_config, tmp_path):
   assert [(r['point'], r['dropout'], r['every'], r['best_val_loss']) for r in rows] == [
       ('dropout=0.1', '0.1', '', '2.5'), ('dropout=0,every=5', '0.0', '5', '2.4')]
   text = (tmp_path / 'summary.md').read_text()
-  assert '| 0.1 |  | finished | 20/20 |' in text and '| 0.0 | 5 | finished | 20/20 |' in text
+  assert '| dropout=0.1 | 0.1 |  | finished | 20/20 |' in text
+  assert '| dropout=0,every=5 | 0.0 | 5 | finished | 20/20 |' in text
 
   runs = tmp_path / 'runs'  # a folder of runs: 'tag=c' has no x value (lr), so no point of the plot
   for name, loss in (('lr=0.5', 2.5), ('lr=0.25,tag=b', 2.4), ('tag=c', 2.3)):
@@ -205,3 +206,20 @@ def test_sweeping_a_field_named_like_a_metric_column_gives_one_column(tiny_confi
   summary_lib.write_summary(tmp_path)
   header = (tmp_path / 'summary.csv').read_text().splitlines()[0].split(',')
   assert header.count('num_steps') == 1 and header[:3] == ['point', 'num_steps', 'decay_steps']
+
+
+def test_a_diverged_run_is_not_the_best(tmp_path):
+  """NaN compares as neither lower nor higher: min() over it would crown whatever came first."""
+  for name, losses in (('lr=1e+06', [float('nan')]), ('lr=0.001', [2.5, 2.4]), ('lr=0.1', [2.3, float('inf')])):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    lines = [{'step': 10 * (i + 1), 'time': 110.0, 'session_start': 100.0, 'eval/val_loss': loss}
+             for i, loss in enumerate(losses)]
+    (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # e.g. matplotlib's legend without labels: these runs logged no train loss
+    summary_lib.write_summary(tmp_path)
+  rows = {r['point']: r for r in csv.DictReader((tmp_path / 'summary.csv').open())}
+  assert rows['lr=1e+06']['best_val_loss'] == '' and rows['lr=1e+06']['final_val_loss'] == 'nan'
+  assert (rows['lr=0.1']['best_val_loss'], rows['lr=0.1']['best_val_step']) == ('2.3', '10')
+  assert 'Lowest val loss: 2.3000 (lr=0.1, step 10).' in (tmp_path / 'summary.md').read_text()

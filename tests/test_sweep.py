@@ -1,5 +1,6 @@
 """Sweeps: expanding points, naming workdirs, skipping finished points, resuming interrupted ones."""
 
+import csv
 import json
 import os
 import re
@@ -129,7 +130,7 @@ def test_run_keeps_n_points_going_with_distinct_slots(tiny_config, tmp_path, mon
   results, stopped = sweep_lib.run(sweep, base, tmp_path, start, parallel=2, log=log.append)
   assert FakeProcess.most_at_once == 2 and set(slots.values()) == {0, 1} and stopped is None
   assert results == {'seed=1': 0, 'seed=2': 0, 'seed=3': 0, 'seed=4': 1, 'seed=5': 0}
-  assert '[4/5] seed=4: failed (exit status 1) after 0s' in log and '[1/5] seed=1: starting' in log
+  assert '[point 3 of 5] seed=4: failed (exit status 1) after 0s' in log and '[point 0 of 5] seed=1: starting' in log
 
 
 def test_finished_points_are_skipped_and_interrupted_ones_resume(tiny_config, tmp_path):
@@ -158,8 +159,8 @@ def test_finished_points_are_skipped_and_interrupted_ones_resume(tiny_config, tm
   log = []
   results, _ = sweep_lib.run(sweep, base, tmp_path, lambda point, slot: Done(point), log=log.append)
   assert results == {'seed=2': 0, 'seed=3': 0}
-  assert log[0] == '[1/3] seed=1: finished (step 20); skipped'
-  assert '[2/3] seed=2: resuming from step 10' in log and '[3/3] seed=3: starting' in log
+  assert log[0] == '[point 0 of 3] seed=1: finished (step 20); skipped'
+  assert '[point 1 of 3] seed=2: resuming from step 10' in log and '[point 2 of 3] seed=3: starting' in log
   assert (done / 'metrics.jsonl').read_text() == done_metrics  # not touched
   lines = [json.loads(line) for line in (partial / 'metrics.jsonl').read_text().splitlines()]
   sessions = sorted({line['session_start'] for line in lines})
@@ -247,9 +248,9 @@ def test_launch_runs_lists_and_reruns_a_sweep(corpus_file, tmp_path):
 
   full = launch(*args)
   assert full.returncode == 0, full.stderr[-3000:]
-  assert '[2/2] seed=2: finished (step 20); skipped' in full.stdout
-  assert '[1/2] seed=1: starting' in full.stdout and '[1/2] seed=1: finished after' in full.stdout
-  assert '| 1 | finished | 20/20 |' in full.stdout and '| 2 | finished | 20/20 |' in full.stdout
+  assert '[point 1 of 2] seed=2: finished (step 20); skipped' in full.stdout
+  assert '[point 0 of 2] seed=1: starting' in full.stdout and '[point 0 of 2] seed=1: finished after' in full.stdout
+  assert '| seed=1 | 1 | finished | 20/20 |' in full.stdout and '| seed=2 | 2 | finished | 20/20 |' in full.stdout
   for name in ('summary.csv', 'summary.md', 'val_loss.png', 'loss_curves.png', 'sweep.json'):
     assert (root / name).stat().st_size > 0, name
   assert json.loads((root / 'seed=1' / 'config.json').read_text())['seed'] == 1
@@ -261,3 +262,16 @@ def test_launch_runs_lists_and_reruns_a_sweep(corpus_file, tmp_path):
   assert wrong.returncode == 2
   assert wrong.stderr.strip().splitlines()[-1] == ('error: --sweep_index=2 is out of range: the sweep has 2 points, '
                                                    '0 to 1 (see --sweep_list)')
+
+
+@pytest.mark.slow
+def test_a_failed_point_still_refreshes_the_summary(corpus_file, tmp_path):
+  experiment = tmp_path / 'tiny_sweep.py'
+  experiment.write_text(SWEEP_FILE.format(repo=REPO))
+  root = tmp_path / 'runs'
+  failed = launch('--config', str(experiment), f'--config.data.text_path={corpus_file}', *TINY,
+                  '--config.train.learning_rate=1e30', '--config.train.min_learning_rate=0', '--workdir', str(root),
+                  '--sweep_index=0')
+  assert failed.returncode == 2 and 'became nan' in failed.stderr, failed.stderr[-3000:]
+  rows = list(csv.DictReader((root / 'summary.csv').open()))
+  assert [(r['point'], r['status']) for r in rows] == [('seed=1', 'new'), ('seed=2', 'new')]
