@@ -83,6 +83,7 @@ _POSITIVE = (
 _NON_NEGATIVE = ('seed', 'train.profile_steps', 'train.profile_start')
 _FINITE = ('model.dropout', 'train.learning_rate', 'train.min_learning_rate', 'train.beta1', 'train.beta2',
            'train.weight_decay', 'train.grad_clip', 'data.text_eval_fraction')
+_FLOAT32_MAX = 3.4028234663852886e38
 _CHOICES = {
     'data.source': ('tfds', 'text'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
@@ -145,6 +146,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = _get(config, field)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
       raise ConfigError(f'{field} must be a finite number, got {value!r}')
+    if abs(value) > _FLOAT32_MAX:  # the step computes in float32: this would be inf there
+      raise ConfigError(f'{field} must be a finite float32 number (at most 3.4e38 in size), got {value!r}')
   for field, choices in _CHOICES.items():
     value = _get(config, field)
     if value not in choices:

@@ -433,7 +433,9 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
   t = config.train
   schedule = learning_rate_schedule(t)
   tokens_per_step = t.batch_size * dataset.context_length
-  save = lambda step, val_loss=None: checkpoints.save(step, trainer.state, config, dataset.tokenizer, val_loss)
+  def save(step: int, val_loss: float | None = None) -> None:
+    _check_savable(trainer, step, val_loss)
+    checkpoints.save(step, trainer.state, config, dataset.tokenizer, val_loss)
 
   def call_size(step: int) -> int:
     """Steps in the next compiled call: steps_per_call, or single steps to realign an odd resume.
@@ -506,6 +508,24 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
     checkpoints.close()
     logger.close()
   return metrics
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
+
+
+def _check_savable(trainer: Trainer, step: int, val_loss: float | None) -> None:
+  """Refuses to save a model that diverged where the step's loss and gradient norm did not show it (they come
+  from before the update: a huge learning rate makes finite ones and infinite parameters)."""
+  if val_loss is not None and not np.isfinite(val_loss):
+    what = f'val loss became {val_loss}'
+  elif not jax.device_get(_all_finite(trainer.state[0])):
+    what = 'parameters became inf or nan'
+  else:
+    return
+  raise FloatingPointError(f'{what} at step {step}; the last good checkpoint is kept; lower train.learning_rate or '
+                           'check the data')
 
 
 class _Profile:

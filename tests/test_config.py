@@ -40,6 +40,8 @@ def test_recipes_match_nanogpt():
     ('seed', 2**32, r'seed must be below 2\*\*32 .*, got 4294967296'),
     ('train.learning_rate', float('nan'), r'train.learning_rate must be a finite number, got nan'),
     ('train.weight_decay', float('inf'), r'train.weight_decay must be a finite number, got inf'),
+    ('train.learning_rate', 1e39, r'train.learning_rate must be a finite float32 number \(at most 3.4e38 in size\), '
+     r'got 1e\+39'),
     ('train.grad_accum_steps', 5, r'train.batch_size=12 is not divisible by train.grad_accum_steps=5'),
     ('mesh.tensor', 3, r'mesh.tensor=3 does not divide model.num_heads=4'),
     ('mesh.data', 5, r'train.batch_size=12 \(micro-batch 12\) is not divisible by the data-parallel size 5'),

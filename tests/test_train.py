@@ -258,3 +258,35 @@ def test_a_run_resumed_past_the_profile_window_traces_nothing(tiny_config, tmp_p
 def test_profile_fields_must_be_non_negative(tiny_config, tmp_path, field):
   with pytest.raises(config_lib.ConfigError, match=f'{field} must be an integer >= 0, got -1'):
     train_lib.train_and_evaluate(tiny_config(**{field: -1}), tmp_path)
+
+
+@pytest.mark.parametrize('poison, message', [
+    ('val', r'^val loss became nan at step 2; the last good checkpoint is kept'),
+    ('params', r'^parameters became inf or nan at step 2; the last good checkpoint is kept'),
+])
+def test_a_diverged_model_that_the_step_loss_missed_is_not_saved(tiny_config, tmp_path, monkeypatch, poison, message):
+  """The step's loss and gradient norm come from before its update: the update itself can break the model."""
+  create_trainer = train_lib.create_trainer
+
+  def poisoned_after_step_2(*args, **kwargs):
+    trainer = create_trainer(*args, **kwargs)
+    train_step = trainer.train_step
+
+    def step(state, batch):
+      state, out = train_step(state, batch)
+      if int(state[1]['step'][...]) == 2 and poison == 'params':
+        state[0] = jax.tree.map(lambda x: x * jnp.inf, state[0])
+      return state, out
+
+    trainer.train_step = step
+    return trainer
+
+  monkeypatch.setattr(train_lib, 'create_trainer', poisoned_after_step_2)
+  if poison == 'val':
+    monkeypatch.setattr(train_lib, 'evaluate', lambda trainer, dataset: {'train_loss': 1.0, 'eval_loss': float('nan')})
+  evaluate_at_2 = poison == 'val'  # else the evaluation would be first to see the parameters
+  config = tiny_config(**{'train.num_steps': 4, 'checkpoint.every': 1, 'eval.every': 2 if evaluate_at_2 else 4,
+                          'train.log_every': 1})
+  with pytest.raises(FloatingPointError, match=message):
+    train_lib.train_and_evaluate(config, tmp_path)
+  assert Checkpoints(tmp_path, read_only=True).steps() == [1]
