@@ -250,6 +250,7 @@ def sweep_command(declaration) -> None:
         output.close()
 
   sweep_lib.check_saved_configs(sweep, base, root)
+  sweep_lib.check_text_data(sweep, base)
   sweep_lib.write_manifest(root, sweep, base)
   if parallel > 1:  # points started together would race to download and prepare a TFDS dataset: do it here, once
     from nanodecoder import data

@@ -64,7 +64,11 @@ def load_declaration(spec: str | pathlib.Path):
   module, arg = config_lib.load_experiment(spec)
   if not hasattr(module, 'get_sweep'):
     return None
-  return module.get_sweep(arg) if arg else module.get_sweep()
+  declaration = module.get_sweep(arg) if arg else module.get_sweep()
+  if declaration is None:  # not 'no sweep': the file says it is one
+    raise ConfigError(f'get_sweep() in {spec} returned None; return {{field: [values]}} or a list of '
+                      '{field: value} dicts')
+  return declaration
 
 
 def expand(declaration: dict[str, Sequence[Any]] | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -128,6 +132,22 @@ def point_config(base: ml_collections.ConfigDict, point: Point) -> ml_collection
   except ConfigError as e:
     raise ConfigError(f'sweep point {point.index} ({point.name}): {e}') from None
   return config
+
+
+def check_text_data(sweep: Sweep, base: ml_collections.ConfigDict) -> None:
+  """Loads the text corpus of every point that trains on a text file: a missing or short file fails up front.
+
+  (TFDS data is prepared by the first point, or before the points start when they run in parallel.)
+  """
+  from nanodecoder import data as data_lib
+
+  for point in sweep.points:
+    config = point_config(base, point)
+    if config.data.source == 'text':
+      try:
+        data_lib.load_dataset(config)
+      except data_lib.DataError as e:
+        raise data_lib.DataError(f'sweep point {point.index} ({point.name}): {e}') from None
 
 
 def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.ConfigDict) -> None:

@@ -71,10 +71,14 @@ def test_the_experiment_sweeps_expand_and_validate(arg, name, fields, count):
   assert base.train.num_steps == expected_recipe.train.num_steps
 
 
-def test_unknown_experiment_sweep_and_plain_configs():
+def test_unknown_experiment_sweep_and_plain_configs(tmp_path):
   with pytest.raises(ConfigError, match=r"unknown sweep 'nope' in experiments/sweep.py; use NAME or NAME,RECIPE"):
     sweep_lib.load_declaration(f'{REPO}/experiments/sweep.py:nope')
   assert sweep_lib.load_declaration(REPO / 'experiments' / 'cpu.py') is None
+  returns_none = tmp_path / 'returns_none.py'
+  returns_none.write_text('def get_config():\n  return None\n\n\ndef get_sweep():\n  return None\n')
+  with pytest.raises(ConfigError, match=r'^get_sweep\(\) in .*returns_none.py returned None; return'):
+    sweep_lib.load_declaration(returns_none)
 
 
 def test_child_env_shares_out_the_listed_gpus():
@@ -275,3 +279,15 @@ def test_a_failed_point_still_refreshes_the_summary(corpus_file, tmp_path):
   assert failed.returncode == 2 and 'became nan' in failed.stderr, failed.stderr[-3000:]
   rows = list(csv.DictReader((root / 'summary.csv').open()))
   assert [(r['point'], r['status']) for r in rows] == [('seed=1', 'new'), ('seed=2', 'new')]
+
+
+@pytest.mark.slow
+def test_a_sweep_over_a_missing_text_file_stops_before_any_point(corpus_file, tmp_path):
+  experiment = tmp_path / 'tiny_sweep.py'
+  experiment.write_text(SWEEP_FILE.format(repo=REPO))
+  root = tmp_path / 'runs'
+  result = launch('--config', str(experiment), '--config.data.text_path=/no/such.txt', *TINY, '--workdir', str(root))
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines() == [
+      "error: sweep point 0 (seed=1): data.text_path '/no/such.txt' does not exist; point it at a UTF-8 text file"]
+  assert not root.exists()
