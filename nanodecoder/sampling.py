@@ -32,6 +32,9 @@ class SamplingError(ValueError):
   """A sampling option or prompt that cannot be used."""
 
 
+MAX_NEW_TOKENS = 2**30  # the decoding loop counts positions in int32
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
   max_new_tokens: int = 500  # tokens generated after the prompt
@@ -43,8 +46,8 @@ class SamplingOptions:
   use_cache: bool = True  # KV cache (False: re-run the whole context per token)
 
   def validate(self) -> None:
-    if self.max_new_tokens <= 0:
-      raise SamplingError(f'max_new_tokens must be positive, got {self.max_new_tokens}')
+    if not 0 < self.max_new_tokens <= MAX_NEW_TOKENS:
+      raise SamplingError(f'max_new_tokens must be in [1, {MAX_NEW_TOKENS:,}], got {self.max_new_tokens}')
     if self.num_samples <= 0:
       raise SamplingError(f'num_samples must be positive, got {self.num_samples}')
     if not math.isfinite(self.temperature):
@@ -78,6 +81,7 @@ def filter_logits(logits: jax.Array, temperature, top_k: int, top_p=None) -> jax
   probs = jax.nn.softmax(ordered, axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
   threshold = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+  threshold = jnp.minimum(threshold, ordered[..., :1])  # a top_p that float32 makes 0 (1e-46) keeps the top too
   return jnp.where(logits < threshold, -jnp.inf, logits)
 
 

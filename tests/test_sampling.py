@@ -123,7 +123,7 @@ def test_top_k_keeps_the_k_largest():
 
 
 @pytest.mark.parametrize('top_p, expected', [(1.0, [0, 1, 2, 3]), (0.5, [2, 3]), (0.7, [2, 3]), (0.71, [1, 2, 3]),
-                                             (0.4, [3]), (0.05, [3])])
+                                             (0.4, [3]), (0.05, [3]), (1e-40, [3]), (1e-46, [3])])  # float32: 0
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
   assert kept(filter_logits(LOGITS, 1.0, 0, top_p)) == expected
 
@@ -178,7 +178,8 @@ def test_zero_and_tiny_temperatures_give_the_argmax_text(model):
     (SamplingOptions(top_p=0.0), r'top_p must be in \(0, 1\] \(1 = off\), got 0.0'),
     (SamplingOptions(top_p=1.5), r'top_p must be in \(0, 1\]'),
     (SamplingOptions(top_k=-2), r'top_k must be >= 0'),
-    (SamplingOptions(max_new_tokens=0), r'max_new_tokens must be positive'),
+    (SamplingOptions(max_new_tokens=0), r'max_new_tokens must be in \[1, 1,073,741,824\], got 0'),
+    (SamplingOptions(max_new_tokens=3_000_000_000), r'max_new_tokens must be in \[1, 1,073,741,824\], got 3000000000'),
     (SamplingOptions(seed=-1), r'seed must be an integer in \[0, 2\*\*32\), got -1'),
     (SamplingOptions(seed=2**32), r'seed must be an integer in \[0, 2\*\*32\), got 4294967296'),
 ])
