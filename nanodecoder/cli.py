@@ -120,6 +120,12 @@ def main(argv) -> None:
       train_command()
   except USER_ERRORS as e:
     fail(str(e))
+  except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+    sys.exit(1)
+  except KeyboardInterrupt:  # Ctrl-C outside training (which saves a checkpoint and exits 130 itself)
+    print(file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 
 def train_command(config: ml_collections.ConfigDict | None = None, workdir: str | pathlib.Path | None = None) -> None:
@@ -153,11 +159,13 @@ def sample_command() -> None:
   if FLAGS.stream and options.num_samples != 1:
     fail(f'--stream prints one sample, got --num_samples={options.num_samples}; use --num_samples=1')
   prompt = _given_prompt()
-  if prompt is None:
-    prompt = FLAGS.prompt  # its default, a newline
   out = _checked_out()
   setup_jax()
   model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint)
+  if prompt is None:
+    prompt = FLAGS.prompt  # its default, a newline
+    if prompt not in tokenizer.chars:
+      fail('this model has no newline character, the default prompt; give one with --prompt or --prompt_file')
   prompt_ids = tokenizer.encode(prompt)
   if FLAGS.stream:
     sys.stdout.write(prompt)
@@ -168,14 +176,16 @@ def sample_command() -> None:
       sys.stdout.flush()
     sys.stdout.write('\n')
     samples = [prompt + ''.join(pieces)]
+    if out:
+      _write_out(out, f'--- sample 1 ---\n{samples[0]}\n')
   else:
     tokens = sampling.generate(model, prompt_ids, options)
     samples = [prompt + tokenizer.decode(row) for row in tokens]
+    if out:  # first: a closed standard output (e.g. `| head`) must not lose the file
+      _write_out(out, ''.join(f'--- sample {i + 1} ---\n{text}\n' for i, text in enumerate(samples)))
     for i, text in enumerate(samples):
       print(f'--- sample {i + 1}/{len(samples)} (checkpoint step {step}) ---')
       print(text)
-  if out:
-    _write_out(out, ''.join(f'--- sample {i + 1} ---\n{text}\n' for i, text in enumerate(samples)))
 
 
 # Sweeps -------------------------------------------------------------------------
@@ -307,36 +317,51 @@ def _require_workdir(mode: str) -> pathlib.Path:
     what = 'the root folder of a sweep (e.g. runs/sweep_blocks)' if mode == 'summary' else \
         'the run directory holding checkpoints/'
     fail(f'--workdir is required for --mode {mode}: {what}')
-  return pathlib.Path(FLAGS.workdir)
+  workdir = pathlib.Path(FLAGS.workdir)
+  try:
+    workdir.exists()
+  except OSError as e:  # e.g. a name too long
+    fail(f'cannot use --workdir {workdir}: {e.strerror or e}')
+  return workdir
+
+
+def _writable_place(path: pathlib.Path, flag: str) -> None:
+  """Refuses `path` unless its nearest existing folder is writable (folders below it are made when writing)."""
+  folder = next(parent for parent in path.parents if parent.exists())
+  if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    fail(f'cannot write {flag} {path}: {folder} is not a writable directory; give a path in one')
 
 
 def _checked_out() -> pathlib.Path | None:
-  """--out (sample, eval) as a path, refused before any work when no file can be written there."""
+  """--out (sample, eval) as a path, refused before any work when no file can be written there.
+
+  A symbolic link stands for its target; anything but a regular file there (a folder, a device) is refused.
+  """
   if not FLAGS.out:
     return None
   out = pathlib.Path(FLAGS.out)
-  if out.is_dir():
-    fail(f'--out {out} is a directory; give a file path, e.g. --out {out / "out.txt"}')
-  folder = next(parent for parent in out.parents if parent.exists())
-  if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-    fail(f'cannot write --out {out}: {folder} is not a writable directory; give a path in one')
   try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    fail(f'cannot write --out {out}: cannot create {out.parent} ({e.strerror}); give a path in a writable directory')
+    out = pathlib.Path(os.path.realpath(out))
+    if out.is_dir():
+      fail(f'--out {FLAGS.out} is a directory; give a file path, e.g. --out {out / "out.txt"}')
+    if out.exists() and not out.is_file():
+      fail(f'--out {FLAGS.out} is not a regular file; give the path of a file to write')
+    _writable_place(out, '--out')
+  except OSError as e:  # e.g. a name too long
+    fail(f'cannot write --out {FLAGS.out}: {e.strerror or e}')
   return out
 
 
 def _checked_out_folder(out: pathlib.Path) -> pathlib.Path:
-  """--out (attention) as a folder, created before any work; refused when it cannot be."""
-  if out.exists() and not out.is_dir():
-    fail(f'--out {out} is a file; give a folder for the pictures, e.g. --out {out}_maps')
+  """--out (attention) as a folder, checked before any work (created when the pictures are written)."""
   try:
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+      fail(f'--out {out} is a file; give a folder for the pictures, e.g. --out {out}_maps')
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+      fail(f'cannot write into --out folder {out}; give a writable one')
+    _writable_place(out, '--out folder')
   except OSError as e:
-    fail(f'cannot create --out folder {out} ({e.strerror or e}); give a path in a writable directory')
-  if not os.access(out, os.W_OK | os.X_OK):
-    fail(f'cannot write into --out folder {out}; give a writable one')
+    fail(f'cannot write --out folder {out}: {e.strerror or e}')
   return out
 
 
@@ -349,11 +374,11 @@ def _write_out(out: pathlib.Path, text: str) -> None:
 
 def _given_prompt() -> str | None:
   """The text of --prompt_file, else --prompt when given on the command line, else None; both is an error."""
-  if FLAGS.prompt_file and FLAGS['prompt'].present:
+  if FLAGS.prompt_file is not None and FLAGS['prompt'].present:
     fail('--prompt and --prompt_file both give the prompt; pass only one of them')
-  if FLAGS.prompt_file:
-    try:
-      return pathlib.Path(FLAGS.prompt_file).read_text(encoding='utf-8')
+  if FLAGS.prompt_file is not None:
+    try:  # the bytes as they are: read_text would turn '\r\n' into '\n', which the model may not know
+      return pathlib.Path(FLAGS.prompt_file).read_bytes().decode('utf-8')
     except (OSError, UnicodeDecodeError) as e:
       fail(f'cannot read --prompt_file {FLAGS.prompt_file!r}: {e}')
   return FLAGS.prompt if FLAGS['prompt'].present else None
@@ -393,6 +418,10 @@ def attention_command() -> None:
   maps, shown = analysis.attention_maps(model, tokenizer, prompt)
   if len(shown) < len(prompt):
     print(f'the prompt is longer than the context ({len(shown)}); drawing its last {len(shown)} characters')
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    fail(f'cannot create --out folder {out} ({e.strerror or e}); give a path in a writable directory')
   paths = analysis.plot_attention(maps, shown, out, title=f'{workdir} (step {step}), ')
   print(f'attention maps of {maps.shape[0]} layers x {maps.shape[1]} heads over {len(shown)} characters '
         f'(checkpoint step {step}): ' + ', '.join(map(str, paths)))

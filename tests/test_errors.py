@@ -4,12 +4,15 @@ import errno
 import fcntl
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 from nanodecoder import config as config_lib
 from nanodecoder import train as train_lib
 from nanodecoder.checkpoint import CheckpointError, Checkpoints
+from conftest import REPO
 from test_launch import TINY, launch
 
 pytestmark = pytest.mark.slow
@@ -193,12 +196,42 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
     (['--mode', 'sample', '--prompt', 'a', '--prompt_file', '{tmp}/file'],
      '--prompt and --prompt_file both give the prompt; pass only one of them'),
     (['--mode', 'attention', '--prompt', 'a', '--out', '{tmp}/file'], '--out {tmp}/file is a file; give a folder'),
+    (['--mode', 'sample', '--out', '/dev/null'], '--out /dev/null is not a regular file'),  # not replaced by a file
+    (['--mode', 'eval', '--out', '{tmp}/' + 'x' * 300], 'cannot write --out {tmp}/xxx'),  # File name too long
 ])
 def test_bad_flags_are_refused_before_loading_a_checkpoint(tmp_path, flags, message):
   """The workdir has no checkpoint: a check made after loading one would report that instead."""
   (tmp_path / 'file').write_text('KING:')
   result = launch(*[flag.format(tmp=tmp_path) for flag in flags], '--workdir', str(tmp_path / 'run'))
   assert_user_error(result, message.format(tmp=tmp_path))
+
+
+def test_refused_commands_leave_no_folders_behind(tmp_path):
+  attention = launch('--mode', 'attention', '--prompt', 'ab', '--workdir', str(tmp_path / 'typo'))
+  assert_user_error(attention, f'no checkpoints in {tmp_path / "typo"}')
+  evaluation = launch('--mode', 'eval', '--workdir', str(tmp_path / 'typo'), '--out', str(tmp_path / 'new/sub/e.json'))
+  assert_user_error(evaluation, f'no checkpoints in {tmp_path / "typo"}')
+  assert_user_error(launch('--mode', 'sample', '--workdir', str(tmp_path / ('x' * 300))), 'File name too long')
+  assert files_in(tmp_path) == []
+
+
+def test_samples_go_to_out_even_when_stdout_closes_and_to_the_target_of_a_link(trained, tmp_path):
+  (tmp_path / 'target.txt').write_text('old')
+  (tmp_path / 'link.txt').symlink_to(tmp_path / 'target.txt')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  reader = subprocess.Popen([sys.executable, 'launch.py', '--mode', 'sample', '--workdir', str(trained),
+                             '--max_new_tokens', '5', '--out', str(tmp_path / 'link.txt')], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  reader.stdout.close()  # as `| head` does once it has what it wants
+  err = reader.stderr.read()
+  assert reader.wait(timeout=120) == 1 and 'Traceback' not in err and 'error' not in err, err[-2000:]
+  assert (tmp_path / 'link.txt').is_symlink() and (tmp_path / 'target.txt').read_text().startswith('--- sample 1 ---')
+
+
+def test_a_prompt_file_is_read_as_it_is(trained, tmp_path):
+  (tmp_path / 'prompt.txt').write_bytes(b'KING:\r\n')  # the corpus has no '\r': read_text would hide it
+  result = launch('--mode', 'sample', '--workdir', str(trained), '--prompt_file', str(tmp_path / 'prompt.txt'))
+  assert_user_error(result, "characters not in the vocabulary: '\\r'")
 
 
 def test_a_workdir_that_is_a_file_is_refused(corpus_file, tmp_path):
