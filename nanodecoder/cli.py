@@ -17,6 +17,7 @@ import jax
 import ml_collections
 from absl import flags
 
+from nanodecoder import config as config_lib
 from nanodecoder import sharding
 from nanodecoder.checkpoint import CheckpointError
 from nanodecoder.config import ConfigError
@@ -139,6 +140,7 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
     config.get('name')  # config_flags defers a failed load to the first access
   except OSError as e:
     fail(f'cannot load the --config file: {str(e).strip().splitlines()[-1].strip()}')
+  config_lib.make_paths_absolute(config)
   setup_jax(config)
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   metrics = train.train_and_evaluate(config, workdir or FLAGS.workdir or default_workdir(config))
@@ -222,6 +224,7 @@ def sweep_command(declaration) -> None:
   from nanodecoder import sweep as sweep_lib
 
   base = FLAGS.config
+  config_lib.make_paths_absolute(base)
   sweep = sweep_lib.make_sweep(config_flags.get_config_filename(FLAGS['config']), base, declaration)
   root = pathlib.Path(FLAGS.workdir or default_workdir(base))
   if FLAGS.sweep_list:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import pathlib
 from typing import Any
 
@@ -49,10 +50,25 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
     node = node[name]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
     raise ConfigError(f'unknown config field {dotted!r}; see experiments/base.py for the fields')
+  if isinstance(node[leaf], ml_collections.ConfigDict):
+    raise ConfigError(f'config field {dotted!r} is a section; set its fields, e.g. '
+                      f'{dotted}.{next(iter(node[leaf].keys()))}')
   try:
     node[leaf] = value
-  except TypeError as e:
-    raise ConfigError(f'config field {dotted!r} cannot take {value!r}: {e}') from None
+  except TypeError as e:  # ml_collections' message spans lines
+    reason = ' '.join(str(e).split())
+    raise ConfigError(f'config field {dotted!r} cannot take {value!r}: {reason}') from None
+
+
+PATH_FIELDS = ('text_path', 'manual_dir', 'tfds_data_dir')  # of config.data
+
+
+def make_paths_absolute(config: ml_collections.ConfigDict) -> None:
+  """Turns the data paths given relative to the current folder absolute, so that the config a run saves finds
+  its data from anywhere (`--mode eval` reads the text again)."""
+  for field in PATH_FIELDS:
+    if config.data[field]:
+      config.data[field] = os.path.abspath(os.path.expanduser(config.data[field]))
 
 
 def for_reading_here(config: ml_collections.ConfigDict, num_devices: int, backend: str) -> ml_collections.ConfigDict:

@@ -187,6 +187,8 @@ def check_saved_configs(sweep: Sweep, base: ml_collections.ConfigDict, root: str
     saved = flatten_config(json.loads(config_file.read_text(encoding='utf-8')))
     current = flatten_config(json.loads(point_config(base, point).to_json()))  # JSON on both sides: tuples are lists
     for field, value in current.items():
+      if field.startswith('data.') and field[5:] in config_lib.PATH_FIELDS and saved.get(field):
+        saved[field] = os.path.abspath(saved[field])  # saved relative before paths were made absolute
       if field in saved and saved[field] != value and not _may_change_on_resume(field):
         raise ConfigError(f'sweep point {point.index} ({point.name}) in {workdir} was trained with '
                           f'{field}={saved[field]!r}, not {value!r}; pass another --workdir, or delete that '

@@ -93,6 +93,11 @@ def test_set_field_refuses_unknown_fields_and_wrong_types():
     config_lib.set_field(config, 'modle.num_layers', 3)
   with pytest.raises(ConfigError, match=r"config field 'model.num_layers' cannot take 'four'"):
     config_lib.set_field(config, 'model.num_layers', 'four')
+  with pytest.raises(ConfigError) as error:  # ml_collections says why over two lines: the error stays one
+    config_lib.set_field(config, 'model.num_layers', {'a': 1})
+  assert '\n' not in str(error.value) and "cannot take {'a': 1}: Could not override field" in str(error.value)
+  with pytest.raises(ConfigError, match=r"^config field 'train' is a section; set its fields, e.g. train\.\w+$"):
+    config_lib.set_field(config, 'train', {'batch_size': 4})  # would have replaced the whole section
 
 
 def test_text_source_needs_a_path():

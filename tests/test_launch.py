@@ -75,3 +75,16 @@ def test_launch_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
   errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_relative_text_path_is_saved_absolute_so_the_workdir_evaluates_from_anywhere(corpus_file, tmp_path):
+  workdir = tmp_path / 'run'
+  trained = launch('--config', 'experiments/cpu.py', '--config.data.source=text',
+                   f'--config.data.text_path={os.path.relpath(corpus_file, REPO)}', *TINY, '--workdir', str(workdir))
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert json.loads((workdir / 'config.json').read_text())['data']['text_path'] == str(corpus_file)
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  evaluated = subprocess.run([sys.executable, str(REPO / 'launch.py'), '--mode', 'eval', '--workdir', str(workdir)],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+  assert evaluated.returncode == 0 and 'bits/char' in evaluated.stdout, evaluated.stderr[-3000:]

@@ -201,8 +201,9 @@ def test_points_started_under_other_settings_are_refused(tiny_config, tmp_path, 
     sweep_lib.check_saved_configs(sweep, base, tmp_path, sweep.points[1:])  # as `--sweep_index 1` checks
 
   # Length, mesh and cadence may change on resume; a point without checkpoints starts afresh whatever it saved.
+  # (and a text path saved relative to this folder, before paths were made absolute, is the same path)
   resumable = tiny_config(**{'train.num_steps': 10, 'mesh.cpu_devices': 1, 'eval.every': 5, 'train.log_every': 5,
-                             'checkpoint.every': 5})
+                             'checkpoint.every': 5, 'data.text_path': os.path.relpath(base.data.text_path)})
   started_point(sweep.workdir(tmp_path, sweep.points[0]), sweep_lib.point_config(resumable, sweep.points[0]), 10)
   (sweep.workdir(tmp_path, sweep.points[1]) / 'checkpoints' / '10').rmdir()
   sweep_lib.check_saved_configs(sweep, base, tmp_path)
