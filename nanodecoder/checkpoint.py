@@ -246,10 +246,8 @@ class Checkpoints:
   def best_step(self) -> int | None:
     scored = []
     for step in self.steps():
-      try:
+      with reading(self, step):
         val_loss = self.meta(step)['val_loss']
-      except Exception:  # noqa: BLE001 (an unreadable step is no candidate; selecting it by number says why)
-        continue
       if val_loss is not None:
         scored.append((val_loss, step))
     return min(scored)[1] if scored else None

@@ -294,6 +294,8 @@ def write_summary(root: str | pathlib.Path) -> list[pathlib.Path]:
   if curves:
     plot_loss_curves(curves, title, root / 'loss_curves.png')
     images.append('loss_curves.png')
+  for stale in {'val_loss.png', 'loss_curves.png'} - set(images):  # an earlier summary's, of other data
+    (root / stale).unlink(missing_ok=True)
   atomic_write(root / 'summary.md', markdown(title, fields, rows, images))
   written.append(root / 'summary.md')
   return written + [root / name for name in images]

@@ -110,10 +110,12 @@ def test_read_metrics_keeps_the_last_record_of_a_step_and_sums_sessions(tmp_path
 def test_a_run_without_evaluations_gets_curves_but_no_val_loss_plot(tmp_path):
   lines = [{'step': s, 'time': 100.0 + s, 'session_start': 100.0, 'train/loss': 3.0 - s / 100} for s in (10, 20)]
   (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in lines))
+  (tmp_path / 'val_loss.png').write_bytes(b'an earlier summary drew it')
   with warnings.catch_warnings():
     warnings.simplefilter('error')  # e.g. matplotlib's legend without labels
     written = summary_lib.write_summary(tmp_path)
   assert [p.name for p in written] == ['summary.csv', 'summary.md', 'loss_curves.png']
+  assert not (tmp_path / 'val_loss.png').exists()  # not left beside a summary.md that does not show it
   assert '| ' + tmp_path.name + ' | new | 0/? |  |  |  |  |  | 20s |' in (tmp_path / 'summary.md').read_text()
 
 
