@@ -226,6 +226,7 @@ def sweep_command(declaration) -> None:
   base = FLAGS.config
   config_lib.make_paths_absolute(base)
   sweep = sweep_lib.make_sweep(config_flags.get_config_filename(FLAGS['config']), base, declaration)
+  sweep_lib.check_overrides(sweep, list(config_flags.get_override_values(FLAGS['config'])))
   root = pathlib.Path(FLAGS.workdir or default_workdir(base))
   if FLAGS.sweep_list:
     print(sweep_lib.listing(sweep, base, root))

@@ -134,6 +134,14 @@ def point_config(base: ml_collections.ConfigDict, point: Point) -> ml_collection
   return config
 
 
+def check_overrides(sweep: Sweep, overridden: Sequence[str]) -> None:
+  """Refuses command-line overrides of fields that every point sets: they would change nothing."""
+  ignored = [field for field in overridden if all(field in point.overrides for point in sweep.points)]
+  if ignored:
+    raise ConfigError(f'--config.{ignored[0]} has no effect: every point of the sweep sets {ignored[0]}; drop the '
+                      'override, or sweep other values in get_sweep()')
+
+
 def check_text_data(sweep: Sweep, base: ml_collections.ConfigDict) -> None:
   """Loads the text corpus of every point that trains on a text file: a missing or short file fails up front.
 

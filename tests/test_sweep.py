@@ -292,3 +292,10 @@ def test_a_sweep_over_a_missing_text_file_stops_before_any_point(corpus_file, tm
   assert result.stderr.strip().splitlines() == [
       "error: sweep point 0 (seed=1): data.text_path '/no/such.txt' does not exist; point it at a UTF-8 text file"]
   assert not root.exists()
+
+
+def test_an_override_of_a_field_every_point_sets_is_refused(tiny_config):
+  sweep = sweep_lib.make_sweep('tiny.py', tiny_config(), [{'seed': 1, 'model.dropout': 0.1}, {'seed': 2}])
+  sweep_lib.check_overrides(sweep, ['model.dropout', 'train.num_steps'])  # dropout: the second point takes it
+  with pytest.raises(ConfigError, match=r'^--config.seed has no effect: every point of the sweep sets seed; drop'):
+    sweep_lib.check_overrides(sweep, ['model.dropout', 'seed'])
