@@ -291,6 +291,9 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         if code is None:
           continue
         del running[slot]
+        config = point_config(base, point)
+        if code != 0 and point_status(sweep.workdir(root, point), config.train.num_steps).state == 'finished':
+          code = 0  # it saved its last step, then died while exiting (e.g. a Ctrl-C just then)
         results[point.name] = code
         outcome = 'finished' if code == 0 else 'stopped' if code in (130, 143) else f'failed (exit status {code})'
         log(f'[point {point.index} of {total}] {point.name}: {outcome} after {format_duration(time.time() - started)}')

@@ -128,13 +128,16 @@ def test_run_keeps_n_points_going_with_distinct_slots(tiny_config, tmp_path, mon
   def start(point, slot):
     assert not any(name in FakeProcess.running for name, held in slots.items() if held == slot)  # a free slot
     slots[point.name] = slot
-    return FakeProcess(point.name, code=1 if point.index == 3 else 0, polls=2 + point.index % 2)
+    if point.index == 4:  # saved its last checkpoint, then a Ctrl-C killed it on its way out
+      (sweep.workdir(tmp_path, point) / 'checkpoints' / str(base.train.num_steps)).mkdir(parents=True)
+    return FakeProcess(point.name, code={3: 1, 4: -2}.get(point.index, 0), polls=2 + point.index % 2)
 
   log = []
   results, stopped = sweep_lib.run(sweep, base, tmp_path, start, parallel=2, log=log.append)
   assert FakeProcess.most_at_once == 2 and set(slots.values()) == {0, 1} and stopped is None
   assert results == {'seed=1': 0, 'seed=2': 0, 'seed=3': 0, 'seed=4': 1, 'seed=5': 0}
   assert '[point 3 of 5] seed=4: failed (exit status 1) after 0s' in log and '[point 0 of 5] seed=1: starting' in log
+  assert '[point 4 of 5] seed=5: finished after 0s' in log
 
 
 def test_finished_points_are_skipped_and_interrupted_ones_resume(tiny_config, tmp_path):
