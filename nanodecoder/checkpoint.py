@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
@@ -32,6 +31,7 @@ from orbax.checkpoint import checkpoint_managers
 from nanodecoder.config import ConfigError
 from nanodecoder.sharding import gather_from_processes
 from nanodecoder.data import CharTokenizer
+from nanodecoder.metrics import quiet_absl
 
 # Config fields that fix the parameter shapes: a checkpoint restores only into the same values.
 SHAPE_FIELDS = ('num_layers', 'num_heads', 'head_size', 'context_length', 'mlp_ratio', 'use_bias', 'tie_embeddings',
@@ -87,17 +87,6 @@ def _ignore_wakeups_of_closed_loops() -> None:
 
   hook.ignores_closed_loops = True
   sys.unraisablehook = hook
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-  """Only errors from absl logging (Orbax's warnings and notes) inside the block."""
-  previous = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(min(previous, absl_logging.ERROR))
-  try:
-    yield
-  finally:
-    absl_logging.set_verbosity(previous)
 
 
 class WorkdirLock:
@@ -176,7 +165,7 @@ class Checkpoints:
     if keep_best:
       policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
                                                 keep_checkpoints_without_metrics=False))
-    with _quiet_absl():  # a read-only manager makes Orbax warn that it is read-only
+    with quiet_absl():  # a read-only manager makes Orbax warn that it is read-only
       options = ocp.CheckpointManagerOptions(
           preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
           # best_fn makes Orbax write each step's metrics beside it: without them a resumed run's manager
@@ -199,7 +188,7 @@ class Checkpoints:
     """
     meta = {'step': step, 'val_loss': val_loss, 'config': config.to_dict(), 'tokenizer': tokenizer.to_json()}
     self.wait()  # Orbax waits for the previous save anyway; waiting here names its step if it failed
-    quiet = _quiet_absl() if val_loss is None else contextlib.nullcontext()  # Orbax warns of a step without metrics
+    quiet = quiet_absl() if val_loss is None else contextlib.nullcontext()  # Orbax warns of a step without metrics
     with self._failures(step), quiet:
       self.manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(nnx.to_pure_dict(state[0])),

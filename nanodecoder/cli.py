@@ -83,10 +83,27 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f'{e} (see --helpfull)')
   except (AttributeError, KeyError) as e:  # ml_collections: a field the config does not have
     message = str(e.args[0] if e.args else e).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
+    message = ' '.join(message.split())  # a top-level field's message spans two lines
+    if "has no attribute 'get_config" in message:  # (its closing quote was stripped above)
+      _config_load_failed(e)
     suggestion = re.match(r"'?([\w.]+)'? Did you mean \"([\w.]+)\"", message)
     if suggestion:  # ml_collections' "'num_layrs' Did you mean "num_layers" instead of "num_layrs"?"
       message = f'{suggestion[1]!r} (did you mean {suggestion[2]!r}?)'
     fail(f'unknown config field in the overrides: {message}; see experiments/base.py for the fields')
+  except Exception as e:  # noqa: BLE001 (with overrides, config_flags runs the --config file here)
+    _config_load_failed(e)
+
+
+def _config_load_failed(error: Exception) -> None:
+  """One line for a --config file that does not run or defines no get_config()."""
+  if isinstance(error, OSError):
+    reason = str(error).strip().splitlines()[-1].strip()
+  elif isinstance(error, AttributeError):
+    reason = 'it defines no get_config()'
+  else:
+    reason = f'{type(error).__name__}: {" ".join(str(error).split())}'
+  fail(f'cannot load the --config file: {reason}; an experiment file is Python with get_config() (to resume a '
+       'run from its saved config.json, pass only its --workdir)')
 
 
 def fail(message: str) -> None:
@@ -135,11 +152,11 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
 
   config = FLAGS.config if config is None else config
   if config is None:
-    fail('--config is required to train, e.g. --config experiments/cpu.py')
+    config = _saved_config()
   try:
     config.get('name')  # config_flags defers a failed load to the first access
-  except OSError as e:
-    fail(f'cannot load the --config file: {str(e).strip().splitlines()[-1].strip()}')
+  except Exception as e:  # noqa: BLE001
+    _config_load_failed(e)
   config_lib.make_paths_absolute(config)
   setup_jax(config)
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -148,6 +165,21 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
     sys.exit(128 + int(getattr(signal, metrics['stopped_by'], signal.SIGTERM)))
   if 'train_loss' in metrics and jax.process_index() == 0:
     print(f'final: train loss {metrics["train_loss"]:.4f} | val loss {metrics["val_loss"]:.4f}')
+
+
+def _saved_config() -> ml_collections.ConfigDict:
+  """The config.json of --workdir, to resume a run without its --config (and overrides)."""
+  import json
+
+  saved = pathlib.Path(FLAGS.workdir or '') / 'config.json'
+  if not FLAGS.workdir or not saved.is_file():
+    fail('--config is required to train, e.g. --config experiments/cpu.py (or --workdir of a run, to resume it)')
+  try:
+    config = ml_collections.ConfigDict(json.loads(saved.read_text(encoding='utf-8')))
+  except (OSError, ValueError) as e:
+    fail(f'cannot read {saved} ({e}); pass --config to train')
+  print(f'resuming with the config saved in {saved}', flush=True)
+  return config
 
 
 def sample_command() -> None:
@@ -205,8 +237,8 @@ def sweep_declaration():
   if FLAGS.mode == 'train' and FLAGS.config is not None:
     try:
       FLAGS.config.get('name')
-    except OSError:
-      return None  # train_command says why the file did not load
+    except Exception:  # noqa: BLE001 (train_command says why the file did not load)
+      return None
     declaration = sweep_lib.load_declaration(config_flags.get_config_filename(FLAGS['config']))
   used = [f'--{name}' for name in ('sweep_index', 'sweep_list', 'sweep_parallel') if FLAGS[name].present]
   if used and declaration is None:

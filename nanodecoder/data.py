@@ -29,6 +29,8 @@ import urllib.parse
 import ml_collections
 import numpy as np
 
+from nanodecoder.metrics import quiet_absl
+
 MANUAL_DIR_ENV = 'NANODECODER_MANUAL_DIR'
 # Independent PRNG streams: training batches, and the fixed batches that estimate train / eval loss.
 TRAIN_STREAM, TRAIN_LOSS_STREAM, EVAL_LOSS_STREAM = 0, 1, 2
@@ -120,12 +122,17 @@ def _tfds_corpus(name: str, data_dir: str, manual_dir: str) -> Corpus:
   import tensorflow_datasets as tfds  # heavy; only for this source
 
   make_builder = lambda: tfds.builder(name, data_dir=data_dir or None, file_format='array_record')
+
+  def is_prepared(builder) -> bool:
+    with quiet_absl():  # TFDS warns that a fresh data folder holds no dataset_info.json yet
+      return builder.is_prepared()
+
   try:
     builder = make_builder()
   except tfds.core.DatasetNotFoundError:
     raise DataError(f"data.tfds_name {name!r} is not a TFDS dataset; use e.g. 'tiny_shakespeare', or "
                     "data.source='text' with data.text_path=FILE") from None
-  if not builder.is_prepared():
+  if not is_prepared(builder):
     url_infos = builder.url_infos or {}  # None for datasets without checksums
     download_config = None
     if manual_dir:
@@ -140,7 +147,7 @@ def _tfds_corpus(name: str, data_dir: str, manual_dir: str) -> Corpus:
     try:
       builder.download_and_prepare(download_config=download_config)
     except FileExistsError:  # another process (e.g. a sweep point) prepared it at the same time
-      if not builder.is_prepared():
+      if not is_prepared(builder):
         raise
       builder = make_builder()  # reads the other process's dataset info
   splits = {}

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -25,10 +26,22 @@ import time
 from typing import Any, Mapping
 
 import ml_collections
+from absl import logging as absl_logging
 
 from nanodecoder.files import atomic_write
 
 _file_counter = itertools.count()
+
+
+@contextlib.contextmanager
+def quiet_absl():
+  """Only errors from absl logging (the warnings and notes of Orbax, TFDS, ...) inside the block."""
+  previous = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(min(previous, absl_logging.ERROR))
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(previous)
 
 
 def format_duration(seconds: float) -> str:

@@ -108,12 +108,14 @@ def test_offline_tfds_without_the_file_fails_within_seconds(tmp_path):
       'import socket\n\n\ndef refuse(*args, **kwargs):\n  raise OSError("network disabled by the test")\n\n\n'
       'socket.create_connection = refuse\n')
   python_path = os.pathsep.join(filter(None, [str(offline), os.environ.get('PYTHONPATH')]))
+  (tmp_path / 'tfds').mkdir()  # a fresh TFDS data folder: nothing prepared in it yet
   env_free = ['--config.data.manual_dir=', f'--config.data.tfds_data_dir={tmp_path / "tfds"}']
   result = launch('--config', 'experiments/cpu.py', *TINY, *env_free, '--workdir', str(tmp_path / 'run'),
                   timeout=60, env={'NANODECODER_MANUAL_DIR': '', 'PYTHONPATH': python_path})
   assert 'network disabled by the test' in result.stderr
   assert_user_error(result, "cannot download tfds 'tiny_shakespeare'")
   assert 'NANODECODER_MANUAL_DIR' in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no TFDS warnings about the empty folder
 
 
 @pytest.mark.parametrize('override, message', [

@@ -44,6 +44,15 @@ def test_launch_trains_a_tiny_config(tiny_run, corpus_file):
 
 
 @pytest.mark.slow
+def test_a_workdir_alone_resumes_with_its_saved_config(tiny_run):
+  workdir, _ = tiny_run
+  result = launch('--workdir', str(workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resuming with the config saved in {workdir / "config.json"}' in result.stdout
+  assert 'resumed from the checkpoint at step 12' in result.stdout and 'nothing to do' in result.stdout
+
+
+@pytest.mark.slow
 def test_sample_stream_out_prompt_file_and_nokv_cache_give_one_text(tiny_run, tmp_path):
   """Greedy within the context: streamed with the KV cache == compiled without it == both --out files."""
   workdir, _ = tiny_run
@@ -64,6 +73,14 @@ def test_sample_stream_out_prompt_file_and_nokv_cache_give_one_text(tiny_run, tm
     (['--config', 'experiments/nope.py'], "error: cannot load the --config file: [Errno 2] No such file or directory: 'experiments/nope.py'"),
     (['--config', 'experiments/cpu.py', '--config.model.num_layer=3'],
      "error: unknown config field in the overrides: 'num_layer' (did you mean 'num_layers'?); see experiments/base.py"),
+    (['--config', 'experiments/cpu.py', '--config.modle.num_layers=3'],  # a top-level typo: a two-line message
+     "error: unknown config field in the overrides: 'modle' (did you mean 'model'?); see experiments/base.py"),
+    (['--config', 'pyproject.toml'], 'error: cannot load the --config file: SyntaxError: '),
+    (['--config', 'pyproject.toml', '--config.seed=3'], 'error: cannot load the --config file: SyntaxError: '),
+    (['--config', 'nanodecoder/files.py'], 'error: cannot load the --config file: it defines no get_config()'),
+    (['--config', 'nanodecoder/files.py', '--config.seed=3'],
+     'error: cannot load the --config file: it defines no get_config()'),
+    ([], 'error: --config is required to train, e.g. --config experiments/cpu.py (or --workdir of a run, to resume'),
     (['--config', 'experiments/cpu.py', '--config.model.num_layers=three'], "error: flag --config.model.num_layers=three: invalid literal for int()"),
     (['--config', 'experiments/cpu.py', '--config.model.num_heads=0'], 'error: model.num_heads must be a positive integer, got 0'),
     (['--config', 'experiments/cpu.py', '--config.data.source=text', '--config.data.text_path=/no/such.txt'],
