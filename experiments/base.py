@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.use_bias = False  # biases in linear layers and LayerNorms
   model.tie_embeddings = True  # LM head reuses the token embedding matrix
   model.dtype = 'float32'  # compute dtype ('bfloat16' on GPU/TPU); logits stay fp32
-  model.param_dtype = 'float32'  # storage dtype of parameters and optimizer state
+  model.param_dtype = 'float32'  # storage dtype of parameters and optimizer state (bfloat16: no fp32 master copy)
   model.attention_impl = 'auto'  # 'einsum', 'xla', 'cudnn' (fused, NVIDIA); auto: cudnn on GPU if it applies
   model.remat = 'none'  # recompute in the backward pass: 'none', 'matmuls' (all but projections), 'block'
   model.scan_layers = False  # scan over stacked blocks: compile time flat in depth

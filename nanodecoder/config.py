@@ -74,14 +74,19 @@ def make_paths_absolute(config: ml_collections.ConfigDict) -> None:
 def for_reading_here(config: ml_collections.ConfigDict, num_devices: int, backend: str) -> ml_collections.ConfigDict:
   """A saved run's config made to read its checkpoints on this machine (evaluation, sampling): data parallel
   over its `num_devices` devices, the batch rounded up to fill them, and 'auto' attention where the run's
-  'cudnn' cannot run (off NVIDIA GPUs). What it computes is unchanged."""
+  'cudnn' or 'xla' cannot run (off NVIDIA GPUs; float16 'xla' on CPU). What it computes is unchanged."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh.update(data=-1, fsdp=1, tensor=1)
   config.train.grad_accum_steps = 1
   config.train.batch_size = -(-config.train.batch_size // num_devices) * num_devices
-  if config.model.attention_impl == 'cudnn' and backend != 'gpu':
+  if (config.model.attention_impl == 'cudnn' and backend != 'gpu') or xla_attention_cannot_run(config.model, backend):
     config.model.attention_impl = 'auto'
   return config
+
+
+def xla_attention_cannot_run(model: ml_collections.ConfigDict, platform: str) -> bool:
+  """XLA's CPU backend has no float16 matmul with float32 sums, which attention_impl='xla' asks for."""
+  return model.attention_impl == 'xla' and model.dtype == 'float16' and platform == 'cpu'
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:

@@ -148,8 +148,9 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
       grad_fn = jax.value_and_grad(loss_fn)
       if accum == 1:
         return grad_fn(params, rest, batch, key)
-      # k micro-batches of b rows each give the gradient of one batch of k * b rows. Micro-batch j
-      # takes rows j, j + k, j + 2k, ...: every device holds a slice of every micro-batch.
+      # k micro-batches of b rows each give the gradient of one batch of k * b rows (with dropout, one drawn with
+      # other masks: each micro-batch has its own key). Micro-batch j takes rows j, j + k, j + 2k, ...: every
+      # device holds a slice of every micro-batch.
       micro = batch.reshape(batch.shape[0] // accum, accum, batch.shape[1]).swapaxes(0, 1)
       if not flat_all_reduce:  # (under shard_map the batch is already this device's rows)
         micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES)))
@@ -293,6 +294,9 @@ def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if config.model.attention_impl == 'cudnn' and platform != 'gpu':
     raise config_lib.ConfigError(f"model.attention_impl='cudnn' needs NVIDIA GPUs, but the mesh is on {platform} "
                                  "devices; use 'auto' or 'einsum'")
+  if config_lib.xla_attention_cannot_run(config.model, platform):
+    raise config_lib.ConfigError("model.attention_impl='xla' with model.dtype='float16' does not run on cpu devices "
+                                 "(no float16 matmul with float32 sums there); use 'auto' or 'einsum', or bfloat16")
   config_lib.check_mesh_shape(config, *(mesh.shape[axis] for axis in ('data', 'fsdp', 'tensor')))
 
 

@@ -179,9 +179,11 @@ def test_restores_onto_a_different_device_count(tiny_config, tmp_path):
     assert_trees_equal(jax.device_get(nnx.to_pure_dict(state[0])), final_params(tmp_path)[1])
 
 
-def test_a_model_trained_with_cudnn_attention_loads_and_runs_off_gpus(tiny_config, tmp_path):
-  """Only NVIDIA GPUs run cuDNN attention: elsewhere the loaded model attends with 'auto' (uncached sampling too)."""
-  config = tiny_config(**{'model.attention_impl': 'cudnn', 'model.dtype': 'bfloat16'})
+@pytest.mark.parametrize('impl, dtype', [('cudnn', 'bfloat16'), ('xla', 'float16')])
+def test_a_model_trained_with_gpu_only_attention_loads_and_runs_here(tiny_config, tmp_path, impl, dtype):
+  """Only NVIDIA GPUs run cuDNN attention, and XLA's CPU backend has no float16 'xla' attention: here the loaded
+  model attends with 'auto' (uncached sampling too)."""
+  config = tiny_config(**{'model.attention_impl': impl, 'model.dtype': dtype})
   with nnx.use_eager_sharding(False):
     model = Decoder(config_lib.model_config(config, 2), nnx.Rngs(params=0))
   checkpoints = Checkpoints(tmp_path)
@@ -189,7 +191,7 @@ def test_a_model_trained_with_cudnn_attention_loads_and_runs_off_gpus(tiny_confi
   checkpoints.wait()
   checkpoints.close()
   loaded, _, saved_config, _ = checkpoint_lib.load_model(tmp_path)
-  assert saved_config.model.attention_impl == 'cudnn' and loaded.cfg.attention_impl == 'auto'
+  assert saved_config.model.attention_impl == impl and loaded.cfg.attention_impl == 'auto'
   config.model.attention_impl = 'einsum'
   with nnx.use_eager_sharding(False):  # the same initial weights, attending with the formula
     reference = Decoder(config_lib.model_config(config, 2), nnx.Rngs(params=0))

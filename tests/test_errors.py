@@ -51,6 +51,8 @@ CONFIG_CASES = [
      'mesh.tensor=2 does not divide model.num_heads=3'),
     (['--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'],
      "model.attention_impl='cudnn' needs NVIDIA GPUs, but the mesh is on cpu devices"),
+    (['--config.model.attention_impl=xla', '--config.model.dtype=float16'],
+     "model.attention_impl='xla' with model.dtype='float16' does not run on cpu devices"),
     (['--config.train.batch_size=7'], 'train.batch_size=7 (micro-batch 7) is not divisible by the data-parallel size 2'),
     (['--config.mesh.data=3', '--config.train.batch_size=6'],
      'mesh.data=3, mesh.fsdp=1, mesh.tensor=1 use 3 devices but there are 2'),
