@@ -414,7 +414,7 @@ def _given_prompt() -> str | None:
     fail('--prompt and --prompt_file both give the prompt; pass only one of them')
   if FLAGS.prompt_file is not None:
     try:  # the bytes as they are: read_text would turn '\r\n' into '\n', which the model may not know
-      return pathlib.Path(FLAGS.prompt_file).read_bytes().decode('utf-8')
+      return pathlib.Path(FLAGS.prompt_file).read_bytes().decode('utf-8-sig')  # (less a byte-order mark)
     except (OSError, UnicodeDecodeError) as e:
       fail(f'cannot read --prompt_file {FLAGS.prompt_file!r}: {e}')
   return FLAGS.prompt if FLAGS['prompt'].present else None

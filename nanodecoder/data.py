@@ -106,7 +106,7 @@ def _text_corpus(path: str, eval_fraction: float) -> Corpus:
   except OSError as e:  # a directory, no permission, a file used as a folder, a name too long, ...
     raise DataError(f'data.text_path {path!r} cannot be read ({e.strerror}); point it at a readable UTF-8 text file') from None
   try:
-    text = raw.decode('utf-8')
+    text = raw.decode('utf-8-sig')  # without a byte-order mark, should the file start with one
   except UnicodeDecodeError as e:
     raise DataError(f'data.text_path {path!r} is not UTF-8 (bad byte at offset {e.start}); convert it, e.g. iconv -t UTF-8') from None
   if not text:

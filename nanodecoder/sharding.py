@@ -55,15 +55,15 @@ def cpu_device_count(config: ml_collections.ConfigDict, cores: int) -> int:
   """`mesh.cpu_devices`, or for 0 one device per core, fewer where the mesh cannot be split that many ways.
 
   With a -1 mesh axis this is the most devices, up to `cores`, over which the heads, widths and batch split
-  (the CPU recipe's batch of 12 takes 6 of 8 cores, not 8); a mesh without -1 gets `cores`, as it says how
-  many it needs. Counts one process's devices: a run of several processes sets mesh.cpu_devices itself.
+  (the CPU recipe's batch of 12 takes 6 of 8 cores, not 8); a mesh without -1 gets the devices it names if
+  the cores suffice. Counts one process's devices: a run of several processes sets mesh.cpu_devices itself.
   """
   if config.mesh.cpu_devices:
     return config.mesh.cpu_devices
   sizes = [config.mesh[axis] for axis in AXES]
-  if -1 not in sizes:
-    return cores
   known = math.prod(size for size in sizes if size != -1)
+  if -1 not in sizes:
+    return known if known <= cores else cores  # too many: the mesh check at training start says so
   for count in range(cores - cores % known, 0, -known):
     try:
       check_mesh_shape(config, *(count // known if size == -1 else size for size in sizes))

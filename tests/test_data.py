@@ -126,6 +126,8 @@ def test_text_corpus_splits_the_tail_off_for_validation(tmp_path):
   assert corpus.splits['train'] == ('abcdefghij' * 10)[:90]
   assert corpus.splits['validation'] == 'abcde' and corpus.splits['test'] == 'fghij'
   assert corpus.text('validation+test') == 'abcdefghij'
+  path.write_bytes(b'\xef\xbb\xbf' + b'abcdefghij' * 10)  # a byte-order mark (Windows editors) is no character
+  assert data_lib._text_corpus(str(path), 0.1).splits == corpus.splits
 
 
 @pytest.mark.parametrize('content, message', [
