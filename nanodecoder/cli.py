@@ -167,15 +167,20 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
     print(f'final: train loss {metrics["train_loss"]:.4f} | val loss {metrics["val_loss"]:.4f}')
 
 
-def _saved_config() -> ml_collections.ConfigDict:
-  """The config.json of --workdir, to resume a run without its --config (and overrides)."""
+def _read_config_json(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in its workdir; OSError or ValueError when it cannot be read."""
   import json
 
+  return ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text(encoding='utf-8')))
+
+
+def _saved_config() -> ml_collections.ConfigDict:
+  """The config.json of --workdir, to resume a run without its --config (and overrides)."""
   saved = pathlib.Path(FLAGS.workdir or '') / 'config.json'
   if not FLAGS.workdir or not saved.is_file():
     fail('--config is required to train, e.g. --config experiments/cpu.py (or --workdir of a run, to resume it)')
   try:
-    config = ml_collections.ConfigDict(json.loads(saved.read_text(encoding='utf-8')))
+    config = _read_config_json(saved.parent)
   except (OSError, ValueError) as e:
     fail(f'cannot read {saved} ({e}); pass --config to train')
   print(f'resuming with the config saved in {saved}', flush=True)
@@ -430,7 +435,7 @@ def eval_command() -> None:
   out = _checked_out()
   saved = None
   try:  # the run's device settings (mesh.cpu_devices), before JAX starts
-    saved = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text(encoding='utf-8')))
+    saved = _read_config_json(workdir)
   except (OSError, ValueError):
     pass
   setup_jax(saved)

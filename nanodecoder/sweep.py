@@ -149,13 +149,17 @@ def check_text_data(sweep: Sweep, base: ml_collections.ConfigDict) -> None:
   """
   from nanodecoder import data as data_lib
 
+  checked = set()  # (data settings, context length): points that differ only in other fields load it once
   for point in sweep.points:
     config = point_config(base, point)
-    if config.data.source == 'text':
-      try:
-        data_lib.load_dataset(config)
-      except data_lib.DataError as e:
-        raise data_lib.DataError(f'sweep point {point.index} ({point.name}): {e}') from None
+    key = (config.data.to_json(), config.model.context_length)
+    if config.data.source != 'text' or key in checked:
+      continue
+    try:
+      data_lib.load_dataset(config)
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f'sweep point {point.index} ({point.name}): {e}') from None
+    checked.add(key)
 
 
 def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.ConfigDict) -> None:
@@ -265,13 +269,13 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
     else:
       todo.append((point, status))
   results: dict[str, int] = {}
-  running: dict[int, tuple[Point, subprocess.Popen, float]] = {}
+  running: dict[int, tuple[Point, int, subprocess.Popen, float]] = {}  # slot -> (point, num_steps, process, start)
   stopping: list[int] = []
 
   def on_signal(signum, frame):
     stopping.append(signum)
     if signum == signal.SIGTERM:  # Ctrl-C reaches the points by itself (same process group)
-      for _, process, _ in running.values():
+      for _, _, process, _ in running.values():
         process.send_signal(signal.SIGTERM)
 
   previous = {}
@@ -284,15 +288,14 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         point, status = todo.pop(0)
         how = f'resuming from step {status.step}' if status.state == 'partial' else 'starting'
         log(f'[point {point.index} of {total}] {point.name}: {how}')
-        running[slot] = (point, start(point, slot), time.time())
+        running[slot] = (point, status.num_steps, start(point, slot), time.time())
       time.sleep(0.1)
-      for slot, (point, process, started) in list(running.items()):
+      for slot, (point, num_steps, process, started) in list(running.items()):
         code = process.poll()
         if code is None:
           continue
         del running[slot]
-        config = point_config(base, point)
-        if code != 0 and point_status(sweep.workdir(root, point), config.train.num_steps).state == 'finished':
+        if code != 0 and point_status(sweep.workdir(root, point), num_steps).state == 'finished':
           code = 0  # it saved its last step, then died while exiting (e.g. a Ctrl-C just then)
         results[point.name] = code
         outcome = 'finished' if code == 0 else 'stopped' if code in (130, 143) else f'failed (exit status {code})'

@@ -190,22 +190,28 @@ def test_diverging_loss_stops_with_a_clear_error(tiny_config, tmp_path):
     train_lib.train_and_evaluate(config, tmp_path)
 
 
-def test_an_infinite_gradient_stops_before_its_step_is_saved(tiny_config, tmp_path, monkeypatch):
-  """A finite loss with an infinite gradient norm (clipping then makes NaN parameters) stops the run at that step."""
+def after_each_step(monkeypatch, change):
+  """Makes the trainers the run creates pass each step's (state, outputs) through `change(state, out, step)`."""
   create_trainer = train_lib.create_trainer
 
-  def with_infinite_gradient_at_step_3(*args, **kwargs):
+  def changed_trainer(*args, **kwargs):
     trainer = create_trainer(*args, **kwargs)
     train_step = trainer.train_step
 
     def step(state, batch):
       state, out = train_step(state, batch)
-      return state, out if int(state[1]['step'][...]) != 3 else {**out, 'grad_norm': jnp.float32(jnp.inf)}
+      return change(state, out, int(state[1]['step'][...]))
 
     trainer.train_step = step
     return trainer
 
-  monkeypatch.setattr(train_lib, 'create_trainer', with_infinite_gradient_at_step_3)
+  monkeypatch.setattr(train_lib, 'create_trainer', changed_trainer)
+
+
+def test_an_infinite_gradient_stops_before_its_step_is_saved(tiny_config, tmp_path, monkeypatch):
+  """A finite loss with an infinite gradient norm (clipping then makes NaN parameters) stops the run at that step."""
+  after_each_step(monkeypatch, lambda state, out, step: (
+      state, out if step != 3 else {**out, 'grad_norm': jnp.float32(jnp.inf)}))
   config = tiny_config(**{'train.num_steps': 6, 'checkpoint.every': 1, 'eval.every': 6, 'train.log_every': 1})
   with pytest.raises(FloatingPointError, match=r'^gradient norm became inf at step 3; the last good checkpoint'):
     train_lib.train_and_evaluate(config, tmp_path)
@@ -266,22 +272,13 @@ def test_profile_fields_must_be_non_negative(tiny_config, tmp_path, field):
 ])
 def test_a_diverged_model_that_the_step_loss_missed_is_not_saved(tiny_config, tmp_path, monkeypatch, poison, message):
   """The step's loss and gradient norm come from before its update: the update itself can break the model."""
-  create_trainer = train_lib.create_trainer
 
-  def poisoned_after_step_2(*args, **kwargs):
-    trainer = create_trainer(*args, **kwargs)
-    train_step = trainer.train_step
+  def poison_the_parameters_at_step_2(state, out, step):
+    if step == 2 and poison == 'params':
+      state[0] = jax.tree.map(lambda x: x * jnp.inf, state[0])
+    return state, out
 
-    def step(state, batch):
-      state, out = train_step(state, batch)
-      if int(state[1]['step'][...]) == 2 and poison == 'params':
-        state[0] = jax.tree.map(lambda x: x * jnp.inf, state[0])
-      return state, out
-
-    trainer.train_step = step
-    return trainer
-
-  monkeypatch.setattr(train_lib, 'create_trainer', poisoned_after_step_2)
+  after_each_step(monkeypatch, poison_the_parameters_at_step_2)
   if poison == 'val':
     monkeypatch.setattr(train_lib, 'evaluate', lambda trainer, dataset: {'train_loss': 1.0, 'eval_loss': float('nan')})
   evaluate_at_2 = poison == 'val'  # else the evaluation would be first to see the parameters
