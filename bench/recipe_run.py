@@ -3,9 +3,10 @@
   python bench/recipe_run.py --config experiments/base.py --set model.dtype='"bfloat16"' --workdir /tmp/base
 
 Prints and writes JSON: total wall time, training time (the logged step
-times: no compilation, no evaluation, no checkpoint waits), best and final val
-loss, median tokens/s over the run's log windows, and MFU against the chip's
-datasheet bf16 peak (GPU) from `train_speed.PEAK_BF16_FLOPS`.
+times: no compilation, no evaluation, no checkpoint waits; profiled steps
+count at the median), best and final val loss, median tokens/s over the
+run's log windows, and MFU against the chip's datasheet bf16 peak (GPU) from
+`train_speed.PEAK_BF16_FLOPS`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main():
   from nanodecoder import cli, config as config_lib, train
   from nanodecoder.model import train_flops_per_token
   from nanodecoder.sweep import saved_steps
-  from train_speed import load_config, machine, peak_flops
+  from train_speed import MFU_CONVENTION, load_config, machine, peak_flops
 
   config = load_config(args.config, args.set)
   cli.setup_jax(config)
@@ -53,10 +54,13 @@ def main():
   steps_done = max([r['step'] for r in train_records[-1:]] + saved_steps(args.workdir), default=0)
   # None where a run stopped (signal, timeout) before its first timed log line or evaluation.
   median_ms = tokens_per_s = train_seconds = achieved = None
+  previous = {r['step']: p['step'] for p, r in zip(train_records, train_records[1:])}
+  # Windows that ran the profiler (steps profile_start + 1 .. + profile_steps) are not timed: tracing slows them.
+  first, end = config.train.profile_start, config.train.profile_start + config.train.profile_steps
+  logs = [r for r in logs if not (config.train.profile_steps and previous.get(r['step'], 0) < end and r['step'] > first)]
   if logs:
     # Each timed log line covers the steps since the previous log line; steps without a timing (the first,
-    # compiling call) count at the median speed.
-    previous = {r['step']: p['step'] for p, r in zip(train_records, train_records[1:])}
+    # compiling call, and the profiled windows) count at the median speed.
     covered = {r['step']: r['step'] - previous[r['step']] for r in logs if r['step'] in previous}
     median_ms = statistics.median(r['train/ms_per_step'] for r in logs)
     train_seconds = (sum(r['train/ms_per_step'] * covered.get(r['step'], 0) for r in logs)
@@ -76,6 +80,8 @@ def main():
       'machine': machine(),
   }
   print(json.dumps(result, indent=2))
+  if result['mfu'] is not None:
+    print(MFU_CONVENTION)
   if args.out:
     atomic_write(args.out, json.dumps(result, indent=2) + '\n')
 

@@ -41,6 +41,9 @@ DEFAULT_REPEATS = {'cpu': 5, 'base': 3}
 # than as one batch (5.0 vs 7.2 s/step in bench/RESULTS.md), in about 1/8 of the activation memory (same math as
 # one batch of 64; see README, Performance).
 CPU_SETTINGS = {'base': ['model.scan_layers=true', 'train.grad_accum_steps=8', 'train.steps_per_call=1']}
+MFU_CONVENTION = ('MFU = model FLOPs / datasheet dense bf16 peak; model FLOPs per token = 6 x matmul weights '
+                  '(LM head included, embedding lookups not) + 12 x layers x context x width (attention counted '
+                  'in full, as PaLM and nanoGPT do; a causal kernel does about half of it)')
 # Dense bf16 peak FLOP/s from the datasheets (SXM parts), for MFU.
 PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12,
                    'B200': 2250e12}  # first match wins: the SXM parts last
@@ -149,8 +152,19 @@ def run_child(args: list[str]) -> dict:
   env = {**os.environ, 'NANODECODER_COMPILATION_CACHE': ''}  # measure real compile times
   result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO, env=env)
   if result.returncode != 0:
-    raise SystemExit(f'benchmark child {args} failed:\n{result.stderr[-3000:]}')
+    raise RuntimeError(f'benchmark child {args} failed:\n{result.stderr[-3000:]}')
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def earlier_ceiling(path: str | None) -> dict | None:
+  """{'matmul_gflops', 'platform'} from an earlier run's JSON, or None."""
+  try:
+    earlier = json.loads(pathlib.Path(path).read_text()) if path else {}
+  except (OSError, ValueError):
+    return None
+  if 'matmul_gflops' in earlier and 'platform' in earlier:
+    return {'matmul_gflops': earlier['matmul_gflops'], 'platform': earlier['platform'], 'source': f'from {path}'}
+  return None
 
 
 def machine() -> dict:
@@ -179,6 +193,8 @@ def main():
   parser.add_argument('--packed-qkv', action='store_true', help='project q, k, v with one matmul also where '
                       'attention is a fused kernel (the model then uses three; see CausalSelfAttention.project)')
   parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'train_speed.json'))
+  parser.add_argument('--ceiling-from', metavar='JSON', help="reuse the matmul ceiling of an earlier run's JSON "
+                      '(measured again when the file has none)')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   parser.add_argument('--ceiling', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -191,9 +207,11 @@ def main():
     print(json.dumps(worker(args.worker, args.steps, args.repeats, args.set, args.text, args.packed_qkv)))
     return
 
-  measured = run_child(['--ceiling'])
+  measured = earlier_ceiling(args.ceiling_from) or run_child(['--ceiling'])
   ceiling = measured['matmul_gflops']
-  rows = []
+  out = pathlib.Path(args.out)
+  payload = {'machine': machine(), 'platform': measured['platform'], 'matmul_gflops': ceiling,
+             'overrides': args.set, 'tokens': args.text or 'uniform random', 'results': [], 'failed': []}
   for shape in args.shapes.split(','):
     steps = args.steps or DEFAULT_STEPS.get(shape, 10)
     repeats = args.repeats or DEFAULT_REPEATS.get(shape, 3)
@@ -203,26 +221,34 @@ def main():
       extra += ['--text', str(pathlib.Path(args.text).resolve())]
     if args.packed_qkv:
       extra.append('--packed-qkv')
-    row = run_child(['--worker', shape, '--steps', str(steps), '--repeats', str(repeats), *extra])
+    try:
+      row = run_child(['--worker', shape, '--steps', str(steps), '--repeats', str(repeats), *extra])
+    except RuntimeError as error:  # the other shapes still run; the exit status says a shape failed
+      print(error, file=sys.stderr)
+      payload['failed'].append(shape)
+      continue
     if row['steps'] != steps:
       print(f'{shape}: timed blocks of {row["steps"]} steps ({steps} rounded up to a multiple of '
             f'train.steps_per_call={row["steps_per_call"]})')
     row['fraction_of_matmul_ceiling'] = row['gflops'] / ceiling
-    rows.append(row)
+    payload['results'].append(row)
+    print(f'{shape}: {row["ms_per_step"]:.1f} ms/step, {row["tokens_per_s"]:.0f} tokens/s')
+    atomic_write(out, json.dumps(payload, indent=2) + '\n')  # after every shape: a later one may be killed
 
-  print(f'matmul ceiling (measured here): {ceiling:.0f} GFLOP/s')
+  print(f'matmul ceiling ({measured.get("source", "measured here")}): {ceiling:.0f} GFLOP/s')
   print(f'{"shape":<10} {"devices":>7} {"compile s":>9} {"ms/step":>9} {"tokens/s":>9} {"GFLOP/s":>8} {"of ceiling":>10} '
         f'{"MFU":>5} {"peak RSS MiB":>12}  settings')
-  for r in rows:
+  for r in payload['results']:
     mfu = '' if r['mfu'] is None else f'{r["mfu"]:.0%}'
     print(f'{r["shape"]:<10} {r["devices"]:>7} {r["compile_s"]:>9.1f} {r["ms_per_step"]:>9.1f} {r["tokens_per_s"]:>9.0f} '
           f'{r["gflops"]:>8.1f} {r["fraction_of_matmul_ceiling"]:>10.0%} {mfu:>5} {r["peak_rss_mib"]:>12.0f}  '
           f'{" ".join(r["overrides"] + ["--packed-qkv"] * r["packed_qkv"])}')
-  out = pathlib.Path(args.out)
-  payload = {'machine': machine(), 'matmul_gflops': ceiling, 'overrides': args.set,
-             'tokens': args.text or 'uniform random', 'results': rows}
+  if any(r['mfu'] is not None for r in payload['results']):
+    print(MFU_CONVENTION)
   atomic_write(out, json.dumps(payload, indent=2) + '\n')
   print(f'wrote {out}')
+  if payload['failed']:
+    raise SystemExit(f'failed: {", ".join(payload["failed"])}')
 
 
 if __name__ == '__main__':
