@@ -270,3 +270,65 @@ def test_bfloat16_compute_keeps_fp32_logits():
   # rounding and still catches real errors. Not equal: the compute really is bf16.
   np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-2)
   assert not np.array_equal(logits, reference)
+
+
+def numpy_decoder(params: dict, tokens: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+  """The design notes' decoder written out in float64 numpy, independently of the model's code: [B, T] -> [B, T, V].
+
+  Pre-norm blocks (LayerNorm eps 1e-5 -> causal attention scaled 1/sqrt(H) -> residual; LayerNorm -> exact-GELU
+  MLP -> residual), final LayerNorm, head tied to the token embeddings unless `lm_head` is given.
+  """
+  from math import erf
+  p = {name: np.asarray(value, np.float64) for name, value in params.items()}
+  bias = lambda name: p.get(name, 0.0)
+  erf = np.vectorize(erf)
+
+  def layer_norm(x, prefix):
+    mean = x.mean(-1, keepdims=True)
+    variance = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(variance + 1e-5) * p[prefix + '.scale'] + bias(prefix + '.bias')
+
+  b, t = tokens.shape
+  n, h = cfg.num_heads, cfg.head_size
+  x = p['token_embed'][tokens] + p['position_embed'][:t]
+  for i in range(cfg.num_layers):
+    block = f'blocks.{i}.'
+    a = layer_norm(x, block + 'ln_attn')
+    qkv = np.einsum('btd,dknh->btknh', a, p[block + 'attn.qkv']) + bias(block + 'attn.qkv_bias')
+    q, k, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))  # [B, N, T, H]
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(h)
+    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    heads = (weights @ v).transpose(0, 2, 1, 3)  # [B, T, N, H]
+    x = x + np.einsum('btnh,nhd->btd', heads, p[block + 'attn.out']) + bias(block + 'attn.out_bias')
+    m = layer_norm(x, block + 'ln_mlp') @ p[block + 'mlp.fc'] + bias(block + 'mlp.fc_bias')
+    m = 0.5 * m * (1 + erf(m / np.sqrt(2)))
+    x = x + m @ p[block + 'mlp.proj'] + bias(block + 'mlp.proj_bias')
+  x = layer_norm(x, 'ln_final')
+  return x @ p.get('lm_head', p['token_embed']).T
+
+
+@pytest.mark.parametrize('use_bias, tie_embeddings, scan_layers, remat', [
+    (False, True, False, 'none'), (True, False, False, 'none'), (True, True, True, 'matmuls')])
+def test_logits_equal_the_design_notes_written_out_in_numpy(use_bias, tie_embeddings, scan_layers, remat):
+  cfg = ModelConfig(vocab_size=11, num_layers=2, num_heads=3, head_size=4, context_length=9, mlp_ratio=3,
+                    use_bias=use_bias, tie_embeddings=tie_embeddings, scan_layers=scan_layers, remat=remat)
+  model = make_model(cfg)
+  # Every parameter random, LayerNorm scales and biases included, so that each one's place in the formula shows.
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+  params = {}
+  for block_index, block in enumerate(model.layers()):
+    for path, value in nnx.to_flat_state(nnx.state(block, nnx.Param)):
+      params['.'.join(['blocks', str(block_index), *map(str, path)])] = value[...]
+  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if path[0] != 'blocks':
+      params['.'.join(map(str, path))] = value[...]
+  assert ('lm_head' in params) != tie_embeddings and ('blocks.1.mlp.fc_bias' in params) == use_bias
+
+  tokens = np.asarray(jax.random.randint(jax.random.key(4), (2, 9), 0, 11))
+  logits, _ = model(jnp.asarray(tokens))
+  np.testing.assert_allclose(logits, numpy_decoder(params, tokens, cfg), rtol=1e-5, atol=1e-5)
