@@ -181,10 +181,28 @@ def test_bad_sampling_options(trained, flags, message):
   assert_user_error(result, message)
 
 
-def test_zero_temperature_is_greedy_and_reproducible(trained):
-  a = launch('--mode', 'sample', '--workdir', str(trained), '--temperature', '0', '--max_new_tokens', '20', '--seed', '1')
-  b = launch('--mode', 'sample', '--workdir', str(trained), '--temperature', '0', '--max_new_tokens', '20', '--seed', '2')
-  assert a.returncode == 0 and a.stdout == b.stdout
+@pytest.mark.parametrize('flags, options', [
+    (['--temperature', '0', '--seed', '1'], dict(temperature=0.0, seed=1)),
+    (['--temperature', '1', '--top_k', '5', '--top_p', '0.9', '--seed', '3', '--num_samples', '2'],
+     dict(temperature=1.0, top_k=5, top_p=0.9, seed=3, num_samples=2)),
+    (['--temperature', '1', '--top_k', '1', '--seed', '4'], dict(temperature=0.0)),  # top-1 is greedy
+    (['--temperature', '1', '--seed', '5', '--nokv_cache'], dict(temperature=1.0, seed=5, use_cache=False)),
+])
+def test_sampling_flags_reach_the_sampler(trained, flags, options):
+  """The command prints exactly what `sampling.generate` makes of the same options, in this process."""
+  from nanodecoder.checkpoint import load_model
+  from nanodecoder.sampling import SamplingOptions, generate
+
+  result = launch('--mode', 'sample', '--workdir', str(trained), '--prompt', 'KING:', '--max_new_tokens', '40', *flags)
+  assert result.returncode == 0, result.stderr[-2000:]
+  model, tokenizer, _, step = load_model(trained)
+  expected = lambda **kw: ['KING:' + tokenizer.decode(row) for row in generate(
+      model, tokenizer.encode('KING:'), SamplingOptions(max_new_tokens=40, **kw))]
+  samples = expected(**options)
+  assert result.stdout == ''.join(f'--- sample {i + 1}/{len(samples)} (checkpoint step {step}) ---\n{text}\n'
+                                  for i, text in enumerate(samples))
+  if options.get('temperature'):  # and the seed matters: another seed gives other text
+    assert expected(**{**options, 'seed': options['seed'] + 10}) != samples
 
 
 def test_sampling_a_workdir_without_checkpoints(tmp_path):
