@@ -174,8 +174,13 @@ def test_restores_onto_a_different_device_count(tiny_config, tmp_path):
     trainer = train_lib.create_trainer(config_n, config_lib.model_config(config_n, 48), mesh, init=False)
     step, state, _ = checkpoints.restore_latest_good(trainer.abstract_state, config_n)
     assert step == 4 and int(state[1]['step'][...]) == 4
-    leaf = state[0]['blocks'][0]['mlp']['fc'][...]
-    assert leaf.sharding.mesh.size == devices
+    restored, targets = jax.tree.leaves(state), jax.tree.leaves(trainer.abstract_state)
+    assert len(restored) == len(targets)
+    for array, target in zip(restored, targets):  # each array laid out as the new mesh's rules say
+      assert array.sharding.is_equivalent_to(target.sharding, array.ndim), (array.sharding, target.sharding)
+      assert array.addressable_shards[0].data.shape == target.sharding.shard_shape(target.shape)
+    fc = state[0]['blocks'][0]['mlp']['fc'][...]
+    assert fc.sharding.mesh.size == devices and fc.sharding.is_fully_replicated == (devices == 1)
     assert_trees_equal(jax.device_get(nnx.to_pure_dict(state[0])), final_params(tmp_path)[1])
 
 
