@@ -326,8 +326,10 @@ def test_no_restorable_checkpoint_stops_instead_of_starting_over(tiny_config, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('checkpoint_every', [100000, 1], ids=['between saves', 'during asynchronous saves'])
-def test_sigterm_saves_a_checkpoint_and_the_next_start_resumes(corpus_file, tmp_path, checkpoint_every):
+@pytest.mark.parametrize('signum, checkpoint_every', [(signal.SIGTERM, 100000), (signal.SIGTERM, 1),
+                                                     (signal.SIGINT, 100000)],
+                         ids=['between saves', 'during asynchronous saves', 'Ctrl-C'])
+def test_a_signal_saves_a_checkpoint_and_the_next_start_resumes(corpus_file, tmp_path, signum, checkpoint_every):
   from test_launch import TINY, launch
   workdir = tmp_path / 'run'
   args = ['--config', 'experiments/cpu.py', '--config.data.source=text', f'--config.data.text_path={corpus_file}',
@@ -341,13 +343,14 @@ def test_sigterm_saves_a_checkpoint_and_the_next_start_resumes(corpus_file, tmp_
     metrics = workdir / 'metrics.jsonl'
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 2):
       time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
   finally:
     proc.kill()
-  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-  assert 'stopped by SIGTERM after step' in out
-  stopped_at = int(out.split('stopped by SIGTERM after step ')[1].split(';')[0])
+  name = signal.Signals(signum).name
+  assert proc.returncode == 128 + signum, err[-2000:]  # 143 for SIGTERM, 130 for Ctrl-C
+  assert f'stopped by {name} after step' in out and 'Traceback' not in err
+  stopped_at = int(out.split(f'stopped by {name} after step ')[1].split(';')[0])
   steps = Checkpoints(workdir, read_only=True).steps()
   assert steps[-1] == stopped_at and (checkpoint_every == 1 or steps == [stopped_at])
   result = launch(*args[:-2], f'--config.train.num_steps={stopped_at + 6}', '--workdir', str(workdir))
