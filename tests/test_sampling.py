@@ -79,6 +79,26 @@ def test_scanned_layers_sample_the_same_tokens(model):
   np.testing.assert_array_equal(generate(scanned, prompt, options), generate(model, prompt, options))
 
 
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_generation_is_one_compiled_call_whatever_its_length(model, monkeypatch, use_cache):
+  """One call of the compiled loop per generation; the model's Python code runs only while that loop is traced
+  (as often for 37 tokens as for 111, three contexts; not at all when a generation of the same shape reruns)."""
+  from nanodecoder import sampling
+  model_calls, loop_calls = [], []
+  call_model = Decoder.__call__
+  monkeypatch.setattr(Decoder, '__call__', lambda self, *a, **kw: model_calls.append(1) or call_model(self, *a, **kw))
+  compiled = sampling._compiled_generate()
+  monkeypatch.setattr(sampling, '_compiled_generate',
+                      lambda: lambda *a, **kw: loop_calls.append(1) or compiled(*a, **kw))
+  counts = []
+  for steps in (37, 111, 111):
+    model_calls.clear(), loop_calls.clear()
+    generate(model, np.array([1, 2], np.int32), SamplingOptions(max_new_tokens=steps, use_cache=use_cache))
+    counts.append(len(model_calls))
+    assert len(loop_calls) == 1
+  assert counts[0] == counts[1] == (3 if use_cache else 1) and counts[2] == 0  # cached: prompt, token, refill
+
+
 def test_long_prompt_keeps_its_last_context(model):
   prompt = np.arange(40, dtype=np.int32) % 20
   a = generate(model, prompt, SamplingOptions(max_new_tokens=5, temperature=0.0))
