@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -32,13 +33,21 @@ def command(corpus_file, workdir, devices, *extra, kill_after=300):
 
 
 def run_processes(commands):
+  """[(exit status, stdout, stderr)] of commands run together. Output goes to files: a process blocked on a full
+  pipe while the test waits for another would stall them all (collectives wait for every process)."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for c in commands]
+  files = [(tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')) for _ in commands]
+  procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+           for c, (out, err) in zip(commands, files)]
   outputs = []
-  for p in procs:
-    out, err = p.communicate(timeout=330)
-    outputs.append((p.returncode, out, err))
+  for p, streams in zip(procs, files):
+    p.wait(timeout=330)
+    texts = []
+    for stream in streams:
+      stream.seek(0)
+      texts.append(stream.read())
+      stream.close()
+    outputs.append((p.returncode, *texts))
   return outputs
 
 
