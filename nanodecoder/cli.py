@@ -74,6 +74,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with an unknown `--config.x.y` field reported in one line (exit 2)."""
   from absl import logging
 
+  argv = _overrides_of_a_saved_config(argv)
   try:
     argv = FLAGS(argv)
     if not FLAGS['verbosity'].present:
@@ -92,6 +93,28 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f'unknown config field in the overrides: {message}; see experiments/base.py for the fields')
   except Exception as e:  # noqa: BLE001 (with overrides, config_flags runs the --config file here)
     _config_load_failed(e)
+
+
+SAVED_CONFIG_FILE = pathlib.Path(__file__).with_name('saved_config.py')
+
+
+def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
+  """`--workdir RUN --config.a.b=v` without --config: the overrides apply to RUN/config.json (through
+  nanodecoder/saved_config.py, so that they are parsed as an experiment file's are)."""
+  args = argv[1:argv.index('--')] if '--' in argv else argv[1:]
+  names = [a.lstrip('-').split('=', 1)[0] for a in args if a.startswith('-')]
+  overrides = [n for n in names if n.startswith(('config.', 'noconfig.'))]
+  if not overrides or 'config' in names:
+    return argv
+  workdir = None
+  for i, arg in enumerate(args):
+    name, _, value = arg.lstrip('-').partition('=')
+    if arg.startswith('-') and name == 'workdir':
+      workdir = value if '=' in arg else (args[i + 1] if i + 1 < len(args) else None)
+  if not workdir or not (pathlib.Path(workdir) / 'config.json').is_file():
+    fail(f'--{overrides[0]} overrides a field of a --config file: pass --config FILE, or the --workdir of a run '
+         'to change its saved config.json')
+  return [argv[0], f'--config={SAVED_CONFIG_FILE}:{workdir}', *argv[1:]]
 
 
 def _config_load_failed(error: Exception) -> None:
@@ -148,11 +171,17 @@ def main(argv) -> None:
 
 def train_command(config: ml_collections.ConfigDict | None = None, workdir: str | pathlib.Path | None = None) -> None:
   """Trains FLAGS.config (or `config`) in --workdir (or `workdir`)."""
+  from ml_collections import config_flags
+
   from nanodecoder import train  # after argument parsing: keeps `--help` fast
 
   config = FLAGS.config if config is None else config
   if config is None:
     config = _saved_config()
+  elif FLAGS.config is config and config_flags.get_config_filename(FLAGS['config']).startswith(f'{SAVED_CONFIG_FILE}:'):
+    print(f'resuming with the config saved in {pathlib.Path(FLAGS.workdir) / "config.json"} and the overrides '
+          f'{" ".join(f"{k}={v!r}" for k, v in config_flags.get_override_values(FLAGS["config"]).items())}',
+          flush=True)
   try:
     config.get('name')  # config_flags defers a failed load to the first access
   except Exception as e:  # noqa: BLE001

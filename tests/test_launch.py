@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,6 +51,27 @@ def test_a_workdir_alone_resumes_with_its_saved_config(tiny_run):
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resuming with the config saved in {workdir / "config.json"}' in result.stdout
   assert 'resumed from the checkpoint at step 12' in result.stdout and 'nothing to do' in result.stdout
+
+
+@pytest.mark.slow
+def test_overrides_without_config_apply_to_the_saved_config(tiny_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(tiny_run[0], workdir)
+  saved = (workdir / 'config.json').read_text()
+  result = launch('--workdir', str(workdir), '--config.model.dropout=0.5')  # finished: trains nothing ...
+  assert result.returncode == 0 and 'nothing to do' in result.stdout, result.stderr[-3000:]
+  assert (workdir / 'config.json').read_text() == saved  # ... so the run's config stays the one it trained with
+  result = launch('--workdir', str(workdir), '--config.train.num_steps=18')  # train on for 6 more steps
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (f'resuming with the config saved in {workdir / "config.json"} and the overrides train.num_steps=18'
+          in result.stdout)
+  assert 'resumed from the checkpoint at step 12' in result.stdout and 'step 18 |' in result.stdout
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['train']['num_steps'] == 18 and config['model']['num_layers'] == 1
+  result = launch('--workdir', str(tmp_path / 'nothing'), '--config.train.num_steps=18')
+  assert result.returncode == 2 and result.stderr.startswith('error: --config.train.num_steps overrides a field '
+                                                             'of a --config file: pass --config FILE, or the '
+                                                             '--workdir of a run'), result.stderr
 
 
 @pytest.mark.slow
