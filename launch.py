@@ -6,10 +6,14 @@
 All logic lives in nanodecoder.cli.
 """
 
-from absl import app
+import sys
 
-from nanodecoder import cli
+from nanodecoder import interrupts
 
 if __name__ == '__main__':
-  cli.define_flags()
-  app.run(cli.main, flags_parser=cli.parse_flags)
+  interrupts.install()
+  try:
+    from nanodecoder import cli  # imports JAX: Ctrl-C meanwhile exits quietly, as it does later
+  except KeyboardInterrupt:
+    sys.exit(130)
+  cli.run()

@@ -18,7 +18,7 @@ import ml_collections
 from absl import flags
 
 from nanodecoder import config as config_lib
-from nanodecoder import sharding
+from nanodecoder import interrupts, sharding
 from nanodecoder.checkpoint import CheckpointError
 from nanodecoder.config import ConfigError
 from nanodecoder.data import DataError
@@ -148,6 +148,21 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
   return str(pathlib.Path('runs') / config.name)
 
 
+def run() -> None:
+  """launch.py: flags, then the mode they ask for. Ctrl-C anywhere outside the training loop (which saves a
+  checkpoint first) exits 130 without a traceback."""
+  from absl import app
+
+  interrupts.install()
+  define_flags()
+  try:
+    interrupts.check()
+    app.run(main, flags_parser=parse_flags)
+  except KeyboardInterrupt:
+    print(file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -164,9 +179,6 @@ def main(argv) -> None:
   except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
     sys.exit(1)
-  except KeyboardInterrupt:  # Ctrl-C outside training (which saves a checkpoint and exits 130 itself)
-    print(file=sys.stderr)
-    sys.exit(128 + signal.SIGINT)
 
 
 def train_command(config: ml_collections.ConfigDict | None = None, workdir: str | pathlib.Path | None = None) -> None:

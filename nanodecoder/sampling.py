@@ -41,7 +41,7 @@ class SamplingOptions:
   num_samples: int = 1  # independent samples, decoded together as one batch
   temperature: float = 0.8  # divides the logits; 0 means greedy (argmax)
   top_k: int = 0  # keep only the k most likely tokens (0: all)
-  top_p: float = 1.0  # keep the smallest set of tokens with this much probability (1: all)
+  top_p: float = 1.0  # keep the smallest set of tokens with this much probability, ties kept (1: all)
   seed: int = 0  # PRNG seed of the sampling
   use_cache: bool = True  # KV cache (False: re-run the whole context per token)
 

@@ -16,12 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging as absl_logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nanodecoder import checkpoint as checkpoint_lib
 from nanodecoder import config as config_lib
 from nanodecoder import data as data_lib
+from nanodecoder import interrupts
 from nanodecoder import sharding as sharding_lib
 from nanodecoder.files import atomic_write
 from nanodecoder.metrics import MetricsLogger
@@ -308,18 +310,22 @@ class StopRequest:
     self._previous = {}
 
   def __enter__(self):
+    interrupts.check()  # a Ctrl-C before training that Python dropped stops the run now
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
+    self._verbosity = absl_logging.get_verbosity()
     return self
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    absl_logging.set_verbosity(self._verbosity)
 
   def _handle(self, signum, frame):
     if self.signal == signal.SIGINT and signum == signal.SIGINT:
-      raise KeyboardInterrupt
+      absl_logging.set_verbosity(absl_logging.FATAL)  # Orbax logs the interrupted save as an error: the user knows
+      interrupts.interrupt()
     self.signal = signum
 
   def name(self) -> str:

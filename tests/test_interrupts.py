@@ -1,0 +1,53 @@
+"""Ctrl-C outside the training loop is never lost, even where Python drops exceptions."""
+
+import gc
+import os
+import signal
+import sys
+
+import pytest
+
+from nanodecoder import interrupts
+from nanodecoder import train as train_lib
+
+
+@pytest.fixture
+def reported(monkeypatch):
+  """Installs the handler; yields the errors that reach the previous unraisable hook (Python's printout)."""
+  errors = []
+  monkeypatch.setattr(interrupts, '_pending', False)
+  monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: errors.append(unraisable.exc_value))
+  previous = signal.getsignal(signal.SIGINT)
+  interrupts.install()
+  yield errors
+  signal.signal(signal.SIGINT, previous)
+
+
+class Finalized:
+  def __del__(self):  # Python drops what a finalizer raises (as it does in JAX's garbage-collection callback)
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):  # the handler runs between bytecodes, here
+      pass
+
+
+def test_a_ctrl_c_that_python_drops_is_raised_at_the_next_check(reported):
+  interrupts.check()  # nothing pending
+  Finalized()
+  gc.collect()
+  assert reported == []  # no 'Exception ignored' printout
+  with pytest.raises(KeyboardInterrupt):
+    interrupts.check()
+  with pytest.raises(KeyboardInterrupt):  # the training loop checks before it starts
+    with train_lib.StopRequest():
+      pass
+
+
+def test_other_unraisable_errors_are_still_reported(reported):
+  class Broken:
+    def __del__(self):
+      raise ValueError('a finalizer failed')
+
+  Broken()
+  gc.collect()
+  assert [str(e) for e in reported] == ['a finalizer failed']
+  interrupts.check()  # and are not taken for a Ctrl-C
