@@ -1,35 +1,28 @@
-"""Ctrl-C outside the training loop: a KeyboardInterrupt that is never lost.
+"""Ctrl-C that Python drops is not lost.
 
 Python drops an exception raised where it cannot propagate (a garbage
 collection callback, e.g. JAX's, or a finalizer) and prints it as 'Exception
-ignored', so a Ctrl-C landing there would be ignored. `install()` remembers
-it (without the printout), and `check()` raises it again where a long phase
-starts (the command, the training loop).
+ignored', so a Ctrl-C landing there would be ignored. Once `install()` ran,
+such a KeyboardInterrupt is remembered instead (without the printout), and
+`check()` raises it again where a long phase starts (the command, the
+training loop).
 """
 
-import signal
 import sys
 
-_pending = False
-
-
-def _interrupt(signum=None, frame=None):
-  global _pending
-  _pending = True
-  raise KeyboardInterrupt
-
-
-interrupt = _interrupt  # raises KeyboardInterrupt from a signal handler of one's own, remembered likewise
+_dropped = False
 
 
 def install() -> None:
-  signal.signal(signal.SIGINT, _interrupt)
   previous = sys.unraisablehook
   if getattr(previous, 'remembers_interrupts', False):
     return
 
   def hook(unraisable):
-    if not (_pending and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+    global _dropped
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+      _dropped = True
+    else:
       previous(unraisable)
 
   hook.remembers_interrupts = True
@@ -37,6 +30,8 @@ def install() -> None:
 
 
 def check() -> None:
-  """Raises KeyboardInterrupt if a Ctrl-C since `install()` was dropped before it could stop the program."""
-  if _pending:
+  """Raises the KeyboardInterrupt of a Ctrl-C that Python dropped since the last check, if any."""
+  global _dropped
+  if _dropped:
+    _dropped = False
     raise KeyboardInterrupt

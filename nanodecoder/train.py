@@ -307,6 +307,7 @@ class StopRequest:
 
   def __init__(self):
     self.signal: int | None = None
+    self._ctrl_c = False
     self._previous = {}
 
   def __enter__(self):
@@ -323,10 +324,11 @@ class StopRequest:
     absl_logging.set_verbosity(self._verbosity)
 
   def _handle(self, signum, frame):
-    if self.signal == signal.SIGINT and signum == signal.SIGINT:
+    if signum == signal.SIGINT and self._ctrl_c:
       absl_logging.set_verbosity(absl_logging.FATAL)  # Orbax logs the interrupted save as an error: the user knows
-      interrupts.interrupt()
-    self.signal = signum
+      raise KeyboardInterrupt
+    self._ctrl_c = self._ctrl_c or signum == signal.SIGINT
+    self.signal = self.signal or signum  # the first signal names the stop (and the exit status)
 
   def name(self) -> str:
     return signal.Signals(self.signal).name if self.signal else 'a signal to another process'
@@ -443,9 +445,13 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
   t = config.train
   schedule = learning_rate_schedule(t)
   tokens_per_step = t.batch_size * dataset.context_length
+  last_saved = None if restored is None else trainer.step  # the last good checkpoint
+
   def save(step: int, val_loss: float | None = None) -> None:
-    _check_savable(trainer, step, val_loss)
+    nonlocal last_saved
+    _check_savable(trainer, step, val_loss, last_saved)
     checkpoints.save(step, trainer.state, config, dataset.tokenizer, val_loss)
+    last_saved = step
 
   def call_size(step: int) -> int:
     """Steps in the next compiled call: steps_per_call, or single steps to realign an odd resume.
@@ -476,8 +482,7 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
       if bad.size:
         i = bad[0]
         name, value = ('loss', losses[i]) if not np.isfinite(losses[i]) else ('gradient norm', grad_norms[i])
-        raise FloatingPointError(f'{name} became {value} at step {step + i + 1}; the last good checkpoint is kept; '
-                                 'lower train.learning_rate or check the data')
+        raise _diverged(f'{name} became {value}', step + i + 1, last_saved)
       step, window_steps = step + n, window_steps + n
       profile.after(step)
       if compiling:
@@ -525,7 +530,7 @@ def _all_finite(params) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
 
 
-def _check_savable(trainer: Trainer, step: int, val_loss: float | None) -> None:
+def _check_savable(trainer: Trainer, step: int, val_loss: float | None, last_saved: int | None) -> None:
   """Refuses to save a model that diverged where the step's loss and gradient norm did not show it (they come
   from before the update: a huge learning rate makes finite ones and infinite parameters)."""
   if val_loss is not None and not np.isfinite(val_loss):
@@ -534,8 +539,12 @@ def _check_savable(trainer: Trainer, step: int, val_loss: float | None) -> None:
     what = 'parameters became inf or nan'
   else:
     return
-  raise FloatingPointError(f'{what} at step {step}; the last good checkpoint is kept; lower train.learning_rate or '
-                           'check the data')
+  raise _diverged(what, step, last_saved)
+
+
+def _diverged(what: str, step: int, last_saved: int | None) -> FloatingPointError:
+  kept = 'no checkpoint was written' if last_saved is None else f'the last good checkpoint (step {last_saved}) is kept'
+  return FloatingPointError(f'{what} at step {step}; {kept}; lower train.learning_rate or check the data')
 
 
 class _Profile:

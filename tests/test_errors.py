@@ -160,7 +160,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(trained, corpus_
                              '--config.train.grad_clip=0', '--config.train.num_steps=24', '--config.train.decay_steps=24'),
                   '--workdir', str(workdir))
   assert_user_error(result, ' became ')
-  assert re.search(r'error: (loss|gradient norm) became (nan|inf) at step 1[3-9]; the last good checkpoint is kept',
+  assert re.search(r'error: (loss|gradient norm) became (nan|inf) at step 1[3-9]; the last good checkpoint \(step 12\) is kept',
                    result.stderr)
   assert Checkpoints(workdir, read_only=True).steps() == [12]
   ok = launch('--mode', 'sample', '--workdir', str(workdir), '--max_new_tokens', '5')

@@ -3,6 +3,8 @@
 import gzip
 import json
 import math
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -213,9 +215,27 @@ def test_an_infinite_gradient_stops_before_its_step_is_saved(tiny_config, tmp_pa
   after_each_step(monkeypatch, lambda state, out, step: (
       state, out if step != 3 else {**out, 'grad_norm': jnp.float32(jnp.inf)}))
   config = tiny_config(**{'train.num_steps': 6, 'checkpoint.every': 1, 'eval.every': 6, 'train.log_every': 1})
-  with pytest.raises(FloatingPointError, match=r'^gradient norm became inf at step 3; the last good checkpoint'):
+  with pytest.raises(FloatingPointError, match=r'^gradient norm became inf at step 3; the last good checkpoint \(step 2\) is kept'):
     train_lib.train_and_evaluate(config, tmp_path)
   assert Checkpoints(tmp_path, read_only=True).steps() == [1, 2]
+
+
+def test_a_divergence_before_the_first_checkpoint_says_there_is_none(tiny_config, tmp_path, monkeypatch):
+  after_each_step(monkeypatch, lambda state, out, step: (state, {**out, 'loss': jnp.float32(jnp.nan)}))
+  with pytest.raises(FloatingPointError, match=r'^loss became nan at step 1; no checkpoint was written; lower '):
+    train_lib.train_and_evaluate(tiny_config(**{'train.log_every': 1}), tmp_path)
+  assert Checkpoints(tmp_path, read_only=True).steps() == []
+
+
+def test_the_first_signal_names_the_stop_and_a_second_ctrl_c_aborts():
+  with train_lib.StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C after SIGTERM: still a SIGTERM stop (exit status 143)
+    assert stop.requested() and stop.name() == 'SIGTERM'
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(1000):  # the handler runs between bytecodes
+        pass
 
 
 def test_several_steps_per_call_equal_single_steps(tiny_config, tmp_path):
@@ -267,8 +287,8 @@ def test_profile_fields_must_be_non_negative(tiny_config, tmp_path, field):
 
 
 @pytest.mark.parametrize('poison, message', [
-    ('val', r'^val loss became nan at step 2; the last good checkpoint is kept'),
-    ('params', r'^parameters became inf or nan at step 2; the last good checkpoint is kept'),
+    ('val', r'^val loss became nan at step 2; the last good checkpoint \(step 1\) is kept'),
+    ('params', r'^parameters became inf or nan at step 2; the last good checkpoint \(step 1\) is kept'),
 ])
 def test_a_diverged_model_that_the_step_loss_missed_is_not_saved(tiny_config, tmp_path, monkeypatch, poison, message):
   """The step's loss and gradient norm come from before its update: the update itself can break the model."""
