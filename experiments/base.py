@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
   checkpoint.every = 250  # steps between checkpoints (and at the end, and on SIGTERM/Ctrl-C)
   checkpoint.keep = 2  # most recent checkpoints kept
-  checkpoint.keep_best = True  # also keep the one with the lowest val loss
+  checkpoint.keep_best = True  # also keep the one with the lowest val loss (of those saved at evaluation steps)
   checkpoint.async_save = True  # write in the background while training goes on
 
   config.mesh = mesh = ml_collections.ConfigDict()
