@@ -10,7 +10,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from nanodecoder import config as config_lib
+from nanodecoder import data as data_lib
 from nanodecoder import sharding as sharding_lib
+from nanodecoder import train as train_lib
 from nanodecoder.config import ConfigError
 from test_train import build, params, put
 
@@ -54,6 +56,10 @@ def test_mesh_matches_one_device_and_shards_parameters(tiny_config, reference, d
   # Optimizer moments are laid out like their parameters.
   mu = trainer.state[1]['opt_state'][1][0]['mu']['blocks'][0]['mlp']['fc'][...]
   assert mu.sharding.spec == fc.sharding.spec
+  # The batch, as the training loop builds it, is split into rows over data x fsdp (replicated over tensor).
+  batch = train_lib.train_batches(data_lib.load_dataset(config), trainer.mesh, config.seed, 8, 0)
+  assert {s.data.shape for s in batch.addressable_shards} == {(8 // (data * fsdp), batch.shape[1])}
+  assert len({str(s.index) for s in batch.addressable_shards}) == data * fsdp
 
 
 @pytest.mark.parametrize('data, fsdp, tensor', [(1, 8, 1), (2, 2, 2)])
