@@ -111,7 +111,7 @@ def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
     name, _, value = arg.lstrip('-').partition('=')
     if arg.startswith('-') and name == 'workdir':
       workdir = value if '=' in arg else (args[i + 1] if i + 1 < len(args) else None)
-  if not workdir or not (pathlib.Path(workdir) / 'config.json').is_file():
+  if not workdir or not (pathlib.Path(workdir) / config_lib.SAVED_CONFIG).is_file():
     fail(f'--{overrides[0]} overrides a field of a --config file: pass --config FILE, or the --workdir of a run '
          'to change its saved config.json')
   return [argv[0], f'--config={SAVED_CONFIG_FILE}:{workdir}', *argv[1:]]
@@ -191,7 +191,7 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
   if config is None:
     config = _saved_config()
   elif FLAGS.config is config and config_flags.get_config_filename(FLAGS['config']).startswith(f'{SAVED_CONFIG_FILE}:'):
-    print(f'resuming with the config saved in {pathlib.Path(FLAGS.workdir) / "config.json"} and the overrides '
+    print(f'resuming with the config saved in {pathlib.Path(FLAGS.workdir) / config_lib.SAVED_CONFIG} and the overrides '
           f'{" ".join(f"{k}={v!r}" for k, v in config_flags.get_override_values(FLAGS["config"]).items())}',
           flush=True)
   try:
@@ -208,20 +208,13 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
     print(f'final: train loss {metrics["train_loss"]:.4f} | val loss {metrics["val_loss"]:.4f}')
 
 
-def _read_config_json(workdir: pathlib.Path) -> ml_collections.ConfigDict:
-  """The resolved config a run saved in its workdir; OSError or ValueError when it cannot be read."""
-  import json
-
-  return ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text(encoding='utf-8')))
-
-
 def _saved_config() -> ml_collections.ConfigDict:
   """The config.json of --workdir, to resume a run without its --config (and overrides)."""
-  saved = pathlib.Path(FLAGS.workdir or '') / 'config.json'
+  saved = pathlib.Path(FLAGS.workdir or '') / config_lib.SAVED_CONFIG
   if not FLAGS.workdir or not saved.is_file():
     fail('--config is required to train, e.g. --config experiments/cpu.py (or --workdir of a run, to resume it)')
   try:
-    config = _read_config_json(saved.parent)
+    config = config_lib.read_saved_config(saved.parent)
   except (OSError, ValueError) as e:
     fail(f'cannot read {saved} ({e}); pass --config to train')
   print(f'resuming with the config saved in {saved}', flush=True)
@@ -476,7 +469,7 @@ def eval_command() -> None:
   out = _checked_out()
   saved = None
   try:  # the run's device settings (mesh.cpu_devices), before JAX starts
-    saved = _read_config_json(workdir)
+    saved = config_lib.read_saved_config(workdir)
   except (OSError, ValueError):
     pass
   setup_jax(saved)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import pathlib
@@ -18,8 +19,19 @@ import ml_collections
 from nanodecoder.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig
 
 
+SAVED_CONFIG = 'config.json'  # a run's resolved config, in its workdir
+
+
 class ConfigError(ValueError):
   """A config field holds a value the trainer cannot use."""
+
+
+def read_saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in its workdir; OSError or ValueError when it cannot be read."""
+  saved = json.loads((pathlib.Path(workdir) / SAVED_CONFIG).read_text(encoding='utf-8'))
+  if not isinstance(saved, dict):
+    raise ValueError(f'{pathlib.Path(workdir) / SAVED_CONFIG} holds no config')
+  return ml_collections.ConfigDict(saved)
 
 
 def load_experiment(spec: str | pathlib.Path) -> tuple[Any, str]:

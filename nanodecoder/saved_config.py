@@ -8,6 +8,6 @@ import pathlib
 
 
 def get_config(workdir: str):
-  from nanodecoder import cli
+  from nanodecoder import config
 
-  return cli._read_config_json(pathlib.Path(workdir))
+  return config.read_saved_config(pathlib.Path(workdir))

@@ -24,6 +24,7 @@ import pathlib
 import statistics
 from typing import Any
 
+from nanodecoder import config as config_lib
 from nanodecoder import sweep as sweep_lib
 from nanodecoder.files import atomic_write
 from nanodecoder.metrics import format_duration
@@ -68,19 +69,16 @@ def count_parameters(workdir: str | pathlib.Path) -> int | None:
   """Parameters of a run's model, from its config.json and tokenizer.json (shapes only, nothing computed)."""
   workdir = pathlib.Path(workdir)
   try:
-    config_dict = json.loads((workdir / 'config.json').read_text(encoding='utf-8'))
+    config = config_lib.read_saved_config(workdir)
     tokenizer_json = (workdir / 'tokenizer.json').read_text(encoding='utf-8')
-  except (OSError, json.JSONDecodeError):
+  except (OSError, ValueError):
     return None
-  import ml_collections
   from flax import nnx
 
-  from nanodecoder import config as config_lib
   from nanodecoder.data import CharTokenizer
   from nanodecoder.model import Decoder, count_params
 
-  model_config = config_lib.model_config(ml_collections.ConfigDict(config_dict),
-                                         CharTokenizer.from_json(tokenizer_json).vocab_size)
+  model_config = config_lib.model_config(config, CharTokenizer.from_json(tokenizer_json).vocab_size)
   with nnx.use_eager_sharding(False):
     return count_params(nnx.eval_shape(lambda: Decoder(model_config, nnx.Rngs(0))))
 
@@ -97,8 +95,8 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
   metrics = read_metrics(workdir) if metrics is None else metrics
   if num_steps is None:
     try:
-      num_steps = json.loads((workdir / 'config.json').read_text(encoding='utf-8'))['train']['num_steps']
-    except (OSError, json.JSONDecodeError, KeyError):
+      num_steps = config_lib.read_saved_config(workdir)['train']['num_steps']
+    except (OSError, ValueError, KeyError):
       pass
   status = sweep_lib.point_status(workdir, num_steps) if num_steps else sweep_lib.Status('new', 0, 0)
   row = dict.fromkeys(METRIC_COLUMNS)

@@ -193,10 +193,9 @@ def check_saved_configs(sweep: Sweep, base: ml_collections.ConfigDict, root: str
   """
   for point in sweep.points if points is None else points:
     workdir = sweep.workdir(root, point)
-    config_file = workdir / 'config.json'
-    if not config_file.is_file() or not saved_steps(workdir):
+    if not (workdir / config_lib.SAVED_CONFIG).is_file() or not saved_steps(workdir):
       continue  # not started, or starts from scratch
-    saved = flatten_config(json.loads(config_file.read_text(encoding='utf-8')))
+    saved = flatten_config(config_lib.read_saved_config(workdir).to_dict())
     current = flatten_config(json.loads(point_config(base, point).to_json()))  # JSON on both sides: tuples are lists
     for field, value in current.items():
       if field.startswith('data.') and field[5:] in config_lib.PATH_FIELDS and saved.get(field):

@@ -435,7 +435,7 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
         metrics = {'val_loss': meta['val_loss']}
   logger.start(trainer.step)
   if is_main and trainer.step < config.train.num_steps:  # (a session that trains nothing keeps the run's config)
-    atomic_write(workdir / 'config.json', config.to_json(indent=2))
+    atomic_write(workdir / config_lib.SAVED_CONFIG, config.to_json(indent=2))
     atomic_write(workdir / 'tokenizer.json', dataset.tokenizer.to_json())
   logger.info(f'model: {count_params(trainer.model()):,} parameters, {model_config.num_layers} layers, '
               f'{model_config.num_heads} heads x {model_config.head_size} = {model_config.embed_dim} wide, '

@@ -288,8 +288,7 @@ def numpy_decoder(params: dict, tokens: np.ndarray, cfg: ModelConfig) -> np.ndar
     variance = ((x - mean) ** 2).mean(-1, keepdims=True)
     return (x - mean) / np.sqrt(variance + 1e-5) * p[prefix + '.scale'] + bias(prefix + '.bias')
 
-  b, t = tokens.shape
-  n, h = cfg.num_heads, cfg.head_size
+  t, h = tokens.shape[1], cfg.head_size
   x = p['token_embed'][tokens] + p['position_embed'][:t]
   for i in range(cfg.num_layers):
     block = f'blocks.{i}.'
