@@ -108,10 +108,10 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
     trainer = train_lib.create_trainer(config, config_lib.model_config(config, tokenizer.vocab_size), mesh,
                                        init=False)
     with checkpoint_lib.reading(checkpoints, step):
-      trainer.state = checkpoints.restore_state(step, trainer.abstract_state)
+      params, _ = checkpoints.restore(step, trainer.abstract_state[0])  # not the optimizer state
   finally:
     checkpoints.close()
-  loss, count = train_lib.window_loss(trainer, tokens)
+  loss, count = train_lib.window_loss(trainer, tokens, params)
   return {'workdir': str(workdir), 'step': step, 'split': split, 'characters': len(tokens),
           'predicted': int(count), 'loss': loss, 'perplexity': math.exp(loss), 'bits_per_char': loss / math.log(2)}
 

@@ -28,10 +28,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from nanodecoder import config as config_lib
 from nanodecoder.config import ConfigError
-from nanodecoder.sharding import gather_from_processes
 from nanodecoder.data import CharTokenizer
 from nanodecoder.metrics import quiet_absl
+from nanodecoder.model import Decoder
+from nanodecoder.sharding import gather_from_processes
 
 # Config fields that fix the parameter shapes: a checkpoint restores only into the same values.
 SHAPE_FIELDS = ('num_layers', 'num_heads', 'head_size', 'context_length', 'mlp_ratio', 'use_bias', 'tie_embeddings',
@@ -258,7 +260,8 @@ class Checkpoints:
     except ValueError:
       raise CheckpointError(f"checkpoint {which!r} is not 'latest', 'best' or a step number") from None
     if step not in steps:
-      raise CheckpointError(f'no checkpoint at step {step} in {self.directory}; saved steps: {", ".join(map(str, steps))}')
+      raise CheckpointError(f'no checkpoint at step {step} in {self.directory}; '
+                            f'saved steps: {", ".join(map(str, steps))}')
     return step
 
   def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple[Any, Any]:
@@ -384,9 +387,6 @@ def reading(checkpoints: Checkpoints, step: int):
 
 def load_model(workdir: str | pathlib.Path, which: str | int = 'latest'):
   """(model, tokenizer, config, step) from a workdir alone, parameters on the default device."""
-  from nanodecoder import config as config_lib  # noqa: F811 (avoid a cycle at import)
-  from nanodecoder.model import Decoder
-
   checkpoints, step, meta = load_meta(workdir, which)
   try:
     config = ml_collections.ConfigDict(meta['config'])

@@ -58,7 +58,8 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
   node = config
   for i, name in enumerate(parents):
     if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-      raise ConfigError(f'unknown config field {".".join(parents[:i + 1])!r} (in {dotted!r}); see experiments/base.py for the fields')
+      raise ConfigError(f'unknown config field {".".join(parents[:i + 1])!r} (in {dotted!r}); see '
+                        'experiments/base.py for the fields')
     node = node[name]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
     raise ConfigError(f'unknown config field {dotted!r}; see experiments/base.py for the fields')
@@ -192,11 +193,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.learning_rate <= 0:
     raise ConfigError(f'train.learning_rate must be > 0, got {t.learning_rate!r}')
   if not 0 <= t.min_learning_rate <= t.learning_rate:
-    raise ConfigError(f'train.min_learning_rate must be in [0, train.learning_rate={t.learning_rate}], got {t.min_learning_rate!r}')
+    raise ConfigError(f'train.min_learning_rate must be in [0, train.learning_rate={t.learning_rate}], '
+                      f'got {t.min_learning_rate!r}')
   if t.warmup_steps < 0 or t.warmup_steps >= t.decay_steps:
-    raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be >= 0 and below train.decay_steps={t.decay_steps}; shorten the warmup')
+    raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be >= 0 and below '
+                      f'train.decay_steps={t.decay_steps}; shorten the warmup')
   if t.warmup_steps > t.num_steps:
-    raise ConfigError(f'train.warmup_steps={t.warmup_steps} is longer than the run (train.num_steps={t.num_steps}); shorten the warmup or train longer')
+    raise ConfigError(f'train.warmup_steps={t.warmup_steps} is longer than the run '
+                      f'(train.num_steps={t.num_steps}); shorten the warmup or train longer')
   for name in ('beta1', 'beta2'):
     if not 0.0 <= t[name] < 1.0:
       raise ConfigError(f'train.{name} must be in [0, 1), got {t[name]!r}')

@@ -84,7 +84,8 @@ class Corpus:
     names = expr.split('+')
     for name in names:
       if name not in self.splits:
-        raise DataError(f'split {name!r} (in {expr!r}) does not exist in {self.name}; available: {", ".join(self.splits)}')
+        raise DataError(f'split {name!r} (in {expr!r}) does not exist in {self.name}; '
+                        f'available: {", ".join(self.splits)}')
     return ''.join(self.splits[name] for name in names)
 
   def tokenizer(self) -> CharTokenizer:
@@ -104,11 +105,13 @@ def _text_corpus(path: str, eval_fraction: float) -> Corpus:
   except FileNotFoundError:
     raise DataError(f'data.text_path {path!r} does not exist; point it at a UTF-8 text file') from None
   except OSError as e:  # a directory, no permission, a file used as a folder, a name too long, ...
-    raise DataError(f'data.text_path {path!r} cannot be read ({e.strerror}); point it at a readable UTF-8 text file') from None
+    raise DataError(f'data.text_path {path!r} cannot be read ({e.strerror}); point it at a readable UTF-8 '
+                    'text file') from None
   try:
     text = raw.decode('utf-8-sig')  # without a byte-order mark, should the file start with one
   except UnicodeDecodeError as e:
-    raise DataError(f'data.text_path {path!r} is not UTF-8 (bad byte at offset {e.start}); convert it, e.g. iconv -t UTF-8') from None
+    raise DataError(f'data.text_path {path!r} is not UTF-8 (bad byte at offset {e.start}); convert it, '
+                    'e.g. iconv -t UTF-8') from None
   if not text:
     raise DataError(f'data.text_path {path!r} is empty; it needs the training text')
   train_end = int(len(text) * (1.0 - eval_fraction))
@@ -190,7 +193,8 @@ def _require_network(name: str, urls: list[str], timeout: float = 5.0) -> None:
 # Batches ----------------------------------------------------------------------
 
 
-def window_starts(num_tokens: int, window: int, batch_size: int, seed: int, step: int, stream: int = TRAIN_STREAM) -> np.ndarray:
+def window_starts(num_tokens: int, window: int, batch_size: int, seed: int, step: int,
+                  stream: int = TRAIN_STREAM) -> np.ndarray:
   """Offsets of `batch_size` random windows, a pure function of (seed, stream, step)."""
   rng = np.random.default_rng([seed, stream, step])
   return rng.integers(0, num_tokens - window + 1, size=batch_size)
@@ -235,15 +239,17 @@ class Dataset:
 
   def train_batch(self, seed: int, step: int, batch_size: int, rows=slice(None)) -> np.ndarray:
     """Rows `rows` of the global batch of step `step`: [rows, context_length + 1] tokens."""
-    window = self.context_length + 1
-    starts = window_starts(len(self.train_tokens), window, batch_size, seed, step)
-    return gather_windows(self.train_tokens, starts[rows], window)
+    return self._windows(self.train_tokens, seed, step, batch_size, rows)
 
-  def eval_batch(self, split: str, seed: int, index: int, batch_size: int, rows=slice(None)) -> np.ndarray:
+  def eval_batch(self, split: str, seed: int, index: int, batch_size: int) -> np.ndarray:
     """The `index`-th fixed evaluation batch of 'train' or 'eval' (same at every evaluation)."""
-    tokens = self.train_tokens if split == 'train' else self.eval_tokens
+    if split == 'train':
+      return self._windows(self.train_tokens, seed, index, batch_size, stream=TRAIN_LOSS_STREAM)
+    return self._windows(self.eval_tokens, seed, index, batch_size, stream=EVAL_LOSS_STREAM)
+
+  def _windows(self, tokens, seed: int, index: int, batch_size: int, rows=slice(None), stream: int = TRAIN_STREAM):
     window = self.context_length + 1
-    starts = window_starts(len(tokens), window, batch_size, seed, index, stream=TRAIN_LOSS_STREAM if split == 'train' else EVAL_LOSS_STREAM)
+    starts = window_starts(len(tokens), window, batch_size, seed, index, stream=stream)
     return gather_windows(tokens, starts[rows], window)
 
 

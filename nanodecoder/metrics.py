@@ -180,18 +180,17 @@ class MetricsLogger:
 
   `total_steps` turns on the progress (a bar on a terminal, '| 25%, ETA 3m05s'
   at the end of plain lines); `config` goes to TensorBoard as hparams.
-  `progress_bar` None means: a bar exactly when the stream is a terminal.
   """
 
   def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, stream=None, *,
                total_steps: int | None = None, config: ml_collections.ConfigDict | None = None,
-               tensorboard: bool = True, progress_bar: bool | None = None):
+               tensorboard: bool = True):
     self.enabled = enabled
     self.stream = stream or sys.stdout
     self.session_start = time.time()
     self.progress = Progress(total_steps) if total_steps else None
     isatty = getattr(self.stream, 'isatty', lambda: False)
-    self.progress_bar = bool(self.progress) and (isatty() if progress_bar is None else progress_bar)
+    self.progress_bar = bool(self.progress) and isatty()  # a bar on a terminal, else the progress in each line
     self._bar_shown = False
     self._loss: float | None = None
     self._path = pathlib.Path(workdir) / 'metrics.jsonl'

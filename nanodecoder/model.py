@@ -1,8 +1,9 @@
 """A GPT-style decoder-only transformer in Flax NNX.
 
-Reads top to bottom like the design notes: linear layers, add & norm,
-self-attention, feed-forward, the block, then positional embeddings and the
-whole model. Shape letters used in the comments:
+Reads top to bottom like the design notes: the primitives (linear layers,
+embedding lookups, dropout), add & norm, self-attention, feed-forward, the
+block, then the whole model with its token and positional embeddings. Shape
+letters used in the comments:
 
   B batch, T time (tokens), D embedding width, N heads, H head size
   (D = N * H), F feed-forward width, V vocabulary, S cached positions, L layers.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ def _param(init, names: tuple[str | None, ...], key, shape, cfg: ModelConfig) ->
   return nnx.Param(nnx.with_partitioning(init, names)(key, shape, jnp.dtype(cfg.param_dtype)))
 
 
-# Linear layers ------------------------------------------------------------------
+# Primitives: linear layers, embedding lookups, dropout ---------------------------
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -335,6 +336,9 @@ class FeedForward(nnx.Module):
     return dropout(out, self.cfg.dropout, dropout_key)
 
 
+# The block ----------------------------------------------------------------------
+
+
 class Block(nnx.Module):
   """Pre-norm transformer block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
 
@@ -478,11 +482,12 @@ class Decoder(nnx.Module):
     x, caches = jax.lax.scan(body, x, (stacked, layer_keys, caches))
     return x, caches
 
-  def init_caches(self, batch_size: int, dtype: Any = None):
-    """Empty KV caches over the whole context, one per layer (stacked when layers are scanned)."""
+  def init_caches(self, batch_size: int):
+    """Empty KV caches over the whole context, in the compute dtype, one per layer (stacked when layers are
+    scanned)."""
     cfg = self.cfg
     shape = (batch_size * cfg.num_heads, cfg.context_length, cfg.head_size)
-    dtype = jnp.dtype(dtype or cfg.dtype)
+    dtype = jnp.dtype(cfg.dtype)
     if cfg.scan_layers:
       stacked = (cfg.num_layers, *shape)
       return KVCache(jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from absl import logging as absl_logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from nanodecoder import checkpoint as checkpoint_lib
 from nanodecoder import config as config_lib
@@ -91,7 +91,7 @@ class Trainer:
   state: Any  # the same, of arrays (None until `init_state` or a restore)
   train_step: Callable  # (state, tokens [B, T+1]) -> (state, {'loss', 'grad_norm'})
   train_steps: Callable  # (state, tokens [k, B, T+1]) -> (state, {'loss': [k], 'grad_norm': [k]}): k steps, one call
-  eval_step: Callable  # (state, tokens [n, B, T+1], weights [n, B, T]) -> (loss sum, weight sum) over n batches
+  eval_step: Callable  # (state[0], tokens [n, B, T+1], weights [n, B, T]) -> (loss sum, weight sum) of n batches
   init_state: Callable[[], Any]
 
   @property
@@ -111,7 +111,9 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
                    init: bool = True) -> Trainer:
   """Compiles the steps for `mesh`; with `init`, builds the parameters directly in their sharded layout."""
   with nnx.use_eager_sharding(False):
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: _create(model_config, config.train, config.seed)))
+    abstract_objects = nnx.eval_shape(lambda: _create(model_config, config.train, config.seed))
+  graphdef, abstract_state = nnx.split(abstract_objects)
+  model_graphdef = nnx.graphdef(abstract_objects[0])
   state_sharding = sharding_lib.state_shardings(abstract_state, mesh)
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 abstract_state, state_sharding)
@@ -155,7 +157,7 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
       # device holds a slice of every micro-batch.
       micro = batch.reshape(batch.shape[0] // accum, accum, batch.shape[1]).swapaxes(0, 1)
       if not flat_all_reduce:  # (under shard_map the batch is already this device's rows)
-        micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES)))
+        micro = jax.lax.with_sharding_constraint(micro, sharding_lib.batch_sharding(mesh, batch_dim=1))
       keys = None if key is None else jax.random.split(key, accum)
 
       def body(carry, xs):
@@ -178,9 +180,10 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
     """k optimizer steps in one compiled call (fewer host round trips): batches [k, B, T+1]."""
     return jax.lax.scan(train_step, state, batches)
 
-  def eval_step(state, batches, weights):
-    """Summed loss and target count of n batches [n, B, T+1] (weights 0 mark padding)."""
-    model, _ = nnx.merge(graphdef, state)
+  def eval_step(params, batches, weights):
+    """Summed loss and target count of n batches [n, B, T+1] (weights 0 mark padding); needs only the model's
+    state (state[0]), not the optimizer's."""
+    model = nnx.merge(model_graphdef, params)
 
     def add(totals, xs):
       tokens, w = xs
@@ -194,7 +197,7 @@ def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig,
                            out_shardings=(state_sharding, replicated), donate_argnums=0)
   train_steps = jax.jit(train_steps, in_shardings=(state_sharding, stacked_sharding),
                         out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_step = jax.jit(eval_step, in_shardings=(state_sharding, stacked_sharding, stacked_sharding),
+  eval_step = jax.jit(eval_step, in_shardings=(state_sharding[0], stacked_sharding, stacked_sharding),
                       out_shardings=(replicated, replicated))
   return Trainer(config, model_config, mesh, graphdef, abstract_state, init_state() if init else None,
                  train_step_jit, train_steps, eval_step, init_state)
@@ -233,11 +236,13 @@ def _pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
   return np.concatenate([array, np.zeros((-len(array) % multiple, *array.shape[1:]), array.dtype)])
 
 
-def _mean_loss(trainer: Trainer, tokens: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
-  """(mean loss, target count) over batches tokens [n, B, T+1] with weights [n, B, T], a few per call.
+def _mean_loss(trainer: Trainer, tokens: np.ndarray, weights: np.ndarray, params=None) -> tuple[float, float]:
+  """(mean loss, target count) over batches tokens [n, B, T+1] with weights [n, B, T], a few per call, of the
+  model with `params` (default: the trainer's, state[0]).
 
   The last call is padded with zero-weight batches so that every call has the same shape.
   """
+  params = trainer.state[0] if params is None else params
   calls = -(-len(tokens) // EVAL_BATCHES_PER_CALL)
   per_call = -(-len(tokens) // calls)  # as even as calls allow: 20 batches run as 2 x 10, not 2 x 16
   tokens, weights = _pad_rows(tokens, per_call), _pad_rows(weights, per_call)
@@ -246,28 +251,29 @@ def _mean_loss(trainer: Trainer, tokens: np.ndarray, weights: np.ndarray) -> tup
   for i in range(0, len(tokens), per_call):
     chunk = lambda array: sharding_lib.put_batch(lambda rows: array[i:i + per_call, rows], sharding,
                                                  (per_call, *array.shape[1:]), batch_dim=1)
-    loss_sum, weight_sum = trainer.eval_step(trainer.state, chunk(tokens), chunk(weights))
+    loss_sum, weight_sum = trainer.eval_step(params, chunk(tokens), chunk(weights))
     total += float(loss_sum)  # one host sync per call
     count += float(weight_sum)
   return total / count, count
 
 
-def window_loss(trainer: Trainer, tokens: np.ndarray) -> tuple[float, float]:
-  """Exact (mean loss, target count) over every window of `tokens` (each target predicted once)."""
+def window_loss(trainer: Trainer, tokens: np.ndarray, params=None) -> tuple[float, float]:
+  """Exact (mean loss, target count) over every window of `tokens` (each target predicted once), of the model
+  with `params` (default: the trainer's)."""
   batch_size, context = trainer.config.train.batch_size, trainer.model_config.context_length
   windows, weights = data_lib.all_windows(tokens, context)
   windows, weights = _pad_rows(windows, batch_size), _pad_rows(weights, batch_size)
-  return _mean_loss(trainer, windows.reshape(-1, batch_size, context + 1), weights.reshape(-1, batch_size, context))
+  return _mean_loss(trainer, windows.reshape(-1, batch_size, context + 1), weights.reshape(-1, batch_size, context),
+                    params)
 
 
-def evaluate(trainer: Trainer, dataset: data_lib.Dataset, all_windows: bool | None = None) -> dict[str, float]:
+def evaluate(trainer: Trainer, dataset: data_lib.Dataset) -> dict[str, float]:
   """Mean loss over `eval.batches` fixed batches of train and eval text (eval: every window if asked)."""
   config = trainer.config
-  all_windows = config.eval.all_windows if all_windows is None else all_windows
   batch_size, window = config.train.batch_size, dataset.context_length + 1
   results = {}
   for split in ('train', 'eval'):
-    if split == 'eval' and all_windows:
+    if split == 'eval' and config.eval.all_windows:
       results['eval_loss'] = window_loss(trainer, dataset.eval_tokens)[0]
     else:
       tokens = np.stack([dataset.eval_batch(split, config.seed, i, batch_size) for i in range(config.eval.batches)])

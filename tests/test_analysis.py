@@ -51,8 +51,13 @@ def test_attention_pngs_one_per_layer_with_a_heatmap_per_head(run, tmp_path):
   assert analysis.char_label('\n') == '\\n' and analysis.char_label(' ') == '␣' and analysis.char_label('a') == 'a'
 
 
-def test_eval_report_is_the_exact_loss_over_every_window(run):
+def test_eval_report_is_the_exact_loss_over_every_window(run, monkeypatch):
+  read = []
+  restore = checkpoint_lib.ocp.StandardCheckpointHandler.restore
+  monkeypatch.setattr(checkpoint_lib.ocp.StandardCheckpointHandler, 'restore',
+                      lambda self, directory, *a, **kw: read.append(directory.name) or restore(self, directory, *a, **kw))
   report = analysis.evaluate_split(run)
+  assert read == ['params']  # not the optimizer state, twice the parameters' size
   last_eval = [r for r in map(json.loads, (run / 'metrics.jsonl').read_text().splitlines()) if 'eval/val_loss' in r][-1]
   assert report['step'] == 20 and report['split'] == 'validation+test'
   assert report['loss'] == pytest.approx(last_eval['eval/val_loss'], rel=1e-5)  # training's all-windows eval
