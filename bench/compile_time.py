@@ -21,6 +21,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli_args import out_file, positive_ints, shape as shape_name  # noqa: E402
 from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
 
 
@@ -50,9 +51,9 @@ def worker(shape: str, layers: int, scan: bool) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--shape', default='base')
-  parser.add_argument('--layers', default='4,12,24')
-  parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'compile_time.json'))
+  parser.add_argument('--shape', type=shape_name, default='base')
+  parser.add_argument('--layers', type=positive_ints, default='4,12,24')
+  parser.add_argument('--out', type=out_file, default=str(REPO / 'bench' / 'out' / 'compile_time.json'))
   parser.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -64,7 +65,7 @@ def main():
 
   rows = []
   env = {**os.environ, 'NANODECODER_COMPILATION_CACHE': ''}
-  for layers in map(int, args.layers.split(',')):
+  for layers in args.layers:
     for scan in (False, True):
       result = subprocess.run([sys.executable, __file__, '--worker', args.shape, str(layers), str(scan)],
                               capture_output=True, text=True, env=env, cwd=REPO)

@@ -26,6 +26,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli_args import out_file, positive_int, positive_ints, shape  # noqa: E402
 from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
 
 # PyTorch nanoGPT's uncached sampling, base shape, 2-core development CPUs (tokens/s, low and high).
@@ -34,12 +35,13 @@ NANOGPT_UNCACHED_TOKENS_PER_S = (12.0, 18.0)
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--shape', default='base', help='experiment file under experiments/ giving the model shape')
-  parser.add_argument('--tokens', type=int, default=500)
-  parser.add_argument('--uncached_tokens', type=int, default=100)
-  parser.add_argument('--batch_sizes', default='1,8')
-  parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'sample_speed.json'))
+  parser.add_argument('--shape', type=shape, default='base',
+                      help='experiment file under experiments/ giving the model shape')
+  parser.add_argument('--tokens', type=positive_int, default=500)
+  parser.add_argument('--uncached_tokens', type=positive_int, default=100)
+  parser.add_argument('--batch_sizes', type=positive_ints, default='1,8')
+  parser.add_argument('--repeats', type=positive_int, default=3)
+  parser.add_argument('--out', type=out_file, default=str(REPO / 'bench' / 'out' / 'sample_speed.json'))
   args = parser.parse_args()
 
   import jax
@@ -59,7 +61,7 @@ def main():
   prompt = np.array([0], np.int32)
 
   rows = []
-  for batch in map(int, args.batch_sizes.split(',')):
+  for batch in args.batch_sizes:
     for use_cache in (True, False):
       tokens = args.tokens if use_cache else args.uncached_tokens
       options = SamplingOptions(max_new_tokens=tokens, num_samples=batch, temperature=1.0, top_k=40, use_cache=use_cache)

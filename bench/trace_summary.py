@@ -17,6 +17,8 @@ import gzip
 import json
 import pathlib
 
+from cli_args import positive_int
+
 
 def load_events(path: pathlib.Path) -> list[dict]:
   if not path.exists():
@@ -27,7 +29,11 @@ def load_events(path: pathlib.Path) -> list[dict]:
       raise SystemExit(f'no .trace.json.gz under {path}')
     path = traces[-1]
   print(f'trace: {path}')
-  return [e for e in json.loads(gzip.decompress(path.read_bytes()))['traceEvents'] if e.get('ph') == 'X']
+  try:
+    events = json.loads(gzip.decompress(path.read_bytes()))['traceEvents']
+  except (OSError, ValueError, KeyError, TypeError) as e:  # not gzip, not JSON, not a trace
+    raise SystemExit(f'{path} is not a jax.profiler trace (.trace.json.gz): {type(e).__name__}: {e}') from None
+  return [e for e in events if e.get('ph') == 'X']
 
 
 def summarize(events: list[dict], top: int) -> None:
@@ -59,7 +65,7 @@ def summarize(events: list[dict], top: int) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('path', type=pathlib.Path, help='a .trace.json.gz, or a folder to search for the newest one')
-  parser.add_argument('--top', type=int, default=15, help='ops listed per module, and host events')
+  parser.add_argument('--top', type=positive_int, default=15, help='ops listed per module, and host events')
   args = parser.parse_args()
   summarize(load_events(args.path), args.top)
 

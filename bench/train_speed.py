@@ -32,6 +32,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli_args import out_file, positive_int, shapes  # noqa: E402
 from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
 
 # steps and repeats per shape when not given on the command line
@@ -183,21 +184,24 @@ def machine() -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--shapes', default='cpu,base', help='experiment files under experiments/, comma-separated')
-  parser.add_argument('--steps', type=int, help='steps per timed block (default per shape)')
-  parser.add_argument('--repeats', type=int, help='timed blocks; the median is reported')
+  parser.add_argument('--shapes', type=shapes, default='cpu,base',
+                      help='experiment files under experiments/, comma-separated')
+  parser.add_argument('--steps', type=positive_int, help='steps per timed block (default per shape)')
+  parser.add_argument('--repeats', type=positive_int, help='timed blocks; the median is reported')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON',
                       help='config override for every shape, e.g. --set mesh.cpu_devices=1 (replaces CPU_SETTINGS)')
   parser.add_argument('--text', help='train on the character tokens of this text file (default: uniform random '
                       'tokens over 65 symbols)')
   parser.add_argument('--packed-qkv', action='store_true', help='project q, k, v with one matmul also where '
                       'attention is a fused kernel (the model then uses three; see CausalSelfAttention.project)')
-  parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'train_speed.json'))
+  parser.add_argument('--out', type=out_file, default=str(REPO / 'bench' / 'out' / 'train_speed.json'))
   parser.add_argument('--ceiling-from', metavar='JSON', help="reuse the matmul ceiling of an earlier run's JSON "
                       '(measured again when the file has none)')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   parser.add_argument('--ceiling', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.text and not pathlib.Path(args.text).is_file():
+    parser.error(f'--text {args.text} is not a file')
 
   if args.ceiling:
     import jax
@@ -212,7 +216,7 @@ def main():
   out = pathlib.Path(args.out)
   payload = {'machine': machine(), 'platform': measured['platform'], 'matmul_gflops': ceiling,
              'overrides': args.set, 'tokens': args.text or 'uniform random', 'results': [], 'failed': []}
-  for shape in args.shapes.split(','):
+  for shape in args.shapes:
     steps = args.steps or DEFAULT_STEPS.get(shape, 10)
     repeats = args.repeats or DEFAULT_REPEATS.get(shape, 3)
     settings = args.set if args.set or measured['platform'] != 'cpu' else CPU_SETTINGS.get(shape, [])
@@ -245,8 +249,9 @@ def main():
           f'{" ".join(r["overrides"] + ["--packed-qkv"] * r["packed_qkv"])}')
   if any(r['mfu'] is not None for r in payload['results']):
     print(MFU_CONVENTION)
-  atomic_write(out, json.dumps(payload, indent=2) + '\n')
-  print(f'wrote {out}')
+  if payload['results']:  # (a run whose every shape failed leaves an earlier file as it was)
+    atomic_write(out, json.dumps(payload, indent=2) + '\n')
+    print(f'wrote {out}')
   if payload['failed']:
     raise SystemExit(f'failed: {", ".join(payload["failed"])}')
 
