@@ -363,7 +363,11 @@ def load_meta(workdir: str | pathlib.Path, which: str | int = 'latest') -> tuple
   try:
     step = checkpoints.select(which)
     with reading(checkpoints, step):
-      return checkpoints, step, checkpoints.meta(step)
+      meta = checkpoints.meta(step)
+    if which == 'best' and not meta['config'].get('checkpoint', {}).get('keep_best', True):
+      print(f'note: this run did not keep its best checkpoint (checkpoint.keep_best=False): step {step} is the '
+            'best of those kept', file=sys.stderr)
+    return checkpoints, step, meta
   except BaseException:
     checkpoints.close()
     raise

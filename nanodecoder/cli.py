@@ -371,7 +371,7 @@ def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Pa
   config = sweep_lib.point_config(base, point)
   workdir = sweep.workdir(root, point)
   sweep_lib.check_saved_configs(sweep, base, root, [point])  # this point only: the others may run elsewhere
-  sweep_lib.write_manifest(root, sweep, base)
+  sweep_lib.write_manifest(root, sweep, base, only=point)
   status = sweep_lib.point_status(workdir, config.train.num_steps)
   try:
     if status.state == 'finished':
@@ -418,7 +418,8 @@ def _checked_out() -> pathlib.Path | None:
   try:
     out = pathlib.Path(os.path.realpath(out))
     if out.is_dir():
-      fail(f'--out {FLAGS.out} is a directory; give a file path, e.g. --out {out / "out.txt"}')
+      example = 'report.json' if FLAGS.mode == 'eval' else 'samples.txt'
+      fail(f'--out {FLAGS.out} is a directory; give a file path, e.g. --out {out / example}')
     if out.exists() and not out.is_file():
       fail(f'--out {FLAGS.out} is not a regular file; give the path of a file to write')
     _writable_place(out, '--out')

@@ -58,7 +58,7 @@ class CharTokenizer:
   def encode(self, text: str) -> np.ndarray:
     unknown = sorted(set(text) - self._ids.keys())
     if unknown:
-      raise DataError(f'characters not in the vocabulary: {"".join(unknown)!r} ({", ".join(map(repr, unknown))}); '
+      raise DataError(f'characters not in the vocabulary: {", ".join(map(repr, unknown))}; '
                       'use only characters of the training corpus')
     return np.fromiter((self._ids[c] for c in text), dtype=np.int32, count=len(text))
 
@@ -82,7 +82,9 @@ class Corpus:
 
   def text(self, expr: str) -> str:
     names = expr.split('+')
-    for name in names:
+    for i, name in enumerate(names):
+      if name in names[:i]:
+        raise DataError(f'split {name!r} appears twice in {expr!r}; name each split once')
       if name not in self.splits:
         raise DataError(f'split {name!r} (in {expr!r}) does not exist in {self.name}; '
                         f'available: {", ".join(self.splits)}')

@@ -130,9 +130,9 @@ def find_points(root: pathlib.Path) -> tuple[str, list[str], list[tuple[str, dic
   if manifest.is_file():
     data = json.loads(manifest.read_text(encoding='utf-8'))
     names = sweep_lib.short_names(data['fields'])
-    points = [(p['name'], {names[f]: v for f, v in p['overrides'].items()}, p.get('num_steps'))
-              for p in data['points']]
-    return f'sweep {data["name"]} ({data["config"]})', list(names.values()), points
+    points = [(p['name'], {names[f]: v for f, v in p.get('values', p['overrides']).items() if f in names},
+               p.get('num_steps')) for p in data['points']]
+    return f'sweep {data["name"]} ({pathlib.Path(data["config"]).name})', list(names.values()), points
   if (root / 'metrics.jsonl').is_file() or (root / 'config.json').is_file():
     return f'run {root.name}', [], [('.', {}, None)]
   points = []
@@ -140,7 +140,7 @@ def find_points(root: pathlib.Path) -> tuple[str, list[str], list[tuple[str, dic
     pairs = [part.partition('=') for part in folder.name.split(',')]
     points.append((folder.name, {k: _parse_value(v) for k, eq, v in pairs if eq}, None))
   fields = list(dict.fromkeys(f for _, values, _ in points for f in values))
-  return f'runs in {root}', fields, points
+  return f'runs in {root.name}', fields, points
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -226,7 +226,7 @@ def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, pat
   ax.minorticks_off()
   ax.set_xlabel(x_field)
   ax.set_ylabel('best val loss (nats/char)')
-  ax.set_title(title)
+  ax.set_title(title, wrap=True)
   ax.grid(alpha=0.3)
   if len(groups) > 1:
     ax.legend()
@@ -257,7 +257,7 @@ def plot_loss_curves(curves: list[tuple[str, RunMetrics]], title: str, path: pat
   for ax in (train_ax, val_ax):
     if ax.get_legend_handles_labels()[1]:
       ax.legend(fontsize='small')
-  figure.suptitle(title)
+  figure.suptitle(title, wrap=True)
   save_png(figure, path)
 
 

@@ -162,12 +162,36 @@ def check_text_data(sweep: Sweep, base: ml_collections.ConfigDict) -> None:
     checked.add(key)
 
 
-def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.ConfigDict) -> None:
-  """`root/sweep.json`: what the summary needs to know about the sweep (after `check_saved_configs`)."""
+def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.ConfigDict,
+                   only: Point | None = None) -> None:
+  """`root/sweep.json`: what the summary needs to know about the sweep (after `check_saved_configs`): per point
+  its overrides, the value of every swept field (a point that leaves one to the base config included) and its
+  num_steps. With `only`, the other points keep their entries (`--sweep_index` with overrides of its own)."""
+
+  def entry(point: Point) -> dict[str, Any]:
+    config = point_config(base, point)
+    values = {}
+    for field in sweep.fields:
+      node = config
+      for name in field.split('.'):
+        node = node[name]
+      values[field] = node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+    return {'name': point.name, 'overrides': point.overrides, 'values': values, 'num_steps': config.train.num_steps}
+
+  path = pathlib.Path(root) / MANIFEST
+  entries = None
+  if only is not None:
+    try:
+      entries = json.loads(path.read_text(encoding='utf-8'))['points']
+    except (OSError, ValueError, KeyError, TypeError):
+      pass
+    if entries is not None and [e.get('name') for e in entries] == [p.name for p in sweep.points]:
+      entries[only.index] = entry(only)
+    else:
+      entries = None
   manifest = {'name': sweep.name, 'config': sweep.spec, 'fields': sweep.fields,
-              'points': [{'name': p.name, 'overrides': p.overrides,
-                          'num_steps': point_config(base, p).train.num_steps} for p in sweep.points]}
-  atomic_write(pathlib.Path(root) / MANIFEST, json.dumps(manifest, indent=2) + '\n')
+              'points': entries or [entry(p) for p in sweep.points]}
+  atomic_write(path, json.dumps(manifest, indent=2) + '\n')
 
 
 # Fields a point's config may change between sessions without changing what it trains: its length (more steps

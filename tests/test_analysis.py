@@ -43,8 +43,11 @@ def test_attention_maps_are_causal_and_rows_sum_to_one(run):
 def test_attention_pngs_one_per_layer_with_a_heatmap_per_head(run, tmp_path):
   model, tokenizer, _, _ = checkpoint_lib.load_model(run)
   maps, shown = analysis.attention_maps(model, tokenizer, 'the quick brown')
+  (tmp_path / 'maps').mkdir()
+  (tmp_path / 'maps' / 'layer_2.png').write_bytes(b'')  # a deeper model's, drawn here before
   paths = analysis.plot_attention(maps, shown, tmp_path / 'maps', title='tiny, ')
   assert paths == [tmp_path / 'maps' / 'layer_0.png', tmp_path / 'maps' / 'layer_1.png']
+  assert sorted((tmp_path / 'maps').iterdir()) == paths
   for path in paths:
     pixels = mpimg.imread(path)
     assert pixels.shape[0] >= 250 and pixels.shape[1] >= 500 and pixels[..., :3].std() > 0.05

@@ -92,6 +92,22 @@ def test_keeps_the_latest_and_the_best(tiny_config, tmp_path):
     checkpoints.select('7')
 
 
+def test_best_of_a_run_that_kept_no_best_says_so(tiny_config, tmp_path, capsys):
+  config, tokenizer, state = tiny_config(**{'checkpoint.keep_best': False}), CharTokenizer('ab'), small_state()
+  checkpoints = Checkpoints(tmp_path, keep=2, keep_best=False)
+  for step, val_loss in zip([1, 2, 3], [1.0, 3.0, 2.0]):  # the best, step 1, is gone
+    checkpoints.save(step, state, config, tokenizer, val_loss)
+  checkpoints.wait()
+  checkpoints.close()
+  opened, step, _ = checkpoint_lib.load_meta(tmp_path, 'best')
+  opened.close()
+  assert step == 3 and capsys.readouterr().err == (
+      'note: this run did not keep its best checkpoint (checkpoint.keep_best=False): step 3 is the best of those '
+      'kept\n')
+  checkpoint_lib.load_meta(tmp_path, 'latest')[0].close()
+  assert capsys.readouterr().err == ''
+
+
 def test_the_best_survives_a_resume(tiny_config, tmp_path, caplog):
   """A resumed run's manager scores the earlier session's steps too (Orbax keeps their metrics on disk)."""
   config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()

@@ -24,7 +24,7 @@ def test_tokenizer_round_trip_and_json():
 
 def test_tokenizer_names_unknown_characters():
   tok = CharTokenizer.from_text('abc')
-  with pytest.raises(DataError, match=r"characters not in the vocabulary: 'xz'"):
+  with pytest.raises(DataError, match=r"characters not in the vocabulary: 'x', 'z'; "):
     tok.encode('axbz')
 
 
@@ -74,6 +74,8 @@ def test_a_prepare_race_lost_to_another_process(shakespeare, shakespeare_tfds_di
 def test_unknown_split_lists_the_available_ones(shakespeare):
   with pytest.raises(DataError, match=r"split 'valid' \(in 'train\+valid'\) does not exist.*available: train, validation, test"):
     shakespeare.text('train+valid')
+  with pytest.raises(DataError, match=r"^split 'validation' appears twice in 'validation\+validation'; name each"):
+    shakespeare.text('validation+validation')  # its text would count twice
 
 
 def no_network(address, timeout=None, **kwargs):

@@ -170,9 +170,9 @@ def test_points_with_different_fields_get_every_column(tiny_config, tmp_path):
   assert [p.name for p in written] == ['summary.csv', 'summary.md', 'val_loss.png', 'loss_curves.png']
   rows = list(csv.DictReader((tmp_path / 'summary.csv').open()))
   assert [(r['point'], r['dropout'], r['every'], r['best_val_loss']) for r in rows] == [
-      ('dropout=0.1', '0.1', '', '2.5'), ('dropout=0,every=5', '0.0', '5', '2.4')]
+      ('dropout=0.1', '0.1', '10', '2.5'), ('dropout=0,every=5', '0.0', '5', '2.4')]  # 10: the base config's
   text = (tmp_path / 'summary.md').read_text()
-  assert '| dropout=0.1 | 0.1 |  | finished | 20/20 |' in text
+  assert '| dropout=0.1 | 0.1 | 10 | finished | 20/20 |' in text
   assert '| dropout=0,every=5 | 0.0 | 5 | finished | 20/20 |' in text
 
   runs = tmp_path / 'runs'  # a folder of runs: 'tag=c' has no x value (lr), so no point of the plot

@@ -302,3 +302,18 @@ def test_an_override_of_a_field_every_point_sets_is_refused(tiny_config):
   sweep_lib.check_overrides(sweep, ['model.dropout', 'train.num_steps'])  # dropout: the second point takes it
   with pytest.raises(ConfigError, match=r'^--config.seed has no effect: every point of the sweep sets seed; drop'):
     sweep_lib.check_overrides(sweep, ['model.dropout', 'seed'])
+
+
+def test_the_manifest_gives_every_point_each_swept_value_and_one_index_updates_only_its_own(tiny_config, tmp_path):
+  from nanodecoder import summary
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('x.py', base, [{}, {'train.learning_rate': 0.05, 'train.min_learning_rate': 0.05}])
+  sweep_lib.write_manifest(tmp_path, sweep, base)
+  _, fields, points = summary.find_points(tmp_path)
+  assert fields == ['learning_rate', 'min_learning_rate']
+  assert points[0][:2] == ('base', {'learning_rate': base.train.learning_rate,  # the base point's values, too
+                                    'min_learning_rate': base.train.min_learning_rate})
+  longer = tiny_config(**{'train.num_steps': 2 * base.train.num_steps})  # `--sweep_index 1` with an override
+  sweep_lib.write_manifest(tmp_path, sweep, longer, only=sweep.points[1])
+  assert [num_steps for *_, num_steps in summary.find_points(tmp_path)[2]] == [base.train.num_steps,
+                                                                               longer.train.num_steps]
