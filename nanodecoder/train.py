@@ -416,29 +416,45 @@ def _raise_on_every_process(failure: Exception | None, what: str) -> None:
                                            f'process {jax.process_index()} stops too')
 
 
+def _restore_or_init(trainer: Trainer, checkpoints, dataset: data_lib.Dataset, log) -> dict[str, Any]:
+  """Fills `trainer.state` from the latest good checkpoint, or fresh; returns the metrics known so far."""
+  config = trainer.config
+  restored = checkpoints.restore_latest_good(trainer.abstract_state, config, log=log)
+  if restored is None:
+    trainer.state = trainer.init_state()
+    return {}
+  step, trainer.state, meta = restored
+  saved_chars = data_lib.CharTokenizer.from_json(meta['tokenizer']).chars
+  if saved_chars != dataset.tokenizer.chars:  # same count, other characters: the ids would mean other things
+    different = ''.join(sorted(set(saved_chars) ^ set(dataset.tokenizer.chars)))
+    raise config_lib.ConfigError(f'the checkpoint at step {step} in {checkpoints.directory} was trained on other '
+                                 f'characters than this data has (differing: {different!r}); train on the same '
+                                 'data or pass another --workdir')
+  log(f'resumed from the checkpoint at step {step} in {checkpoints.directory}')
+  if step < config.train.num_steps:
+    return {}
+  log(f'already trained for train.num_steps={config.train.num_steps} steps; nothing to do')
+  return {} if meta['val_loss'] is None else {'val_loss': meta['val_loss']}
+
+
 def _train(config, dataset, workdir, mesh, stop, is_main):
-  model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
+  """Opens the run's logs and checkpoints for `_train_loop`, and closes them however it ends."""
   logger = MetricsLogger(workdir, enabled=is_main, total_steps=config.train.num_steps, config=config)
   ck = config.checkpoint
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=ck.keep, keep_best=ck.keep_best, async_save=ck.async_save)
+  try:
+    return _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoints)
+  finally:
+    checkpoints.close()
+    logger.close()
+
+
+def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoints):
+  ck = config.checkpoint
+  model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
   trainer = create_trainer(config, model_config, mesh, init=False)
-  restored = checkpoints.restore_latest_good(trainer.abstract_state, config, log=logger.info)
-  metrics: dict[str, Any] = {}
-  if restored is None:
-    trainer.state = trainer.init_state()
-  else:
-    step, trainer.state, meta = restored
-    saved_chars = data_lib.CharTokenizer.from_json(meta['tokenizer']).chars
-    if saved_chars != dataset.tokenizer.chars:  # same count, other characters: the ids would mean other things
-      different = ''.join(sorted(set(saved_chars) ^ set(dataset.tokenizer.chars)))
-      raise config_lib.ConfigError(f'the checkpoint at step {step} in {checkpoints.directory} was trained on other '
-                                   f'characters than this data has (differing: {different!r}); train on the same '
-                                   'data or pass another --workdir')
-    logger.info(f'resumed from the checkpoint at step {step} in {checkpoints.directory}')
-    if step >= config.train.num_steps:
-      logger.info(f'already trained for train.num_steps={config.train.num_steps} steps; nothing to do')
-      if meta['val_loss'] is not None:
-        metrics = {'val_loss': meta['val_loss']}
+  metrics = _restore_or_init(trainer, checkpoints, dataset, logger.info)
+  last_saved = trainer.step or None  # the last good checkpoint: the one restored (never one at step 0)
   logger.start(trainer.step)
   if is_main and trainer.step < config.train.num_steps:  # (a session that trains nothing keeps the run's config)
     atomic_write(workdir / config_lib.SAVED_CONFIG, config.to_json(indent=2))
@@ -451,7 +467,6 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
   t = config.train
   schedule = learning_rate_schedule(t)
   tokens_per_step = t.batch_size * dataset.context_length
-  last_saved = None if restored is None else trainer.step  # the last good checkpoint
 
   def save(step: int, val_loss: float | None = None) -> None:
     nonlocal last_saved
@@ -484,11 +499,7 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
       # Block on every call (queued collectives can starve). A finite loss with an infinite gradient still
       # makes NaN parameters: both must be finite before a checkpoint can hold them.
       losses, grad_norms = map(np.atleast_1d, jax.device_get((out['loss'], out['grad_norm'])))
-      bad = np.flatnonzero(~(np.isfinite(losses) & np.isfinite(grad_norms)))
-      if bad.size:
-        i = bad[0]
-        name, value = ('loss', losses[i]) if not np.isfinite(losses[i]) else ('gradient norm', grad_norms[i])
-        raise _diverged(f'{name} became {value}', step + i + 1, last_saved)
+      _raise_if_diverged(losses, grad_norms, step, last_saved)
       step, window_steps = step + n, window_steps + n
       profile.after(step)
       if compiling:
@@ -526,9 +537,16 @@ def _train(config, dataset, workdir, mesh, stop, is_main):
     checkpoints.wait()  # the last save is on disk (a failed asynchronous save surfaces here)
   finally:
     profile.after(None)
-    checkpoints.close()
-    logger.close()
   return metrics
+
+
+def _raise_if_diverged(losses: np.ndarray, grad_norms: np.ndarray, step: int, last_saved: int | None) -> None:
+  """Stops at the first of the steps after `step` whose loss or gradient norm is not finite."""
+  bad = np.flatnonzero(~(np.isfinite(losses) & np.isfinite(grad_norms)))
+  if bad.size:
+    i = bad[0]
+    name, value = ('loss', losses[i]) if not np.isfinite(losses[i]) else ('gradient norm', grad_norms[i])
+    raise _diverged(f'{name} became {value}', step + i + 1, last_saved)
 
 
 @jax.jit
