@@ -92,14 +92,20 @@ def for_reading_here(config: ml_collections.ConfigDict, num_devices: int, backen
   config.mesh.update(data=-1, fsdp=1, tensor=1)
   config.train.grad_accum_steps = 1
   config.train.batch_size = -(-config.train.batch_size // num_devices) * num_devices
-  if (config.model.attention_impl == 'cudnn' and backend != 'gpu') or xla_attention_cannot_run(config.model, backend):
+  if attention_cannot_run(config.model, backend):
     config.model.attention_impl = 'auto'
   return config
 
 
-def xla_attention_cannot_run(model: ml_collections.ConfigDict, platform: str) -> bool:
-  """XLA's CPU backend has no float16 matmul with float32 sums, which attention_impl='xla' asks for."""
-  return model.attention_impl == 'xla' and model.dtype == 'float16' and platform == 'cpu'
+def attention_cannot_run(model: ml_collections.ConfigDict, platform: str) -> str | None:
+  """Why `model.attention_impl` cannot run on `platform` devices (one line naming the fix), or None."""
+  if model.attention_impl == 'cudnn' and platform != 'gpu':
+    return (f"model.attention_impl='cudnn' needs NVIDIA GPUs, but the mesh is on {platform} devices; use 'auto' "
+            "or 'einsum'")
+  if model.attention_impl == 'xla' and model.dtype == 'float16' and platform == 'cpu':
+    return ("model.attention_impl='xla' with model.dtype='float16' does not run on cpu devices (no float16 matmul "
+            "with float32 sums there); use 'auto' or 'einsum', or bfloat16")
+  return None
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:

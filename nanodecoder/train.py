@@ -298,13 +298,10 @@ def train_batches(dataset: data_lib.Dataset, mesh: jax.sharding.Mesh, seed: int,
 
 
 def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  platform = mesh.devices.flat[0].platform
-  if config.model.attention_impl == 'cudnn' and platform != 'gpu':
-    raise config_lib.ConfigError(f"model.attention_impl='cudnn' needs NVIDIA GPUs, but the mesh is on {platform} "
-                                 "devices; use 'auto' or 'einsum'")
-  if config_lib.xla_attention_cannot_run(config.model, platform):
-    raise config_lib.ConfigError("model.attention_impl='xla' with model.dtype='float16' does not run on cpu devices "
-                                 "(no float16 matmul with float32 sums there); use 'auto' or 'einsum', or bfloat16")
+  """ConfigError unless `config` can train on `mesh`: its attention runs on these devices, its axes divide."""
+  reason = config_lib.attention_cannot_run(config.model, mesh.devices.flat[0].platform)
+  if reason:
+    raise config_lib.ConfigError(reason)
   config_lib.check_mesh_shape(config, *(mesh.shape[axis] for axis in ('data', 'fsdp', 'tensor')))
 
 
