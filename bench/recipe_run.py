@@ -57,7 +57,8 @@ def main():
   previous = {r['step']: p['step'] for p, r in zip(train_records, train_records[1:])}
   # Windows that ran the profiler (steps profile_start + 1 .. + profile_steps) are not timed: tracing slows them.
   first, end = config.train.profile_start, config.train.profile_start + config.train.profile_steps
-  logs = [r for r in logs if not (config.train.profile_steps and previous.get(r['step'], 0) < end and r['step'] > first)]
+  profiled = lambda r: config.train.profile_steps and previous.get(r['step'], 0) < end and r['step'] > first
+  logs = [r for r in logs if not profiled(r)]
   if logs:
     # Each timed log line covers the steps since the previous log line; steps without a timing (the first,
     # compiling call, and the profiled windows) count at the median speed.

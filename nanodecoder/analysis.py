@@ -43,8 +43,8 @@ def attention_maps(model, tokenizer, prompt: str) -> tuple[np.ndarray, str]:
 
 
 def plot_attention(maps: np.ndarray, chars: str, out_dir: str | pathlib.Path, title: str = '') -> list[pathlib.Path]:
-  """Writes `layer_<i>.png` per layer into `out_dir` (removing other `layer_*.png` there): a heatmap per head;
-  returns the paths."""
+  """Writes `layer_<i>.png` per layer into `out_dir` (removing other `layer_<i>.png` there): a heatmap per
+  head; returns the paths."""
   from nanodecoder.summary import new_figure, save_png
 
   out_dir = pathlib.Path(out_dir)
@@ -78,7 +78,8 @@ def plot_attention(maps: np.ndarray, chars: str, out_dir: str | pathlib.Path, ti
     save_png(figure, path)
     paths.append(path)
   for stale in set(out_dir.glob('layer_*.png')) - set(paths):  # of a deeper model drawn here before
-    stale.unlink(missing_ok=True)
+    if stale.stem[len('layer_'):].isdigit():
+      stale.unlink(missing_ok=True)
   return paths
 
 

@@ -99,21 +99,26 @@ SAVED_CONFIG_FILE = pathlib.Path(__file__).with_name('saved_config.py')
 
 
 def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
-  """`--workdir RUN --config.a.b=v` without --config: the overrides apply to RUN/config.json (through
+  """`--workdir RUN --config.a.b=v` without --config (training): the overrides apply to RUN/config.json (through
   nanodecoder/saved_config.py, so that they are parsed as an experiment file's are)."""
   args = argv[1:argv.index('--')] if '--' in argv else argv[1:]
-  names = [a.lstrip('-').split('=', 1)[0] for a in args if a.startswith('-')]
-  overrides = [n for n in names if n.startswith(('config.', 'noconfig.'))]
-  if not overrides or 'config' in names:
-    return argv
-  workdir = None
+  values = {}  # flag name -> its value (None for a bare boolean), from --name=value or --name value
   for i, arg in enumerate(args):
-    name, _, value = arg.lstrip('-').partition('=')
-    if arg.startswith('-') and name == 'workdir':
-      workdir = value if '=' in arg else (args[i + 1] if i + 1 < len(args) else None)
+    if arg.startswith('-'):
+      name, eq, value = arg.lstrip('-').partition('=')
+      following = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith('-') else None
+      values[name] = value if eq else following
+  overrides = [n for n in values if n.startswith(('config.', 'noconfig.'))]
+  if not overrides or 'config' in values or 'flagfile' in values or values.get('mode', 'train') != 'train':
+    return argv  # (absl reports overrides in other modes as unknown flags)
+  workdir = values.get('workdir')
   if not workdir or not (pathlib.Path(workdir) / config_lib.SAVED_CONFIG).is_file():
     fail(f'--{overrides[0]} overrides a field of a --config file: pass --config FILE, or the --workdir of a run '
          'to change its saved config.json')
+  try:
+    config_lib.read_saved_config(workdir)
+  except (OSError, ValueError) as e:
+    fail(f'cannot read {pathlib.Path(workdir) / config_lib.SAVED_CONFIG} ({e}); pass --config to train')
   return [argv[0], f'--config={SAVED_CONFIG_FILE}:{workdir}', *argv[1:]]
 
 
@@ -190,10 +195,11 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
   config = FLAGS.config if config is None else config
   if config is None:
     config = _saved_config()
-  elif FLAGS.config is config and config_flags.get_config_filename(FLAGS['config']).startswith(f'{SAVED_CONFIG_FILE}:'):
-    print(f'resuming with the config saved in {pathlib.Path(FLAGS.workdir) / config_lib.SAVED_CONFIG} and the overrides '
-          f'{" ".join(f"{k}={v!r}" for k, v in config_flags.get_override_values(FLAGS["config"]).items())}',
-          flush=True)
+  elif FLAGS.config is config and config_flags.get_config_filename(FLAGS['config']).startswith(
+      f'{SAVED_CONFIG_FILE}:'):
+    overrides = config_flags.get_override_values(FLAGS['config'])
+    print(f'resuming with the config saved in {pathlib.Path(FLAGS.workdir) / config_lib.SAVED_CONFIG} and the '
+          f'overrides {" ".join(f"{k}={v!r}" for k, v in overrides.items())}', flush=True)
   try:
     config.get('name')  # config_flags defers a failed load to the first access
   except Exception as e:  # noqa: BLE001

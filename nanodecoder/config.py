@@ -30,7 +30,7 @@ def read_saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   """The resolved config a run saved in its workdir; OSError or ValueError when it cannot be read."""
   saved = json.loads((pathlib.Path(workdir) / SAVED_CONFIG).read_text(encoding='utf-8'))
   if not isinstance(saved, dict):
-    raise ValueError(f'{pathlib.Path(workdir) / SAVED_CONFIG} holds no config')
+    raise ValueError('not a JSON object')
   return ml_collections.ConfigDict(saved)
 
 

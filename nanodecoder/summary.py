@@ -140,7 +140,7 @@ def find_points(root: pathlib.Path) -> tuple[str, list[str], list[tuple[str, dic
     pairs = [part.partition('=') for part in folder.name.split(',')]
     points.append((folder.name, {k: _parse_value(v) for k, eq, v in pairs if eq}, None))
   fields = list(dict.fromkeys(f for _, values, _ in points for f in values))
-  return f'runs in {root.name}', fields, points
+  return f'runs in {root.resolve().name}', fields, points
 
 
 def _number(value: Any, digits: int = 4) -> str:

@@ -185,9 +185,11 @@ def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.
       entries = json.loads(path.read_text(encoding='utf-8'))['points']
     except (OSError, ValueError, KeyError, TypeError):
       pass
-    if entries is not None and [e.get('name') for e in entries] == [p.name for p in sweep.points]:
+    current = (isinstance(entries, list) and all(isinstance(e, dict) and 'values' in e for e in entries)
+               and [e['name'] for e in entries] == [p.name for p in sweep.points])
+    if current:
       entries[only.index] = entry(only)
-    else:
+    else:  # none yet, of other points, or written before the manifest held every point's values
       entries = None
   manifest = {'name': sweep.name, 'config': sweep.spec, 'fields': sweep.fields,
               'points': entries or [entry(p) for p in sweep.points]}

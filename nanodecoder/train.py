@@ -338,6 +338,8 @@ class StopRequest:
 
   def requested(self) -> bool:
     """True on every process as soon as any process was signalled."""
+    if interrupts.take():  # a Ctrl-C that Python dropped (see nanodecoder.interrupts): a stop, or the abort
+      self._handle(signal.SIGINT, None)
     return bool(sharding_lib.gather_from_processes(self.signal is not None).any())
 
 

@@ -45,9 +45,10 @@ def test_attention_pngs_one_per_layer_with_a_heatmap_per_head(run, tmp_path):
   maps, shown = analysis.attention_maps(model, tokenizer, 'the quick brown')
   (tmp_path / 'maps').mkdir()
   (tmp_path / 'maps' / 'layer_2.png').write_bytes(b'')  # a deeper model's, drawn here before
+  (tmp_path / 'maps' / 'layer_0_notes.png').write_bytes(b'')  # not one of ours
   paths = analysis.plot_attention(maps, shown, tmp_path / 'maps', title='tiny, ')
   assert paths == [tmp_path / 'maps' / 'layer_0.png', tmp_path / 'maps' / 'layer_1.png']
-  assert sorted((tmp_path / 'maps').iterdir()) == paths
+  assert sorted((tmp_path / 'maps').iterdir()) == [paths[0], tmp_path / 'maps' / 'layer_0_notes.png', paths[1]]
   for path in paths:
     pixels = mpimg.imread(path)
     assert pixels.shape[0] >= 250 and pixels.shape[1] >= 500 and pixels[..., :3].std() > 0.05
@@ -57,8 +58,9 @@ def test_attention_pngs_one_per_layer_with_a_heatmap_per_head(run, tmp_path):
 def test_eval_report_is_the_exact_loss_over_every_window(run, monkeypatch):
   read = []
   restore = checkpoint_lib.ocp.StandardCheckpointHandler.restore
-  monkeypatch.setattr(checkpoint_lib.ocp.StandardCheckpointHandler, 'restore',
-                      lambda self, directory, *a, **kw: read.append(directory.name) or restore(self, directory, *a, **kw))
+  reading = lambda self, directory, *args, **kwargs: read.append(directory.name) or restore(self, directory, *args,
+                                                                                            **kwargs)
+  monkeypatch.setattr(checkpoint_lib.ocp.StandardCheckpointHandler, 'restore', reading)
   report = analysis.evaluate_split(run)
   assert read == ['params']  # not the optimizer state, twice the parameters' size
   last_eval = [r for r in map(json.loads, (run / 'metrics.jsonl').read_text().splitlines()) if 'eval/val_loss' in r][-1]

@@ -1,4 +1,4 @@
-"""A Ctrl-C is never lost, even where Python drops exceptions."""
+"""A Ctrl-C that Python drops is remembered: the command, training and its loop act on it."""
 
 import gc
 import os
@@ -41,6 +41,15 @@ def test_a_ctrl_c_that_python_drops_is_raised_at_the_next_check(reported):
   with pytest.raises(KeyboardInterrupt):  # the training loop checks before it starts
     with train_lib.StopRequest():
       pass
+  with train_lib.StopRequest() as stop:  # and after every call, where it is a Ctrl-C: first a stop, then the abort
+    Finalized()
+    gc.collect()
+    assert stop.requested() and stop.name() == 'SIGINT'
+    Finalized()
+    gc.collect()
+    with pytest.raises(KeyboardInterrupt):
+      stop.requested()
+  assert reported == []
 
 
 def test_other_unraisable_errors_are_still_reported(reported):

@@ -68,6 +68,12 @@ def test_overrides_without_config_apply_to_the_saved_config(tiny_run, tmp_path):
   assert 'resumed from the checkpoint at step 12' in result.stdout and 'step 18 |' in result.stdout
   config = json.loads((workdir / 'config.json').read_text())
   assert config['train']['num_steps'] == 18 and config['model']['num_layers'] == 1
+  result = launch('--mode', 'sample', '--workdir', str(workdir), '--config.train.num_steps=18')  # train mode only
+  assert result.returncode == 2 and "Unknown command line flag 'config.train.num_steps'" in result.stderr
+  (workdir / 'config.json').write_text('[1, 2]')
+  result = launch('--workdir', str(workdir), '--config.train.num_steps=24')
+  assert result.returncode == 2 and result.stderr == (f'error: cannot read {workdir / "config.json"} (not a JSON '
+                                                      'object); pass --config to train\n')
   result = launch('--workdir', str(tmp_path / 'nothing'), '--config.train.num_steps=18')
   assert result.returncode == 2 and result.stderr.startswith('error: --config.train.num_steps overrides a field '
                                                              'of a --config file: pass --config FILE, or the '

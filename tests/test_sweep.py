@@ -317,3 +317,9 @@ def test_the_manifest_gives_every_point_each_swept_value_and_one_index_updates_o
   sweep_lib.write_manifest(tmp_path, sweep, longer, only=sweep.points[1])
   assert [num_steps for *_, num_steps in summary.find_points(tmp_path)[2]] == [base.train.num_steps,
                                                                                longer.train.num_steps]
+  manifest = json.loads((tmp_path / 'sweep.json').read_text())  # one written before manifests held the values:
+  for entry in manifest['points']:
+    del entry['values']
+  (tmp_path / 'sweep.json').write_text(json.dumps(manifest))
+  sweep_lib.write_manifest(tmp_path, sweep, base, only=sweep.points[1])  # rewritten whole
+  assert all('values' in entry for entry in json.loads((tmp_path / 'sweep.json').read_text())['points'])

@@ -214,7 +214,8 @@ def test_an_infinite_gradient_stops_before_its_step_is_saved(tiny_config, tmp_pa
   after_each_step(monkeypatch, lambda state, out, step: (
       state, out if step != 3 else {**out, 'grad_norm': jnp.float32(jnp.inf)}))
   config = tiny_config(**{'train.num_steps': 6, 'checkpoint.every': 1, 'eval.every': 6, 'train.log_every': 1})
-  with pytest.raises(FloatingPointError, match=r'^gradient norm became inf at step 3; the last good checkpoint \(step 2\) is kept'):
+  with pytest.raises(FloatingPointError,
+                     match=r'^gradient norm became inf at step 3; the last good checkpoint \(step 2\) is kept'):
     train_lib.train_and_evaluate(config, tmp_path)
   assert Checkpoints(tmp_path, read_only=True).steps() == [1, 2]
 
@@ -227,6 +228,8 @@ def test_a_divergence_before_the_first_checkpoint_says_there_is_none(tiny_config
 
 
 def test_the_first_signal_names_the_stop_and_a_second_ctrl_c_aborts():
+  from absl import logging as absl_logging
+  verbosity = absl_logging.get_verbosity()
   with train_lib.StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C after SIGTERM: still a SIGTERM stop (exit status 143)
@@ -235,6 +238,8 @@ def test_the_first_signal_names_the_stop_and_a_second_ctrl_c_aborts():
       os.kill(os.getpid(), signal.SIGINT)
       for _ in range(1000):  # the handler runs between bytecodes
         pass
+    assert absl_logging.get_verbosity() == absl_logging.FATAL  # Orbax's errors about the aborted save: silenced
+  assert absl_logging.get_verbosity() == verbosity  # until the training ends
 
 
 def test_several_steps_per_call_equal_single_steps(tiny_config, tmp_path):
