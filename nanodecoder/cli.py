@@ -341,15 +341,8 @@ def sweep_command(declaration) -> None:
         output.close()
 
   sweep_lib.check_saved_configs(sweep, base, root)
-  sweep_lib.check_text_data(sweep, base)
+  sweep_lib.prepare_data(sweep, base, tfds=parallel > 1)
   sweep_lib.write_manifest(root, sweep, base)
-  if parallel > 1:  # points started together would race to download and prepare a TFDS dataset: do it here, once
-    from nanodecoder import data
-
-    point_data = [sweep_lib.point_config(base, point).data for point in sweep.points]
-    tfds_data = {(d.tfds_name, d.tfds_data_dir, d.manual_dir): d for d in point_data if d.source == 'tfds'}
-    for data_config in tfds_data.values():
-      data.load_corpus(data_config)
   print(f'sweep {sweep.name}: {len(sweep.points)} points in {root}, {parallel} at a time', flush=True)
   results, stopped_by = sweep_lib.run(sweep, base, root, start, parallel, log=lambda m: print(m, flush=True))
   paths = summary.write_summary(root)

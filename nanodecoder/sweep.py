@@ -142,24 +142,31 @@ def check_overrides(sweep: Sweep, overridden: Sequence[str]) -> None:
                       'override, or sweep other values in get_sweep()')
 
 
-def check_text_data(sweep: Sweep, base: ml_collections.ConfigDict) -> None:
+def prepare_data(sweep: Sweep, base: ml_collections.ConfigDict, *, tfds: bool) -> None:
   """Loads the text corpus of every point that trains on a text file: a missing or short file fails up front.
-
-  (TFDS data is prepared by the first point, or before the points start when they run in parallel.)
+  With `tfds`, also downloads and prepares each TFDS dataset the points read, once (points started together
+  would race to do it); otherwise the first point that reads one prepares it.
   """
   from nanodecoder import data as data_lib
 
-  checked = set()  # (data settings, context length): points that differ only in other fields load it once
+  done = set()  # points that differ only in other fields load their data once
   for point in sweep.points:
     config = point_config(base, point)
-    key = (config.data.to_json(), config.model.context_length)
-    if config.data.source != 'text' or key in checked:
+    if config.data.source == 'text':
+      key = (config.data.to_json(), config.model.context_length)
+      load = lambda: data_lib.load_dataset(config)
+    elif tfds:
+      key = (config.data.tfds_name, config.data.tfds_data_dir, config.data.manual_dir)
+      load = lambda: data_lib.load_corpus(config.data)
+    else:
+      continue
+    if key in done:
       continue
     try:
-      data_lib.load_dataset(config)
+      load()
     except data_lib.DataError as e:
       raise data_lib.DataError(f'sweep point {point.index} ({point.name}): {e}') from None
-    checked.add(key)
+    done.add(key)
 
 
 def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.ConfigDict,

@@ -323,3 +323,21 @@ def test_the_manifest_gives_every_point_each_swept_value_and_one_index_updates_o
   (tmp_path / 'sweep.json').write_text(json.dumps(manifest))
   sweep_lib.write_manifest(tmp_path, sweep, base, only=sweep.points[1])  # rewritten whole
   assert all('values' in entry for entry in json.loads((tmp_path / 'sweep.json').read_text())['points'])
+
+
+def test_data_is_prepared_once_per_corpus_before_the_points(tiny_config, monkeypatch):
+  from nanodecoder import data as data_lib
+  loads = []
+  monkeypatch.setattr(data_lib, 'load_dataset', lambda config: loads.append(('text', config.model.context_length)))
+  monkeypatch.setattr(data_lib, 'load_corpus', lambda data: loads.append(('tfds', data.tfds_name)))
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('x.py', base, {'model.context_length': [8, 16], 'seed': [1, 2]})
+  sweep_lib.prepare_data(sweep, base, tfds=False)
+  assert loads == [('text', 8), ('text', 16)]  # a text file: checked once per context length
+  loads.clear()
+  base = tiny_config(**{'data.source': 'tfds'})
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3]})
+  sweep_lib.prepare_data(sweep, base, tfds=False)  # one point at a time: the first prepares it
+  assert loads == []
+  sweep_lib.prepare_data(sweep, base, tfds=True)  # several at once: prepared here, once
+  assert loads == [('tfds', 'tiny_shakespeare')]
