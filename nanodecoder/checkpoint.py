@@ -293,7 +293,13 @@ class Checkpoints:
     permissions, ...); CheckpointError too when steps were set aside and none is left. A checkpoint of another
     model shape is refused (ConfigError). All processes take the same decisions (process 0 moves the folders).
     """
-    for step in reversed(self.steps()):
+    steps = self.steps()
+    latest = gather_from_processes(steps[-1] if steps else -1)  # each process lists the folder itself
+    if (latest != latest[0]).any():
+      raise CheckpointError(f'the processes see different checkpoints in {self.directory} (latest step by process: '
+                            f'{", ".join(str(s) if s >= 0 else "none" for s in latest)}); the workdir must be one '
+                            'folder on a file system that every process shares')
+    for step in reversed(steps):
       restored = error = None
       try:
         restored = self._restore_checked(step, abstract_state, config)

@@ -108,6 +108,23 @@ def test_best_of_a_run_that_kept_no_best_says_so(tiny_config, tmp_path, capsys):
   assert capsys.readouterr().err == ''
 
 
+def test_processes_that_see_different_checkpoints_stop(tiny_config, tmp_path, monkeypatch):
+  """Each process lists the folder itself (e.g. NFS caching, or a workdir on a local disk): restoring different
+  steps would leave the replicas in different states, or one process waiting for the others."""
+  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  checkpoints = Checkpoints(tmp_path)
+  checkpoints.save(5, state, config, tokenizer, 1.0)
+  checkpoints.wait()
+  listed = []
+  monkeypatch.setattr(checkpoint_lib, 'gather_from_processes',
+                      lambda latest: listed.append(latest) or np.array([latest, -1]))  # process 1 sees none
+  with pytest.raises(CheckpointError, match=r'^the processes see different checkpoints in .* \(latest step by '
+                                            r'process: 5, none\); the workdir must be one folder'):
+    checkpoints.restore_latest_good(None, config)
+  assert listed == [5]
+  checkpoints.close()
+
+
 def test_the_best_survives_a_resume(tiny_config, tmp_path, caplog):
   """A resumed run's manager scores the earlier session's steps too (Orbax keeps their metrics on disk)."""
   config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()

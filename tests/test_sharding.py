@@ -102,16 +102,29 @@ def test_mesh_sizes_must_match_the_devices(tiny_config, sizes, message):
     ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2', 'SLURM_STEP_NODELIST': 'node[1-2]'}, True),  # srun's tasks
     ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2'}, False),  # the batch script itself, outside srun
     ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1', 'SLURM_STEP_NODELIST': 'node1'}, False),
-    ({'OMPI_COMM_WORLD_SIZE': '4'}, True),
+    ({'OMPI_COMM_WORLD_SIZE': '4', 'OMPI_MCA_orte_hnp_uri': '123.0;tcp://10.0.0.1:4000'}, True),  # Open MPI 4
     ({'TPU_WORKER_HOSTNAMES': 'a,b'}, True),
+    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, True),
     ({}, False),
 ])
 def test_cluster_launchers_are_detected(monkeypatch, env, detected):
-  for name in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_STEP_NODELIST', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES'):
+  for name in (*CLUSTER_VARIABLES, 'OMPI_MCA_orte_hnp_uri', 'JAX_COORDINATOR_ADDRESS'):
     monkeypatch.delenv(name, raising=False)
   for name, value in env.items():
     monkeypatch.setenv(name, value)
   assert sharding_lib._cluster_detected() == detected
+
+
+CLUSTER_VARIABLES = ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_STEP_NODELIST', 'OMPI_COMM_WORLD_SIZE',
+                     'TPU_WORKER_HOSTNAMES')
+
+
+def test_open_mpi_5_which_jax_does_not_detect_asks_for_the_coordinator(monkeypatch):
+  monkeypatch.delenv('OMPI_MCA_orte_hnp_uri', raising=False)
+  monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '4')
+  with pytest.raises(ConfigError, match=r'^Open MPI 5 started this program, which JAX does not detect; pass '
+                                        r'--coordinator_address=HOST0:PORT --num_processes=\$OMPI_COMM_WORLD_SIZE'):
+    sharding_lib.initialize_distributed('auto')
 
 
 def test_one_cpu_device_per_core_the_process_may_use(monkeypatch):
