@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.weight_decay = 0.1  # decoupled weight decay, applied to matrices only
   train.grad_clip = 1.0  # clip gradients to this global norm (0 = off)
   train.grad_accum_steps = 1  # micro-batches per step (batch_size / this rows each)
-  train.steps_per_call = 10  # optimizer steps per compiled call: fewer host round trips (divides the intervals)
+  train.steps_per_call = 10  # optimizer steps per compiled call, fewer host round trips (divides num_steps, intervals)
   train.log_every = 50  # steps between log lines
   train.profile_steps = 0  # steps traced with jax.profiler into <workdir>/plugins/profile (0 = no trace)
   train.profile_start = 100  # steps before the trace (past compilation and warm-up): it starts at step 101
