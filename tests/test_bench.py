@@ -1,0 +1,75 @@
+"""The benchmark scripts run end to end (tiny settings) and write what they print; bad arguments stop them."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY = ['model.num_layers=1', 'model.num_heads=2', 'model.head_size=8', 'model.context_length=16',
+        'train.batch_size=4', 'train.num_steps=20', 'train.warmup_steps=2', 'train.decay_steps=20',
+        'train.log_every=10', 'eval.every=10', 'eval.batches=2', 'mesh.cpu_devices=2', 'train.profile_start=10',
+        'train.profile_steps=10']
+
+
+def bench(script, *args):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # each script picks its devices
+  result = subprocess.run([sys.executable, f'bench/{script}', *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_train_speed_reports_consistent_numbers(corpus_file, tmp_path):
+  out = bench('train_speed.py', '--shapes', 'cpu', '--steps', '2', '--repeats', '1', '--text', str(corpus_file),
+              '--out', str(tmp_path / 'speed.json'))
+  row, = json.loads((tmp_path / 'speed.json').read_text())['results']
+  assert row['shape'] == 'cpu' and row['steps'] == 10  # rounded up to whole calls of train.steps_per_call
+  assert row['tokens_per_s'] == pytest.approx(12 * 64 / (row['ms_per_step'] / 1000))
+  assert row['gflops'] == pytest.approx(row['tflop_per_step'] * 1000 / (row['ms_per_step'] / 1000))
+  assert 0 < row['fraction_of_matmul_ceiling'] and row['peak_rss_mib'] > 0 and row['compile_s'] > 0
+  assert 'matmul ceiling (measured here)' in out and f'{row["ms_per_step"]:.1f}' in out
+
+
+def test_recipe_run_and_trace_summary(corpus_file, tmp_path):
+  overrides = [x for item in ['data.source="text"', f'data.text_path="{corpus_file}"',
+                              *(f'{k}={v}' for k, v in (s.split('=') for s in TINY))] for x in ('--set', item)]
+  bench('recipe_run.py', '--config', 'experiments/cpu.py', *overrides, '--workdir', str(tmp_path / 'run'),
+        '--out', str(tmp_path / 'recipe.json'))
+  result = json.loads((tmp_path / 'recipe.json').read_text())
+  assert result['steps_done'] == result['steps'] == 20 and result['stopped_by'] is None
+  assert math.isfinite(result['best_val_loss']) and result['best_val_loss'] <= result['final_val_loss']
+  # Two log windows (steps 1-10, the compiling call, and 11-20, profiled): none timed, so no speed to report.
+  assert result['median_ms_per_step'] is None and result['wall_s'] > 0
+  out = bench('trace_summary.py', str(tmp_path / 'run' / 'plugins' / 'profile'), '--top', '3')
+  assert out.startswith('trace: ') and '.trace.json.gz' in out.splitlines()[0]
+
+
+def test_sample_speed_and_compile_time(tmp_path):
+  out = bench('sample_speed.py', '--shape', 'cpu', '--tokens', '8', '--uncached_tokens', '4', '--batch_sizes', '1',
+              '--repeats', '1', '--out', str(tmp_path / 'sample.json'))
+  rows = json.loads((tmp_path / 'sample.json').read_text())['results']
+  assert [(r['batch_size'], r['kv_cache'], r['tokens']) for r in rows] == [(1, True, 8), (1, False, 4)]
+  assert 'vs nanoGPT uncached' in out and all(r['tokens_per_s'] > 0 for r in rows)
+  out = bench('compile_time.py', '--shape', 'cpu', '--layers', '1', '--out', str(tmp_path / 'compile.json'))
+  rows = json.loads((tmp_path / 'compile.json').read_text())['results']
+  assert [(r['layers'], r['scan_layers']) for r in rows] == [(1, False), (1, True)]
+  assert all(r['compile_s'] > 0 for r in rows) and 'trace+lower s' in out
+
+
+@pytest.mark.parametrize('script, args, message', [
+    ('train_speed.py', ['--steps', '0'], 'argument --steps: expected a positive integer, got \'0\''),
+    ('train_speed.py', ['--shapes', 'cpu,nope'], 'argument --shapes: no experiment file experiments/nope.py'),
+    ('sample_speed.py', ['--out', '.'], 'argument --out: . is a folder; give a file path'),
+    ('compile_time.py', ['--layers', '4,x'], "argument --layers: expected a positive integer, got 'x'"),
+])
+def test_bad_arguments_stop_before_any_work(script, args, message):
+  result = subprocess.run([sys.executable, f'bench/{script}', *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode == 2 and f'{script}: error: {message}' in result.stderr.splitlines()[-1], result.stderr
