@@ -87,8 +87,9 @@ def test_tiny_model_overfits_one_batch(tiny_config):
   assert losses[0] > 3.0 and losses[-1] < 0.1, (losses[0], losses[-1])
 
 
-def test_step_on_8_devices_equals_step_on_1(tiny_config):
-  config = tiny_config()
+@pytest.mark.parametrize('dropout', [0.0, 0.1])  # with dropout: the same masks whatever the device count
+def test_step_on_8_devices_equals_step_on_1(tiny_config, dropout):
+  config = tiny_config(**{'model.dropout': dropout})
   one, dataset = build(config, jax.devices()[:1])
   eight, _ = build(config, jax.devices()[:8])
   assert len(eight.mesh.devices.flat) == 8
