@@ -231,14 +231,17 @@ def test_a_divergence_before_the_first_checkpoint_says_there_is_none(tiny_config
 def test_the_first_signal_names_the_stop_and_a_second_ctrl_c_aborts():
   from absl import logging as absl_logging
   verbosity = absl_logging.get_verbosity()
+  def signal_self(signum):
+    os.kill(os.getpid(), signum)
+    for _ in range(1000):  # its handler runs between bytecodes, here (before the next signal)
+      pass
+
   with train_lib.StopRequest() as stop:
-    os.kill(os.getpid(), signal.SIGTERM)
-    os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C after SIGTERM: still a SIGTERM stop (exit status 143)
+    signal_self(signal.SIGTERM)
+    signal_self(signal.SIGINT)  # a first Ctrl-C after SIGTERM: still a SIGTERM stop (exit status 143)
     assert stop.requested() and stop.name() == 'SIGTERM'
     with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-      for _ in range(1000):  # the handler runs between bytecodes
-        pass
+      signal_self(signal.SIGINT)
     assert absl_logging.get_verbosity() == absl_logging.FATAL  # Orbax's errors about the aborted save: silenced
   assert absl_logging.get_verbosity() == verbosity  # until the training ends
 
