@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import sys
+import zlib
 from typing import Any
 
 import jax
@@ -293,9 +294,10 @@ class Checkpoints:
     permissions, ...); CheckpointError too when steps were set aside and none is left. A checkpoint of another
     model shape is refused (ConfigError). All processes take the same decisions (process 0 moves the folders).
     """
-    steps = self.steps()
-    latest = gather_from_processes(steps[-1] if steps else -1)  # each process lists the folder itself
-    if (latest != latest[0]).any():
+    steps = self.steps()  # each process lists the folder itself: they must see the same steps
+    listed = gather_from_processes(zlib.crc32(','.join(map(str, steps)).encode()) & 0x7FFFFFFF)
+    if (listed != listed[0]).any():
+      latest = gather_from_processes(steps[-1] if steps else -1)
       raise CheckpointError(f'the processes see different checkpoints in {self.directory} (latest step by process: '
                             f'{", ".join(str(s) if s >= 0 else "none" for s in latest)}); the workdir must be one '
                             'folder on a file system that every process shares')

@@ -80,15 +80,16 @@ def usable_cores() -> int:
 
 def _cluster_detected() -> bool:
   """A launcher that JAX recognises started several processes of this program: SLURM's srun, Open MPI up to
-  version 4, a multi-host TPU slice on GKE, or JAX_COORDINATOR_ADDRESS set by hand. (On Cloud TPU VMs JAX
-  reads the slice from the VM's metadata: `--distributed=on`.)"""
+  version 4, a multi-host TPU slice on GKE. (On Cloud TPU VMs JAX reads the slice from the VM's metadata:
+  `--distributed=on`.)"""
   env = os.environ
   srun_step = 'SLURM_STEP_NODELIST' in env  # started by srun: not a lone process in an allocation of several tasks
   if int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1 and 'OMPI_MCA_orte_hnp_uri' not in env:
-    raise ConfigError('Open MPI 5 started this program, which JAX does not detect; pass --coordinator_address='
-                      'HOST0:PORT --num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK')
+    raise ConfigError('Open MPI 5 started this program, which JAX does not detect; run one process per node with '
+                      '--coordinator_address=HOST0:PORT --num_processes=$OMPI_COMM_WORLD_SIZE '
+                      '--process_id=$OMPI_COMM_WORLD_RANK')
   return ((srun_step and int(env.get('SLURM_NTASKS', '1')) > 1) or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
-          or len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1 or bool(env.get('JAX_COORDINATOR_ADDRESS')))
+          or len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1)
 
 
 def initialize_distributed(mode: str = 'auto', coordinator_address: str | None = None,
@@ -101,8 +102,12 @@ def initialize_distributed(mode: str = 'auto', coordinator_address: str | None =
   """
   if mode == 'off' or (mode == 'auto' and coordinator_address is None and not _cluster_detected()):
     return False
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  except ValueError as e:  # what JAX could not fill in, e.g. no launcher it knows and too few flags
+    raise ConfigError(f'jax.distributed.initialize: {" ".join(str(e).split())}; pass --coordinator_address, '
+                      '--num_processes and --process_id (or --distributed=off for one process)') from None
   return True
 
 

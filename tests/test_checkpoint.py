@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -115,13 +116,20 @@ def test_processes_that_see_different_checkpoints_stop(tiny_config, tmp_path, mo
   checkpoints = Checkpoints(tmp_path)
   checkpoints.save(5, state, config, tokenizer, 1.0)
   checkpoints.wait()
-  listed = []
-  monkeypatch.setattr(checkpoint_lib, 'gather_from_processes',
-                      lambda latest: listed.append(latest) or np.array([latest, -1]))  # process 1 sees none
+  checkpoints.save(7, state, config, tokenizer, 1.0)
+  checkpoints.wait()
+  gathered = []
+
+  def process_1_lists_only_step_7(value):  # the same latest step, a list that differs below it
+    gathered.append(value)
+    other = zlib.crc32(b'7') & 0x7FFFFFFF if len(gathered) == 1 else 7
+    return np.array([value, other])
+
+  monkeypatch.setattr(checkpoint_lib, 'gather_from_processes', process_1_lists_only_step_7)
   with pytest.raises(CheckpointError, match=r'^the processes see different checkpoints in .* \(latest step by '
-                                            r'process: 5, none\); the workdir must be one folder'):
+                                            r'process: 7, 7\); the workdir must be one folder'):
     checkpoints.restore_latest_good(None, config)
-  assert listed == [5]
+  assert gathered == [zlib.crc32(b'5,7') & 0x7FFFFFFF, 7]
   checkpoints.close()
 
 

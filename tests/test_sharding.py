@@ -104,11 +104,11 @@ def test_mesh_sizes_must_match_the_devices(tiny_config, sizes, message):
     ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1', 'SLURM_STEP_NODELIST': 'node1'}, False),
     ({'OMPI_COMM_WORLD_SIZE': '4', 'OMPI_MCA_orte_hnp_uri': '123.0;tcp://10.0.0.1:4000'}, True),  # Open MPI 4
     ({'TPU_WORKER_HOSTNAMES': 'a,b'}, True),
-    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, True),
+    ({'OMPI_COMM_WORLD_SIZE': '1'}, False),  # one process under any Open MPI
     ({}, False),
 ])
 def test_cluster_launchers_are_detected(monkeypatch, env, detected):
-  for name in (*CLUSTER_VARIABLES, 'OMPI_MCA_orte_hnp_uri', 'JAX_COORDINATOR_ADDRESS'):
+  for name in (*CLUSTER_VARIABLES, 'OMPI_MCA_orte_hnp_uri'):
     monkeypatch.delenv(name, raising=False)
   for name, value in env.items():
     monkeypatch.setenv(name, value)
@@ -122,9 +122,19 @@ CLUSTER_VARIABLES = ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_STEP_NODELIST', 'OMP
 def test_open_mpi_5_which_jax_does_not_detect_asks_for_the_coordinator(monkeypatch):
   monkeypatch.delenv('OMPI_MCA_orte_hnp_uri', raising=False)
   monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '4')
-  with pytest.raises(ConfigError, match=r'^Open MPI 5 started this program, which JAX does not detect; pass '
-                                        r'--coordinator_address=HOST0:PORT --num_processes=\$OMPI_COMM_WORLD_SIZE'):
+  with pytest.raises(ConfigError, match=r'^Open MPI 5 started this program, which JAX does not detect; run one '
+                                        r'process per node with --coordinator_address=HOST0:PORT'):
     sharding_lib.initialize_distributed('auto')
+
+
+def test_what_jax_distributed_cannot_fill_in_is_one_line(monkeypatch):
+  def initialize(**kwargs):
+    raise ValueError('Number of processes must be defined.')
+
+  monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', initialize)
+  with pytest.raises(ConfigError, match=r'^jax.distributed.initialize: Number of processes must be defined.; pass '
+                                        r'--coordinator_address, --num_processes and --process_id'):
+    sharding_lib.initialize_distributed('on')
 
 
 def test_one_cpu_device_per_core_the_process_may_use(monkeypatch):
