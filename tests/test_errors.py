@@ -279,8 +279,9 @@ def test_parallel_sweep_prepares_the_tfds_dataset_once_before_its_points(tmp_pat
   """The parent loads the corpus (points starting together would race on the TFDS prepare): a bad name fails once."""
   result = launch('--config', 'experiments/sweep.py:blocks', '--config.data.tfds_name=tiny_shakespear',
                   '--sweep_parallel=2', '--workdir', str(tmp_path / 'sweep'))
-  assert_user_error(result, "data.tfds_name 'tiny_shakespear' is not a TFDS dataset; use e.g. 'tiny_shakespeare'")
-  assert files_in(tmp_path / 'sweep') == ['sweep.json']  # no point was started
+  assert_user_error(result, "sweep point 0 (num_layers=1): data.tfds_name 'tiny_shakespear' is not a TFDS dataset; "
+                            "use e.g. 'tiny_shakespeare'")
+  assert files_in(tmp_path / 'sweep') == []  # nothing written, no point started
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tiny_config, tmp_path, monkeypatch):
