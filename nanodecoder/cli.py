@@ -115,10 +115,7 @@ def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
   if not workdir or not (pathlib.Path(workdir) / config_lib.SAVED_CONFIG).is_file():
     fail(f'--{overrides[0]} overrides a field of a --config file: pass --config FILE, or the --workdir of a run '
          'to change its saved config.json')
-  try:
-    config_lib.read_saved_config(workdir)
-  except (OSError, ValueError) as e:
-    fail(f'cannot read {pathlib.Path(workdir) / config_lib.SAVED_CONFIG} ({e}); pass --config to train')
+  _read_saved_config(pathlib.Path(workdir))  # a broken one fails here in one line, not inside config_flags
   return [argv[0], f'--config={SAVED_CONFIG_FILE}:{workdir}', *argv[1:]]
 
 
@@ -219,12 +216,16 @@ def _saved_config() -> ml_collections.ConfigDict:
   saved = pathlib.Path(FLAGS.workdir or '') / config_lib.SAVED_CONFIG
   if not FLAGS.workdir or not saved.is_file():
     fail('--config is required to train, e.g. --config experiments/cpu.py (or --workdir of a run, to resume it)')
-  try:
-    config = config_lib.read_saved_config(saved.parent)
-  except (OSError, ValueError) as e:
-    fail(f'cannot read {saved} ({e}); pass --config to train')
+  config = _read_saved_config(saved.parent)
   print(f'resuming with the config saved in {saved}', flush=True)
   return config
+
+
+def _read_saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  try:
+    return config_lib.read_saved_config(workdir)
+  except (OSError, ValueError) as e:
+    fail(f'cannot read {workdir / config_lib.SAVED_CONFIG} ({e}); pass --config to train')
 
 
 def sample_command() -> None:

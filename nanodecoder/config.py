@@ -133,7 +133,8 @@ _CHOICES = {
 }
 
 
-def _get(config, dotted):
+def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  """`get_field(config, 'model.num_layers')`: the value of a dotted field (a ConfigDict for a section)."""
   node = config
   for name in dotted.split('.'):
     node = node[name]
@@ -176,20 +177,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first field the trainer could not use."""
   for fields, least, what in ((_POSITIVE, 1, 'a positive integer'), (_NON_NEGATIVE, 0, 'an integer >= 0')):
     for field in fields:
-      value = _get(config, field)
+      value = get_field(config, field)
       if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise ConfigError(f'{field} must be {what}, got {value!r}')
   if config.seed >= 2**32:
     raise ConfigError(f'seed must be below 2**32 (JAX takes 32-bit PRNG seeds: larger ones repeat smaller ones), '
                       f'got {config.seed}')
   for field in _FINITE:
-    value = _get(config, field)
+    value = get_field(config, field)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
       raise ConfigError(f'{field} must be a finite number, got {value!r}')
     if abs(value) > _FLOAT32_MAX:  # the step computes in float32: this would be inf there
       raise ConfigError(f'{field} must be a finite float32 number (at most 3.4e38 in size), got {value!r}')
   for field, choices in _CHOICES.items():
-    value = _get(config, field)
+    value = get_field(config, field)
     if value not in choices:
       raise ConfigError(f'{field} must be one of {", ".join(map(repr, choices))}, got {value!r}')
   t, m = config.train, config.model
@@ -224,8 +225,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('only one of mesh.data, mesh.fsdp, mesh.tensor may be -1')
   k = t.steps_per_call
   for field in ('train.num_steps', 'train.log_every', 'eval.every', 'checkpoint.every'):
-    if _get(config, field) % k:
-      raise ConfigError(f'{field}={_get(config, field)} is not a multiple of train.steps_per_call={k}; '
+    if get_field(config, field) % k:
+      raise ConfigError(f'{field}={get_field(config, field)} is not a multiple of train.steps_per_call={k}; '
                         'make it one (logs, evaluations and checkpoints happen between calls)')
   if config.mesh.cpu_devices < 0:
     raise ConfigError(f'mesh.cpu_devices must be >= 0 (0 = one per core), got {config.mesh.cpu_devices!r}')

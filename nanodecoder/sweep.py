@@ -177,12 +177,8 @@ def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.
 
   def entry(point: Point) -> dict[str, Any]:
     config = point_config(base, point)
-    values = {}
-    for field in sweep.fields:
-      node = config
-      for name in field.split('.'):
-        node = node[name]
-      values[field] = node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+    values = {field: config_lib.get_field(config, field) for field in sweep.fields}
+    values = {f: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v for f, v in values.items()}
     return {'name': point.name, 'overrides': point.overrides, 'values': values, 'num_steps': config.train.num_steps}
 
   path = pathlib.Path(root) / MANIFEST

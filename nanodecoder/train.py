@@ -302,7 +302,7 @@ def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   reason = config_lib.attention_cannot_run(config.model, mesh.devices.flat[0].platform)
   if reason:
     raise config_lib.ConfigError(reason)
-  config_lib.check_mesh_shape(config, *(mesh.shape[axis] for axis in ('data', 'fsdp', 'tensor')))
+  config_lib.check_mesh_shape(config, *(mesh.shape[axis] for axis in sharding_lib.AXES))
 
 
 class StopRequest:
