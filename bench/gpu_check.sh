@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for a lent H100/H200: about 6 minutes (at most ~9.5), installs nothing. Writes results under $OUT;
+# GPU checks for a lent H100/H200: about 4 minutes (227 s on an H200; at most ~9.5), installs nothing. Writes results under $OUT;
 # run it with the device's full 600 s limit. $OUT/results.tgz is refreshed after every section, so a run killed
 # at its limit still returns what the finished sections measured.
 #
