@@ -175,9 +175,15 @@ def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...], batch_dim
   """The contiguous rows (along `batch_dim`) of a batch-sharded array that this process's devices hold."""
   index = sharding.addressable_devices_indices_map(global_shape)
   rows = global_shape[batch_dim]
-  starts = [i[batch_dim].start or 0 for i in index.values()]
-  stops = [rows if i[batch_dim].stop is None else i[batch_dim].stop for i in index.values()]
-  return slice(min(starts), max(stops))
+  spans = sorted({(i[batch_dim].start or 0, rows if i[batch_dim].stop is None else i[batch_dim].stop)
+                  for i in index.values()})
+  end = spans[0][1]
+  for start, stop in spans[1:]:  # make_array_from_process_local_data takes one block of rows per process
+    if start > end:
+      raise ValueError(f'this process holds batch rows {spans}, not one contiguous block; build the mesh from '
+                       'jax.devices() in their order (sharding.make_mesh), which keeps each process\'s rows together')
+    end = max(end, stop)
+  return slice(spans[0][0], end)
 
 
 def put_batch(rows_fn, sharding: NamedSharding, global_shape: tuple[int, ...], batch_dim: int = 0) -> jax.Array:

@@ -194,3 +194,20 @@ def test_automatic_cpu_device_count_splits_the_batch_and_mesh(cores, mesh, expec
   config = config_lib.load_config_file('experiments/cpu.py')
   config.mesh.update(mesh)
   assert sharding_lib.cpu_device_count(config, cores) == expected
+
+
+class _Rows:
+  """A stand-in sharding whose addressable devices hold the given row ranges of a [8, 4] batch."""
+
+  def __init__(self, *spans):
+    self.spans = spans
+
+  def addressable_devices_indices_map(self, shape):
+    return {device: (slice(start, stop), slice(None)) for device, (start, stop) in enumerate(self.spans)}
+
+
+def test_local_rows_are_one_block_or_a_clear_error():
+  assert sharding_lib.local_rows(_Rows((4, 6), (6, 8), (4, 6)), (8, 4)) == slice(4, 8)  # repeats: replicas
+  assert sharding_lib.local_rows(_Rows((None, None)), (8, 4)) == slice(0, 8)
+  with pytest.raises(ValueError, match=re.escape('holds batch rows [(0, 2), (4, 6)], not one contiguous block')):
+    sharding_lib.local_rows(_Rows((0, 2), (4, 6)), (8, 4))
