@@ -30,6 +30,7 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
 from nanodecoder import config as config_lib
+from nanodecoder import interrupts
 from nanodecoder.config import ConfigError
 from nanodecoder.data import CharTokenizer
 from nanodecoder.metrics import quiet_absl
@@ -78,18 +79,12 @@ def _ignore_wakeups_of_closed_loops() -> None:
   each finishes, its callback meets the closed loop and Python prints a traceback ('RuntimeError: Event loop
   is closed' in call_soon_threadsafe), after the restore's own error was already handled.
   """
-  previous = sys.unraisablehook
-  if getattr(previous, 'ignores_closed_loops', False):
-    return
-
-  def hook(unraisable):
+  def closed_loop_wakeup(unraisable) -> bool:
     error, trace = unraisable.exc_value, unraisable.exc_traceback
-    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed' and trace is not None
-            and trace.tb_frame.f_code.co_name == 'call_soon_threadsafe'):
-      previous(unraisable)
+    return (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed' and trace is not None
+            and trace.tb_frame.f_code.co_name == 'call_soon_threadsafe')
 
-  hook.ignores_closed_loops = True
-  sys.unraisablehook = hook
+  interrupts.filter_unraisable('ignore closed-loop wakeups', closed_loop_wakeup)
 
 
 class WorkdirLock:

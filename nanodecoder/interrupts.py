@@ -15,20 +15,33 @@ import sys
 _dropped = False
 
 
-def install() -> None:
+def filter_unraisable(name: str, handled) -> None:
+  """Lets `handled(unraisable) -> bool` take the errors Python drops before they print; installed once per name."""
   previous = sys.unraisablehook
-  if getattr(previous, 'remembers_interrupts', False):
-    return
+  hooks = previous
+  while hooks is not None:
+    if getattr(hooks, 'filter_name', None) == name:
+      return
+    hooks = getattr(hooks, 'previous', None)
 
   def hook(unraisable):
-    global _dropped
-    if isinstance(unraisable.exc_value, KeyboardInterrupt):
-      _dropped = True
-    else:
+    if not handled(unraisable):
       previous(unraisable)
 
-  hook.remembers_interrupts = True
+  hook.filter_name, hook.previous = name, previous
   sys.unraisablehook = hook
+
+
+def _remember(unraisable) -> bool:
+  global _dropped
+  if isinstance(unraisable.exc_value, KeyboardInterrupt):
+    _dropped = True
+    return True
+  return False
+
+
+def install() -> None:
+  filter_unraisable('remember interrupts', _remember)
 
 
 def take() -> bool:

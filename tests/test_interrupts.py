@@ -61,3 +61,29 @@ def test_other_unraisable_errors_are_still_reported(reported):
   gc.collect()
   assert [str(e) for e in reported] == ['a finalizer failed']
   interrupts.check()  # and are not taken for a Ctrl-C
+
+
+class Raises:
+  def __init__(self, error):
+    self.error = error
+
+  def __del__(self):
+    raise self.error
+
+
+def test_filters_of_dropped_errors_install_once_and_pass_on_the_rest(monkeypatch):
+  printed, filtered = [], []
+  monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: printed.append(unraisable.exc_value))
+
+  def handled(unraisable):
+    filtered.append(unraisable.exc_value)
+    return isinstance(unraisable.exc_value, ValueError)
+
+  interrupts.filter_unraisable('test', handled)
+  interrupts.install()
+  interrupts.filter_unraisable('test', handled)  # already in the chain: not again
+  taken, passed = ValueError('taken'), TypeError('passed on')
+  Raises(taken)
+  Raises(passed)
+  gc.collect()
+  assert filtered == [taken, passed] and printed == [passed]
