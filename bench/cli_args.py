@@ -1,10 +1,13 @@
 """Argument types shared by the benchmark scripts: a bad value stops the script before any work, in one line."""
 
 import argparse
-import os
 import pathlib
+import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nanodecoder.files import unwritable_folder  # noqa: E402  (light: no JAX import)
 
 
 def positive_int(text: str) -> int:
@@ -39,7 +42,7 @@ def out_file(text: str) -> pathlib.Path:
   path = pathlib.Path(text)
   if path.is_dir():
     raise argparse.ArgumentTypeError(f'{text} is a folder; give a file path, e.g. {path / "results.json"}')
-  parent = next((p for p in path.resolve().parents if p.exists()), None)
-  if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
-    raise argparse.ArgumentTypeError(f'cannot write {text}: {parent} is not a writable folder')
+  folder = unwritable_folder(path.resolve())
+  if folder is not None:
+    raise argparse.ArgumentTypeError(f'cannot write {text}: {folder} is not a writable folder')
   return path

@@ -22,7 +22,7 @@ from nanodecoder import interrupts, sharding
 from nanodecoder.checkpoint import CheckpointError
 from nanodecoder.config import ConfigError
 from nanodecoder.data import DataError
-from nanodecoder.files import atomic_write
+from nanodecoder.files import atomic_write, unwritable_folder
 from nanodecoder.sampling import SamplingError, SamplingOptions
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, SamplingError, FloatingPointError)
@@ -402,8 +402,8 @@ def _require_workdir(mode: str) -> pathlib.Path:
 
 def _writable_place(path: pathlib.Path, flag: str) -> None:
   """Refuses `path` unless its nearest existing folder is writable (folders below it are made when writing)."""
-  folder = next(parent for parent in path.parents if parent.exists())
-  if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+  folder = unwritable_folder(path)
+  if folder is not None:
     fail(f'cannot write {flag} {path}: {folder} is not a writable directory; give a path in one')
 
 

@@ -45,3 +45,9 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def unwritable_folder(path: str | os.PathLike) -> pathlib.Path | None:
+  """The nearest existing folder above `path` when it is not a writable folder (so `path` cannot be made), else None."""
+  folder = next(parent for parent in pathlib.Path(path).absolute().parents if parent.exists())
+  return None if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK) else folder

@@ -1,6 +1,7 @@
 """atomic_write: whole files, with the permissions a plain open() gives."""
 
 import os
+import pathlib
 import stat
 
 from nanodecoder import files
@@ -34,3 +35,16 @@ def test_rewriting_keeps_the_file_permissions(tmp_path):
   path.chmod(0o604)
   files.atomic_write(path, 'b\n')
   assert mode(path) == 0o604 and path.read_text() == 'b\n'
+
+
+def test_unwritable_folder_names_the_nearest_existing_folder(tmp_path):
+  assert files.unwritable_folder(tmp_path / 'new' / 'deeper' / 'out.json') is None  # made when written
+  (tmp_path / 'a_file').write_text('')
+  assert files.unwritable_folder(tmp_path / 'a_file' / 'out.json') == tmp_path / 'a_file'
+
+
+def test_unwritable_folder_of_a_relative_path(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert files.unwritable_folder('out.json') is None
+  pathlib.Path('a_file').write_text('')
+  assert files.unwritable_folder('a_file/sub/out.json') == tmp_path / 'a_file'
