@@ -7,6 +7,7 @@ value, and how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import math
@@ -16,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from nanodecoder.metrics import flatten_config
 from nanodecoder.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig
 
 
@@ -26,12 +28,47 @@ class ConfigError(ValueError):
   """A config field holds a value the trainer cannot use."""
 
 
+# Every config has exactly these fields (experiments/base.py sets and explains each; a test keeps them equal).
+FIELDS = frozenset((
+    'name', 'seed',
+    'model.num_layers', 'model.num_heads', 'model.head_size', 'model.context_length', 'model.mlp_ratio',
+    'model.dropout', 'model.use_bias', 'model.tie_embeddings', 'model.dtype', 'model.param_dtype',
+    'model.attention_impl', 'model.remat', 'model.scan_layers',
+    'data.source', 'data.tfds_name', 'data.tfds_data_dir', 'data.manual_dir', 'data.text_path',
+    'data.text_eval_fraction', 'data.train_split', 'data.eval_split',
+    'train.batch_size', 'train.num_steps', 'train.learning_rate', 'train.warmup_steps', 'train.decay_steps',
+    'train.min_learning_rate', 'train.beta1', 'train.beta2', 'train.weight_decay', 'train.grad_clip',
+    'train.grad_accum_steps', 'train.steps_per_call', 'train.log_every', 'train.profile_steps',
+    'train.profile_start',
+    'eval.every', 'eval.batches', 'eval.all_windows',
+    'checkpoint.every', 'checkpoint.keep', 'checkpoint.keep_best', 'checkpoint.async_save',
+    'mesh.data', 'mesh.fsdp', 'mesh.tensor', 'mesh.cpu_devices',
+))
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Refuses a config with a field no code reads (a misspelt name) or without one that the code reads."""
+  fields = set(flatten_config(config))
+  unknown, missing = sorted(fields - FIELDS), sorted(FIELDS - fields)
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
+    hint = f' (did you mean {close[0]}?)' if close else ''
+    raise ConfigError(f'unknown config field {unknown[0]}{hint}; fix its name or remove it (the fields are those '
+                      'of experiments/base.py)')
+  if missing:
+    others = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+    raise ConfigError(f'the config has no field {missing[0]}{others}; every config needs the fields of '
+                      'experiments/base.py: add it')
+
+
 def read_saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   """The resolved config a run saved in its workdir; OSError or ValueError when it cannot be read."""
   saved = json.loads((pathlib.Path(workdir) / SAVED_CONFIG).read_text(encoding='utf-8'))
   if not isinstance(saved, dict):
     raise ValueError('not a JSON object')
-  return ml_collections.ConfigDict(saved)
+  config = ml_collections.ConfigDict(saved)
+  check_fields(config)
+  return config
 
 
 def load_experiment(spec: str | pathlib.Path) -> tuple[Any, str]:
@@ -175,6 +212,7 @@ def check_mesh_shape(config: ml_collections.ConfigDict, data: int, fsdp: int, te
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first field the trainer could not use."""
+  check_fields(config)
   for fields, least, what in ((_POSITIVE, 1, 'a positive integer'), (_NON_NEGATIVE, 0, 'an integer >= 0')):
     for field in fields:
       value = get_field(config, field)

@@ -1,9 +1,13 @@
 """Experiment files load, and bad fields are refused with one clear line."""
 
+import dataclasses
+
 import pytest
 
 from nanodecoder import config as config_lib
 from nanodecoder.config import ConfigError
+from nanodecoder.metrics import flatten_config
+from nanodecoder.model import ModelConfig
 from conftest import REPO
 
 
@@ -12,6 +16,33 @@ def test_experiments_load_and_validate(name):
   config = config_lib.load_config_file(REPO / 'experiments' / f'{name}.py')
   config_lib.validate(config)
   assert config.name == name
+
+
+@pytest.mark.parametrize('spec', ['base.py', 'cpu.py', 'gpt2_small.py', 'sweep.py:blocks', 'sweep.py:shape,base'])
+def test_every_experiment_has_exactly_the_fields_the_code_reads(spec):
+  config = config_lib.load_config_file(f'{REPO / "experiments" / spec}')
+  assert set(flatten_config(config)) == config_lib.FIELDS
+  model_fields = {f'model.{f.name}' for f in dataclasses.fields(ModelConfig) if f.name != 'vocab_size'}
+  assert model_fields <= config_lib.FIELDS
+
+
+def test_misspelt_and_missing_fields_are_refused_by_name():
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  config.train.learning_rat = 0.5  # a typo in an experiment file would otherwise train the default silently
+  with pytest.raises(ConfigError, match=r'^unknown config field train.learning_rat \(did you mean '
+                                        r'train.learning_rate\?\); fix its name or remove it'):
+    config_lib.validate(config)
+  del config.train['learning_rat'], config.model['scan_layers'], config.mesh['tensor']
+  with pytest.raises(ConfigError, match=r'^the config has no field mesh.tensor \(and 1 more\); every config needs'):
+    config_lib.validate(config)
+
+
+def test_a_saved_config_without_a_field_is_refused_when_read(tmp_path):
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  del config.model['scan_layers']  # e.g. edited by hand
+  (tmp_path / config_lib.SAVED_CONFIG).write_text(config.to_json())
+  with pytest.raises(ConfigError, match='the config has no field model.scan_layers;'):
+    config_lib.read_saved_config(tmp_path)
 
 
 def test_recipes_match_nanogpt():
