@@ -16,6 +16,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import inspect
+import json
+import logging
 import os
 import pathlib
 import re
@@ -33,6 +36,7 @@ from nanodecoder import config as config_lib
 from nanodecoder import interrupts
 from nanodecoder.config import ConfigError
 from nanodecoder.data import CharTokenizer
+from nanodecoder.files import atomic_write
 from nanodecoder.metrics import quiet_absl
 from nanodecoder.model import Decoder
 from nanodecoder.sharding import gather_from_processes
@@ -69,22 +73,49 @@ def _shortened(text: str, limit: int = 240) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-  return f'{type(error).__name__}: {_shortened((str(error).strip().splitlines() or [""])[0])}'
+  """'ValueError: what failed ... why', without the storage specs TensorStore appends (kilobytes of JSON)."""
+  text = re.sub(r'\s*\[(tensorstore_spec|source locations)\b.*', '', str(error).strip(), flags=re.DOTALL)
+  return f'{type(error).__name__}: {_shortened((text.splitlines() or [""])[0])}'
 
 
-def _ignore_wakeups_of_closed_loops() -> None:
-  """Silences the reads a failed restore leaves behind; every other unraisable error still prints.
+def _from_orbax(code) -> bool:
+  return f'{os.sep}orbax{os.sep}' in code.co_filename
 
-  When one array of a restore fails, Orbax closes its event loop while tensorstore still reads the others; as
-  each finishes, its callback meets the closed loop and Python prints a traceback ('RuntimeError: Event loop
-  is closed' in call_soon_threadsafe), after the restore's own error was already handled.
+
+def _leftover_of_a_failed_read(unraisable) -> bool:
+  """Whether an error Python drops is what a failed restore leaves behind (its own error was handled already).
+
+  When one array of a restore fails, Orbax closes its event loop while tensorstore still reads the others: as
+  each finishes, its callback meets the closed loop ('RuntimeError: Event loop is closed' in
+  call_soon_threadsafe), and Orbax's abandoned read coroutines fail when they are collected.
   """
-  def closed_loop_wakeup(unraisable) -> bool:
-    error, trace = unraisable.exc_value, unraisable.exc_traceback
-    return (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed' and trace is not None
-            and trace.tb_frame.f_code.co_name == 'call_soon_threadsafe')
+  error, trace, obj = unraisable.exc_value, unraisable.exc_traceback, unraisable.object
+  if (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed' and trace is not None
+      and trace.tb_frame.f_code.co_name == 'call_soon_threadsafe'):
+    return True
+  return inspect.iscoroutine(obj) and _from_orbax(obj.cr_code)
 
-  interrupts.filter_unraisable('ignore closed-loop wakeups', closed_loop_wakeup)
+
+class _QuietLostFutures(logging.Filter):
+  """Drops asyncio's 'Future exception was never retrieved' for a read of Orbax's that a failed restore left."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not record.getMessage().startswith('Future exception was never retrieved') or not record.exc_info:
+      return True
+    trace = record.exc_info[2]
+    while trace is not None:
+      if _from_orbax(trace.tb_frame.f_code):
+        return False
+      trace = trace.tb_next
+    return True
+
+
+def _quiet_leftovers_of_failed_reads() -> None:
+  """Every other dropped error still prints."""
+  interrupts.filter_unraisable('ignore leftovers of failed reads', _leftover_of_a_failed_read)
+  asyncio_log = logging.getLogger('asyncio')
+  if not any(isinstance(f, _QuietLostFutures) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_QuietLostFutures())
 
 
 class WorkdirLock:
@@ -124,6 +155,10 @@ class WorkdirLock:
       self._file = None
 
 
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _abstract(tree):
   """ShapeDtypeStructs (with shardings) of an array tree or of an abstract nnx state."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
@@ -158,7 +193,9 @@ class Checkpoints:
   def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, read_only: bool = False):
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
-    _ignore_wakeups_of_closed_loops()
+    _quiet_leftovers_of_failed_reads()
+    if not read_only:
+      self._repair_metrics()
     policies = [checkpoint_managers.LatestN(n=keep)]
     if keep_best:
       policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
@@ -169,11 +206,36 @@ class Checkpoints:
           # best_fn makes Orbax write each step's metrics beside it: without them a resumed run's manager
           # would see the earlier steps unscored and let the best one go.
           best_fn=(lambda m: m['val_loss']) if keep_best else None, best_mode='min',
-          enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
+          enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
+          lightweight_initialize=read_only)  # reading needs no step's metrics (nor a damaged one to stop it)
       handlers = {'params': ocp.StandardCheckpointHandler(), 'opt_state': ocp.StandardCheckpointHandler(),
                   'meta': ocp.JsonCheckpointHandler()}
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._in_flight: int | None = None  # the step of the last started save (asynchronous: maybe still writing)
+
+  def _repair_metrics(self) -> None:
+    """Rewrites a damaged metrics file of a step from the step's meta (Orbax reads them all when it opens the
+    folder, and one it cannot parse stops it); removes it when the meta is unreadable too (the step itself is
+    then set aside when a restore fails on it). Process 0 writes, the others wait."""
+    if jax.process_index() == 0:
+      for path in sorted(self.directory.glob('*/metrics/metrics')):
+        step = path.parent.parent.name
+        try:
+          if not step.isdigit() or _is_number(json.loads(path.read_text(encoding='utf-8')).get('val_loss')):
+            continue
+        except (OSError, ValueError, AttributeError):
+          pass
+        try:
+          val_loss = self.meta(int(step))['val_loss']
+        except Exception:  # noqa: BLE001 (the step's own files are damaged too)
+          val_loss = None
+        if _is_number(val_loss):
+          atomic_write(path, json.dumps({'val_loss': val_loss}))
+        else:
+          path.unlink()
+        print(f'the metrics file of the checkpoint at step {step} in {self.directory} was unreadable; '
+              f'{"rewrote it from the checkpoint" if _is_number(val_loss) else "removed it"}', file=sys.stderr)
+    gather_from_processes(0)  # (a collective: no process opens the folder before process 0 is done)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -231,10 +293,14 @@ class Checkpoints:
     return ocp.JsonCheckpointHandler().restore(self._item(step, 'meta'))
 
   def best_step(self) -> int | None:
+    """The step with the lowest validation loss, of those whose record reads (the others are named on stderr)."""
     scored = []
     for step in self.steps():
-      with reading(self, step):
+      try:
         val_loss = self.meta(step)['val_loss']
+      except Exception as e:  # noqa: BLE001 (a damaged step is no candidate; the chosen one is read in full later)
+        print(f'left out of --checkpoint best: the checkpoint at step {step} ({_first_line(e)})', file=sys.stderr)
+        continue
       if val_loss is not None:
         scored.append((val_loss, step))
     return min(scored)[1] if scored else None

@@ -2,12 +2,14 @@
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 import zlib
 
 import jax
@@ -91,6 +93,39 @@ def test_keeps_the_latest_and_the_best(tiny_config, tmp_path):
   assert checkpoints.select('latest') == 4 and checkpoints.select('3') == 3
   with pytest.raises(CheckpointError, match=r'no checkpoint at step 7 .*saved steps: 2, 3, 4'):
     checkpoints.select('7')
+
+
+@pytest.mark.parametrize('damage', [b'', b'{}', b'{"val_loss": 1.0'])
+def test_a_damaged_metrics_file_is_rewritten_from_the_checkpoint(tiny_config, tmp_path, capsys, damage):
+  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  checkpoints = Checkpoints(tmp_path, keep=1)
+  for step, val_loss in zip([1, 2, 3], [1.0, 3.0, 2.0]):
+    checkpoints.save(step, state, config, tokenizer, val_loss)
+  checkpoints.close()
+  metrics = tmp_path / 'checkpoints' / '1' / 'metrics' / 'metrics'
+  assert json.loads(metrics.read_text()) == {'val_loss': 1.0}  # Orbax's record of the best: what is repaired
+  metrics.write_bytes(damage)  # Orbax, opening the folder, read it and stopped (JSONDecodeError / KeyError)
+  assert Checkpoints(tmp_path, read_only=True).select('best') == 1  # reading does not need it
+  capsys.readouterr()
+  checkpoints = Checkpoints(tmp_path, keep=1)
+  assert capsys.readouterr().err == (f'the metrics file of the checkpoint at step 1 in {tmp_path / "checkpoints"} '
+                                     'was unreadable; rewrote it from the checkpoint\n')
+  assert json.loads(metrics.read_text()) == {'val_loss': 1.0}
+  checkpoints.save(4, state, config, tokenizer, 5.0)  # and the best is still kept
+  checkpoints.close()
+  assert Checkpoints(tmp_path, read_only=True).steps() == [1, 4]
+
+
+def test_best_leaves_out_a_step_whose_record_is_unreadable(tiny_config, tmp_path, capsys):
+  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  checkpoints = Checkpoints(tmp_path, keep=3)
+  for step, val_loss in zip([1, 2, 3], [1.0, 2.0, 3.0]):
+    checkpoints.save(step, state, config, tokenizer, val_loss)
+  checkpoints.close()
+  for file in (tmp_path / 'checkpoints' / '1' / 'meta').iterdir():
+    file.write_bytes(b'')
+  assert Checkpoints(tmp_path, read_only=True).select('best') == 2
+  assert capsys.readouterr().err.startswith('left out of --checkpoint best: the checkpoint at step 1 (')
 
 
 def test_best_of_a_run_that_kept_no_best_says_so(tiny_config, tmp_path, capsys):
@@ -398,3 +433,30 @@ def test_a_signal_saves_a_checkpoint_and_the_next_start_resumes(corpus_file, tmp
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'resumed from the checkpoint at step {stopped_at}' in result.stdout
   assert f'step {stopped_at + 6} |' in result.stdout
+
+
+def _defined_in(path: str, source: str) -> dict:
+  namespace = {}
+  exec(compile(source, path, 'exec'), namespace)  # noqa: S102 (functions whose code says they come from `path`)
+  return namespace
+
+
+def test_only_leftovers_of_orbax_reads_are_silenced():
+  orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', 'io.py')
+  orbax = _defined_in(orbax_file, 'async def read():\n  pass\ndef fail():\n  raise ValueError("read failed")\n')
+  ours = _defined_in(os.path.join(os.sep, 'project', 'io.py'), 'async def read():\n  pass\n')
+  dropped = lambda obj: types.SimpleNamespace(exc_value=RuntimeError('coroutine failed'), exc_traceback=None,
+                                              object=obj)
+  for coroutine, silenced in ((orbax['read'](), True), (ours['read'](), False)):
+    assert checkpoint_lib._leftover_of_a_failed_read(dropped(coroutine)) == silenced
+    coroutine.close()
+  assert not checkpoint_lib._leftover_of_a_failed_read(dropped(None))
+  try:
+    orbax['fail']()
+  except ValueError:
+    exc_info = sys.exc_info()
+  lost = lambda message, info: logging.LogRecord('asyncio', logging.ERROR, __file__, 1, message, None, info)
+  quiet = checkpoint_lib._QuietLostFutures()
+  assert not quiet.filter(lost('Future exception was never retrieved\nfuture: <Future>', exc_info))
+  assert quiet.filter(lost('Future exception was never retrieved', (ValueError, ValueError('x'), None)))
+  assert quiet.filter(lost('Task was destroyed but it is pending!', exc_info))
