@@ -74,7 +74,10 @@ def _shortened(text: str, limit: int = 240) -> str:
 
 def _first_line(error: BaseException) -> str:
   """'ValueError: what failed ... why', without the storage specs TensorStore appends (kilobytes of JSON)."""
-  text = re.sub(r'\s*\[(tensorstore_spec|source locations)\b.*', '', str(error).strip(), flags=re.DOTALL)
+  if str(error).startswith('Encountered error while reading array index') and error.__cause__ is not None:
+    error = error.__cause__  # Orbax's wrapper names only the slice; its cause says what failed
+  text = re.sub(r'\s*(\[(tensorstore_spec|source locations)\b|See full TensorStore details:).*', '',
+                str(error).strip(), flags=re.DOTALL)
   return f'{type(error).__name__}: {_shortened((text.splitlines() or [""])[0])}'
 
 

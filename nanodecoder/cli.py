@@ -81,6 +81,8 @@ def parse_flags(argv: list[str]) -> list[str]:
       logging.set_verbosity(logging.WARNING)  # JAX / Orbax / TFDS chatter; --verbosity=0 shows it
     return argv
   except flags.Error as e:
+    if 'Error whilst parsing config file' in str(e):  # config_flags ran the file: its traceback is in the message
+      _config_load_failed([line for line in str(e).splitlines() if line.strip()][-1].strip())
     fail(f'{e} (see --helpfull)')
   except (AttributeError, KeyError) as e:  # ml_collections: a field the config does not have
     message = str(e.args[0] if e.args else e).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
@@ -119,9 +121,11 @@ def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
   return [argv[0], f'--config={SAVED_CONFIG_FILE}:{workdir}', *argv[1:]]
 
 
-def _config_load_failed(error: Exception) -> None:
-  """One line for a --config file that does not run or defines no get_config()."""
-  if isinstance(error, OSError):
+def _config_load_failed(error: Exception | str) -> None:
+  """One line for a --config file that does not run or defines no get_config() (or the line saying why)."""
+  if isinstance(error, str):
+    reason = error
+  elif isinstance(error, OSError):
     reason = str(error).strip().splitlines()[-1].strip()
   elif isinstance(error, AttributeError):
     reason = 'it defines no get_config()'
@@ -165,9 +169,36 @@ def run() -> None:
     sys.exit(128 + signal.SIGINT)
 
 
+# The modes that read each mode-specific flag; given to another mode, it would be ignored, so it is refused.
+_FLAG_MODES = {
+    **dict.fromkeys(('num_samples', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed', 'stream',
+                     'kv_cache'), ('sample',)),
+    **dict.fromkeys(('prompt', 'prompt_file'), ('sample', 'attention')),
+    **dict.fromkeys(('checkpoint', 'out'), ('sample', 'eval', 'attention')),
+    'split': ('eval',),
+    **dict.fromkeys(('distributed', 'coordinator_address', 'num_processes', 'process_id'), ('train',)),
+}
+_INSTEAD = {('seed', 'train'): ' (the training seed is --config.seed)',
+            ('checkpoint', 'train'): ' (training resumes from the latest checkpoint)'}
+
+
+def _refuse_flags_of_other_modes() -> None:
+  for name, modes in _FLAG_MODES.items():
+    if FLAGS[name].present and FLAGS.mode not in modes:
+      fail(f'--{name} is for --mode {" or ".join(modes)}, not --mode {FLAGS.mode}'
+           f'{_INSTEAD.get((name, FLAGS.mode), "")}; remove it')
+
+
+def _out_of_memory(error: Exception) -> str:
+  first = ' '.join(str(error).split())[:160]
+  return (f'out of memory ({first}); lower train.batch_size (or raise train.grad_accum_steps), '
+          'model.context_length or the model size, or set model.remat')
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  _refuse_flags_of_other_modes()
   try:
     declaration = sweep_declaration()
     if declaration is not None:
@@ -181,6 +212,13 @@ def main(argv) -> None:
   except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
     sys.exit(1)
+  except OSError as e:  # a path given in a flag or a config field that is not what it must be
+    where = f' {e.filename}' if e.filename else ''
+    fail(f'cannot use{where}: {e.strerror or e}; check the paths in the flags and config fields')
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    fail(_out_of_memory(e))
 
 
 def train_command(config: ml_collections.ConfigDict | None = None, workdir: str | pathlib.Path | None = None) -> None:
@@ -239,7 +277,7 @@ def sample_command() -> None:
   if FLAGS.stream and options.num_samples != 1:
     fail(f'--stream prints one sample, got --num_samples={options.num_samples}; use --num_samples=1')
   prompt = _given_prompt()
-  out = _checked_out()
+  out = _checked_out(workdir)
   setup_jax()
   model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint)
   if prompt is None:
@@ -407,8 +445,14 @@ def _writable_place(path: pathlib.Path, flag: str) -> None:
     fail(f'cannot write {flag} {path}: {folder} is not a writable directory; give a path in one')
 
 
-def _checked_out() -> pathlib.Path | None:
-  """--out (sample, eval) as a path, refused before any work when no file can be written there.
+_RUN_FILES = ('config.json', 'tokenizer.json', 'metrics.jsonl', 'launch.log', 'sweep.json', 'summary.csv',
+              'summary.md', '.lock')
+_RUN_FOLDERS = ('checkpoints', 'plugins')
+
+
+def _checked_out(workdir: pathlib.Path) -> pathlib.Path | None:
+  """--out (sample, eval) as a path, refused before any work when no file can be written there, or when it is one
+  of the run's own files.
 
   A symbolic link stands for its target; anything but a regular file there (a folder, a device) is refused.
   """
@@ -417,6 +461,11 @@ def _checked_out() -> pathlib.Path | None:
   out = pathlib.Path(FLAGS.out)
   try:
     out = pathlib.Path(os.path.realpath(out))
+    if out.is_relative_to(os.path.realpath(workdir)):
+      inside = out.relative_to(os.path.realpath(workdir))
+      if str(inside) in _RUN_FILES or inside.parts[0] in _RUN_FOLDERS:
+        fail(f"--out {FLAGS.out} is among the run's own files ({inside}); give another file, e.g. "
+             f"--out {pathlib.Path(workdir) / ('report.json' if FLAGS.mode == 'eval' else 'samples.txt')}")
     if out.is_dir():
       example = 'report.json' if FLAGS.mode == 'eval' else 'samples.txt'
       fail(f'--out {FLAGS.out} is a directory; give a file path, e.g. --out {out / example}')
@@ -467,7 +516,7 @@ def eval_command() -> None:
   from nanodecoder import analysis
 
   workdir = _require_workdir('eval')
-  out = _checked_out()
+  out = _checked_out(workdir)
   saved = None
   try:  # the run's device settings (mesh.cpu_devices), before JAX starts
     saved = config_lib.read_saved_config(workdir)

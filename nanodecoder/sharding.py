@@ -96,11 +96,12 @@ def initialize_distributed(mode: str = 'auto', coordinator_address: str | None =
                            num_processes: int | None = None, process_id: int | None = None) -> bool:
   """Joins the processes of a multi-host job with `jax.distributed.initialize`; True if it did.
 
-  mode 'auto' joins when a coordinator is given or a cluster launcher is
+  mode 'auto' joins when any of the three is given or a cluster launcher is
   detected; 'on' always (JAX fills in what is not given from SLURM, Open MPI,
   Kubernetes or Cloud TPU variables); 'off' never. Must run before JAX starts.
   """
-  if mode == 'off' or (mode == 'auto' and coordinator_address is None and not _cluster_detected()):
+  asked = (coordinator_address, num_processes, process_id) != (None, None, None)
+  if mode == 'off' or (mode == 'auto' and not asked and not _cluster_detected()):
     return False
   try:
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,

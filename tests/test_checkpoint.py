@@ -460,3 +460,18 @@ def test_only_leftovers_of_orbax_reads_are_silenced():
   assert not quiet.filter(lost('Future exception was never retrieved\nfuture: <Future>', exc_info))
   assert quiet.filter(lost('Future exception was never retrieved', (ValueError, ValueError('x'), None)))
   assert quiet.filter(lost('Task was destroyed but it is pending!', exc_info))
+
+
+def test_error_lines_name_the_cause_without_tensorstore_specs():
+  try:
+    try:
+      raise ValueError('OUT_OF_RANGE: byte range [0, 5200) is not valid for value of size 10 '
+                       '[tensorstore_spec=\'{"driver": "zarr"}\'] [source locations=\'x.cc:1\']')
+    except ValueError as cause:
+      raise Exception('Encountered error while reading array index: (slice(0, 2),). See full TensorStore '
+                      'details: <bound method spec of TensorStore({"driver": "zarr"})>.') from cause
+  except Exception as e:  # noqa: BLE001
+    wrapped = e
+  assert checkpoint_lib._first_line(wrapped) == (
+      'ValueError: OUT_OF_RANGE: byte range [0, 5200) is not valid for value of size 10')
+  assert checkpoint_lib._first_line(wrapped.__cause__.with_traceback(None)) == checkpoint_lib._first_line(wrapped)

@@ -220,6 +220,16 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
     (['--mode', 'attention', '--prompt', 'a', '--out', '{tmp}/file'], '--out {tmp}/file is a file; give a folder'),
     (['--mode', 'sample', '--out', '/dev/null'], '--out /dev/null is not a regular file'),  # not replaced by a file
     (['--mode', 'eval', '--out', '{tmp}/' + 'x' * 300], 'cannot write --out {tmp}/xxx'),  # File name too long
+    (['--mode', 'sample', '--out', '{tmp}/run/config.json'],
+     "--out {tmp}/run/config.json is among the run's own files (config.json); give another file"),
+    (['--mode', 'eval', '--out', '{tmp}/run/checkpoints/e.json'], "is among the run's own files (checkpoints/e.json)"),
+    (['--seed', '3'], '--seed is for --mode sample, not --mode train (the training seed is --config.seed); remove it'),
+    (['--mode', 'summary', '--out', '{tmp}/x'], '--out is for --mode sample or eval or attention, not --mode summary'),
+    (['--mode', 'sample', '--split', 'train'], '--split is for --mode eval, not --mode sample'),
+    (['--config', 'experiments/cpu.py:blocks'], 'cannot load the --config file: TypeError: get_config() takes 0 '
+                                                'positional arguments but 1 was given; an experiment file is'),
+    (['--config', 'experiments/cpu.py', '--num_processes=2'],
+     'jax.distributed.initialize: coordinator_address should be defined'),
 ])
 def test_bad_flags_are_refused_before_loading_a_checkpoint(tmp_path, flags, message):
   """The workdir has no checkpoint: a check made after loading one would report that instead."""
