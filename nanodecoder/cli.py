@@ -6,6 +6,7 @@ starting with 'error:' and exit with status 2.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -111,8 +112,11 @@ def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
       following = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith('-') else None
       values[name] = value if eq else following
   overrides = [n for n in values if n.startswith(('config.', 'noconfig.'))]
-  if not overrides or 'config' in values or 'flagfile' in values or values.get('mode', 'train') != 'train':
-    return argv  # (absl reports overrides in other modes as unknown flags)
+  if overrides and 'config' not in values and values.get('mode', 'train') != 'train':
+    fail(f'--{overrides[0]} overrides a field of the config, which only training takes; --mode {values["mode"]} '
+         'uses the config saved with the run: remove it')
+  if not overrides or 'config' in values or 'flagfile' in values:
+    return argv
   workdir = values.get('workdir')
   if not workdir or not (pathlib.Path(workdir) / config_lib.SAVED_CONFIG).is_file():
     fail(f'--{overrides[0]} overrides a field of a --config file: pass --config FILE, or the --workdir of a run '
@@ -176,10 +180,12 @@ _FLAG_MODES = {
     **dict.fromkeys(('prompt', 'prompt_file'), ('sample', 'attention')),
     **dict.fromkeys(('checkpoint', 'out'), ('sample', 'eval', 'attention')),
     'split': ('eval',),
-    **dict.fromkeys(('distributed', 'coordinator_address', 'num_processes', 'process_id'), ('train',)),
+    **dict.fromkeys(('config', 'distributed', 'coordinator_address', 'num_processes', 'process_id'), ('train',)),
 }
 _INSTEAD = {('seed', 'train'): ' (the training seed is --config.seed)',
-            ('checkpoint', 'train'): ' (training resumes from the latest checkpoint)'}
+            ('checkpoint', 'train'): ' (training resumes from the latest checkpoint)',
+            **{('config', mode): ' (it reads the config saved with the run)' for mode in ('sample', 'eval', 'attention')},
+            ('config', 'summary'): ' (it reads the configs saved with the runs)'}
 
 
 def _refuse_flags_of_other_modes() -> None:
@@ -252,6 +258,14 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
 def _saved_config() -> ml_collections.ConfigDict:
   """The config.json of --workdir, to resume a run without its --config (and overrides)."""
   saved = pathlib.Path(FLAGS.workdir or '') / config_lib.SAVED_CONFIG
+  manifest = pathlib.Path(FLAGS.workdir or '') / 'sweep.json'
+  if FLAGS.workdir and not saved.is_file() and manifest.is_file():
+    try:
+      spec = json.loads(manifest.read_text(encoding='utf-8'))['config']
+    except (OSError, ValueError, KeyError, TypeError):
+      spec = 'FILE:NAME'
+    fail(f'{FLAGS.workdir} is the folder of a sweep; resume it with its command: --config {spec} --workdir '
+         f'{FLAGS.workdir} (and its overrides)')
   if not FLAGS.workdir or not saved.is_file():
     fail('--config is required to train, e.g. --config experiments/cpu.py (or --workdir of a run, to resume it)')
   config = _read_saved_config(saved.parent)
@@ -344,10 +358,14 @@ def sweep_command(declaration) -> None:
   sweep = sweep_lib.make_sweep(config_flags.get_config_filename(FLAGS['config']), base, declaration)
   sweep_lib.check_overrides(sweep, list(config_flags.get_override_values(FLAGS['config'])))
   root = pathlib.Path(FLAGS.workdir or default_workdir(base))
+  if (root / config_lib.SAVED_CONFIG).is_file():
+    fail(f'--workdir {root} holds a single run (its config.json); give the sweep a folder of its own')
   if FLAGS.sweep_list:
     print(sweep_lib.listing(sweep, base, root))
     return
   if FLAGS.sweep_index is not None:
+    if FLAGS.sweep_parallel != 1:
+      fail(f'--sweep_index trains one point, --sweep_parallel={FLAGS.sweep_parallel} several at once; pass one of them')
     sweep_point_command(sweep, base, root)
     return
   if FLAGS.sweep_parallel < 1:
@@ -511,7 +529,6 @@ def _given_prompt() -> str | None:
 
 def eval_command() -> None:
   """Loss, perplexity and bits per character of a checkpoint over every window of --split."""
-  import json
 
   from nanodecoder import analysis
 

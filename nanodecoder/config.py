@@ -231,7 +231,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = get_field(config, field)
     if value not in choices:
       raise ConfigError(f'{field} must be one of {", ".join(map(repr, choices))}, got {value!r}')
+  if not isinstance(config.name, str) or not config.name or config.name in ('.', '..') or '/' in config.name:
+    raise ConfigError(f'name must be a plain folder name (the default workdir is runs/<name>), got {config.name!r}')
   t, m = config.train, config.model
+  if t.profile_steps and t.profile_start >= t.num_steps:
+    raise ConfigError(f'train.profile_start={t.profile_start} is not below train.num_steps={t.num_steps}: the '
+                      'trace of train.profile_steps would never start; lower profile_start')
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError(f'model.dropout must be in [0, 1), got {m.dropout!r}')
   _check_attention_impl(m)

@@ -230,6 +230,15 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
                                                 'positional arguments but 1 was given; an experiment file is'),
     (['--config', 'experiments/cpu.py', '--num_processes=2'],
      'jax.distributed.initialize: coordinator_address should be defined'),
+    (['--mode', 'sample', '--config.train.num_steps=5'], '--config.train.num_steps overrides a field of the config, '
+                                                         'which only training takes; --mode sample uses the config'),
+    (['--mode', 'eval', '--config', 'experiments/cpu.py'], '--config is for --mode train, not --mode eval (it reads '
+                                                           'the config saved with the run)'),
+    (['--config', 'experiments/cpu.py', '--config.name=../elsewhere'], "name must be a plain folder name"),
+    (['--config', 'experiments/cpu.py', '--config.train.profile_steps=5', '--config.train.num_steps=50'],
+     'train.profile_start=100 is not below train.num_steps=50: the trace of train.profile_steps would never start'),
+    (['--config', 'experiments/sweep.py', '--sweep_index=0', '--sweep_parallel=2'],
+     '--sweep_index trains one point, --sweep_parallel=2 several at once'),
 ])
 def test_bad_flags_are_refused_before_loading_a_checkpoint(tmp_path, flags, message):
   """The workdir has no checkpoint: a check made after loading one would report that instead."""
@@ -319,3 +328,16 @@ def test_checkpoint_with_other_arrays_is_refused_not_discarded(tiny_config, tmp_
   with pytest.raises(config_lib.ConfigError, match=r'the params of the checkpoint at step 10 do not match this config'):
     train_lib.train_and_evaluate(tiny_config(**{'model.scan_layers': True}), tmp_path)
   assert files_in(tmp_path / 'checkpoints') == before
+
+
+def test_a_sweep_and_a_single_run_do_not_share_a_folder(tmp_path):
+  (tmp_path / 'sweep').mkdir()
+  (tmp_path / 'sweep' / 'sweep.json').write_text('{"config": "experiments/sweep.py:blocks"}')
+  assert_user_error(launch('--workdir', str(tmp_path / 'sweep')),
+                    f'{tmp_path}/sweep is the folder of a sweep; resume it with its command: --config '
+                    f'experiments/sweep.py:blocks --workdir {tmp_path}/sweep')
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text('{}')
+  assert_user_error(launch('--config', 'experiments/sweep.py', '--workdir', str(tmp_path / 'run')),
+                    f'--workdir {tmp_path}/run holds a single run (its config.json); give the sweep a folder')
+  assert files_in(tmp_path) == ['run', 'run/config.json', 'sweep', 'sweep/sweep.json']
