@@ -300,7 +300,7 @@ def sample_command() -> None:
       fail('this model has no newline character, the default prompt; give one with --prompt or --prompt_file')
   prompt_ids = tokenizer.encode(prompt)
   if FLAGS.stream:
-    sys.stdout.write(prompt)
+    sys.stdout.write(f'--- sample 1/1 (checkpoint step {step}) ---\n{prompt}')
     pieces = []
     for token in sampling.stream(model, prompt_ids, options):
       pieces.append(tokenizer.decode(token))
