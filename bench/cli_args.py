@@ -1,6 +1,7 @@
 """Argument types shared by the benchmark scripts: a bad value stops the script before any work, in one line."""
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -46,3 +47,48 @@ def out_file(text: str) -> pathlib.Path:
   if folder is not None:
     raise argparse.ArgumentTypeError(f'cannot write {text}: {folder} is not a writable folder')
   return path
+
+
+def load_config(path: str | pathlib.Path, overrides: list[str]):
+  """The experiment file at `path` with `--set FIELD=JSON` overrides applied."""
+  from nanodecoder import config as config_lib
+
+  config = config_lib.load_config_file(path)
+  for item in overrides:
+    key, value = item.split('=', 1)
+    config_lib.set_field(config, key, json.loads(value))
+  return config
+
+
+def override(text: str) -> str:
+  """'FIELD=JSON' (e.g. model.dtype='"bfloat16"'): the form `load_config` applies."""
+  field, eq, value = text.partition('=')
+  if not eq or not field:
+    raise argparse.ArgumentTypeError(f'expected FIELD=JSON, e.g. model.num_layers=2, got {text!r}')
+  try:
+    json.loads(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'the value of {text!r} is not JSON; quote strings, e.g. '
+                                     f'{field}=\'"{value}"\'') from None
+  return text
+
+
+def text_file(text: str) -> str:
+  if not pathlib.Path(text).is_file():
+    raise argparse.ArgumentTypeError(f'{text} is not a file')
+  return text
+
+
+def checked_configs(parser: argparse.ArgumentParser, specs, overrides: list[str]) -> list:
+  """The experiment files `specs` with `overrides`, each validated: a bad field is one parser error, before any work."""
+  from nanodecoder import config as config_lib
+
+  configs = []
+  for spec in specs:
+    try:
+      configs.append(load_config(spec, overrides))
+      config_lib.validate(configs[-1])
+    except config_lib.ConfigError as e:
+      shown = pathlib.Path(spec).relative_to(REPO) if pathlib.Path(spec).is_relative_to(REPO) else spec
+      parser.error(f'{shown}: {e}')
+  return configs

@@ -21,6 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
+from cli_args import out_file, text_file  # noqa: E402
 
 SHAPES = {'base': (64, 256, 384), 'gpt2_small': (32, 1024, 768)}  # batch, tokens, width
 
@@ -38,8 +39,8 @@ def median_ms(fn, *args, repeats: int = 20) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--text', help='text file whose character ids are timed besides uniform ids')
-  parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'embed_grad.json'))
+  parser.add_argument('--text', type=text_file, help='text file whose character ids are timed besides uniform ids')
+  parser.add_argument('--out', type=out_file, default=str(REPO / 'bench' / 'out' / 'embed_grad.json'))
   args = parser.parse_args()
 
   import jax

@@ -134,7 +134,7 @@ def main():
 
   from nanodecoder import config as config_lib, sharding, train
   from nanodecoder.model import auto_attention_impl
-  from train_speed import load_config
+  from cli_args import load_config
 
   try:
     topology = topologies.get_topology_desc(platform='cuda', topology=f'1x1x{args.devices}',

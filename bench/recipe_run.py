@@ -22,22 +22,23 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
+from cli_args import checked_configs, out_file, override  # noqa: E402
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', required=True)
-  parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON')
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON', type=override)
   parser.add_argument('--workdir', required=True)
-  parser.add_argument('--out')
+  parser.add_argument('--out', type=out_file)
   args = parser.parse_args()
+  config, = checked_configs(parser, [args.config], args.set)
 
   from nanodecoder import cli, config as config_lib, train
   from nanodecoder.model import train_flops_per_token
   from nanodecoder.sweep import saved_steps
-  from train_speed import MFU_CONVENTION, load_config, machine, peak_flops
+  from train_speed import MFU_CONVENTION, machine, peak_flops
 
-  config = load_config(args.config, args.set)
   cli.setup_jax(config)
   import jax
 

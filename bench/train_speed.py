@@ -32,7 +32,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cli_args import out_file, positive_int, shapes  # noqa: E402
+from cli_args import checked_configs, load_config, out_file, override, positive_int, shapes, text_file  # noqa: E402
 from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
 
 # steps and repeats per shape when not given on the command line
@@ -52,17 +52,6 @@ PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H20
 
 def peak_flops(device_kind: str) -> float | None:
   return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_kind), None)
-
-
-def load_config(path: str | pathlib.Path, overrides: list[str]):
-  """The experiment file at `path` with `--set FIELD=JSON` overrides applied."""
-  from nanodecoder import config as config_lib
-
-  config = config_lib.load_config_file(path)
-  for item in overrides:
-    key, value = item.split('=', 1)
-    config_lib.set_field(config, key, json.loads(value))
-  return config
 
 
 def worker(shape: str, steps: int, repeats: int, overrides: list[str], text: str | None = None,
@@ -188,10 +177,10 @@ def main():
                       help='experiment files under experiments/, comma-separated')
   parser.add_argument('--steps', type=positive_int, help='steps per timed block (default per shape)')
   parser.add_argument('--repeats', type=positive_int, help='timed blocks; the median is reported')
-  parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON',
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON', type=override,
                       help='config override for every shape, e.g. --set mesh.cpu_devices=1 (replaces CPU_SETTINGS)')
-  parser.add_argument('--text', help='train on the character tokens of this text file (default: uniform random '
-                      'tokens over 65 symbols)')
+  parser.add_argument('--text', type=text_file, help='train on the character tokens of this text file (default: '
+                      'uniform random tokens over 65 symbols)')
   parser.add_argument('--packed-qkv', action='store_true', help='project q, k, v with one matmul also where '
                       'attention is a fused kernel (the model then uses three; see CausalSelfAttention.project)')
   parser.add_argument('--out', type=out_file, default=str(REPO / 'bench' / 'out' / 'train_speed.json'))
@@ -200,8 +189,8 @@ def main():
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   parser.add_argument('--ceiling', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.text and not pathlib.Path(args.text).is_file():
-    parser.error(f'--text {args.text} is not a file')
+  if not (args.worker or args.ceiling):  # every shape's config, checked before the first measurement
+    checked_configs(parser, [REPO / 'experiments' / f'{shape}.py' for shape in args.shapes], args.set)
 
   if args.ceiling:
     import jax

@@ -68,6 +68,14 @@ def test_sample_speed_and_compile_time(tmp_path):
     ('train_speed.py', ['--steps', '0'], 'argument --steps: expected a positive integer, got \'0\''),
     ('train_speed.py', ['--shapes', 'cpu,nope'], 'argument --shapes: no experiment file experiments/nope.py'),
     ('sample_speed.py', ['--out', '.'], 'argument --out: . is a folder; give a file path'),
+    ('train_speed.py', ['--set', 'model.dtype=bfloat16'],
+     'argument --set: the value of \'model.dtype=bfloat16\' is not JSON; quote strings, e.g. model.dtype=\'"bfloat16"\''),
+    ('train_speed.py', ['--shapes', 'cpu', '--set', 'model.num_layers=0'],
+     'experiments/cpu.py: model.num_layers must be a positive integer, got 0'),
+    ('recipe_run.py', ['--config', 'nope.py', '--workdir', 'unused'], "nope.py: config file 'nope.py' does not exist"),
+    ('recipe_run.py', ['--config', 'experiments/cpu.py', '--workdir', 'unused', '--out', '.'],
+     'argument --out: . is a folder'),
+    ('embed_grad.py', ['--text', 'nope.txt'], 'argument --text: nope.txt is not a file'),
     ('compile_time.py', ['--layers', '4,x'], "argument --layers: expected a positive integer, got 'x'"),
 ])
 def test_bad_arguments_stop_before_any_work(script, args, message):
