@@ -211,7 +211,9 @@ class MetricsLogger:
   def _open_file(self) -> None:
     """Opens metrics.jsonl to append, first rewriting it without the records `start` replaces or a torn line."""
     self._path.parent.mkdir(parents=True, exist_ok=True)
-    lines = self._path.read_text(encoding='utf-8').splitlines(keepends=True) if self._path.exists() else []
+    # (a damaged byte becomes U+FFFD: the line stays, as other lines that are not records of ours do)
+    lines = self._path.read_text(encoding='utf-8', errors='replace').splitlines(keepends=True) \
+        if self._path.exists() else []
     kept = [line for line in lines if _kept(line, self._start_step)]
     if kept != lines:
       atomic_write(self._path, ''.join(kept))

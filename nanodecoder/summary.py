@@ -26,6 +26,7 @@ from typing import Any
 
 from nanodecoder import config as config_lib
 from nanodecoder import sweep as sweep_lib
+from nanodecoder.config import ConfigError
 from nanodecoder.files import atomic_write
 from nanodecoder.metrics import format_duration
 
@@ -46,10 +47,10 @@ def read_metrics(workdir: str | pathlib.Path) -> RunMetrics:
   path = pathlib.Path(workdir) / 'metrics.jsonl'
   records = []
   if path.is_file():
-    for line in path.read_text(encoding='utf-8').splitlines():
+    for line in path.read_text(encoding='utf-8', errors='replace').splitlines():
       try:
         records.append(json.loads(line))
-      except json.JSONDecodeError:  # a line cut short by a crash
+      except json.JSONDecodeError:  # a line cut short by a crash (or damaged)
         continue
   train, evals, sessions = {}, {}, {}
   for record in records:
@@ -128,11 +129,15 @@ def find_points(root: pathlib.Path) -> tuple[str, list[str], list[tuple[str, dic
   """(title, short field names, [(folder name, {short field: value}, num_steps or None)]) of the runs under `root`."""
   manifest = root / sweep_lib.MANIFEST
   if manifest.is_file():
-    data = json.loads(manifest.read_text(encoding='utf-8'))
-    names = sweep_lib.short_names(data['fields'])
-    points = [(p['name'], {names[f]: v for f, v in p.get('values', p['overrides']).items() if f in names},
-               p.get('num_steps')) for p in data['points']]
-    return f'sweep {data["name"]} ({pathlib.Path(data["config"]).name})', list(names.values()), points
+    try:
+      data = json.loads(manifest.read_text(encoding='utf-8'))
+      names = sweep_lib.short_names(data['fields'])
+      points = [(p['name'], {names[f]: v for f, v in p.get('values', p['overrides']).items() if f in names},
+                 p.get('num_steps')) for p in data['points']]
+      return f'sweep {data["name"]} ({pathlib.Path(data["config"]).name})', list(names.values()), points
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ConfigError(f'{manifest} is damaged ({type(e).__name__}: {e}); rerun the sweep command, which rewrites '
+                        'it, or delete it to summarise the run folders under it') from None
   if (root / 'metrics.jsonl').is_file() or (root / 'config.json').is_file():
     return f'run {root.name}', [], [('.', {}, None)]
   points = []

@@ -224,7 +224,11 @@ def check_saved_configs(sweep: Sweep, base: ml_collections.ConfigDict, root: str
     workdir = sweep.workdir(root, point)
     if not (workdir / config_lib.SAVED_CONFIG).is_file() or not saved_steps(workdir):
       continue  # not started, or starts from scratch
-    saved = flatten_config(config_lib.read_saved_config(workdir).to_dict())
+    try:
+      saved = flatten_config(config_lib.read_saved_config(workdir).to_dict())
+    except (OSError, ValueError) as e:
+      raise ConfigError(f'sweep point {point.index} ({point.name}): cannot read {workdir / config_lib.SAVED_CONFIG} '
+                        f'({e}); restore it, or delete that folder to train the point again') from None
     current = flatten_config(json.loads(point_config(base, point).to_json()))  # JSON on both sides: tuples are lists
     for field, value in current.items():
       if field.startswith('data.') and field[5:] in config_lib.PATH_FIELDS and saved.get(field):

@@ -144,3 +144,19 @@ def test_training_writes_tensorboard_scalars_equal_to_metrics_jsonl(tiny_config,
     expected = [(line['step'], pytest.approx(line[tag], rel=1e-6)) for line in lines if tag in line]
     assert [(e.step, e.value) for e in events.Scalars(tag)] == expected, tag
   assert hparams_of(events)['train.num_steps'] == 20
+
+
+def test_a_damaged_byte_in_the_log_neither_stops_a_resume_nor_the_summary(tmp_path):
+  first = MetricsLogger(tmp_path, stream=io.StringIO(), tensorboard=False)
+  first.start(0)
+  first.write(10, {'train/loss': 3.0})
+  first.write(20, {'train/loss': 2.5})
+  first.close()
+  with open(tmp_path / 'metrics.jsonl', 'ab') as file:
+    file.write(b'{"note": "\xff"}\n')  # not UTF-8
+  assert sorted(read_metrics(tmp_path).train) == [10, 20]
+  second = MetricsLogger(tmp_path, stream=io.StringIO(), tensorboard=False)
+  second.start(10)  # resumed from step 10: step 20's record goes, the damaged line stays (not ours)
+  second.write(20, {'train/loss': 2.0})
+  second.close()
+  assert {step: r['train/loss'] for step, r in read_metrics(tmp_path).train.items()} == {10: 3.0, 20: 2.0}

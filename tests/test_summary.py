@@ -16,6 +16,7 @@ from nanodecoder import checkpoint as checkpoint_lib
 from nanodecoder import summary as summary_lib
 from nanodecoder import sweep as sweep_lib
 from nanodecoder import train as train_lib
+from nanodecoder.config import ConfigError
 from nanodecoder.model import count_params
 
 
@@ -225,3 +226,9 @@ def test_a_diverged_run_is_not_the_best(tmp_path):
   assert rows['lr=1e+06']['best_val_loss'] == '' and rows['lr=1e+06']['final_val_loss'] == 'nan'
   assert (rows['lr=0.1']['best_val_loss'], rows['lr=0.1']['best_val_step']) == ('2.3', '10')
   assert 'Lowest val loss: 2.3000 (lr=0.1, step 10).' in (tmp_path / 'summary.md').read_text()
+
+
+def test_a_damaged_sweep_manifest_is_one_error(tmp_path):
+  (tmp_path / sweep_lib.MANIFEST).write_text('{"name": "blocks"')
+  with pytest.raises(ConfigError, match=r'sweep.json is damaged \(JSONDecodeError: .*\); rerun the sweep command'):
+    summary_lib.write_summary(tmp_path)

@@ -341,3 +341,14 @@ def test_data_is_prepared_once_per_corpus_before_the_points(tiny_config, monkeyp
   assert loads == []
   sweep_lib.prepare_data(sweep, base, tfds=True)  # several at once: prepared here, once
   assert loads == [('tfds', 'tiny_shakespeare')]
+
+
+def test_a_point_whose_saved_config_is_damaged_is_named(tiny_config, tmp_path):
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2]})
+  workdir = sweep.workdir(tmp_path, sweep.points[1])
+  started_point(workdir, sweep_lib.point_config(base, sweep.points[1]), 10)
+  (workdir / 'config.json').write_text('{"model": ')
+  with pytest.raises(ConfigError, match=rf'^sweep point 1 \(seed=2\): cannot read {re.escape(str(workdir))}/config.json '
+                                        r'\(.*\); restore it, or delete that folder to train the point again$'):
+    sweep_lib.check_saved_configs(sweep, base, tmp_path)
