@@ -149,6 +149,9 @@ def setup_jax(config: ml_collections.ConfigDict | None = None) -> None:
   if config is not None:
     sharding.set_cpu_devices(sharding.cpu_device_count(config, sharding.usable_cores()))
   cache = os.environ.get(CACHE_ENV, str(pathlib.Path.home() / '.cache' / 'nanodecoder' / 'jax'))
+  if cache and os.path.exists(cache) and not os.path.isdir(cache):
+    fail(f"{CACHE_ENV}={cache} is not a folder; point it at one (made if missing), or set it to '' to compile "
+         'without the persistent cache')
   if cache:  # NANODECODER_COMPILATION_CACHE='' turns the persistent cache off
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

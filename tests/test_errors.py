@@ -58,6 +58,8 @@ CONFIG_CASES = [
      'mesh.data=3, mesh.fsdp=1, mesh.tensor=1 use 3 devices but there are 2'),
     (['--config.mesh.data=3'], 'train.batch_size=4 (micro-batch 4) is not divisible by the data-parallel size 3'),
     (['--config.train.grad_accum_steps=3'], 'train.batch_size=4 is not divisible by train.grad_accum_steps=3'),
+    (['--config.mesh.cpu_devices=3'], 'train.batch_size=4 (micro-batch 4) is not divisible by the data-parallel size '
+                                      '3 (mesh data x fsdp); pick a multiple of 3 (or lower mesh.cpu_devices=3'),
     (['--config.seed=-1'], 'seed must be an integer >= 0, got -1'),
     (['--config.train.weight_decay=nan'], 'train.weight_decay must be a finite number, got nan'),
     (['--config.train.num_steps=1', '--config.train.warmup_steps=5', '--config.train.decay_steps=12'],
@@ -341,3 +343,11 @@ def test_a_sweep_and_a_single_run_do_not_share_a_folder(tmp_path):
   assert_user_error(launch('--config', 'experiments/sweep.py', '--workdir', str(tmp_path / 'run')),
                     f'--workdir {tmp_path}/run holds a single run (its config.json); give the sweep a folder')
   assert files_in(tmp_path) == ['run', 'run/config.json', 'sweep', 'sweep/sweep.json']
+
+
+def test_a_compilation_cache_that_is_a_file_is_refused(corpus_file, tmp_path):
+  (tmp_path / 'cache').write_text('')
+  result = launch(*tiny_args(corpus_file), '--workdir', str(tmp_path / 'run'),
+                  env={'NANODECODER_COMPILATION_CACHE': str(tmp_path / 'cache')})
+  assert_user_error(result, f"NANODECODER_COMPILATION_CACHE={tmp_path}/cache is not a folder; point it at one")
+  assert files_in(tmp_path) == ['cache']
