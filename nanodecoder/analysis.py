@@ -104,7 +104,13 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
     config = ml_collections.ConfigDict(meta['config'])
     split = split or config.data.eval_split
     tokenizer = data_lib.CharTokenizer.from_json(meta['tokenizer'])
-    tokens = tokenizer.encode(data_lib.load_corpus(config.data).text(split))
+    try:
+      text = data_lib.load_corpus(config.data).text(split)
+      tokens = tokenizer.encode(text)
+    except (DataError, ValueError) as e:  # the run's data, as its config names it: fixed where it lives
+      source = config.data.text_path if config.data.source == 'text' else f'tfds {config.data.tfds_name}'
+      raise DataError(f'--mode eval scores the data the run trained on ({source}, from the config saved with '
+                      f'checkpoint {step}): {e}') from None
     if len(tokens) < 2:
       raise DataError(f'split {split!r} has {len(tokens)} characters; it needs at least 2 to predict one')
     config = config_lib.for_reading_here(config, jax.device_count(), jax.default_backend())  # any machine

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -126,3 +127,15 @@ def test_bad_analysis_and_sweep_input_is_one_line_and_exit_2(args, message):
   errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+
+
+def test_eval_of_a_run_whose_text_moved_says_where_the_path_comes_from(corpus_file, tmp_path):
+  text = tmp_path / 'moved.txt'
+  text.write_text(corpus_file.read_text())
+  workdir = tmp_path / 'run'
+  train_lib.train_and_evaluate(make_tiny_config(text, **{'train.num_steps': 10, 'train.decay_steps': 10,
+                                                         'eval.every': 10}), workdir)
+  text.unlink()
+  with pytest.raises(DataError, match=rf'^--mode eval scores the data the run trained on \({re.escape(str(text))}, '
+                                      r'from the config saved with checkpoint 10\): data.text_path .* does not exist'):
+    analysis.evaluate_split(workdir)
