@@ -484,7 +484,7 @@ def _checked_out(workdir: pathlib.Path) -> pathlib.Path | None:
     out = pathlib.Path(os.path.realpath(out))
     if out.is_relative_to(os.path.realpath(workdir)):
       inside = out.relative_to(os.path.realpath(workdir))
-      if str(inside) in _RUN_FILES or inside.parts[0] in _RUN_FOLDERS:
+      if str(inside) in _RUN_FILES or inside.parts[:1] in [(folder,) for folder in _RUN_FOLDERS]:
         fail(f"--out {FLAGS.out} is among the run's own files ({inside}); give another file, e.g. "
              f"--out {pathlib.Path(workdir) / ('report.json' if FLAGS.mode == 'eval' else 'samples.txt')}")
     if out.is_dir():

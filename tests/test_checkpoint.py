@@ -338,8 +338,8 @@ def test_a_checkpoint_missing_its_manifest_is_handled_without_tracebacks(corpus_
     assert 'Traceback' not in result.stderr and 'Event loop is closed' not in result.stderr, result.stderr[-3000:]
 
 
-def test_read_only_loading_refuses_in_one_line(tiny_config, tmp_path, monkeypatch):
-  """Choosing 'best' reads every step's metadata; restoring can fail for reasons that are not the files."""
+def test_read_only_loading_refuses_in_one_line(tiny_config, tmp_path, monkeypatch, capsys):
+  """Restoring can fail for reasons that are not the files; 'best' reads every step's metadata."""
   config = tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5, 'eval.every': 5, 'checkpoint.keep': 3})
   train_lib.train_and_evaluate(config, tmp_path)
 
@@ -356,7 +356,10 @@ def test_read_only_loading_refuses_in_one_line(tiny_config, tmp_path, monkeypatc
       file.write_text('{not json')
   with pytest.raises(CheckpointError, match=r'^cannot read the checkpoint at step 5 .*; pass --checkpoint with '
                                             r'another step \(10\)'):
-    checkpoint_lib.load_model(tmp_path, 'best')
+    checkpoint_lib.load_model(tmp_path, 5)
+  capsys.readouterr()
+  assert checkpoint_lib.load_model(tmp_path, 'best')[3] == 10  # the best of those that read
+  assert capsys.readouterr().err.startswith('left out of --checkpoint best: the checkpoint at step 5 (')
   assert checkpoint_lib.load_model(tmp_path, 'latest')[3] == 10
 
 
