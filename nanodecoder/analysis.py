@@ -107,7 +107,7 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
     try:
       text = data_lib.load_corpus(config.data).text(split)
       tokens = tokenizer.encode(text)
-    except (DataError, ValueError) as e:  # the run's data, as its config names it: fixed where it lives
+    except ValueError as e:  # DataError and the like: the run's data, as its config names it, fixed where it lives
       source = config.data.text_path if config.data.source == 'text' else f'tfds {config.data.tfds_name}'
       raise DataError(f'--mode eval scores the data the run trained on ({source}, from the config saved with '
                       f'checkpoint {step}): {e}') from None

@@ -260,8 +260,10 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
 
 def _saved_config() -> ml_collections.ConfigDict:
   """The config.json of --workdir, to resume a run without its --config (and overrides)."""
+  from nanodecoder import sweep as sweep_lib
+
   saved = pathlib.Path(FLAGS.workdir or '') / config_lib.SAVED_CONFIG
-  manifest = pathlib.Path(FLAGS.workdir or '') / 'sweep.json'
+  manifest = pathlib.Path(FLAGS.workdir or '') / sweep_lib.MANIFEST
   if FLAGS.workdir and not saved.is_file() and manifest.is_file():
     try:
       spec = json.loads(manifest.read_text(encoding='utf-8'))['config']
@@ -480,15 +482,15 @@ def _checked_out(workdir: pathlib.Path) -> pathlib.Path | None:
   if not FLAGS.out:
     return None
   out = pathlib.Path(FLAGS.out)
+  example = 'report.json' if FLAGS.mode == 'eval' else 'samples.txt'
   try:
-    out = pathlib.Path(os.path.realpath(out))
-    if out.is_relative_to(os.path.realpath(workdir)):
-      inside = out.relative_to(os.path.realpath(workdir))
-      if str(inside) in _RUN_FILES or inside.parts[:1] in [(folder,) for folder in _RUN_FOLDERS]:
+    out, run = pathlib.Path(os.path.realpath(out)), pathlib.Path(os.path.realpath(workdir))
+    if out.is_relative_to(run):
+      inside = out.relative_to(run)
+      if str(inside) in _RUN_FILES or (inside.parts and inside.parts[0] in _RUN_FOLDERS):
         fail(f"--out {FLAGS.out} is among the run's own files ({inside}); give another file, e.g. "
-             f"--out {pathlib.Path(workdir) / ('report.json' if FLAGS.mode == 'eval' else 'samples.txt')}")
+             f'--out {pathlib.Path(workdir) / example}')
     if out.is_dir():
-      example = 'report.json' if FLAGS.mode == 'eval' else 'samples.txt'
       fail(f'--out {FLAGS.out} is a directory; give a file path, e.g. --out {out / example}')
     if out.exists() and not out.is_file():
       fail(f'--out {FLAGS.out} is not a regular file; give the path of a file to write')

@@ -299,13 +299,14 @@ def train_batches(dataset: data_lib.Dataset, mesh: jax.sharding.Mesh, seed: int,
 
 def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """ConfigError unless `config` can train on `mesh`: its attention runs on these devices, its axes divide."""
-  reason = config_lib.attention_cannot_run(config.model, mesh.devices.flat[0].platform)
+  platform = mesh.devices.flat[0].platform
+  reason = config_lib.attention_cannot_run(config.model, platform)
   if reason:
     raise config_lib.ConfigError(reason)
   try:
     config_lib.check_mesh_shape(config, *(mesh.shape[axis] for axis in sharding_lib.AXES))
   except config_lib.ConfigError as e:
-    if mesh.devices.flat[0].platform == 'cpu' and config.mesh.cpu_devices:
+    if platform == 'cpu' and config.mesh.cpu_devices:
       raise config_lib.ConfigError(f'{e} (or lower mesh.cpu_devices={config.mesh.cpu_devices}, the number of '
                                    'host devices the mesh spans)') from None
     raise
