@@ -198,10 +198,21 @@ def _refuse_flags_of_other_modes() -> None:
            f'{_INSTEAD.get((name, FLAGS.mode), "")}; remove it')
 
 
+_MEMORY_HINTS = {
+    'train': 'lower train.batch_size (or raise train.grad_accum_steps), model.context_length or the model size, or '
+             'set model.remat',
+    'sample': 'lower --num_samples or --max_new_tokens (the memory sampling needs grows with both)',
+}
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+  return 'RESOURCE_EXHAUSTED' in str(error) or 'Out of memory' in str(error)  # (XLA's CPU client says the latter)
+
+
 def _out_of_memory(error: Exception) -> str:
   first = ' '.join(str(error).split())[:160]
-  return (f'out of memory ({first}); lower train.batch_size (or raise train.grad_accum_steps), '
-          'model.context_length or the model size, or set model.remat')
+  hint = _MEMORY_HINTS.get(FLAGS.mode, 'free memory on this machine or use one with more')
+  return f'out of memory ({first}); {hint}'
 
 
 def main(argv) -> None:
@@ -225,7 +236,7 @@ def main(argv) -> None:
     where = f' {e.filename}' if e.filename else ''
     fail(f'cannot use{where}: {e.strerror or e}; check the paths in the flags and config fields')
   except jax.errors.JaxRuntimeError as e:
-    if 'RESOURCE_EXHAUSTED' not in str(e):
+    if not _is_out_of_memory(e):
       raise
     fail(_out_of_memory(e))
 

@@ -215,7 +215,9 @@ def generate(model: Decoder, prompt: np.ndarray, options: SamplingOptions = Samp
   prompt, graphdef, params, sampling, static = _prepare(model, prompt, options)
   out = _compiled_generate()(params, prompt, *sampling, graphdef=graphdef, num_samples=options.num_samples,
                              steps=options.max_new_tokens, use_cache=options.use_cache, **static)
-  return np.asarray(out)
+  # Waited for first: a buffer that failed to allocate (too many tokens) then raises an error here, where
+  # np.asarray on it aborts the process (jaxlib 0.10).
+  return np.asarray(jax.block_until_ready(out))
 
 
 def stream(model: Decoder, prompt: np.ndarray, options: SamplingOptions = SamplingOptions()) -> Iterator[np.ndarray]:

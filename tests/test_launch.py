@@ -100,6 +100,18 @@ def test_sample_stream_out_prompt_file_and_nokv_cache_give_one_text(tiny_run, tm
     assert out.read_text(encoding='utf-8') == f'--- sample 1 ---\n{text}\n'
 
 
+@pytest.mark.slow
+def test_sampling_more_than_memory_holds_is_one_line_naming_the_sampling_flags(tiny_run):
+  # 64 x 2^30 tokens (256 GiB of token ids alone): the allocation fails inside the compiled call, which
+  # jaxlib 0.10 turned into an abort (SIGABRT) when the result was read without waiting for it first.
+  result = launch('--mode', 'sample', '--workdir', str(tiny_run[0]), '--num_samples', '64',
+                  '--max_new_tokens', str(2**30))
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert result.stderr.startswith('error: out of memory (') and result.stderr.count('\n') == 1, result.stderr[-2000:]
+  assert result.stderr.endswith('; lower --num_samples or --max_new_tokens (the memory sampling needs grows with '
+                                'both)\n')
+
+
 @pytest.mark.parametrize('args, message', [
     (['--config', 'experiments/nope.py'], "error: cannot load the --config file: [Errno 2] No such file or directory: 'experiments/nope.py'"),
     (['--config', 'experiments/cpu.py', '--config.model.num_layer=3'],
