@@ -42,8 +42,9 @@ from nanodecoder.model import Decoder
 from nanodecoder.sharding import gather_from_processes
 
 # Config fields that fix the parameter shapes: a checkpoint restores only into the same values.
+# The model fields a checkpoint's arrays depend on (scan_layers: blocks stored stacked or one by one).
 SHAPE_FIELDS = ('num_layers', 'num_heads', 'head_size', 'context_length', 'mlp_ratio', 'use_bias', 'tie_embeddings',
-                'param_dtype')
+                'param_dtype', 'scan_layers')
 
 
 class CheckpointError(RuntimeError):
@@ -173,6 +174,16 @@ def check_model_matches(saved_config: dict, config: ml_collections.ConfigDict, w
   if diffs:
     raise ConfigError(f'checkpoint in {where} has a different model shape: {", ".join(diffs)}; '
                       'use the same model fields or another --workdir')
+
+
+def check_same_characters(saved_tokenizer: str, chars: str, step: int, directory) -> None:
+  """A run resumes only on data with exactly its characters: other ones would change what the ids mean."""
+  saved = CharTokenizer.from_json(saved_tokenizer).chars
+  if saved != chars:
+    different = ''.join(sorted(set(saved) ^ set(chars)))
+    raise ConfigError(f'the checkpoint at step {step} in {directory} was trained on other characters than this data '
+                      f'has ({len(saved)} vs {len(chars)}; differing: {different!r}); train on the same data or pass '
+                      'another --workdir')
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -350,13 +361,15 @@ class Checkpoints:
     state[0], state[1] = self.restore(step, abstract_state[0], abstract_state[1])
     return state
 
-  def restore_latest_good(self, abstract_state, config: ml_collections.ConfigDict, log=print):
+  def restore_latest_good(self, abstract_state, config: ml_collections.ConfigDict, log=print,
+                          chars: str | None = None):
     """(step, state, meta) of the newest step that restores, or None when there is no checkpoint.
 
     An unreadable (corrupt or partial) step is set aside as `<step>.corrupt`, with a message, and the previous
     one is tried. CheckpointError, moving nothing, for an error that says nothing about the files (memory,
     permissions, ...); CheckpointError too when steps were set aside and none is left. A checkpoint of another
-    model shape is refused (ConfigError). All processes take the same decisions (process 0 moves the folders).
+    model shape, or one trained on other characters than `chars` (the data's, when given), is refused
+    (ConfigError). All processes take the same decisions (process 0 moves the folders).
     """
     steps = self.steps()  # each process lists the folder itself: they must see the same steps
     listed = gather_from_processes(zlib.crc32(','.join(map(str, steps)).encode()) & 0x7FFFFFFF)
@@ -368,7 +381,7 @@ class Checkpoints:
     for step in reversed(steps):
       restored = error = None
       try:
-        restored = self._restore_checked(step, abstract_state, config)
+        restored = self._restore_checked(step, abstract_state, config, chars)
       except Exception as e:  # noqa: BLE001 (sorted out below, the same way on every process)
         error = e
       ok, unreadable, environment, other_model = range(4)  # outcomes, the worst one (highest) decides
@@ -396,9 +409,12 @@ class Checkpoints:
                             'out of the folder (or pass another --workdir) to start from scratch')
     return None
 
-  def _restore_checked(self, step: int, abstract_state, config: ml_collections.ConfigDict):
-    """(step, state, meta) of step `step`; ConfigError if it holds another model than `config` builds."""
+  def _restore_checked(self, step: int, abstract_state, config: ml_collections.ConfigDict, chars: str | None):
+    """(step, state, meta) of step `step`; ConfigError if it holds another model than `config` builds, or
+    was trained on other characters than `chars`."""
     meta = self.meta(step)
+    if chars is not None:
+      check_same_characters(meta['tokenizer'], chars, step, self.directory)
     check_model_matches(meta['config'], config, str(self.directory.parent))
     for name, part in (('params', abstract_state[0]), ('opt_state', abstract_state[1])):
       saved = ocp.StandardCheckpointHandler().metadata(self._item(step, name))

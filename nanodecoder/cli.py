@@ -247,6 +247,7 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
 
   from nanodecoder import train  # after argument parsing: keeps `--help` fast
 
+  config_file = None  # the --config file, when the config is one (not the run's own saved config)
   config = FLAGS.config if config is None else config
   if config is None:
     config = _saved_config()
@@ -255,18 +256,45 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
     overrides = config_flags.get_override_values(FLAGS['config'])
     print(f'resuming with the config saved in {pathlib.Path(FLAGS.workdir) / config_lib.SAVED_CONFIG} and the '
           f'overrides {" ".join(f"{k}={v!r}" for k, v in overrides.items())}', flush=True)
+  elif FLAGS.config is config:
+    config_file = config_flags.get_config_filename(FLAGS['config'])
   try:
     config.get('name')  # config_flags defers a failed load to the first access
   except Exception as e:  # noqa: BLE001
     _config_load_failed(e)
   config_lib.make_paths_absolute(config)
+  workdir = pathlib.Path(workdir or FLAGS.workdir or default_workdir(config))
+  if config_file:
+    _refuse_other_settings_for_a_started_run(config, config_file, workdir)
   setup_jax(config)
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  metrics = train.train_and_evaluate(config, workdir or FLAGS.workdir or default_workdir(config))
+  metrics = train.train_and_evaluate(config, workdir)
   if 'stopped_by' in metrics:  # checkpoint saved; exit as the signal would have (130 for Ctrl-C, 143 for SIGTERM)
     sys.exit(128 + int(getattr(signal, metrics['stopped_by'], signal.SIGTERM)))
   if 'train_loss' in metrics and jax.process_index() == 0:
     print(f'final: train loss {metrics["train_loss"]:.4f} | val loss {metrics["val_loss"]:.4f}')
+
+
+def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, config_file: str,
+                                             workdir: pathlib.Path) -> None:
+  """A --config file whose settings differ from those a workdir's checkpoints were trained with (outside
+  config.RESUMABLE_CHANGES) is refused: resumed, the run would silently continue under other settings, e.g. the
+  full recipe after a short quick look in the same runs/<name>, from a schedule that has already decayed."""
+  from nanodecoder import checkpoint, sweep as sweep_lib
+
+  if not sweep_lib.saved_steps(workdir):
+    return
+  try:
+    saved = config_lib.read_saved_config(workdir)
+  except (OSError, ValueError):
+    return  # no readable record of the settings: the checkpoint's own checks decide
+  checkpoint.check_model_matches(saved.to_dict(), config, str(workdir))  # a shape cannot change on purpose either
+  change = config_lib.change_on_resume(saved, config)
+  if change:
+    field, before, now = change
+    fail(f'{workdir} holds a run trained with {field}={before!r}, not {now!r} as --config {config_file} says; pass '
+         f'another --workdir, or continue that run with the new value on purpose: --workdir {workdir} '
+         f'--config.{field}={now}')
 
 
 def _saved_config() -> ml_collections.ConfigDict:

@@ -36,7 +36,7 @@ import ml_collections
 from nanodecoder import config as config_lib
 from nanodecoder.config import ConfigError
 from nanodecoder.files import atomic_write
-from nanodecoder.metrics import flatten_config, format_duration
+from nanodecoder.metrics import format_duration
 
 MANIFEST = 'sweep.json'
 
@@ -199,24 +199,11 @@ def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.
   atomic_write(path, json.dumps(manifest, indent=2) + '\n')
 
 
-# Fields a point's config may change between sessions without changing what it trains: its length (more steps
-# extend a run; the schedule's train.decay_steps is compared), the device layout (a checkpoint restores onto any
-# mesh, and parallel sweeps set mesh.cpu_devices per point), steps per compiled call, how often it logs, profiles,
-# evaluates and saves (and how many checkpoints it keeps, written in the background or not), and where this
-# machine keeps the same data. A trailing '.' covers a whole section.
-RESUMABLE_CHANGES = ('train.num_steps', 'mesh.', 'train.steps_per_call', 'train.log_every', 'train.profile_steps',
-                     'train.profile_start', 'eval.every', 'checkpoint.', 'data.manual_dir', 'data.tfds_data_dir')
-
-
-def _may_change_on_resume(field: str) -> bool:
-  return any(field == allowed or (allowed.endswith('.') and field.startswith(allowed)) for allowed in RESUMABLE_CHANGES)
-
-
 def check_saved_configs(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
                         points: Sequence[Point] | None = None) -> None:
   """Refuses (ConfigError) to resume or skip a point whose checkpoints were trained under other settings.
 
-  A point with checkpoints and a config.json must match its config but for RESUMABLE_CHANGES; otherwise,
+  A point with checkpoints and a config.json must match its config but for config.RESUMABLE_CHANGES; otherwise,
   e.g. a full sweep after a short quick look in the same root, it would continue from a decayed schedule.
   Checks `points` (default: all of them).
   """
@@ -225,18 +212,16 @@ def check_saved_configs(sweep: Sweep, base: ml_collections.ConfigDict, root: str
     if not (workdir / config_lib.SAVED_CONFIG).is_file() or not saved_steps(workdir):
       continue  # not started, or starts from scratch
     try:
-      saved = flatten_config(config_lib.read_saved_config(workdir).to_dict())
+      saved = config_lib.read_saved_config(workdir)
     except (OSError, ValueError) as e:
       raise ConfigError(f'sweep point {point.index} ({point.name}): cannot read {workdir / config_lib.SAVED_CONFIG} '
                         f'({e}); restore it, or delete that folder to train the point again') from None
-    current = flatten_config(json.loads(point_config(base, point).to_json()))  # JSON on both sides: tuples are lists
-    for field, value in current.items():
-      if field.startswith('data.') and field[5:] in config_lib.PATH_FIELDS and saved.get(field):
-        saved[field] = os.path.abspath(saved[field])  # saved relative before paths were made absolute
-      if field in saved and saved[field] != value and not _may_change_on_resume(field):
-        raise ConfigError(f'sweep point {point.index} ({point.name}) in {workdir} was trained with '
-                          f'{field}={saved[field]!r}, not {value!r}; pass another --workdir, or delete that '
-                          'folder to train the point again')
+    change = config_lib.change_on_resume(saved, point_config(base, point))
+    if change:
+      field, before, now = change
+      raise ConfigError(f'sweep point {point.index} ({point.name}) in {workdir} was trained with '
+                        f'{field}={before!r}, not {now!r}; pass another --workdir, or delete that '
+                        'folder to train the point again')
 
 
 # Progress of a point ------------------------------------------------------------

@@ -425,21 +425,16 @@ def _raise_on_every_process(failure: Exception | None, what: str) -> None:
 def _restore_or_init(trainer: Trainer, checkpoints, dataset: data_lib.Dataset, log) -> dict[str, Any]:
   """Fills `trainer.state` from the latest good checkpoint, or fresh; returns the metrics known so far."""
   config = trainer.config
-  restored = checkpoints.restore_latest_good(trainer.abstract_state, config, log=log)
+  restored = checkpoints.restore_latest_good(trainer.abstract_state, config, log=log, chars=dataset.tokenizer.chars)
   if restored is None:
     trainer.state = trainer.init_state()
     return {}
   step, trainer.state, meta = restored
-  saved_chars = data_lib.CharTokenizer.from_json(meta['tokenizer']).chars
-  if saved_chars != dataset.tokenizer.chars:  # same count, other characters: the ids would mean other things
-    different = ''.join(sorted(set(saved_chars) ^ set(dataset.tokenizer.chars)))
-    raise config_lib.ConfigError(f'the checkpoint at step {step} in {checkpoints.directory} was trained on other '
-                                 f'characters than this data has (differing: {different!r}); train on the same '
-                                 'data or pass another --workdir')
   log(f'resumed from the checkpoint at step {step} in {checkpoints.directory}')
   if step < config.train.num_steps:
     return {}
-  log(f'already trained for train.num_steps={config.train.num_steps} steps; nothing to do')
+  log(f'the latest checkpoint (step {step}) is at or past train.num_steps={config.train.num_steps}; nothing to do '
+      '(raise train.num_steps to train further)')
   return {} if meta['val_loss'] is None else {'val_loss': meta['val_loss']}
 
 

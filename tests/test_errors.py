@@ -4,11 +4,13 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+from nanodecoder import checkpoint as checkpoint_lib
 from nanodecoder import config as config_lib
 from nanodecoder import train as train_lib
 from nanodecoder.checkpoint import CheckpointError, Checkpoints
@@ -134,6 +136,24 @@ def test_checkpoint_of_another_shape_is_refused(trained, corpus_file, override, 
   assert files_in(trained) == before
 
 
+def test_a_config_file_with_other_settings_does_not_resume_a_started_run(trained, corpus_file, tmp_path):
+  """The quick-look trap: the full recipe after a short run in the same workdir would continue from a decayed
+  schedule (and config.json would claim the new settings for the whole run). Length and intervals may change."""
+  before = files_in(trained)
+  result = launch(*tiny_args(corpus_file, '--config.train.num_steps=24', '--config.train.decay_steps=24'),
+                  '--workdir', str(trained))
+  assert_user_error(result, f'{trained} holds a run trained with train.decay_steps=12, not 24 as --config '
+                            'experiments/cpu.py says; pass another --workdir, or continue that run with the new value '
+                            f'on purpose: --workdir {trained} --config.train.decay_steps=24')
+  result = launch(*tiny_args(corpus_file, '--config.seed=7'), '--workdir', str(trained))
+  assert_user_error(result, f'{trained} holds a run trained with seed=1337, not 7 as --config')
+  assert files_in(trained) == before
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  result = launch(*tiny_args(corpus_file, '--config.train.num_steps=18', '--config.eval.every=3'), '--workdir', str(workdir))
+  assert result.returncode == 0 and 'step 18 |' in result.stdout, result.stderr[-2000:]
+
+
 def test_resuming_on_text_with_other_characters_is_refused(trained, corpus_file, tmp_path):
   """Same vocabulary size, one character swapped: token ids would silently change meaning."""
   text = corpus_file.read_text()
@@ -142,8 +162,16 @@ def test_resuming_on_text_with_other_characters_is_refused(trained, corpus_file,
   other = tmp_path / 'other.txt'
   other.write_text(text.replace(swapped, '~'))
   before = files_in(trained)
-  result = launch(*tiny_args(other, '--config.train.num_steps=24'), '--workdir', str(trained))
-  assert_user_error(result, f"was trained on other characters than this data has (differing: '{swapped}~')")
+  resume_on_other = ['--workdir', str(trained), f'--config.data.text_path={other}', '--config.train.num_steps=24']
+  result = launch(*resume_on_other)
+  assert_user_error(result, f"was trained on other characters than this data has ({len(set(text))} vs "
+                            f"{len(set(text))}; differing: '{swapped}~')")
+  assert files_in(trained) == before
+  # Another number of characters changes the embedding's shape: still named as other characters, not as arrays.
+  other.write_text(text + '~')
+  result = launch(*resume_on_other)
+  assert_user_error(result, f"was trained on other characters than this data has ({len(set(text))} vs "
+                            f"{len(set(text)) + 1}; differing: '~')")
   assert files_in(trained) == before
 
 
@@ -155,12 +183,10 @@ def test_second_run_in_a_held_workdir_is_refused(trained, corpus_file):
 
 
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(trained, corpus_file, tmp_path):
-  import shutil
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
-  result = launch(*tiny_args(corpus_file, '--config.train.learning_rate=1e30', '--config.train.min_learning_rate=1e29',
-                             '--config.train.grad_clip=0', '--config.train.num_steps=24', '--config.train.decay_steps=24'),
-                  '--workdir', str(workdir))
+  result = launch('--workdir', str(workdir), '--config.train.learning_rate=1e30', '--config.train.min_learning_rate=1e29',
+                  '--config.train.grad_clip=0', '--config.train.num_steps=24', '--config.train.decay_steps=24')
   assert_user_error(result, ' became ')
   assert re.search(r'error: (loss|gradient norm) became (nan|inf) at step 1[3-9]; the last good checkpoint \(step 12\) is kept',
                    result.stderr)
@@ -323,10 +349,15 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_config, tmp_path, monkey
   assert Checkpoints(tmp_path, read_only=True).steps()[-1] == 20 and metrics['val_loss'] > 0
 
 
-def test_checkpoint_with_other_arrays_is_refused_not_discarded(tiny_config, tmp_path):
+def test_checkpoint_with_other_arrays_is_refused_not_discarded(tiny_config, tmp_path, monkeypatch):
   """Scanned layers store parameters stacked: restoring an unstacked run refuses, and deletes nothing."""
   train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5}), tmp_path)
   before = files_in(tmp_path / 'checkpoints')
+  with pytest.raises(config_lib.ConfigError, match=r'different model shape: model.scan_layers=False \(config says True\)'):
+    train_lib.train_and_evaluate(tiny_config(**{'model.scan_layers': True}), tmp_path)
+  assert files_in(tmp_path / 'checkpoints') == before
+  # Arrays that differ in a way the model fields do not name are refused by the arrays themselves.
+  monkeypatch.setattr(checkpoint_lib, 'SHAPE_FIELDS', tuple(f for f in checkpoint_lib.SHAPE_FIELDS if f != 'scan_layers'))
   with pytest.raises(config_lib.ConfigError, match=r'the params of the checkpoint at step 10 do not match this config'):
     train_lib.train_and_evaluate(tiny_config(**{'model.scan_layers': True}), tmp_path)
   assert files_in(tmp_path / 'checkpoints') == before
