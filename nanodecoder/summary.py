@@ -89,8 +89,10 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
   """The summary numbers of one run (None where it has none yet).
 
   `num_steps`: the sweep manifest's, which wins over the run's config.json (the
-  settings of its last session); None: the config.json's. `metrics`: the run's
-  `read_metrics`, when the caller has read them already.
+  settings of its last session); None: the config.json's. The losses are those
+  of the evaluations up to `num_steps`: a run trained further since (a sweep
+  extended, then listed with its first command) is reported at that length.
+  `metrics`: the run's `read_metrics`, when the caller has read them already.
   """
   workdir = pathlib.Path(workdir)
   metrics = read_metrics(workdir) if metrics is None else metrics
@@ -103,10 +105,11 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
   row = dict.fromkeys(METRIC_COLUMNS)
   row.update(status=status.state, step=status.step, num_steps=num_steps, params=count_parameters(workdir),
              wall_time_s=metrics.wall_time_s)
-  if metrics.evals:
-    last = metrics.evals[max(metrics.evals)]
+  evals = {step: r for step, r in metrics.evals.items() if not num_steps or step <= num_steps}
+  if evals:
+    last = evals[max(evals)]
     row.update(final_val_loss=last['eval/val_loss'], final_train_loss=last.get('eval/train_loss'))
-    finite = [(step, r['eval/val_loss']) for step, r in metrics.evals.items() if math.isfinite(r['eval/val_loss'])]
+    finite = [(step, r['eval/val_loss']) for step, r in evals.items() if math.isfinite(r['eval/val_loss'])]
     if finite:  # a diverged run's NaN is no one's best
       best_step, best = min(finite, key=lambda item: item[1])
       row.update(best_val_loss=best, best_val_step=best_step)

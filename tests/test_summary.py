@@ -200,6 +200,24 @@ def test_status_counts_to_the_manifests_num_steps(tiny_config, tmp_path):
   assert sweep_lib.listing(sweep, base, tmp_path).count('partial (20/40)') == 2
 
 
+def test_a_run_trained_past_the_manifests_num_steps_is_reported_at_that_length(tiny_config, tmp_path):
+  """A sweep extended to 60 steps, then rerun with its first command (num_steps 40): the table is the 40-step
+  sweep's (not step-60 losses under num_steps 40)."""
+  base = tiny_config(**{'train.num_steps': 40, 'train.decay_steps': 40})
+  sweep = sweep_lib.make_sweep('tiny.py', base, {'seed': [1]})
+  workdir = sweep.workdir(tmp_path, sweep.points[0])
+  fake_run(workdir, sweep_lib.point_config(base, sweep.points[0]), step=60)
+  lines = [{'step': step, 'time': 110.0, 'session_start': 100.0, 'eval/train_loss': loss + 0.1, 'eval/val_loss': loss}
+           for step, loss in ((20, 2.7), (40, 2.5), (60, 2.2))]
+  with (workdir / 'metrics.jsonl').open('a') as f:
+    f.write(''.join(json.dumps(line) + '\n' for line in lines))
+  sweep_lib.write_manifest(tmp_path, sweep, base)
+  summary_lib.write_summary(tmp_path)
+  [row] = csv.DictReader((tmp_path / 'summary.csv').open())
+  assert (row['status'], row['step'], row['num_steps']) == ('finished', '60', '40')
+  assert (row['final_val_loss'], row['best_val_loss'], row['best_val_step']) == ('2.5', '2.5', '40')
+
+
 def test_sweeping_a_field_named_like_a_metric_column_gives_one_column(tiny_config, tmp_path):
   base = tiny_config()
   sweep = sweep_lib.make_sweep('tiny.py', base, {'train.num_steps': [10, 20], 'train.decay_steps': [10, 20]})
