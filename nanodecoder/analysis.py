@@ -10,19 +10,35 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
+import unicodedata
 from typing import Any
 
 import numpy as np
 
 from nanodecoder.data import DataError
 
-VISIBLE = {'\n': '\\n', ' ': '␣', '\t': '\\t'}
+VISIBLE = {'\n': '\\n', ' ': '␣', '\t': '\\t', '\r': '\\r'}
 
 
 def char_label(char: str) -> str:
-  return VISIBLE.get(char, char)
+  """A tick label for `char`: itself, a visible stand-in for whitespace, or its code point ('U+4E09') for a
+  control character or one the plots' font has no glyph for (it would be drawn as an empty box)."""
+  if char in VISIBLE:
+    return VISIBLE[char]
+  if unicodedata.category(char).startswith('C') or ord(char) not in _font_characters():
+    return f'U+{ord(char):04X}'
+  return char
+
+
+@functools.cache
+def _font_characters() -> frozenset[int]:
+  """The code points matplotlib's default font draws."""
+  from matplotlib import font_manager, ft2font
+
+  return frozenset(ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
 
 
 def attention_maps(model, tokenizer, prompt: str) -> tuple[np.ndarray, str]:

@@ -6,6 +6,7 @@ import re
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -54,6 +55,16 @@ def test_attention_pngs_one_per_layer_with_a_heatmap_per_head(run, tmp_path):
     pixels = mpimg.imread(path)
     assert pixels.shape[0] >= 250 and pixels.shape[1] >= 500 and pixels[..., :3].std() > 0.05
   assert analysis.char_label('\n') == '\\n' and analysis.char_label(' ') == '␣' and analysis.char_label('a') == 'a'
+
+
+def test_characters_the_font_cannot_draw_are_labelled_by_code_point(tmp_path):
+  """CJK text (not in matplotlib's default DejaVu Sans) drew empty boxes with a warning per glyph."""
+  assert [analysis.char_label(c) for c in 'aé一\r\x07'] == ['a', 'é', 'U+4E00', '\\r', 'U+0007']
+  maps = np.full((1, 2, 3, 3), 1 / 3, np.float32)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # matplotlib's "Glyph 19968 missing from font(s)"
+    analysis.plot_attention(maps, '一丁\r', tmp_path)
+  assert (tmp_path / 'layer_0.png').stat().st_size > 0
 
 
 def test_eval_report_is_the_exact_loss_over_every_window(run, monkeypatch):
