@@ -266,6 +266,11 @@ def listing(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.P
 # Running points -----------------------------------------------------------------
 
 
+# Exit statuses of a point stopped by Ctrl-C or SIGTERM: after saving (130, 143), or killed by the signal
+# before its handler was installed (it was still starting).
+_STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
+
+
 def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         start: Callable[[Point, int], subprocess.Popen], parallel: int = 1, log: Callable[[str], None] = print,
         ) -> tuple[dict[str, int], int | None]:
@@ -315,7 +320,7 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         if code != 0 and point_status(sweep.workdir(root, point), num_steps).state == 'finished':
           code = 0  # it saved its last step, then died while exiting (e.g. a Ctrl-C just then)
         results[point.name] = code
-        outcome = 'finished' if code == 0 else 'stopped' if code in (130, 143) else f'failed (exit status {code})'
+        outcome = 'finished' if code == 0 else 'stopped' if code in _STOPPED else f'failed (exit status {code})'
         log(f'[point {point.index} of {total}] {point.name}: {outcome} after {format_duration(time.time() - started)}')
   finally:
     for sig, handler in previous.items():

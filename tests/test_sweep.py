@@ -130,13 +130,15 @@ def test_run_keeps_n_points_going_with_distinct_slots(tiny_config, tmp_path, mon
     slots[point.name] = slot
     if point.index == 4:  # saved its last checkpoint, then a Ctrl-C killed it on its way out
       (sweep.workdir(tmp_path, point) / 'checkpoints' / str(base.train.num_steps)).mkdir(parents=True)
-    return FakeProcess(point.name, code={3: 1, 4: -2}.get(point.index, 0), polls=2 + point.index % 2)
+    # seed=3: killed by a SIGTERM that came before its handler was installed (-15), i.e. stopped, not failed
+    return FakeProcess(point.name, code={2: -15, 3: 1, 4: -2}.get(point.index, 0), polls=2 + point.index % 2)
 
   log = []
   results, stopped = sweep_lib.run(sweep, base, tmp_path, start, parallel=2, log=log.append)
   assert FakeProcess.most_at_once == 2 and set(slots.values()) == {0, 1} and stopped is None
-  assert results == {'seed=1': 0, 'seed=2': 0, 'seed=3': 0, 'seed=4': 1, 'seed=5': 0}
+  assert results == {'seed=1': 0, 'seed=2': 0, 'seed=3': -15, 'seed=4': 1, 'seed=5': 0}
   assert '[point 3 of 5] seed=4: failed (exit status 1) after 0s' in log and '[point 0 of 5] seed=1: starting' in log
+  assert '[point 2 of 5] seed=3: stopped after 0s' in log
   assert '[point 4 of 5] seed=5: finished after 0s' in log
 
 
