@@ -167,6 +167,8 @@ def run() -> None:
   from absl import app
 
   interrupts.install()
+  for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a sample's characters gets escapes for them
+    stream.reconfigure(errors='backslashreplace')
   define_flags()
   try:
     interrupts.check()

@@ -14,7 +14,7 @@ from nanodecoder import checkpoint as checkpoint_lib
 from nanodecoder import config as config_lib
 from nanodecoder import train as train_lib
 from nanodecoder.checkpoint import CheckpointError, Checkpoints
-from conftest import REPO
+from conftest import REPO, make_tiny_config
 from test_launch import TINY, launch
 
 pytestmark = pytest.mark.slow
@@ -207,6 +207,19 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(trained, corpus_
 def test_bad_sampling_options(trained, flags, message):
   result = launch('--mode', 'sample', '--workdir', str(trained), *flags)
   assert_user_error(result, message)
+
+
+def test_a_terminal_that_cannot_show_a_character_gets_an_escape_not_a_traceback(corpus_file, tmp_path):
+  # An ASCII-only standard output raised UnicodeEncodeError while printing a sample with other characters.
+  text = tmp_path / 'accents.txt'
+  text.write_text(corpus_file.read_text().replace('e', 'é'), encoding='utf-8')
+  workdir = tmp_path / 'run'
+  train_lib.train_and_evaluate(make_tiny_config(text, **{'train.num_steps': 2, 'train.warmup_steps': 1,
+                                                         'train.decay_steps': 2, 'eval.every': 2}), workdir)
+  result = launch('--mode', 'sample', '--workdir', str(workdir), '--prompt', 'thé', '--max_new_tokens', '3',
+                  env={'PYTHONIOENCODING': 'ascii'})
+  assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert result.stdout.splitlines()[1].startswith('th\\xe9'), result.stdout
 
 
 @pytest.mark.parametrize('flags, options', [
