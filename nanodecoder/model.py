@@ -148,7 +148,12 @@ def _split(key, num: int = 2):
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis with statistics in fp32; bias optional."""
+  """LayerNorm over the last axis with statistics in fp32; bias optional.
+
+  Returns the normalized input with its scale and bias still apart
+  (`Normalized`): every norm here feeds a matmul, which applies them to its
+  weight instead of to each token's activations.
+  """
 
   def __init__(self, cfg: ModelConfig):
     d = cfg.embed_dim
@@ -156,15 +161,44 @@ class LayerNorm(nnx.Module):
     self.bias = _param(nnx.initializers.zeros_init(), ('norm',), None, (d,), cfg) if cfg.use_bias else None
     self.dtype = jnp.dtype(cfg.dtype)
 
-  def __call__(self, x):  # [..., D] -> [..., D]
+  def __call__(self, x) -> Normalized:  # [..., D]
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     centered = x32 - mean
     variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
-    y = centered * jax.lax.rsqrt(variance + 1e-5) * self.scale[...]
-    if self.bias is not None:
-      y = y + self.bias[...]
-    return y.astype(self.dtype)
+    x_hat = (centered * jax.lax.rsqrt(variance + 1e-5)).astype(self.dtype)
+    return Normalized(x_hat, self.scale[...], None if self.bias is None else self.bias[...])
+
+
+class Normalized(NamedTuple):
+  """A LayerNorm's output, x_hat * scale + bias, kept as its three parts.
+
+  The matmul that reads it folds scale and bias into its weight w [D, ...]:
+  (x_hat * scale + bias) @ w = x_hat @ (scale * w) + bias @ w. Same math;
+  the scale's gradient then comes out of the weight's ([D, ...]) instead of
+  a sum over every token, which XLA runs as extra passes over [B, T, D]
+  fp32 arrays (on GPUs a fifth of a GPT-2-small step's memory traffic outside
+  the matmuls; bench/gpu_hlo.py). In the compiled decoding loop XLA folds once,
+  outside the per-token loop.
+  """
+
+  x_hat: jax.Array  # [..., D] normalized, in the compute dtype
+  scale: jax.Array  # [D]
+  bias: jax.Array | None  # [D]
+
+  def fold(self, w: jax.Array, dtype, axis: int = 0) -> tuple[jax.Array, jax.Array | None]:
+    """w with its D axis at `axis` -> (scale * w in `dtype`, bias @ w in w's dtype, or None): the weight
+    and the output shift that give with x_hat what w gives with the LayerNorm's output."""
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    shift = None if self.bias is None else jnp.tensordot(self.bias, w, axes=([0], [axis]))
+    return (w * self.scale.reshape(shape)).astype(dtype), shift
+
+  def dense(self, w: jax.Array, dtype) -> jax.Array:
+    """(x_hat * scale + bias) @ w for w [D, M...]: [..., M...] in `dtype`."""
+    scaled, shift = self.fold(w, dtype)
+    y = dense(self.x_hat, scaled)
+    return y if shift is None else y + shift.astype(dtype)
 
 
 # Self-attention -----------------------------------------------------------------
@@ -252,8 +286,8 @@ class CausalSelfAttention(nnx.Module):
     self.out_bias = _param(zeros, ('embed',), None, (d,), cfg) if cfg.use_bias else None
     self.cfg = cfg
 
-  def project(self, x, *, separately: bool = False):
-    """x [B, T, D] -> queries, keys, values, each [B, T, N, H].
+  def project(self, x: Normalized, *, separately: bool = False):
+    """x [B, T, D] (a LayerNorm's output) -> queries, keys, values, each [B, T, N, H].
 
     One matmul with the packed [D, 3, N, H] weight, or with `separately` one
     per output. Fused attention kernels take q, k and v as separate arrays:
@@ -263,16 +297,18 @@ class CausalSelfAttention(nnx.Module):
     where three matrix-vector products would each be a kernel of their own.
     """
     dt = jnp.dtype(self.cfg.dtype)
-    w = self.qkv[...].astype(dt)
-    bias = (None,) * 3 if self.qkv_bias is None else tuple(self.qkv_bias[...].astype(dt))
+    w, shift = x.fold(self.qkv[...], dt)  # [D, 3, N, H], [3, N, H] or None
+    if self.qkv_bias is not None:
+      shift = self.qkv_bias[...] + (0 if shift is None else shift)
+    shift = None if shift is None else shift.astype(dt)
     if separately:
-      outputs = [checkpoint_name(dense(x, w[:, i]), 'projection') for i in range(3)]  # 3 x [B, T, N, H]
+      outputs = [checkpoint_name(dense(x.x_hat, w[:, i]), 'projection') for i in range(3)]  # 3 x [B, T, N, H]
     else:
-      qkv = checkpoint_name(dense(x, w), 'projection')  # [B, T, 3, N, H]
+      qkv = checkpoint_name(dense(x.x_hat, w), 'projection')  # [B, T, 3, N, H]
       outputs = [qkv[:, :, i] for i in range(3)]
-    return tuple(y if b is None else y + b for y, b in zip(outputs, bias))
+    return tuple(outputs) if shift is None else tuple(y + shift[i] for i, y in enumerate(outputs))
 
-  def __call__(self, x, *, dropout_key=None, cache: KVCache | None = None, cache_index=None):
+  def __call__(self, x: Normalized, *, dropout_key=None, cache: KVCache | None = None, cache_index=None):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     attn_key, out_key = _split(dropout_key)
@@ -324,9 +360,9 @@ class FeedForward(nnx.Module):
     self.proj_bias = _param(zeros, ('embed',), None, (d,), cfg) if cfg.use_bias else None
     self.cfg = cfg
 
-  def __call__(self, x, *, dropout_key=None):  # [B, T, D] -> [B, T, D]
+  def __call__(self, x: Normalized, *, dropout_key=None):  # [B, T, D] -> [B, T, D]
     dt = jnp.dtype(self.cfg.dtype)
-    h = checkpoint_name(dense(x, self.fc[...].astype(dt)), 'projection')  # [B, T, F]
+    h = checkpoint_name(x.dense(self.fc[...], dt), 'projection')  # [B, T, F]
     if self.fc_bias is not None:
       h = h + self.fc_bias[...].astype(dt)
     h = gelu(h)
@@ -406,8 +442,9 @@ class Decoder(nnx.Module):
       caches = None if caches is None else tuple(new_caches)
     x = self.ln_final(x)
     head = self.token_embed if self.lm_head is None else self.lm_head  # [V, D]
-    logits = jnp.einsum('btd,vd->btv', x, head[...].astype(dt), preferred_element_type=jnp.float32)  # [B, T, V]
-    return logits, caches
+    w, shift = x.fold(head[...], dt, axis=1)  # [V, D], [V] or None
+    logits = jnp.einsum('btd,vd->btv', x.x_hat, w, preferred_element_type=jnp.float32)  # [B, T, V]
+    return (logits if shift is None else logits + shift), caches
 
   def embed(self, tokens, start=0, table_sharding=None) -> jax.Array:
     """Token + positional embeddings of tokens [B, T] at positions start, start + 1, ...: [B, T, D].
