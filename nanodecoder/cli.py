@@ -357,7 +357,8 @@ def sample_command() -> None:
     if out:
       _write_out(out, f'--- sample 1 ---\n{samples[0]}\n')
   else:
-    tokens = sampling.generate(model, prompt_ids, options)
+    with interrupts.exit_on_ctrl_c():  # one compiled call: nothing to save, and no Python to raise in
+      tokens = sampling.generate(model, prompt_ids, options)
     samples = [prompt + tokenizer.decode(row) for row in tokens]
     if out:  # first: a closed standard output (e.g. `| head`) must not lose the file
       _write_out(out, ''.join(f'--- sample {i + 1} ---\n{text}\n' for i, text in enumerate(samples)))

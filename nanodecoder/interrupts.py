@@ -6,11 +6,16 @@ ignored', so a Ctrl-C landing there would be ignored. Once `install()` ran
 (launch.py does), such a KeyboardInterrupt is remembered instead, without the
 printout: `check()` raises it again when the command starts and when
 training starts, and the training loop takes it as a Ctrl-C after every call
-(`train.StopRequest`). Elsewhere (e.g. during one compiled sampling call)
-pressing Ctrl-C again stops the program.
+(`train.StopRequest`). Python raises a KeyboardInterrupt only when the main
+thread runs Python code, not during a long compiled call: `exit_on_ctrl_c()`
+exits at once instead, for calls that have nothing to save (sampling).
 """
 
+import contextlib
+import os
+import signal
 import sys
+import threading
 
 _dropped = False
 
@@ -55,3 +60,29 @@ def check() -> None:
   """Raises the KeyboardInterrupt of a Ctrl-C that Python dropped since the last check, if any."""
   if take():
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def exit_on_ctrl_c():
+  """Within it, Ctrl-C ends the process at once with status 130, even while a compiled call holds the main
+  thread (sampling millions of tokens would otherwise run to the end). Python's own signal handler writes
+  the signal's number to the wakeup file descriptor the moment it arrives; a thread waiting on it exits."""
+  read_end, write_end = os.pipe()
+  os.set_blocking(write_end, False)
+  previous = signal.set_wakeup_fd(write_end)
+
+  def watch():
+    while received := os.read(read_end, 1):  # empty: the pipe was closed on leaving
+      if received[0] == signal.SIGINT:
+        os.write(sys.stderr.fileno(), b'\n')
+        os._exit(128 + signal.SIGINT)
+
+  watcher = threading.Thread(target=watch, name='exit on Ctrl-C', daemon=True)
+  watcher.start()
+  try:
+    yield
+  finally:
+    signal.set_wakeup_fd(previous)
+    os.close(write_end)
+    watcher.join()
+    os.close(read_end)

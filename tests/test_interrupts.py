@@ -87,3 +87,31 @@ def test_filters_of_dropped_errors_install_once_and_pass_on_the_rest(monkeypatch
   Raises(passed)
   gc.collect()
   assert filtered == [taken, passed] and printed == [passed]
+
+
+BLOCKED_IN_A_COMPILED_CALL = '''
+import jax
+from nanodecoder import interrupts
+
+forever = jax.jit(lambda x: jax.lax.while_loop(lambda v: v > 0, lambda v: v + 1.0, x))  # stops growing at 2^24
+with interrupts.exit_on_ctrl_c():
+  print('running', flush=True)
+  forever(1.0).block_until_ready()
+'''
+
+
+def test_ctrl_c_exits_at_once_from_a_compiled_call_that_never_returns(tmp_path):
+  """Python raises KeyboardInterrupt only between bytecodes: a sampling call of millions of tokens ran on."""
+  import subprocess
+  import time
+
+  process = subprocess.Popen([sys.executable, '-c', BLOCKED_IN_A_COMPILED_CALL], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  try:
+    assert process.stdout.readline() == 'running\n'
+    time.sleep(1.0)  # compiled and looping (or still compiling: the same either way)
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=20)
+  finally:
+    process.kill()
+  assert process.returncode == 130, process.stderr.read()[-2000:]
