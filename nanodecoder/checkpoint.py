@@ -182,7 +182,8 @@ def check_same_characters(saved_tokenizer: str, chars: str, step: int, directory
   if saved != chars:
     different = ''.join(sorted(set(saved) ^ set(chars)))
     raise ConfigError(f'the checkpoint at step {step} in {directory} was trained on other characters than this data '
-                      f'has ({len(saved)} vs {len(chars)}; differing: {different!r}); train on the same data or pass '
+                      f'has ({len(saved)} characters, this data {len(chars)}; differing: {different!r}); train on the '
+                      'same data or pass '
                       'another --workdir')
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -168,7 +169,8 @@ def run() -> None:
 
   interrupts.install()
   for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a sample's characters gets escapes for them
-    stream.reconfigure(errors='backslashreplace')
+    if stream is not None:  # (None: that file descriptor was closed)
+      stream.reconfigure(errors='backslashreplace')
   define_flags()
   try:
     interrupts.check()
@@ -279,9 +281,10 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
 
 def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, config_file: str,
                                              workdir: pathlib.Path) -> None:
-  """A --config file whose settings differ from those a workdir's checkpoints were trained with (outside
-  config.RESUMABLE_CHANGES) is refused: resumed, the run would silently continue under other settings, e.g. the
-  full recipe after a short quick look in the same runs/<name>, from a schedule that has already decayed."""
+  """A --config file (with its overrides) whose settings differ from those a started run's config.json records
+  (its last session's), outside config.RESUMABLE_CHANGES, is refused: resumed, the run would silently continue
+  under other settings, e.g. the full recipe after a short quick look in the same runs/<name>, from a schedule
+  that has already decayed."""
   from nanodecoder import checkpoint, sweep as sweep_lib
 
   if not sweep_lib.saved_steps(workdir):
@@ -291,12 +294,14 @@ def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, 
   except (OSError, ValueError):
     return  # no readable record of the settings: the checkpoint's own checks decide
   checkpoint.check_model_matches(saved.to_dict(), config, str(workdir))  # a shape cannot change on purpose either
-  change = config_lib.change_on_resume(saved, config)
-  if change:
-    field, before, now = change
-    fail(f'{workdir} holds a run trained with {field}={before!r}, not {now!r} as --config {config_file} says; pass '
-         f'another --workdir, or continue that run with the new value on purpose: --workdir {workdir} '
-         f'--config.{field}={now}')
+  changes = config_lib.changes_on_resume(saved, config)
+  if changes:
+    field, before, now = changes[0]
+    others = f' (and {", ".join(f for f, _, _ in changes[1:])})' if len(changes) > 1 else ''
+    overrides = ' '.join(shlex.quote(f'--config.{f}={value}') for f, _, value in changes)
+    fail(f'{workdir} holds a run trained with {field}={before!r}, not {now!r}{others} as --config {config_file} '
+         f'and its overrides say; pass another --workdir, or continue that run with the new values on purpose: '
+         f'--workdir {shlex.quote(str(workdir))} {overrides}')
 
 
 def _saved_config() -> ml_collections.ConfigDict:

@@ -47,26 +47,31 @@ FIELDS = frozenset((
 
 
 # Fields a run's config may change between sessions without changing what it trains: its length (more steps
-# extend a run; the schedule's train.decay_steps is compared), the device layout (a checkpoint restores onto any
-# mesh, and parallel sweeps set mesh.cpu_devices per point), steps per compiled call, how often it logs, profiles,
-# evaluates and saves (and how many checkpoints it keeps, written in the background or not), and where this
-# machine keeps the same data. A trailing '.' covers a whole section.
-RESUMABLE_CHANGES = ('train.num_steps', 'mesh.', 'train.steps_per_call', 'train.log_every', 'train.profile_steps',
-                     'train.profile_start', 'eval.every', 'checkpoint.', 'data.manual_dir', 'data.tfds_data_dir')
+# extend a run; the schedule's train.decay_steps is compared), how the same math is computed (the device layout: a
+# checkpoint restores onto any mesh, and parallel sweeps set mesh.cpu_devices per point; steps per compiled call,
+# micro-batches, recomputation, the attention kernel: the remedies for running out of memory or moving to other
+# hardware, which change results only by rounding), how often it logs, profiles, evaluates and saves (and how many
+# checkpoints it keeps, written in the background or not), and where this machine keeps the same data. A trailing
+# '.' covers a whole section.
+RESUMABLE_CHANGES = ('train.num_steps', 'mesh.', 'train.steps_per_call', 'train.grad_accum_steps', 'model.remat',
+                     'model.attention_impl', 'train.log_every', 'train.profile_steps', 'train.profile_start',
+                     'eval.every', 'checkpoint.', 'data.manual_dir', 'data.tfds_data_dir')
 
 
-def change_on_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> tuple[str, Any, Any] | None:
-  """(field, saved value, new value) of the first field outside RESUMABLE_CHANGES in which `config` differs from
-  the config a run saved (a run resumed under it would continue from a state its settings never produced, e.g.
-  a decayed schedule); None when they agree."""
+def changes_on_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+                      ) -> list[tuple[str, Any, Any]]:
+  """[(field, saved value, new value)] of the fields outside RESUMABLE_CHANGES in which `config` differs from the
+  config a run saved (a run resumed under it would continue from a state its settings never produced, e.g. a
+  decayed schedule); empty when they agree."""
   before = flatten_config(json.loads(saved.to_json()))  # JSON on both sides: tuples are lists
+  changes = []
   for field, value in flatten_config(json.loads(config.to_json())).items():
     if field.startswith('data.') and field[5:] in PATH_FIELDS and before.get(field):
       before[field] = os.path.abspath(before[field])  # saved relative before paths were made absolute
     allowed = any(field == f or (f.endswith('.') and field.startswith(f)) for f in RESUMABLE_CHANGES)
     if field in before and before[field] != value and not allowed:
-      return field, before[field], value
-  return None
+      changes.append((field, before[field], value))
+  return changes
 
 
 def check_fields(config: ml_collections.ConfigDict) -> None:

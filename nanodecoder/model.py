@@ -179,26 +179,27 @@ class Normalized(NamedTuple):
   a sum over every token, which XLA runs as extra passes over [B, T, D]
   fp32 arrays (on GPUs a fifth of a GPT-2-small step's memory traffic outside
   the matmuls; bench/gpu_hlo.py). In the compiled decoding loop XLA folds once,
-  outside the per-token loop.
+  outside the per-token loop; `sampling.stream`, one call per token, folds at
+  every token (~15% slower there).
   """
 
   x_hat: jax.Array  # [..., D] normalized, in the compute dtype
   scale: jax.Array  # [D]
   bias: jax.Array | None  # [D]
 
-  def fold(self, w: jax.Array, dtype, axis: int = 0) -> tuple[jax.Array, jax.Array | None]:
-    """w with its D axis at `axis` -> (scale * w in `dtype`, bias @ w in w's dtype, or None): the weight
-    and the output shift that give with x_hat what w gives with the LayerNorm's output."""
+  def fold(self, w: jax.Array, dtype, axis: int = 0, out_bias: jax.Array | None = None
+           ) -> tuple[jax.Array, jax.Array | None]:
+    """w with its D axis at `axis` -> (scale * w in `dtype`, bias @ w + out_bias in fp32, or None): the
+    weight and output shift that give with x_hat what w (and its layer's `out_bias`) give with the
+    LayerNorm's output. Folded in fp32, so bf16 parameters are rounded once, as before folding."""
     shape = [1] * w.ndim
     shape[axis] = -1
-    shift = None if self.bias is None else jnp.tensordot(self.bias, w, axes=([0], [axis]))
-    return (w * self.scale.reshape(shape)).astype(dtype), shift
-
-  def dense(self, w: jax.Array, dtype) -> jax.Array:
-    """(x_hat * scale + bias) @ w for w [D, M...]: [..., M...] in `dtype`."""
-    scaled, shift = self.fold(w, dtype)
-    y = dense(self.x_hat, scaled)
-    return y if shift is None else y + shift.astype(dtype)
+    w32 = w.astype(jnp.float32)
+    shift = None if out_bias is None else out_bias.astype(jnp.float32)
+    if self.bias is not None:
+      bias_term = jnp.tensordot(self.bias.astype(jnp.float32), w32, axes=([0], [axis]))
+      shift = bias_term if shift is None else shift + bias_term
+    return (w32 * self.scale.astype(jnp.float32).reshape(shape)).astype(dtype), shift
 
 
 # Self-attention -----------------------------------------------------------------
@@ -297,10 +298,8 @@ class CausalSelfAttention(nnx.Module):
     where three matrix-vector products would each be a kernel of their own.
     """
     dt = jnp.dtype(self.cfg.dtype)
-    w, shift = x.fold(self.qkv[...], dt)  # [D, 3, N, H], [3, N, H] or None
-    if self.qkv_bias is not None:
-      shift = self.qkv_bias[...] + (0 if shift is None else shift)
-    shift = None if shift is None else shift.astype(dt)
+    w, shift = x.fold(self.qkv[...], dt, out_bias=None if self.qkv_bias is None else self.qkv_bias[...])
+    shift = None if shift is None else shift.astype(dt)  # [3, N, H]
     if separately:
       outputs = [checkpoint_name(dense(x.x_hat, w[:, i]), 'projection') for i in range(3)]  # 3 x [B, T, N, H]
     else:
@@ -362,9 +361,10 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x: Normalized, *, dropout_key=None):  # [B, T, D] -> [B, T, D]
     dt = jnp.dtype(self.cfg.dtype)
-    h = checkpoint_name(x.dense(self.fc[...], dt), 'projection')  # [B, T, F]
-    if self.fc_bias is not None:
-      h = h + self.fc_bias[...].astype(dt)
+    w, shift = x.fold(self.fc[...], dt, out_bias=None if self.fc_bias is None else self.fc_bias[...])
+    h = checkpoint_name(dense(x.x_hat, w), 'projection')  # [B, T, F]
+    if shift is not None:
+      h = h + shift.astype(dt)
     h = gelu(h)
     out = checkpoint_name(dense(h, self.proj[...].astype(dt)), 'projection')  # [B, T, D]
     if self.proj_bias is not None:

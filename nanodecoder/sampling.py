@@ -228,7 +228,7 @@ def stream(model: Decoder, prompt: np.ndarray, options: SamplingOptions = Sampli
   steps = {fn: _jit(lambda params, state, randoms, fn=fn: fn(nnx.merge(graphdef, params), state, prompt.shape[0],
                                                              randoms, temperature, top_p, **static),
                     donate_argnums=1) for fn in (_decode, _refill)}
-  state = start(params, prompt)
+  state = jax.block_until_ready(start(params, prompt))  # a failed allocation raises here (see `generate`)
   for _ in range(options.max_new_tokens):
     full = options.use_cache and int(state['cache_len']) == model.cfg.context_length
     state, token = steps[_refill if full else _decode](params, state, randoms)

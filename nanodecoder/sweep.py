@@ -216,9 +216,9 @@ def check_saved_configs(sweep: Sweep, base: ml_collections.ConfigDict, root: str
     except (OSError, ValueError) as e:
       raise ConfigError(f'sweep point {point.index} ({point.name}): cannot read {workdir / config_lib.SAVED_CONFIG} '
                         f'({e}); restore it, or delete that folder to train the point again') from None
-    change = config_lib.change_on_resume(saved, point_config(base, point))
-    if change:
-      field, before, now = change
+    changes = config_lib.changes_on_resume(saved, point_config(base, point))
+    if changes:
+      field, before, now = changes[0]
       raise ConfigError(f'sweep point {point.index} ({point.name}) in {workdir} was trained with '
                         f'{field}={before!r}, not {now!r}; pass another --workdir, or delete that '
                         'folder to train the point again')

@@ -143,14 +143,18 @@ def test_a_config_file_with_other_settings_does_not_resume_a_started_run(trained
   result = launch(*tiny_args(corpus_file, '--config.train.num_steps=24', '--config.train.decay_steps=24'),
                   '--workdir', str(trained))
   assert_user_error(result, f'{trained} holds a run trained with train.decay_steps=12, not 24 as --config '
-                            'experiments/cpu.py says; pass another --workdir, or continue that run with the new value '
-                            f'on purpose: --workdir {trained} --config.train.decay_steps=24')
-  result = launch(*tiny_args(corpus_file, '--config.seed=7'), '--workdir', str(trained))
-  assert_user_error(result, f'{trained} holds a run trained with seed=1337, not 7 as --config')
+                            'experiments/cpu.py and its overrides say; pass another --workdir, or continue that run '
+                            f'with the new values on purpose: --workdir {trained} --config.train.decay_steps=24')
+  result = launch(*tiny_args(corpus_file, '--config.seed=7', '--config.train.learning_rate=0.003'),
+                  '--workdir', str(trained))
+  assert_user_error(result, f'{trained} holds a run trained with seed=1337, not 7 (and train.learning_rate) as --config')
+  assert f'--config.seed=7 --config.train.learning_rate=0.003' in result.stderr
   assert files_in(trained) == before
+  # Allowed: the length, the intervals, and the memory remedies (recomputation, micro-batches).
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
-  result = launch(*tiny_args(corpus_file, '--config.train.num_steps=18', '--config.eval.every=3'), '--workdir', str(workdir))
+  result = launch(*tiny_args(corpus_file, '--config.train.num_steps=18', '--config.eval.every=3',
+                             '--config.model.remat=block', '--config.train.grad_accum_steps=2'), '--workdir', str(workdir))
   assert result.returncode == 0 and 'step 18 |' in result.stdout, result.stderr[-2000:]
 
 
@@ -164,14 +168,14 @@ def test_resuming_on_text_with_other_characters_is_refused(trained, corpus_file,
   before = files_in(trained)
   resume_on_other = ['--workdir', str(trained), f'--config.data.text_path={other}', '--config.train.num_steps=24']
   result = launch(*resume_on_other)
-  assert_user_error(result, f"was trained on other characters than this data has ({len(set(text))} vs "
-                            f"{len(set(text))}; differing: '{swapped}~')")
+  assert_user_error(result, f"was trained on other characters than this data has ({len(set(text))} characters, "
+                            f"this data {len(set(text))}; differing: '{swapped}~')")
   assert files_in(trained) == before
   # Another number of characters changes the embedding's shape: still named as other characters, not as arrays.
   other.write_text(text + '~')
   result = launch(*resume_on_other)
-  assert_user_error(result, f"was trained on other characters than this data has ({len(set(text))} vs "
-                            f"{len(set(text)) + 1}; differing: '~')")
+  assert_user_error(result, f"was trained on other characters than this data has ({len(set(text))} characters, "
+                            f"this data {len(set(text)) + 1}; differing: '~')")
   assert files_in(trained) == before
 
 

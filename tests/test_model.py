@@ -322,17 +322,23 @@ def numpy_decoder(params: dict, tokens: np.ndarray, cfg: ModelConfig) -> np.ndar
   return x @ p.get('lm_head', p['token_embed']).T
 
 
-@pytest.mark.parametrize('use_bias, tie_embeddings, scan_layers, remat', [
-    (False, True, False, 'none'), (True, False, False, 'none'), (True, True, True, 'matmuls')])
-def test_logits_equal_the_design_notes_written_out_in_numpy(use_bias, tie_embeddings, scan_layers, remat):
+@pytest.mark.parametrize('use_bias, tie_embeddings, scan_layers, remat, param_dtype', [
+    (False, True, False, 'none', 'float32'), (True, False, False, 'none', 'float32'),
+    (True, True, True, 'matmuls', 'float32'),
+    # bf16 storage, fp32 compute: the LayerNorm scale folded into a weight must not round it to bf16 again
+    (True, False, False, 'none', 'bfloat16')])
+def test_logits_equal_the_design_notes_written_out_in_numpy(use_bias, tie_embeddings, scan_layers, remat,
+                                                            param_dtype):
   cfg = ModelConfig(vocab_size=11, num_layers=2, num_heads=3, head_size=4, context_length=9, mlp_ratio=3,
-                    use_bias=use_bias, tie_embeddings=tie_embeddings, scan_layers=scan_layers, remat=remat)
+                    use_bias=use_bias, tie_embeddings=tie_embeddings, scan_layers=scan_layers, remat=remat,
+                    param_dtype=param_dtype)
   model = make_model(cfg)
   # Every parameter random, LayerNorm scales and biases included, so that each one's place in the formula shows.
   state = nnx.state(model, nnx.Param)
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(3), len(leaves))
-  nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+  nnx.update(model, jax.tree.unflatten(treedef, [(0.3 * jax.random.normal(k, x.shape)).astype(x.dtype)
+                                                 for k, x in zip(keys, leaves)]))
   params = {}
   for block_index, block in enumerate(model.layers()):
     for path, value in nnx.to_flat_state(nnx.state(block, nnx.Param)):
