@@ -41,8 +41,8 @@ from nanodecoder.metrics import quiet_absl
 from nanodecoder.model import Decoder
 from nanodecoder.sharding import gather_from_processes
 
-# Config fields that fix the parameter shapes: a checkpoint restores only into the same values.
-# The model fields a checkpoint's arrays depend on (scan_layers: blocks stored stacked or one by one).
+# The model fields a checkpoint's arrays depend on (scan_layers: blocks stored stacked or one by one): a checkpoint
+# restores only into the same values.
 SHAPE_FIELDS = ('num_layers', 'num_heads', 'head_size', 'context_length', 'mlp_ratio', 'use_bias', 'tie_embeddings',
                 'param_dtype', 'scan_layers')
 
@@ -183,8 +183,7 @@ def check_same_characters(saved_tokenizer: str, chars: str, step: int, directory
     different = ''.join(sorted(set(saved) ^ set(chars)))
     raise ConfigError(f'the checkpoint at step {step} in {directory} was trained on other characters than this data '
                       f'has ({len(saved)} characters, this data {len(chars)}; differing: {different!r}); train on the '
-                      'same data or pass '
-                      'another --workdir')
+                      'same data or pass another --workdir')
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
