@@ -21,6 +21,7 @@ from absl import flags
 
 from nanodecoder import config as config_lib
 from nanodecoder import interrupts, sharding
+from nanodecoder import sweep as sweep_lib
 from nanodecoder.checkpoint import CheckpointError
 from nanodecoder.config import ConfigError
 from nanodecoder.data import DataError
@@ -285,7 +286,7 @@ def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, 
   (its last session's), outside config.RESUMABLE_CHANGES, is refused: resumed, the run would silently continue
   under other settings, e.g. the full recipe after a short quick look in the same runs/<name>, from a schedule
   that has already decayed."""
-  from nanodecoder import checkpoint, sweep as sweep_lib
+  from nanodecoder import checkpoint
 
   if not sweep_lib.saved_steps(workdir):
     return
@@ -306,8 +307,6 @@ def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, 
 
 def _saved_config() -> ml_collections.ConfigDict:
   """The config.json of --workdir, to resume a run without its --config (and overrides)."""
-  from nanodecoder import sweep as sweep_lib
-
   saved = pathlib.Path(FLAGS.workdir or '') / config_lib.SAVED_CONFIG
   manifest = pathlib.Path(FLAGS.workdir or '') / sweep_lib.MANIFEST
   if FLAGS.workdir and not saved.is_file() and manifest.is_file():
@@ -381,8 +380,6 @@ def sweep_declaration():
   """The --config file's get_sweep() in train mode, else None; the sweep flags without a sweep fail."""
   from ml_collections import config_flags
 
-  from nanodecoder import sweep as sweep_lib
-
   declaration = None
   if FLAGS.mode == 'train' and FLAGS.config is not None:
     try:
@@ -403,7 +400,6 @@ def sweep_command(declaration) -> None:
   from ml_collections import config_flags
 
   from nanodecoder import summary
-  from nanodecoder import sweep as sweep_lib
 
   base = FLAGS.config
   config_lib.make_paths_absolute(base)
@@ -470,7 +466,6 @@ def sweep_command(declaration) -> None:
 def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Path) -> None:
   """Trains point --sweep_index in its workdir (unless finished), then updates the sweep's summary."""
   from nanodecoder import summary
-  from nanodecoder import sweep as sweep_lib
 
   index, count = FLAGS.sweep_index, len(sweep.points)
   if not 0 <= index < count:
@@ -515,8 +510,8 @@ def _writable_place(path: pathlib.Path, flag: str) -> None:
     fail(f'cannot write {flag} {path}: {folder} is not a writable directory; give a path in one')
 
 
-_RUN_FILES = ('config.json', 'tokenizer.json', 'metrics.jsonl', 'launch.log', 'sweep.json', 'summary.csv',
-              'summary.md', '.lock')
+_RUN_FILES = (config_lib.SAVED_CONFIG, 'tokenizer.json', 'metrics.jsonl', 'launch.log', sweep_lib.MANIFEST,
+              'summary.csv', 'summary.md', '.lock')
 _RUN_FOLDERS = ('checkpoints', 'plugins')
 
 
