@@ -42,14 +42,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
           --set train.log_every=10 --set eval.every=20 --set eval.batches=2 --set train.profile_start=20
           --set train.profile_steps=10)
   speed=(--shapes cpu --steps 10 --repeats 2)
-  larger=(--shapes cpu --steps 10 --repeats 2)
+  other_rows=(--shapes cpu --steps 10 --repeats 2)
   gpt2=(--config experiments/cpu.py)
   slow_ms=0  # exercise step 4 too (any recipe that ran is slower than 0 ms/step)
 else
   recipe=(--config experiments/base.py --set 'model.dtype="bfloat16"' --set train.profile_start=1000
           --set train.profile_steps=20)
   speed=(--shapes base,gpt2_small --steps 20 --repeats 5 --set 'model.dtype="bfloat16"')
-  larger=(--shapes gpt2_small --steps 10 --repeats 3 --set 'model.dtype="bfloat16"')
+  other_rows=(--shapes gpt2_small --steps 10 --repeats 3 --set 'model.dtype="bfloat16"')
   gpt2=(--config experiments/gpt2_small.py)
   slow_ms=15
 fi
@@ -83,7 +83,7 @@ tail -n 9 "$RESULTS/train_speed.log" | tee -a "$SUMMARY"
 # of the 35.5 GB a 32-row step moves outside the matmuls) are shared by fewer or more tokens.
 for rows in 32 128; do
   section "speed of GPT-2-small with $rows rows per step"
-  limit 100 "$PY" bench/train_speed.py "${larger[@]}" --set "train.batch_size=$rows" --text "$TEXT" \
+  limit 100 "$PY" bench/train_speed.py "${other_rows[@]}" --set "train.batch_size=$rows" --text "$TEXT" \
     --ceiling-from "$RESULTS/train_speed.json" --out "$RESULTS/train_speed_batch$rows.json" \
     > "$RESULTS/train_speed_batch$rows.log" 2>&1
   echo "exit $?" | tee -a "$SUMMARY"
