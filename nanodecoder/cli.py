@@ -297,10 +297,8 @@ def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, 
   checkpoint.check_model_matches(saved.to_dict(), config, str(workdir))  # a shape cannot change on purpose either
   changes = config_lib.changes_on_resume(saved, config)
   if changes:
-    field, before, now = changes[0]
-    others = f' (and {", ".join(f for f, _, _ in changes[1:])})' if len(changes) > 1 else ''
     overrides = ' '.join(shlex.quote(f'--config.{f}={value}') for f, _, value in changes)
-    fail(f'{workdir} holds a run trained with {field}={before!r}, not {now!r}{others} as --config {config_file} '
+    fail(f'{workdir} holds a run trained with {config_lib.describe_changes(changes)} as --config {config_file} '
          f'and its overrides say; pass another --workdir, or continue that run with the new values on purpose: '
          f'--workdir {shlex.quote(str(workdir))} {overrides}')
 

@@ -74,6 +74,13 @@ def changes_on_resume(saved: ml_collections.ConfigDict, config: ml_collections.C
   return changes
 
 
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+  """'field=saved, not new' for the first of changes_on_resume's changes, naming the other fields after it."""
+  field, before, now = changes[0]
+  others = f' (and {", ".join(f for f, _, _ in changes[1:])})' if len(changes) > 1 else ''
+  return f'{field}={before!r}, not {now!r}{others}'
+
+
 def check_fields(config: ml_collections.ConfigDict) -> None:
   """Refuses a config with a field no code reads (a misspelt name) or without one that the code reads."""
   fields = set(flatten_config(config))

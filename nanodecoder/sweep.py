@@ -218,9 +218,8 @@ def check_saved_configs(sweep: Sweep, base: ml_collections.ConfigDict, root: str
                         f'({e}); restore it, or delete that folder to train the point again') from None
     changes = config_lib.changes_on_resume(saved, point_config(base, point))
     if changes:
-      field, before, now = changes[0]
       raise ConfigError(f'sweep point {point.index} ({point.name}) in {workdir} was trained with '
-                        f'{field}={before!r}, not {now!r}; pass another --workdir, or delete that '
+                        f'{config_lib.describe_changes(changes)}; pass another --workdir, or delete that '
                         'folder to train the point again')
 
 

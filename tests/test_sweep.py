@@ -204,6 +204,8 @@ def test_points_started_under_other_settings_are_refused(tiny_config, tmp_path, 
     sweep_lib.check_saved_configs(sweep, base, tmp_path)
   with pytest.raises(ConfigError, match=message(1)):
     sweep_lib.check_saved_configs(sweep, base, tmp_path, sweep.points[1:])  # as `--sweep_index 1` checks
+  with pytest.raises(ConfigError, match=r'trained with train.learning_rate=0.001, not 0.5 \(and train.decay_steps\); '):
+    sweep_lib.check_saved_configs(sweep, tiny_config(**{'train.learning_rate': 0.5}), tmp_path)  # all are named
 
   # Length, mesh and cadence may change on resume; a point without checkpoints starts afresh whatever it saved.
   # (and a text path saved relative to this folder, before paths were made absolute, is the same path)
