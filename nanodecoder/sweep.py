@@ -294,10 +294,12 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
   stopping: list[int] = []
 
   def on_signal(signum, frame):
+    # The running points save and stop on a SIGTERM, whichever signal came: a SIGINT sent to this process
+    # alone (`kill -INT`) reaches no point by itself. After a Ctrl-C, which the points got too (same process
+    # group), the SIGTERM changes nothing there: a second Ctrl-C still aborts them.
     stopping.append(signum)
-    if signum == signal.SIGTERM:  # Ctrl-C reaches the points by itself (same process group)
-      for _, _, process, _ in running.values():
-        process.send_signal(signal.SIGTERM)
+    for _, _, process, _ in running.values():
+      process.send_signal(signal.SIGTERM)
 
   previous = {}
   if threading.current_thread() is threading.main_thread():

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -140,6 +141,38 @@ def test_run_keeps_n_points_going_with_distinct_slots(tiny_config, tmp_path, mon
   assert '[point 3 of 5] seed=4: failed (exit status 1) after 0s' in log and '[point 0 of 5] seed=1: starting' in log
   assert '[point 2 of 5] seed=3: stopped after 0s' in log
   assert '[point 4 of 5] seed=5: finished after 0s' in log
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_sweep_stops_its_running_points(tiny_config, tmp_path, monkeypatch, signum):
+  """`kill -INT` or `kill -TERM` of the sweep's process alone: the running point is asked to save and stop (as a
+  point does on SIGTERM), the points after it do not start."""
+  monkeypatch.setattr(sweep_lib.time, 'sleep', lambda s: None)
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2]})
+
+  class Point:
+    def __init__(self):
+      self.received, self.polls = [], 0
+
+    def send_signal(self, sent):
+      self.received.append(sent)
+
+    def poll(self):
+      self.polls += 1
+      if self.polls == 1:
+        os.kill(os.getpid(), signum)  # Python runs the sweep's handler before the next line
+      if self.received:
+        return 128 + signal.SIGTERM
+      return 1 if self.polls > 1000 else None  # never asked to stop: ends as a failure, the test fails
+
+  points, log = [], []
+  handler = signal.getsignal(signum)
+  results, stopped = sweep_lib.run(sweep, base, tmp_path, lambda point, slot: points.append(Point()) or points[-1],
+                                   log=log.append)
+  assert stopped == signum and len(points) == 1 and points[0].received == [signal.SIGTERM]
+  assert results == {'seed=1': 128 + signal.SIGTERM} and '[point 0 of 2] seed=1: stopped after 0s' in log
+  assert signal.getsignal(signum) is handler  # the sweep's handler is gone again
 
 
 def test_finished_points_are_skipped_and_interrupted_ones_resume(tiny_config, tmp_path):
