@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import traceback
 
 import jax
 import ml_collections
@@ -88,13 +89,9 @@ def parse_flags(argv: list[str]) -> list[str]:
       _config_load_failed([line for line in str(e).splitlines() if line.strip()][-1].strip())
     fail(f'{e} (see --helpfull)')
   except (AttributeError, KeyError) as e:  # ml_collections: a field the config does not have
-    message = str(e.args[0] if e.args else e).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
-    message = ' '.join(message.split())  # a top-level field's message spans two lines
-    if "has no attribute 'get_config" in message:  # (its closing quote was stripped above)
+    message = _missing_field(e)
+    if "has no attribute 'get_config" in message or _raised_in_config_file(e, argv):  # the file's own mistake
       _config_load_failed(e)
-    suggestion = re.match(r"'?([\w.]+)'? Did you mean \"([\w.]+)\"", message)
-    if suggestion:  # ml_collections' "'num_layrs' Did you mean "num_layers" instead of "num_layrs"?"
-      message = f'{suggestion[1]!r} (did you mean {suggestion[2]!r}?)'
     fail(f'unknown config field in the overrides: {message}; see experiments/base.py for the fields')
   except Exception as e:  # noqa: BLE001 (with overrides, config_flags runs the --config file here)
     _config_load_failed(e)
@@ -103,16 +100,22 @@ def parse_flags(argv: list[str]) -> list[str]:
 SAVED_CONFIG_FILE = pathlib.Path(__file__).with_name('saved_config.py')
 
 
-def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
-  """`--workdir RUN --config.a.b=v` without --config (training): the overrides apply to RUN/config.json (through
-  nanodecoder/saved_config.py, so that they are parsed as an experiment file's are)."""
+def _flag_values(argv: list[str]) -> dict[str, str | None]:
+  """Flag name -> its value (None for a bare boolean), from --name=value or --name value, before absl parses."""
   args = argv[1:argv.index('--')] if '--' in argv else argv[1:]
-  values = {}  # flag name -> its value (None for a bare boolean), from --name=value or --name value
+  values = {}
   for i, arg in enumerate(args):
     if arg.startswith('-'):
       name, eq, value = arg.lstrip('-').partition('=')
       following = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith('-') else None
       values[name] = value if eq else following
+  return values
+
+
+def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
+  """`--workdir RUN --config.a.b=v` without --config (training): the overrides apply to RUN/config.json (through
+  nanodecoder/saved_config.py, so that they are parsed as an experiment file's are)."""
+  values = _flag_values(argv)
   overrides = [n for n in values if n.startswith(('config.', 'noconfig.'))]
   if overrides and 'config' not in values and values.get('mode', 'train') != 'train':
     fail(f'--{overrides[0]} overrides a field of the config, which only training takes; --mode {values["mode"]} '
@@ -127,14 +130,36 @@ def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
   return [argv[0], f'--config={SAVED_CONFIG_FILE}:{workdir}', *argv[1:]]
 
 
+def _missing_field(error: AttributeError | KeyError) -> str:
+  """ml_collections' message for a field a config does not have, in one line: 'num_layrs' (did you mean ...?)."""
+  message = str(error.args[0] if error.args else error).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
+  message = ' '.join(message.split())  # a top-level field's message spans two lines (its closing quote is gone)
+  suggestion = re.match(r"'?([\w.]+)'? Did you mean \"([\w.]+)\"", message)
+  if suggestion:  # ml_collections' "'num_layrs' Did you mean "num_layers" instead of "num_layrs"?"
+    message = f'{suggestion[1]!r} (did you mean {suggestion[2]!r}?)'
+  return message
+
+
+def _raised_in_config_file(error: Exception, argv: list[str]) -> bool:
+  """Whether `error` came out of the code of the --config file (its get_config()), not out of an override."""
+  values = _flag_values(argv)
+  path = (values.get('config') or '').partition(':')[0]
+  if not path:
+    return False
+  frames = traceback.extract_tb(error.__traceback__)
+  return any(os.path.abspath(frame.filename) == os.path.abspath(path) for frame in frames)
+
+
 def _config_load_failed(error: Exception | str) -> None:
   """One line for a --config file that does not run or defines no get_config() (or the line saying why)."""
   if isinstance(error, str):
     reason = error
   elif isinstance(error, OSError):
     reason = str(error).strip().splitlines()[-1].strip()
-  elif isinstance(error, AttributeError):
+  elif isinstance(error, AttributeError) and "attribute 'get_config'" in str(error):
     reason = 'it defines no get_config()'
+  elif isinstance(error, (AttributeError, KeyError)):  # e.g. a misspelt field in get_config()
+    reason = f'{type(error).__name__}: {_missing_field(error)}'
   else:
     reason = f'{type(error).__name__}: {" ".join(str(error).split())}'
   fail(f'cannot load the --config file: {reason}; an experiment file is Python with get_config() (to resume a '

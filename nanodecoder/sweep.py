@@ -64,7 +64,14 @@ def load_declaration(spec: str | pathlib.Path):
   module, arg = config_lib.load_experiment(spec)
   if not hasattr(module, 'get_sweep'):
     return None
-  declaration = module.get_sweep(arg) if arg else module.get_sweep()
+  try:
+    declaration = module.get_sweep(arg) if arg else module.get_sweep()
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001 (the experiment file's own mistake: one line, as for get_config)
+    call = f'get_sweep({arg!r})' if arg else 'get_sweep()'
+    raise ConfigError(f'{call} in {spec} failed: {type(e).__name__}: {" ".join(str(e).split())}; fix the '
+                      'experiment file') from None
   if declaration is None:  # not 'no sweep': the file says it is one
     raise ConfigError(f'get_sweep() in {spec} returned None; return {{field: [values]}} or a list of '
                       '{field: value} dicts')
@@ -74,6 +81,8 @@ def load_declaration(spec: str | pathlib.Path):
 def expand(declaration: dict[str, Sequence[Any]] | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """The points of a declaration: {field: values} -> cartesian product (last field fastest); a list as is."""
   if isinstance(declaration, dict):
+    if not declaration:
+      raise ConfigError('get_sweep() returned {}; return {field: [values]} with at least one field')
     for field, values in declaration.items():
       if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
         raise ConfigError(f'sweep field {field!r} needs a non-empty list of values, got {values!r}')
@@ -114,7 +123,8 @@ def make_sweep(spec: str, base: ml_collections.ConfigDict, declaration) -> Sweep
   seen = {}
   for point in points:
     if point.name in seen:
-      raise ConfigError(f'sweep points {seen[point.name]} and {point.index} have the same folder name {point.name!r}')
+      raise ConfigError(f'sweep points {seen[point.name]} and {point.index} have the same folder name {point.name!r}; '
+                        'make their values differ (a float is named by its first 6 significant digits), or drop the repeated point')
     seen[point.name] = point.index
   return Sweep(base.name, str(spec), fields, points)
 

@@ -292,6 +292,20 @@ def test_bad_flags_are_refused_before_loading_a_checkpoint(tmp_path, flags, mess
   assert_user_error(result, message.format(tmp=tmp_path))
 
 
+def test_a_mistake_inside_get_config_is_not_blamed_on_overrides(tmp_path):
+  """ml_collections raises AttributeError/KeyError for a misspelt override and for one in get_config() alike."""
+  experiment = tmp_path / 'typo.py'
+  experiment.write_text(f'import sys\nsys.path.insert(0, {str(REPO / "experiments")!r})\nimport cpu\n\n\n'
+                        'def get_config():\n  config = cpu.get_config()\n  config.modle.num_layers = 2\n  return config\n')
+  for overrides in ([], ['--config.seed=3']):
+    result = launch('--config', str(experiment), *overrides, '--workdir', str(tmp_path / 'run'))
+    assert_user_error(result, "cannot load the --config file: AttributeError: 'modle' (did you mean 'model'?); an "
+                              'experiment file is Python with get_config()')
+  result = launch('--config', 'experiments/cpu.py', '--config.modle.num_layers=2', '--workdir', str(tmp_path / 'run'))
+  assert_user_error(result, "unknown config field in the overrides: 'modle' (did you mean 'model'?)")
+  assert files_in(tmp_path) == ['typo.py']
+
+
 def test_refused_commands_leave_no_folders_behind(tmp_path):
   attention = launch('--mode', 'attention', '--prompt', 'ab', '--workdir', str(tmp_path / 'typo'))
   assert_user_error(attention, f'no checkpoints in {tmp_path / "typo"}')

@@ -48,7 +48,9 @@ def test_a_list_gives_the_points_one_by_one_and_clashing_names_stay_dotted(tiny_
     ({'model.num_layers': [2, 0]}, r'point 1 \(num_layers=0\): model.num_layers must be a positive integer, got 0'),
     ({'model.num_layers': []}, r"sweep field 'model.num_layers' needs a non-empty list of values"),
     ({'model.num_layers': 4}, r"sweep field 'model.num_layers' needs a non-empty list of values, got 4"),
-    ([{'eval.every': 10}, {'eval.every': 10}], r"sweep points 0 and 1 have the same folder name 'every=10'"),
+    ([{'eval.every': 10}, {'eval.every': 10}], r"sweep points 0 and 1 have the same folder name 'every=10'; make "),
+    ({'train.learning_rate': [1e-3, 1.0000001e-3]}, r"same folder name 'learning_rate=0.001'; make their values"),
+    ({}, r'get_sweep\(\) returned \{\}; return \{field: \[values\]\} with at least one field'),
     ('model.num_layers', r'get_sweep\(\) must return'),
 ])
 def test_bad_sweeps_fail_before_training(tiny_config, declaration, message):
@@ -80,6 +82,14 @@ def test_unknown_experiment_sweep_and_plain_configs(tmp_path):
   returns_none.write_text('def get_config():\n  return None\n\n\ndef get_sweep():\n  return None\n')
   with pytest.raises(ConfigError, match=r'^get_sweep\(\) in .*returns_none.py returned None; return'):
     sweep_lib.load_declaration(returns_none)
+  broken = tmp_path / 'broken.py'  # the file's own mistakes: one line naming them, no traceback
+  broken.write_text('def get_config():\n  return None\n\n\ndef get_sweep():\n  return {"seed": SEEDS}\n')
+  with pytest.raises(ConfigError, match=r"^get_sweep\(\) in .*broken.py failed: NameError: name 'SEEDS' is not "
+                                        r'defined; fix the experiment file$'):
+    sweep_lib.load_declaration(broken)
+  with pytest.raises(ConfigError, match=r"^get_sweep\('x'\) in .*broken.py:x failed: TypeError: .*get_sweep\(\) takes 0 "
+                                        r'positional arguments but 1 was given; fix the experiment file$'):
+    sweep_lib.load_declaration(f'{broken}:x')
 
 
 def test_child_env_shares_out_the_listed_gpus():
