@@ -373,16 +373,7 @@ def sample_command() -> None:
       fail('this model has no newline character, the default prompt; give one with --prompt or --prompt_file')
   prompt_ids = tokenizer.encode(prompt)
   if FLAGS.stream:
-    sys.stdout.write(f'--- sample 1/1 (checkpoint step {step}) ---\n{prompt}')
-    pieces = []
-    for token in sampling.stream(model, prompt_ids, options):
-      pieces.append(tokenizer.decode(token))
-      sys.stdout.write(pieces[-1])
-      sys.stdout.flush()
-    sys.stdout.write('\n')
-    samples = [prompt + ''.join(pieces)]
-    if out:
-      _write_out(out, f'--- sample 1 ---\n{samples[0]}\n')
+    _stream_sample(model, tokenizer, prompt, prompt_ids, options, step, out)
   else:
     with interrupts.exit_on_ctrl_c():  # one compiled call: nothing to save, and no Python to raise in
       tokens = sampling.generate(model, prompt_ids, options)
@@ -392,6 +383,37 @@ def sample_command() -> None:
     for i, text in enumerate(samples):
       print(f'--- sample {i + 1}/{len(samples)} (checkpoint step {step}) ---')
       print(text)
+
+
+def _stream_sample(model, tokenizer, prompt: str, prompt_ids, options: SamplingOptions, step: int,
+                   out: pathlib.Path | None) -> None:
+  """Prints one sample token by token, then writes it to `out`; a reader that stops reading (e.g. `| head`)
+  ends the printing, and with `out` the sample is still finished for the file."""
+  from nanodecoder import sampling
+
+  reader_gone = False
+
+  def show(text: str) -> None:
+    nonlocal reader_gone
+    if not reader_gone:
+      try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+      except BrokenPipeError:
+        if not out:
+          raise
+        reader_gone = True
+
+  show(f'--- sample 1/1 (checkpoint step {step}) ---\n{prompt}')
+  pieces = []
+  for token in sampling.stream(model, prompt_ids, options):
+    pieces.append(tokenizer.decode(token))
+    show(pieces[-1])
+  if out:
+    _write_out(out, f'--- sample 1 ---\n{prompt}{"".join(pieces)}\n')
+  if reader_gone:
+    raise BrokenPipeError  # (exits as without --stream)
+  show('\n')
 
 
 # Sweeps -------------------------------------------------------------------------
@@ -534,8 +556,9 @@ def _writable_place(path: pathlib.Path, flag: str) -> None:
 
 
 _RUN_FILES = (config_lib.SAVED_CONFIG, 'tokenizer.json', 'metrics.jsonl', 'launch.log', sweep_lib.MANIFEST,
-              'summary.csv', 'summary.md', '.lock')
+              'summary.csv', 'summary.md', 'val_loss.png', 'loss_curves.png', '.lock')
 _RUN_FOLDERS = ('checkpoints', 'plugins')
+_RUN_FILE_PREFIXES = ('events.out.tfevents.',)  # TensorBoard's event files
 
 
 def _checked_out(workdir: pathlib.Path) -> pathlib.Path | None:
@@ -552,7 +575,8 @@ def _checked_out(workdir: pathlib.Path) -> pathlib.Path | None:
     out, run = pathlib.Path(os.path.realpath(out)), pathlib.Path(os.path.realpath(workdir))
     if out.is_relative_to(run):
       inside = out.relative_to(run)
-      if str(inside) in _RUN_FILES or (inside.parts and inside.parts[0] in _RUN_FOLDERS):
+      if (str(inside) in _RUN_FILES or (inside.parts and inside.parts[0] in _RUN_FOLDERS)
+          or (len(inside.parts) == 1 and inside.name.startswith(_RUN_FILE_PREFIXES))):
         fail(f"--out {FLAGS.out} is among the run's own files ({inside}); give another file, e.g. "
              f'--out {pathlib.Path(workdir) / example}')
     if out.is_dir():

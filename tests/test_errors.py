@@ -268,6 +268,8 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
     (['--mode', 'sample', '--out', '{tmp}/run/config.json'],
      "--out {tmp}/run/config.json is among the run's own files (config.json); give another file"),
     (['--mode', 'eval', '--out', '{tmp}/run/checkpoints/e.json'], "is among the run's own files (checkpoints/e.json)"),
+    (['--mode', 'sample', '--out', '{tmp}/run/events.out.tfevents.1795830420.host.7.0'],
+     "is among the run's own files (events.out.tfevents.1795830420.host.7.0); give another file"),
     (['--seed', '3'], '--seed is for --mode sample, not --mode train (the training seed is --config.seed); remove it'),
     (['--mode', 'summary', '--out', '{tmp}/x'], '--out is for --mode sample or eval or attention, not --mode summary'),
     (['--mode', 'sample', '--split', 'train'], '--split is for --mode eval, not --mode sample'),
@@ -315,17 +317,20 @@ def test_refused_commands_leave_no_folders_behind(tmp_path):
   assert files_in(tmp_path) == []
 
 
-def test_samples_go_to_out_even_when_stdout_closes_and_to_the_target_of_a_link(trained, tmp_path):
+@pytest.mark.parametrize('stream', [[], ['--stream']])
+def test_samples_go_to_out_even_when_stdout_closes_and_to_the_target_of_a_link(trained, tmp_path, stream):
   (tmp_path / 'target.txt').write_text('old')
   (tmp_path / 'link.txt').symlink_to(tmp_path / 'target.txt')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  reader = subprocess.Popen([sys.executable, 'launch.py', '--mode', 'sample', '--workdir', str(trained),
-                             '--max_new_tokens', '5', '--out', str(tmp_path / 'link.txt')], cwd=REPO, env=env,
+  reader = subprocess.Popen([sys.executable, 'launch.py', '--mode', 'sample', '--workdir', str(trained), *stream,
+                             '--max_new_tokens', '40', '--out', str(tmp_path / 'link.txt')], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   reader.stdout.close()  # as `| head` does once it has what it wants
   err = reader.stderr.read()
   assert reader.wait(timeout=120) == 1 and 'Traceback' not in err and 'error' not in err, err[-2000:]
-  assert (tmp_path / 'link.txt').is_symlink() and (tmp_path / 'target.txt').read_text().startswith('--- sample 1 ---')
+  text = (tmp_path / 'target.txt').read_text()
+  assert (tmp_path / 'link.txt').is_symlink() and text.startswith('--- sample 1 ---\n\n')
+  assert len(text) == len('--- sample 1 ---\n\n') + 40 + 1  # the whole sample: the prompt (a newline) + 40 tokens
 
 
 def test_a_prompt_file_is_read_as_it_is(trained, tmp_path):
