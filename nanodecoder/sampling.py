@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Iterator
 
 import jax
@@ -97,6 +98,35 @@ def next_token(uniform, logits, temperature, top_k: int, top_p, greedy: bool) ->
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   cdf = jnp.cumsum(jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1), axis=-1)
   return jnp.sum(cdf <= uniform[:, None] * cdf[:, -1:], axis=-1).astype(jnp.int32)
+
+
+def memory_needed(model: Decoder, prompt_len: int, options: SamplingOptions) -> int:
+  """A lower bound on the bytes a generation holds at once: per sample its token ids, its random numbers
+  and (with a cache) its KV caches."""
+  cfg = model.cfg
+  tokens = max(min(prompt_len, cfg.context_length) + options.max_new_tokens, cfg.context_length)
+  per_sample = 4 * tokens + 4 * options.max_new_tokens
+  if options.use_cache:
+    per_sample += 2 * cfg.num_layers * cfg.context_length * cfg.embed_dim * jnp.dtype(cfg.dtype).itemsize
+  return options.num_samples * per_sample
+
+
+def memory_available() -> int | None:
+  """Bytes the default device can hold: an accelerator's memory limit, the host's physical memory on CPU."""
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  stats = device.memory_stats() or {}
+  return stats.get('bytes_limit')
+
+
+def check_memory(model: Decoder, prompt_len: int, options: SamplingOptions) -> None:
+  """Refuses a generation that cannot fit before any work (else XLA fails only after allocating what it can)."""
+  needed, available = memory_needed(model, prompt_len, options), memory_available()
+  if available and needed > available:
+    raise SamplingError(f'out of memory: {options.num_samples:,} samples of {options.max_new_tokens:,} tokens need at '
+                        f'least {needed / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB of this '
+                        f'{jax.devices()[0].platform} device; lower num_samples or max_new_tokens')
 
 
 def uniforms(seed: int, steps: int, num_samples: int) -> jax.Array:
@@ -202,6 +232,7 @@ def _prepare(model: Decoder, prompt: np.ndarray, options: SamplingOptions):
   if prompt.size == 0:
     raise SamplingError('the prompt is empty; give at least one character (e.g. a newline)')
   prompt = prompt[-model.cfg.context_length:]  # only the last context can condition the next token
+  check_memory(model, prompt.size, options)
   graphdef, params = nnx.split(model)
   randoms = uniforms(options.seed, options.max_new_tokens, options.num_samples)
   top_p = None if options.top_p >= 1.0 else jnp.float32(options.top_p)  # None: no nucleus filter compiled in

@@ -102,10 +102,18 @@ def test_sample_stream_out_prompt_file_and_nokv_cache_give_one_text(tiny_run, tm
 
 @pytest.mark.slow
 def test_sampling_more_than_memory_holds_is_one_line_naming_the_sampling_flags(tiny_run):
-  # 64 x 2^30 tokens (256 GiB of token ids alone): the allocation fails inside the compiled call, which
+  # Refused before any work by the estimate (a lower bound) of what the generation holds
+  result = launch('--mode', 'sample', '--workdir', str(tiny_run[0]), '--num_samples', str(10**9))
+  assert result.returncode == 2 and result.stderr.startswith('error: out of memory: 1,000,000,000 samples of 500 '
+                                                             'tokens need at least '), result.stderr[-2000:]
+  assert result.stderr.endswith('; lower num_samples or max_new_tokens\n') and result.stderr.count('\n') == 1
+  # and past the estimate: 64 x 2^30 tokens (256 GiB of token ids alone) fail inside the compiled call, which
   # jaxlib 0.10 turned into an abort (SIGABRT) when the result was read without waiting for it first.
-  result = launch('--mode', 'sample', '--workdir', str(tiny_run[0]), '--num_samples', '64',
-                  '--max_new_tokens', str(2**30))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  code = ('import runpy, sys; from nanodecoder import sampling; sampling.memory_available = lambda: None; '
+          f'sys.argv = ["launch.py", "--mode", "sample", "--workdir", {str(tiny_run[0])!r}, "--num_samples", "64", '
+          f'"--max_new_tokens", "{2**30}"]; runpy.run_path("launch.py", run_name="__main__")')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
   assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
   assert result.stderr.startswith('error: out of memory (') and result.stderr.count('\n') == 1, result.stderr[-2000:]
   assert result.stderr.endswith('; lower --num_samples or --max_new_tokens (the memory sampling needs grows with '

@@ -213,6 +213,25 @@ def test_empty_prompt_is_refused(model):
     generate(model, np.array([], np.int32), SamplingOptions())
 
 
+def test_a_generation_larger_than_memory_is_refused_before_any_work(model, monkeypatch):
+  from nanodecoder import sampling
+  options = SamplingOptions(max_new_tokens=5, num_samples=2)
+  caches = model.init_caches(2)  # the lower bound counts exactly the KV caches, token ids and random numbers
+  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(caches))
+  context = model.cfg.context_length
+  assert sampling.memory_needed(model, 3, options) == cache_bytes + 2 * 4 * (context + 5)
+  assert sampling.memory_needed(model, 3, dataclasses.replace(options, max_new_tokens=40, use_cache=False)) == (
+      2 * 4 * (3 + 40 + 40))
+  monkeypatch.setattr(sampling, 'memory_available', lambda: 10**6)
+  big = SamplingOptions(max_new_tokens=100, num_samples=1000)
+  with pytest.raises(SamplingError, match=r'^out of memory: 1,000 samples of 100 tokens need at least 0.\d GiB, more '
+                                          r'than the 0.0 GiB of this cpu device; lower num_samples or max_new_tokens$'):
+    generate(model, np.array([1]), big)
+  with pytest.raises(SamplingError, match='out of memory'):
+    next(stream(model, np.array([1]), big))
+  assert generate(model, np.array([1]), options).shape == (2, 5)  # fits
+
+
 def test_decoding_jit_keeps_cpu_reductions_in_one_kernel():
   # Guards the XLA option behind ~3% of CPU decoding speed: a renamed pass would be ignored silently.
   from nanodecoder.sampling import _jit
