@@ -567,8 +567,10 @@ def _checked_out(workdir: pathlib.Path) -> pathlib.Path | None:
 
   A symbolic link stands for its target; anything but a regular file there (a folder, a device) is refused.
   """
-  if not FLAGS.out:
+  if FLAGS.out is None:
     return None
+  if not FLAGS.out:
+    fail("--out '' names no file; give a file path, or leave --out out to print only")
   out = pathlib.Path(FLAGS.out)
   example = 'report.json' if FLAGS.mode == 'eval' else 'samples.txt'
   try:
@@ -614,10 +616,20 @@ def _given_prompt() -> str | None:
   if FLAGS.prompt_file is not None and FLAGS['prompt'].present:
     fail('--prompt and --prompt_file both give the prompt; pass only one of them')
   if FLAGS.prompt_file is not None:
+    if not FLAGS.prompt_file:
+      fail("--prompt_file '' names no file; give the path of a UTF-8 text file")
     try:  # the bytes as they are: read_text would turn '\r\n' into '\n', which the model may not know
-      return pathlib.Path(FLAGS.prompt_file).read_bytes().decode('utf-8-sig')  # (less a byte-order mark)
-    except (OSError, UnicodeDecodeError) as e:
-      fail(f'cannot read --prompt_file {FLAGS.prompt_file!r}: {e}')
+      prompt = pathlib.Path(FLAGS.prompt_file).read_bytes().decode('utf-8-sig')  # (less a byte-order mark)
+    except UnicodeDecodeError as e:
+      fail(f'cannot read --prompt_file {FLAGS.prompt_file!r}: it is not UTF-8 text ({e.reason} at byte {e.start}); '
+           'save it as UTF-8')
+    except OSError as e:
+      fail(f'cannot read --prompt_file {FLAGS.prompt_file!r}: {e.strerror or e}; give the path of a UTF-8 text file')
+    if not prompt:
+      fail(f'--prompt_file {FLAGS.prompt_file!r} is empty; give at least one character (e.g. a newline)')
+    return prompt
+  if FLAGS['prompt'].present and not FLAGS.prompt:
+    fail("--prompt '' is empty; give at least one character (e.g. a newline)")
   return FLAGS.prompt if FLAGS['prompt'].present else None
 
 

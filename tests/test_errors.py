@@ -200,7 +200,6 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(trained, corpus_
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--prompt', ''], 'the prompt is empty'),
     (['--prompt', 'the €'], "characters not in the vocabulary: '€'; use only characters"),
     (['--temperature', '-1'], 'temperature must be >= 0 (0 = greedy), got -1.0'),
     (['--top_p', '0'], 'top_p must be in (0, 1] (1 = off), got 0.0'),
@@ -273,6 +272,14 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
     (['--seed', '3'], '--seed is for --mode sample, not --mode train (the training seed is --config.seed); remove it'),
     (['--mode', 'summary', '--out', '{tmp}/x'], '--out is for --mode sample or eval or attention, not --mode summary'),
     (['--mode', 'sample', '--split', 'train'], '--split is for --mode eval, not --mode sample'),
+    (['--mode', 'sample', '--prompt', ''], "--prompt '' is empty; give at least one character (e.g. a newline)"),
+    (['--mode', 'sample', '--prompt_file', '{tmp}/empty.txt'], "--prompt_file '{tmp}/empty.txt' is empty; give at"),
+    (['--mode', 'sample', '--prompt_file', ''], "--prompt_file '' names no file; give the path of a UTF-8 text file"),
+    (['--mode', 'sample', '--prompt_file', '{tmp}/latin1.txt'],
+     "cannot read --prompt_file '{tmp}/latin1.txt': it is not UTF-8 text (invalid continuation byte at byte 3); "
+     'save it as UTF-8'),
+    (['--mode', 'attention', '--prompt_file', '{tmp}'], "cannot read --prompt_file '{tmp}': Is a directory; give the"),
+    (['--mode', 'sample', '--out', ''], "--out '' names no file; give a file path, or leave --out out to print only"),
     (['--config', 'experiments/cpu.py:blocks'], 'cannot load the --config file: TypeError: get_config() takes 0 '
                                                 'positional arguments but 1 was given; an experiment file is'),
     (['--config', 'experiments/cpu.py', '--num_processes=2'],
@@ -290,6 +297,8 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
 def test_bad_flags_are_refused_before_loading_a_checkpoint(tmp_path, flags, message):
   """The workdir has no checkpoint: a check made after loading one would report that instead."""
   (tmp_path / 'file').write_text('KING:')
+  (tmp_path / 'empty.txt').write_text('')
+  (tmp_path / 'latin1.txt').write_bytes('café\n'.encode('latin-1'))
   result = launch(*[flag.format(tmp=tmp_path) for flag in flags], '--workdir', str(tmp_path / 'run'))
   assert_user_error(result, message.format(tmp=tmp_path))
 
