@@ -451,6 +451,8 @@ def sweep_command(declaration) -> None:
   sweep = sweep_lib.make_sweep(config_flags.get_config_filename(FLAGS['config']), base, declaration)
   sweep_lib.check_overrides(sweep, list(config_flags.get_override_values(FLAGS['config'])))
   root = pathlib.Path(FLAGS.workdir or default_workdir(base))
+  if root.exists() and not root.is_dir():
+    fail(f'--workdir {root} is a file; give the sweep a folder (its points go in folders under it)')
   if (root / config_lib.SAVED_CONFIG).is_file():
     fail(f'--workdir {root} holds a single run (its config.json); give the sweep a folder of its own')
   if FLAGS.sweep_list:

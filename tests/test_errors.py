@@ -317,6 +317,14 @@ def test_a_mistake_inside_get_config_is_not_blamed_on_overrides(tmp_path):
   assert files_in(tmp_path) == ['typo.py']
 
 
+@pytest.mark.parametrize('sweep_flags', [['--sweep_list'], ['--sweep_index=0'], []])
+def test_a_sweep_root_that_is_a_file_is_refused(tmp_path, sweep_flags):
+  (tmp_path / 'file').write_text('KING:')
+  result = launch('--config', 'experiments/sweep.py', *sweep_flags, '--workdir', str(tmp_path / 'file'))
+  assert_user_error(result, f'--workdir {tmp_path / "file"} is a file; give the sweep a folder (its points go in '
+                            'folders under it)')
+
+
 def test_refused_commands_leave_no_folders_behind(tmp_path):
   attention = launch('--mode', 'attention', '--prompt', 'ab', '--workdir', str(tmp_path / 'typo'))
   assert_user_error(attention, f'no checkpoints in {tmp_path / "typo"}')
