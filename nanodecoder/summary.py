@@ -43,7 +43,8 @@ class RunMetrics:
   wall_time_s: float | None  # sum over sessions of (last record - session start)
 
 
-def read_metrics(workdir: str | pathlib.Path) -> RunMetrics:
+def read_metrics(workdir: str | pathlib.Path, up_to_step: int | None = None) -> RunMetrics:
+  """The records of a run's metrics.jsonl, those of steps past `up_to_step` (if given) left out."""
   path = pathlib.Path(workdir) / 'metrics.jsonl'
   records = []
   if path.is_file():
@@ -54,6 +55,8 @@ def read_metrics(workdir: str | pathlib.Path) -> RunMetrics:
         continue
   train, evals, sessions = {}, {}, {}
   for record in records:
+    if up_to_step and isinstance(record.get('step'), int) and record['step'] > up_to_step:
+      continue
     if 'train/loss' in record:
       train[record['step']] = record
     if 'eval/val_loss' in record:
@@ -89,23 +92,24 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
   """The summary numbers of one run (None where it has none yet).
 
   `num_steps`: the sweep manifest's, which wins over the run's config.json (the
-  settings of its last session); None: the config.json's. The losses are those
-  of the evaluations up to `num_steps`: a run trained further since (a sweep
-  extended, then listed with its first command) is reported at that length.
-  `metrics`: the run's `read_metrics`, when the caller has read them already.
+  settings of its last session); None: the config.json's. Losses, speed and
+  wall time are those of the steps up to `num_steps`: a run trained further
+  since (a sweep extended, then listed with its first command) is reported at
+  that length. `metrics`: the run's `read_metrics(workdir, num_steps)`, when
+  the caller has read them already.
   """
   workdir = pathlib.Path(workdir)
-  metrics = read_metrics(workdir) if metrics is None else metrics
   if num_steps is None:
     try:
       num_steps = config_lib.read_saved_config(workdir)['train']['num_steps']
     except (OSError, ValueError, KeyError):
       pass
+  metrics = read_metrics(workdir, num_steps) if metrics is None else metrics
   status = sweep_lib.point_status(workdir, num_steps) if num_steps else sweep_lib.Status('new', 0, 0)
   row = dict.fromkeys(METRIC_COLUMNS)
   row.update(status=status.state, step=status.step, num_steps=num_steps, params=count_parameters(workdir),
              wall_time_s=metrics.wall_time_s)
-  evals = {step: r for step, r in metrics.evals.items() if not num_steps or step <= num_steps}
+  evals = metrics.evals
   if evals:
     last = evals[max(evals)]
     row.update(final_val_loss=last['eval/val_loss'], final_train_loss=last.get('eval/train_loss'))
@@ -280,7 +284,7 @@ def write_summary(root: str | pathlib.Path) -> list[pathlib.Path]:
   rows, curves = [], []
   for name, values, num_steps in points:
     workdir = root / name
-    metrics = read_metrics(workdir)
+    metrics = read_metrics(workdir, num_steps)  # (the curves too stop at the sweep's length)
     row = {'point': root.name if name == '.' else name, **dict.fromkeys(fields), **values,
            **run_row(workdir, num_steps, metrics)}  # a field the point does not set: None
     rows.append(row)

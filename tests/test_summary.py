@@ -106,6 +106,12 @@ def test_read_metrics_keeps_the_last_record_of_a_step_and_sums_sessions(tmp_path
   assert (row['status'], row['step'], row['num_steps']) == ('new', 0, 50)
   assert (row['best_val_loss'], row['best_val_step'], row['final_train_loss']) == (2.9, 30, 2.6)
   assert row['tokens_per_s'] == 2000.0  # median of the timed windows (0 marks a window without timed steps)
+  # A run trained past the sweep's length is reported at that length: losses, speed and wall time
+  cut = summary_lib.read_metrics(tmp_path, up_to_step=20)
+  assert (sorted(cut.train), sorted(cut.evals), cut.wall_time_s) == ([10, 20], [20], 11.0)
+  row = summary_lib.run_row(tmp_path, num_steps=20)
+  assert (row['best_val_loss'], row['final_train_loss'], row['tokens_per_s'], row['wall_time_s']) == (
+      2.95, 2.8, 1000.0, 11.0)
 
 
 def test_a_run_without_evaluations_gets_curves_but_no_val_loss_plot(tmp_path):
