@@ -378,11 +378,13 @@ def sample_command() -> None:
     with interrupts.exit_on_ctrl_c():  # one compiled call: nothing to save, and no Python to raise in
       tokens = sampling.generate(model, prompt_ids, options)
     samples = [prompt + tokenizer.decode(row) for row in tokens]
-    if out:  # first: a closed standard output (e.g. `| head`) must not lose the file
-      _write_out(out, ''.join(f'--- sample {i + 1} ---\n{text}\n' for i, text in enumerate(samples)))
+    # The file first: a closed standard output (e.g. `| head`) must not lose it
+    failed = out and _write_out(out, ''.join(f'--- sample {i + 1} ---\n{text}\n' for i, text in enumerate(samples)))
     for i, text in enumerate(samples):
       print(f'--- sample {i + 1}/{len(samples)} (checkpoint step {step}) ---')
       print(text)
+    if failed:
+      fail(failed)
 
 
 def _stream_sample(model, tokenizer, prompt: str, prompt_ids, options: SamplingOptions, step: int,
@@ -409,11 +411,14 @@ def _stream_sample(model, tokenizer, prompt: str, prompt_ids, options: SamplingO
   for token in sampling.stream(model, prompt_ids, options):
     pieces.append(tokenizer.decode(token))
     show(pieces[-1])
-  if out:
-    _write_out(out, f'--- sample 1 ---\n{prompt}{"".join(pieces)}\n')
+  failed = out and _write_out(out, f'--- sample 1 ---\n{prompt}{"".join(pieces)}\n')
   if reader_gone:
+    if failed:
+      fail(failed)
     raise BrokenPipeError  # (exits as without --stream)
   show('\n')
+  if failed:
+    fail(failed)
 
 
 # Sweeps -------------------------------------------------------------------------
@@ -606,11 +611,14 @@ def _checked_out_folder(out: pathlib.Path) -> pathlib.Path:
   return out
 
 
-def _write_out(out: pathlib.Path, text: str) -> None:
+def _write_out(out: pathlib.Path, text: str) -> str | None:
+  """Writes --out; the one-line error when it cannot (for the caller to report once the results are shown)."""
   try:
     atomic_write(out, text)
   except OSError as e:
-    fail(f'cannot write --out {out}: {e.strerror or e}')
+    return (f'cannot write --out {out}: {e.strerror or e} (the results are printed above); give a path in a '
+            'writable folder')
+  return None
 
 
 def _given_prompt() -> str | None:
@@ -650,8 +658,9 @@ def eval_command() -> None:
   setup_jax(saved)
   report = analysis.evaluate_split(workdir, FLAGS.checkpoint, FLAGS.split)
   print(analysis.format_report(report))
-  if out:
-    _write_out(out, json.dumps(report, indent=2) + '\n')
+  failed = out and _write_out(out, json.dumps(report, indent=2) + '\n')
+  if failed:
+    fail(failed)
 
 
 def attention_command() -> None:

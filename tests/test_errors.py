@@ -362,17 +362,26 @@ def test_a_workdir_that_is_a_file_is_refused(corpus_file, tmp_path):
   assert_user_error(result, f'workdir {tmp_path}/run is a file; pass a folder as --workdir')
 
 
-def test_failing_to_write_out_is_one_line(tmp_path, monkeypatch, capsys):
+def test_failing_to_write_out_is_one_line(tmp_path, monkeypatch):
   from nanodecoder import cli
 
   def disk_full(path, data):
     raise OSError(errno.ENOSPC, 'No space left on device')
 
   monkeypatch.setattr(cli, 'atomic_write', disk_full)
-  with pytest.raises(SystemExit) as exit_:
-    cli._write_out(tmp_path / 'samples.txt', 'text')
-  assert exit_.value.code == 2
-  assert capsys.readouterr().err == f'error: cannot write --out {tmp_path}/samples.txt: No space left on device\n'
+  assert cli._write_out(tmp_path / 'samples.txt', 'text') == (
+      f'cannot write --out {tmp_path}/samples.txt: No space left on device (the results are printed above); give a '
+      'path in a writable folder')
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc, a folder no file can be made in')
+@pytest.mark.parametrize('stream', [[], ['--stream']])
+def test_samples_that_cannot_be_written_to_out_are_still_printed(trained, stream):
+  result = launch('--mode', 'sample', '--workdir', str(trained), *stream, '--max_new_tokens', '8', '--out',
+                  '/proc/samples.txt')
+  assert result.stdout.startswith('--- sample 1/1 (checkpoint step ') and len(result.stdout.splitlines()) >= 2
+  assert_user_error(result, 'cannot write --out /proc/samples.txt: No such file or directory (the results are '
+                            'printed above); give a path in a writable folder')
 
 
 def test_parallel_sweep_prepares_the_tfds_dataset_once_before_its_points(tmp_path):
