@@ -109,7 +109,8 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
   row = dict.fromkeys(METRIC_COLUMNS)
   row.update(status=status.state, step=status.step, num_steps=num_steps, params=count_parameters(workdir),
              wall_time_s=metrics.wall_time_s)
-  evals = metrics.evals
+  within = lambda records: {step: r for step, r in records.items() if not num_steps or step <= num_steps}
+  evals = within(metrics.evals)  # (metrics read without num_steps, e.g. from a config.json the caller did not read)
   if evals:
     last = evals[max(evals)]
     row.update(final_val_loss=last['eval/val_loss'], final_train_loss=last.get('eval/train_loss'))
@@ -117,7 +118,7 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
     if finite:  # a diverged run's NaN is no one's best
       best_step, best = min(finite, key=lambda item: item[1])
       row.update(best_val_loss=best, best_val_step=best_step)
-  speeds = [r['train/tokens_per_s'] for r in metrics.train.values() if r.get('train/tokens_per_s', 0) > 0]
+  speeds = [r['train/tokens_per_s'] for r in within(metrics.train).values() if r.get('train/tokens_per_s', 0) > 0]
   if speeds:
     row['tokens_per_s'] = statistics.median(speeds)
   return row
