@@ -26,6 +26,7 @@ import sys
 import zlib
 from typing import Any
 
+from absl import logging as absl_logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -101,10 +102,12 @@ def _leftover_of_a_failed_read(unraisable) -> bool:
 
 
 class _QuietLostFutures(logging.Filter):
-  """Drops asyncio's 'Future exception was never retrieved' for a read of Orbax's that a failed restore left."""
+  """Drops asyncio's 'Future (or Task) exception was never retrieved' for a read of Orbax's that a failed restore
+  left."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if not record.getMessage().startswith('Future exception was never retrieved') or not record.exc_info:
+    lost = record.getMessage().startswith(('Future exception was never retrieved', 'Task exception was never retrieved'))
+    if not lost or not record.exc_info:
       return True
     trace = record.exc_info[2]
     while trace is not None:
@@ -114,12 +117,21 @@ class _QuietLostFutures(logging.Filter):
     return True
 
 
+class _QuietOrbaxLogs(logging.Filter):
+  """Drops Orbax's own log records, e.g. the tracebacks its threads log when a save fails (the failure reaches
+  the user as one CheckpointError line), unless absl's verbosity asks for them (--verbosity=0)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return f'{os.sep}orbax{os.sep}' not in record.pathname or absl_logging.get_verbosity() >= absl_logging.INFO
+
+
 def _quiet_leftovers_of_failed_reads() -> None:
   """Every other dropped error still prints."""
   interrupts.filter_unraisable('ignore leftovers of failed reads', _leftover_of_a_failed_read)
-  asyncio_log = logging.getLogger('asyncio')
-  if not any(isinstance(f, _QuietLostFutures) for f in asyncio_log.filters):
-    asyncio_log.addFilter(_QuietLostFutures())
+  for name, kind in (('asyncio', _QuietLostFutures), ('absl', _QuietOrbaxLogs)):
+    log = logging.getLogger(name)
+    if not any(isinstance(f, kind) for f in log.filters):
+      log.addFilter(kind())
 
 
 class WorkdirLock:
@@ -221,6 +233,9 @@ class Checkpoints:
           # would see the earlier steps unscored and let the best one go.
           best_fn=(lambda m: m['val_loss']) if keep_best else None, best_mode='min',
           enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
+          # A step's folder made in the background: when that fails (a full disk, a read-only folder), Orbax's
+          # other save threads wait for its signal until their timeout (300 s) before the error reaches us.
+          async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
           lightweight_initialize=read_only)  # reading needs no step's metrics (nor a damaged one to stop it)
       handlers = {'params': ocp.StandardCheckpointHandler(), 'opt_state': ocp.StandardCheckpointHandler(),
                   'meta': ocp.JsonCheckpointHandler()}

@@ -411,6 +411,23 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_config, tmp_path, monkey
   assert Checkpoints(tmp_path, read_only=True).steps()[-1] == 20 and metrics['val_loss'] > 0
 
 
+def test_a_failed_asynchronous_save_ends_the_process_at_once_in_one_line(trained, corpus_file, tmp_path):
+  """A step folder that cannot be made: Orbax's background threads waited 300 s for its signal, printing
+  tracebacks, when the folder was made in the background (orbax-checkpoint 0.12)."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  checkpoints = workdir / 'checkpoints'
+  if subprocess.run(['chattr', '+i', str(checkpoints)], capture_output=True).returncode != 0:
+    pytest.skip('needs chattr +i (root on a file system with attributes) to make a folder no one can write')
+  try:
+    result = launch(*tiny_args(corpus_file, '--config.train.num_steps=24', '--config.checkpoint.async_save=true'),
+                    '--workdir', str(workdir), timeout=120)
+  finally:
+    subprocess.run(['chattr', '-i', str(checkpoints)], check=True)
+  assert_user_error(result, f'cannot write the checkpoint of step 24 in {checkpoints} (PermissionError: ')
+  assert 'the checkpoint at step 12 is intact' in result.stderr and result.stderr.count('\n') == 1, result.stderr
+
+
 def test_checkpoint_with_other_arrays_is_refused_not_discarded(tiny_config, tmp_path, monkeypatch):
   """Scanned layers store parameters stacked: restoring an unstacked run refuses, and deletes nothing."""
   train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5}), tmp_path)
