@@ -339,6 +339,9 @@ def _saved_config() -> ml_collections.ConfigDict:
       spec = 'FILE:NAME'
     fail(f'{FLAGS.workdir} is the folder of a sweep; resume it with its command: --config {spec} --workdir '
          f'{FLAGS.workdir} (and its overrides)')
+  if FLAGS.workdir and not saved.is_file() and sweep_lib.saved_steps(FLAGS.workdir):
+    fail(f'{FLAGS.workdir} holds checkpoints but no {config_lib.SAVED_CONFIG} (the settings of the run); resume '
+         'it with --config and the overrides it was started with')
   if not FLAGS.workdir or not saved.is_file():
     fail('--config is required to train, e.g. --config experiments/cpu.py (or --workdir of a run, to resume it)')
   config = _read_saved_config(saved.parent)

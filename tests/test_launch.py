@@ -53,6 +53,14 @@ def test_a_workdir_alone_resumes_with_its_saved_config(tiny_run):
   assert 'resumed from the checkpoint at step 12' in result.stdout and 'nothing to do' in result.stdout
 
 
+def test_a_workdir_with_checkpoints_but_no_saved_config_says_what_is_missing(tmp_path):
+  (tmp_path / 'run' / 'checkpoints' / '12').mkdir(parents=True)
+  result = launch('--workdir', str(tmp_path / 'run'))
+  assert result.returncode == 2 and result.stderr == (f'error: {tmp_path / "run"} holds checkpoints but no config.json '
+                                                      '(the settings of the run); resume it with --config and the '
+                                                      'overrides it was started with\n'), result.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_overrides_without_config_apply_to_the_saved_config(tiny_run, tmp_path):
   workdir = tmp_path / 'run'
