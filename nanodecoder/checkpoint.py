@@ -125,8 +125,9 @@ class _QuietOrbaxLogs(logging.Filter):
     return f'{os.sep}orbax{os.sep}' not in record.pathname or absl_logging.get_verbosity() >= absl_logging.INFO
 
 
-def _quiet_leftovers_of_failed_reads() -> None:
-  """Every other dropped error still prints."""
+def _quiet_orbax_leftovers() -> None:
+  """Hides what a failed read or save of Orbax's leaves behind (its error is reported once, by us); every other
+  dropped error still prints."""
   interrupts.filter_unraisable('ignore leftovers of failed reads', _leftover_of_a_failed_read)
   for name, kind in (('asyncio', _QuietLostFutures), ('absl', _QuietOrbaxLogs)):
     log = logging.getLogger(name)
@@ -219,7 +220,7 @@ class Checkpoints:
   def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, read_only: bool = False):
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
-    _quiet_leftovers_of_failed_reads()
+    _quiet_orbax_leftovers()
     if not read_only:
       self._repair_metrics()
     policies = [checkpoint_managers.LatestN(n=keep)]
