@@ -106,7 +106,8 @@ class _QuietLostFutures(logging.Filter):
   left."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    lost = record.getMessage().startswith(('Future exception was never retrieved', 'Task exception was never retrieved'))
+    lost = record.getMessage().startswith(('Future exception was never retrieved',
+                                           'Task exception was never retrieved'))
     if not lost or not record.exc_info:
       return True
     trace = record.exc_info[2]

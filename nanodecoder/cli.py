@@ -415,13 +415,11 @@ def _stream_sample(model, tokenizer, prompt: str, prompt_ids, options: SamplingO
     pieces.append(tokenizer.decode(token))
     show(pieces[-1])
   failed = out and _write_out(out, f'--- sample 1 ---\n{prompt}{"".join(pieces)}\n')
-  if reader_gone:
-    if failed:
-      fail(failed)
-    raise BrokenPipeError  # (exits as without --stream)
   show('\n')
   if failed:
     fail(failed)
+  if reader_gone:
+    raise BrokenPipeError  # (exits as without --stream)
 
 
 # Sweeps -------------------------------------------------------------------------

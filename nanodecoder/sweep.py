@@ -124,7 +124,8 @@ def make_sweep(spec: str, base: ml_collections.ConfigDict, declaration) -> Sweep
   for point in points:
     if point.name in seen:
       raise ConfigError(f'sweep points {seen[point.name]} and {point.index} have the same folder name {point.name!r}; '
-                        'make their values differ (a float is named by its first 6 significant digits), or drop the repeated point')
+                        'make their values differ (a float is named by its first 6 significant digits), or drop the '
+                        'repeated point')
     seen[point.name] = point.index
   return Sweep(base.name, str(spec), fields, points)
 

@@ -87,8 +87,8 @@ def test_unknown_experiment_sweep_and_plain_configs(tmp_path):
   with pytest.raises(ConfigError, match=r"^get_sweep\(\) in .*broken.py failed: NameError: name 'SEEDS' is not "
                                         r'defined; fix the experiment file$'):
     sweep_lib.load_declaration(broken)
-  with pytest.raises(ConfigError, match=r"^get_sweep\('x'\) in .*broken.py:x failed: TypeError: .*get_sweep\(\) takes 0 "
-                                        r'positional arguments but 1 was given; fix the experiment file$'):
+  with pytest.raises(ConfigError, match=r"^get_sweep\('x'\) in .*broken.py:x failed: TypeError: .*get_sweep\(\) "
+                                        r'takes 0 positional arguments but 1 was given; fix the experiment file$'):
     sweep_lib.load_declaration(f'{broken}:x')
 
 
