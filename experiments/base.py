@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'  # compute dtype ('bfloat16' on GPU/TPU); logits stay fp32
   model.param_dtype = 'float32'  # storage dtype of parameters and optimizer state (bfloat16: no fp32 master copy)
   model.attention_impl = 'auto'  # 'einsum', 'xla', 'cudnn' (fused, NVIDIA); auto: cudnn on GPU if it applies
-  model.remat = 'none'  # recompute in the backward pass: 'none', 'matmuls' (all but projections), 'block'
+  model.remat = 'none'  # backward-pass recompute: 'none', 'matmuls' (keep weight matmuls' outputs), 'block'
   model.scan_layers = False  # scan over stacked blocks: compile time flat in depth
 
   config.data = data = ml_collections.ConfigDict()
@@ -44,12 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
   train.batch_size = 64  # sequences per optimizer step (global, over all devices)
   train.num_steps = 5000  # optimizer steps
   train.learning_rate = 1e-3  # peak learning rate, reached after warmup
-  train.warmup_steps = 100  # linear warmup from 0 to learning_rate
+  train.warmup_steps = 100  # linear warmup to learning_rate (nanoGPT's: step s uses lr * (s + 1) / (warmup + 1))
   train.decay_steps = 5000  # cosine decay ends here (usually = num_steps)
   train.min_learning_rate = 1e-4  # floor of the cosine decay
   train.beta1 = 0.9  # AdamW first-moment decay
   train.beta2 = 0.99  # AdamW second-moment decay
-  train.weight_decay = 0.1  # decoupled weight decay, applied to matrices only
+  train.weight_decay = 0.1  # decoupled weight decay of every matrix, embeddings too (not norms or biases)
   train.grad_clip = 1.0  # clip gradients to this global norm (0 = off)
   train.grad_accum_steps = 1  # micro-batches per step (batch_size / this rows each)
   train.steps_per_call = 10  # optimizer steps per compiled call, fewer host round trips (divides num_steps, intervals)
@@ -59,8 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.every = 250  # steps between evaluations (and at the last step)
-  evaluation.batches = 200  # random batches averaged for each train/val loss estimate
-  evaluation.all_windows = False  # True: val loss over every window of eval_split instead
+  evaluation.batches = 200  # fixed random batches (the same at every evaluation) averaged per train/val loss
+  evaluation.all_windows = False  # True: val loss over every window of eval_split instead (each character once)
 
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
   checkpoint.every = 250  # steps between checkpoints (and at the end, and on SIGTERM/Ctrl-C)

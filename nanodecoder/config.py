@@ -50,9 +50,9 @@ FIELDS = frozenset((
 # extend a run; the schedule's train.decay_steps is compared), how the same math is computed (the device layout: a
 # checkpoint restores onto any mesh, and parallel sweeps set mesh.cpu_devices per point; steps per compiled call,
 # micro-batches, recomputation, the attention kernel: the remedies for running out of memory or moving to other
-# hardware, which change results only by rounding), how often it logs, profiles, evaluates and saves (and how many
-# checkpoints it keeps, written in the background or not), and where this machine keeps the same data. A trailing
-# '.' covers a whole section.
+# hardware, which change results only by rounding, and with dropout, micro-batches draw other masks), how often it
+# logs, profiles, evaluates and saves (and how many checkpoints it keeps, written in the background or not), and
+# where this machine keeps the same data. A trailing '.' covers a whole section.
 RESUMABLE_CHANGES = ('train.num_steps', 'mesh.', 'train.steps_per_call', 'train.grad_accum_steps', 'model.remat',
                      'model.attention_impl', 'train.log_every', 'train.profile_steps', 'train.profile_start',
                      'eval.every', 'checkpoint.', 'data.manual_dir', 'data.tfds_data_dir')

@@ -49,7 +49,8 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> Callable[[Any], 
 
 
 def make_optimizer(train: ml_collections.ConfigDict, stacked_blocks: bool = False) -> optax.GradientTransformation:
-  """AdamW with weight decay on weight matrices only (not on norms or biases), after global-norm clipping.
+  """AdamW with weight decay on matrices only (embedding tables included, as in nanoGPT; not norms or biases),
+  after global-norm clipping.
 
   With `stacked_blocks` (scanned layers) the parameters under 'blocks' carry
   an extra leading layer axis, which does not make a vector a matrix. Biases
