@@ -1,5 +1,5 @@
 """Time of the token-embedding gradient: XLA's scatter-add (the gradient of `table[ids]`) against
-`nanodecoder.model.embed_lookup`'s one-hot matmul, on uniformly random ids and on the ids of real text.
+`nanodecoder.ops.embed_lookup`'s one-hot matmul, on uniformly random ids and on the ids of real text.
 
   python bench/embed_grad.py --text input.txt      # prints a table, writes JSON (default bench/out/embed_grad.json)
 
@@ -48,7 +48,7 @@ def main():
   import numpy as np
 
   from nanodecoder.data import CharTokenizer
-  from nanodecoder.model import embed_lookup
+  from nanodecoder.ops import embed_lookup
   from train_speed import machine
 
   vocab = 65  # tiny-shakespeare's characters

@@ -6,7 +6,7 @@
 Each shape runs in its own process (so peak RSS is its own) with the
 experiment's settings, on uniformly random tokens, or on the character tokens
 of `--text`: on GPUs speed can depend on how often tokens repeat (atomic
-scatter-adds serialize on repeated ids; see `nanodecoder.model.embed_lookup`).
+scatter-adds serialize on repeated ids; see `nanodecoder.ops.embed_lookup`).
 Prints a table and writes JSON (default bench/out/train_speed.json).
 Per shape: compile time of the first step (persistent compilation cache
 off), median ms/step over `repeats` blocks of `steps` steps, tokens/s,
