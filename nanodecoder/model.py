@@ -402,9 +402,10 @@ class Decoder(nnx.Module):
     """One block, with its activations kept for the backward pass as `cfg.remat` says:
 
     'none'     keep everything (fastest, most memory);
-    'matmuls'  keep the outputs of the projections, recompute the cheap rest
-               (LayerNorm, GELU, attention weights): a few % more time for
-               far less memory;
+    'matmuls'  keep the outputs of the four weight matmuls (the
+               projections), recompute the rest (LayerNorm, GELU, and the
+               attention scores, softmax and weighted sum of values, whose
+               cost grows with the context): more time for far less memory;
     'block'    keep only the block's input, recompute the block (about a
                third more time, least memory).
     """
