@@ -39,7 +39,7 @@ from nanodecoder.config import ConfigError
 from nanodecoder.data import CharTokenizer
 from nanodecoder.files import atomic_write
 from nanodecoder.metrics import quiet_absl
-from nanodecoder.model import Decoder
+from nanodecoder.model import abstract_decoder
 from nanodecoder.sharding import gather_from_processes
 
 # The model fields a checkpoint's arrays depend on (scan_layers: blocks stored stacked or one by one): a checkpoint
@@ -502,8 +502,7 @@ def load_model(workdir: str | pathlib.Path, which: str | int = 'latest'):
     tokenizer = CharTokenizer.from_json(meta['tokenizer'])
     here = config_lib.for_reading_here(config, 1, jax.default_backend())
     model_config = config_lib.model_config(here, tokenizer.vocab_size)
-    with nnx.use_eager_sharding(False):
-      graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, nnx.Rngs(0))))
+    graphdef, abstract = nnx.split(abstract_decoder(model_config))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     with reading(checkpoints, step):

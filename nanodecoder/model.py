@@ -456,6 +456,12 @@ def _stack(blocks: list[Block]) -> Block:
   return nnx.merge(graphdef, stacked)
 
 
+def abstract_decoder(cfg: ModelConfig) -> Decoder:
+  """The decoder with shape-and-dtype stand-ins for its parameters (nothing allocated or computed)."""
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
+
+
 def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 

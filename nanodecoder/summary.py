@@ -77,14 +77,11 @@ def count_parameters(workdir: str | pathlib.Path) -> int | None:
     tokenizer_json = (workdir / 'tokenizer.json').read_text(encoding='utf-8')
   except (OSError, ValueError):
     return None
-  from flax import nnx
-
   from nanodecoder.data import CharTokenizer
-  from nanodecoder.model import Decoder, count_params
+  from nanodecoder.model import abstract_decoder, count_params
 
   model_config = config_lib.model_config(config, CharTokenizer.from_json(tokenizer_json).vocab_size)
-  with nnx.use_eager_sharding(False):
-    return count_params(nnx.eval_shape(lambda: Decoder(model_config, nnx.Rngs(0))))
+  return count_params(abstract_decoder(model_config))
 
 
 def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: RunMetrics | None = None

@@ -148,7 +148,7 @@ def test_a_config_file_with_other_settings_does_not_resume_a_started_run(trained
   result = launch(*tiny_args(corpus_file, '--config.seed=7', '--config.train.learning_rate=0.003'),
                   '--workdir', str(trained))
   assert_user_error(result, f'{trained} holds a run trained with seed=1337, not 7 (and train.learning_rate) as --config')
-  assert f'--config.seed=7 --config.train.learning_rate=0.003' in result.stderr
+  assert '--config.seed=7 --config.train.learning_rate=0.003' in result.stderr
   assert files_in(trained) == before
   # Allowed: the length, the intervals, and the memory remedies (recomputation, micro-batches).
   workdir = tmp_path / 'run'
