@@ -14,19 +14,14 @@ complete, so a crash never leaves a half-written step behind.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import inspect
 import json
-import logging
 import os
 import pathlib
-import re
 import sys
 import zlib
 from typing import Any
 
-from absl import logging as absl_logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -34,7 +29,7 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
 from nanodecoder import config as config_lib
-from nanodecoder import interrupts
+from nanodecoder import orbax_errors
 from nanodecoder.config import ConfigError
 from nanodecoder.data import CharTokenizer
 from nanodecoder.files import atomic_write
@@ -50,90 +45,6 @@ SHAPE_FIELDS = ('num_layers', 'num_heads', 'head_size', 'context_length', 'mlp_r
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint, or a checkpoint that cannot be written."""
-
-
-# Errors that say nothing about a checkpoint's files: the step is left in place and the run stops.
-_ENVIRONMENT_ERRORS = (MemoryError, PermissionError, TimeoutError, ConnectionError, BlockingIOError, InterruptedError,
-                       jax.errors.JaxRuntimeError)
-_ENVIRONMENT_ERRNOS = {errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ESTALE, errno.EIO}
-_ENVIRONMENT_STATUS = re.compile(r'\b(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED):')
-
-
-def _is_environment_error(error: BaseException) -> bool:
-  """True if `error` (or an error it was raised from) is about memory, permissions or the file system, not the data."""
-  while error is not None:
-    if (isinstance(error, _ENVIRONMENT_ERRORS) or getattr(error, 'errno', None) in _ENVIRONMENT_ERRNOS
-        or _ENVIRONMENT_STATUS.search(str(error))):  # tensorstore's status codes, e.g. 'RESOURCE_EXHAUSTED: ...'
-      return True
-    error = error.__cause__ or error.__context__
-  return False
-
-
-def _shortened(text: str, limit: int = 240) -> str:
-  """`text` cut in the middle to at most ~`limit` characters: the start says what failed, the end often why."""
-  return text if len(text) <= limit else f'{text[:limit // 2]} ... {text[-limit // 2:]}'
-
-
-def _first_line(error: BaseException) -> str:
-  """'ValueError: what failed ... why', without the storage specs TensorStore appends (kilobytes of JSON)."""
-  if str(error).startswith('Encountered error while reading array index') and error.__cause__ is not None:
-    error = error.__cause__  # Orbax's wrapper names only the slice; its cause says what failed
-  text = re.sub(r'\s*(\[(tensorstore_spec|source locations)\b|See full TensorStore details:).*', '',
-                str(error).strip(), flags=re.DOTALL)
-  return f'{type(error).__name__}: {_shortened((text.splitlines() or [""])[0])}'
-
-
-def _from_orbax(code) -> bool:
-  return f'{os.sep}orbax{os.sep}' in code.co_filename
-
-
-def _leftover_of_a_failed_read(unraisable) -> bool:
-  """Whether an error Python drops is what a failed restore leaves behind (its own error was handled already).
-
-  When one array of a restore fails, Orbax closes its event loop while tensorstore still reads the others: as
-  each finishes, its callback meets the closed loop ('RuntimeError: Event loop is closed' in
-  call_soon_threadsafe), and Orbax's abandoned read coroutines fail when they are collected.
-  """
-  error, trace, obj = unraisable.exc_value, unraisable.exc_traceback, unraisable.object
-  if (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed' and trace is not None
-      and trace.tb_frame.f_code.co_name == 'call_soon_threadsafe'):
-    return True
-  return inspect.iscoroutine(obj) and _from_orbax(obj.cr_code)
-
-
-class _QuietLostFutures(logging.Filter):
-  """Drops asyncio's 'Future (or Task) exception was never retrieved' for a read of Orbax's that a failed restore
-  left."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    lost = record.getMessage().startswith(('Future exception was never retrieved',
-                                           'Task exception was never retrieved'))
-    if not lost or not record.exc_info:
-      return True
-    trace = record.exc_info[2]
-    while trace is not None:
-      if _from_orbax(trace.tb_frame.f_code):
-        return False
-      trace = trace.tb_next
-    return True
-
-
-class _QuietOrbaxLogs(logging.Filter):
-  """Drops Orbax's own log records, e.g. the tracebacks its threads log when a save fails (the failure reaches
-  the user as one CheckpointError line), unless absl's verbosity asks for them (--verbosity=0)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return f'{os.sep}orbax{os.sep}' not in record.pathname or absl_logging.get_verbosity() >= absl_logging.INFO
-
-
-def _quiet_orbax_leftovers() -> None:
-  """Hides what a failed read or save of Orbax's leaves behind (its error is reported once, by us); every other
-  dropped error still prints."""
-  interrupts.filter_unraisable('ignore leftovers of failed reads', _leftover_of_a_failed_read)
-  for name, kind in (('asyncio', _QuietLostFutures), ('absl', _QuietOrbaxLogs)):
-    log = logging.getLogger(name)
-    if not any(isinstance(f, kind) for f in log.filters):
-      log.addFilter(kind())
 
 
 class WorkdirLock:
@@ -221,7 +132,7 @@ class Checkpoints:
   def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, read_only: bool = False):
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
-    _quiet_orbax_leftovers()
+    orbax_errors.quiet_orbax_leftovers()
     if not read_only:
       self._repair_metrics()
     policies = [checkpoint_managers.LatestN(n=keep)]
@@ -307,7 +218,7 @@ class Checkpoints:
     except CheckpointError:
       raise
     except Exception as e:  # disk full, read-only or vanished folder, ...
-      reason = _shortened((str(e).strip().splitlines() or [type(e).__name__])[-1])
+      reason = orbax_errors.shortened((str(e).strip().splitlines() or [type(e).__name__])[-1])
       good = [s for s in self.steps() if (self.directory / str(s)).is_dir()]
       kept = f'the checkpoint at step {good[-1]} is intact' if good else 'no earlier checkpoint exists'
       what = f'step {step}' if step is not None else 'the last step'
@@ -330,7 +241,7 @@ class Checkpoints:
       try:
         val_loss = self.meta(step)['val_loss']
       except Exception as e:  # noqa: BLE001 (a damaged step is no candidate; the chosen one is read in full later)
-        print(f'left out of --checkpoint best: the checkpoint at step {step} ({_first_line(e)})', file=sys.stderr)
+        print(f'left out of --checkpoint best: the checkpoint at step {step} ({orbax_errors.first_line(e)})', file=sys.stderr)
         continue
       if val_loss is not None:
         scored.append((val_loss, step))
@@ -403,7 +314,7 @@ class Checkpoints:
         error = e
       ok, unreadable, environment, other_model = range(4)  # outcomes, the worst one (highest) decides
       outcome = (ok if error is None else other_model if isinstance(error, ConfigError)
-                 else environment if _is_environment_error(error) else unreadable)
+                 else environment if orbax_errors.is_environment_error(error) else unreadable)
       outcomes = gather_from_processes(outcome)
       worst, worst_process = outcomes.max(), int(outcomes.argmax())
       if worst == other_model:
@@ -412,7 +323,7 @@ class Checkpoints:
         raise ConfigError(f'the checkpoint at step {step} in {self.directory} holds another model (process '
                           f'{worst_process} says how); pass another --workdir')
       if worst == environment:
-        cause = _first_line(error) if outcome == environment else f'an error on process {worst_process}, in its output'
+        cause = orbax_errors.first_line(error) if outcome == environment else f'an error on process {worst_process}, in its output'
         raise CheckpointError(f'cannot read the checkpoint at step {step} in {self.directory} ({cause}); it is left '
                               'in place: fix the cause (memory, permissions, file system), then rerun to resume'
                               ) from error
@@ -450,10 +361,10 @@ class Checkpoints:
       except OSError as e:
         failure = e
     if gather_from_processes(failure is not None).any():
-      what = _first_line(failure) if failure is not None else 'see the output of process 0'
+      what = orbax_errors.first_line(failure) if failure is not None else 'see the output of process 0'
       raise CheckpointError(f'cannot move the unreadable checkpoint at step {step} to {aside} ({what}); '
                             'move or delete it yourself, then rerun') from failure
-    reason = _first_line(error) if error is not None else 'unreadable on another process'
+    reason = orbax_errors.first_line(error) if error is not None else 'unreadable on another process'
     log(f'checkpoint at step {step} is unreadable ({reason}); moved it to {aside.name}, '
         'falling back to the previous one')
     self.manager.reload()
@@ -486,8 +397,8 @@ def reading(checkpoints: Checkpoints, step: int):
   except (CheckpointError, ConfigError):
     raise
   except Exception as e:  # noqa: BLE001 (corrupt or partial files, or the machine: memory, permissions, ...)
-    where = f'cannot read the checkpoint at step {step} in {checkpoints.directory} ({_first_line(e)})'
-    if _is_environment_error(e):
+    where = f'cannot read the checkpoint at step {step} in {checkpoints.directory} ({orbax_errors.first_line(e)})'
+    if orbax_errors.is_environment_error(e):
       raise CheckpointError(f'{where}; fix the cause (memory, permissions, file system) and rerun') from e
     others = ', '.join(str(s) for s in checkpoints.steps() if s != step) or 'there is none'
     raise CheckpointError(f'{where}; pass --checkpoint with another step ({others}), or rerun training in the '

@@ -2,14 +2,12 @@
 
 import errno
 import json
-import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import types
 import zlib
 
 import jax
@@ -436,45 +434,3 @@ def test_a_signal_saves_a_checkpoint_and_the_next_start_resumes(corpus_file, tmp
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'resumed from the checkpoint at step {stopped_at}' in result.stdout
   assert f'step {stopped_at + 6} |' in result.stdout
-
-
-def _defined_in(path: str, source: str) -> dict:
-  namespace = {}
-  exec(compile(source, path, 'exec'), namespace)  # noqa: S102 (functions whose code says they come from `path`)
-  return namespace
-
-
-def test_only_leftovers_of_orbax_reads_are_silenced():
-  orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', 'io.py')
-  orbax = _defined_in(orbax_file, 'async def read():\n  pass\ndef fail():\n  raise ValueError("read failed")\n')
-  ours = _defined_in(os.path.join(os.sep, 'project', 'io.py'), 'async def read():\n  pass\n')
-  dropped = lambda obj: types.SimpleNamespace(exc_value=RuntimeError('coroutine failed'), exc_traceback=None,
-                                              object=obj)
-  for coroutine, silenced in ((orbax['read'](), True), (ours['read'](), False)):
-    assert checkpoint_lib._leftover_of_a_failed_read(dropped(coroutine)) == silenced
-    coroutine.close()
-  assert not checkpoint_lib._leftover_of_a_failed_read(dropped(None))
-  try:
-    orbax['fail']()
-  except ValueError:
-    exc_info = sys.exc_info()
-  lost = lambda message, info: logging.LogRecord('asyncio', logging.ERROR, __file__, 1, message, None, info)
-  quiet = checkpoint_lib._QuietLostFutures()
-  assert not quiet.filter(lost('Future exception was never retrieved\nfuture: <Future>', exc_info))
-  assert quiet.filter(lost('Future exception was never retrieved', (ValueError, ValueError('x'), None)))
-  assert quiet.filter(lost('Task was destroyed but it is pending!', exc_info))
-
-
-def test_error_lines_name_the_cause_without_tensorstore_specs():
-  try:
-    try:
-      raise ValueError('OUT_OF_RANGE: byte range [0, 5200) is not valid for value of size 10 '
-                       '[tensorstore_spec=\'{"driver": "zarr"}\'] [source locations=\'x.cc:1\']')
-    except ValueError as cause:
-      raise Exception('Encountered error while reading array index: (slice(0, 2),). See full TensorStore '
-                      'details: <bound method spec of TensorStore({"driver": "zarr"})>.') from cause
-  except Exception as e:  # noqa: BLE001
-    wrapped = e
-  assert checkpoint_lib._first_line(wrapped) == (
-      'ValueError: OUT_OF_RANGE: byte range [0, 5200) is not valid for value of size 10')
-  assert checkpoint_lib._first_line(wrapped.__cause__.with_traceback(None)) == checkpoint_lib._first_line(wrapped)
