@@ -468,7 +468,6 @@ def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoin
 
   t = config.train
   schedule = learning_rate_schedule(t)
-  tokens_per_step = t.batch_size * dataset.context_length
 
   def save(step: int, val_loss: float | None = None) -> None:
     nonlocal last_saved
@@ -488,7 +487,7 @@ def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoin
   step = start_step = trainer.step
   n = call_size(step)
   batch = batches(step, n) if step < t.num_steps else None
-  window_start, window_steps = time.perf_counter(), 0
+  speed = _Speed(t.batch_size * dataset.context_length)
   compiling = True  # the first call of each size compiles: left out of the speed
   profile = _Profile(workdir, t.profile_start, t.profile_steps if is_main else 0, logger.info)  # one trace file
   try:
@@ -502,21 +501,15 @@ def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoin
       # makes NaN parameters: both must be finite before a checkpoint can hold them.
       losses, grad_norms = map(np.atleast_1d, jax.device_get((out['loss'], out['grad_norm'])))
       _raise_if_diverged(losses, grad_norms, step, last_saved)
-      step, window_steps = step + n, window_steps + n
+      step += n
       profile.after(step)
-      if compiling:
-        if step == start_step + n:
-          logger.info(f'step {step}: compiled and ran the first call in {time.perf_counter() - window_start:.1f} s')
-        window_start, window_steps = time.perf_counter(), 0
+      if compiling and step == start_step + n:
+        logger.info(f'step {step}: compiled and ran the first call in {speed.elapsed():.1f} s')
+      speed.add(n, compiled=compiling)
       compiling, n = next_n != n, next_n
       if step % t.log_every == 0 or step == t.num_steps:
-        elapsed = time.perf_counter() - window_start
-        scalars = {'train/loss': float(losses[-1]), 'train/lr': float(schedule(step - 1)),
-                   'train/grad_norm': float(grad_norms[-1])}
-        if window_steps:  # none right after the first (compiling) call: no speed to report yet
-          scalars.update({'train/ms_per_step': 1000 * elapsed / window_steps,
-                          'train/tokens_per_s': tokens_per_step * window_steps / elapsed})
-        logger.write(step, scalars)
+        logger.write(step, {'train/loss': float(losses[-1]), 'train/lr': float(schedule(step - 1)),
+                            'train/grad_norm': float(grad_norms[-1]), **speed.scalars()})
       val_loss = None
       if step % config.eval.every == 0 or step == t.num_steps:
         result = evaluate(trainer, dataset)
@@ -535,7 +528,7 @@ def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoin
                     'run the same command to resume')
         return metrics
       if step % t.log_every == 0 or val_loss is not None:
-        window_start, window_steps = time.perf_counter(), 0
+        speed.restart()
     checkpoints.wait()  # the last save is on disk (a failed asynchronous save surfaces here)
   finally:
     profile.after(None)
@@ -571,6 +564,36 @@ def _check_savable(trainer: Trainer, step: int, val_loss: float | None, last_sav
 def _diverged(what: str, step: int, last_saved: int | None) -> FloatingPointError:
   kept = 'no checkpoint was written' if last_saved is None else f'the last good checkpoint (step {last_saved}) is kept'
   return FloatingPointError(f'{what} at step {step}; {kept}; lower train.learning_rate or check the data')
+
+
+class _Speed:
+  """Milliseconds per step and tokens per second over the calls since the window last restarted (at each log line
+  and evaluation), leaving out calls that compiled."""
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self.restart()
+
+  def restart(self) -> None:
+    self.start, self.steps = time.perf_counter(), 0
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+  def add(self, steps: int, compiled: bool) -> None:
+    """Counts a call of `steps` steps just finished; one that compiled restarts the window instead."""
+    if compiled:
+      self.restart()
+    else:
+      self.steps += steps
+
+  def scalars(self) -> dict[str, float]:
+    """The speed over the window; none before a call that did not compile has finished."""
+    if not self.steps:
+      return {}
+    elapsed = self.elapsed()
+    return {'train/ms_per_step': 1000 * elapsed / self.steps,
+            'train/tokens_per_s': self.tokens_per_step * self.steps / elapsed}
 
 
 class _Profile:
