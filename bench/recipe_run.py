@@ -6,7 +6,7 @@ Prints and writes JSON: total wall time, training time (the logged step
 times: no compilation, no evaluation, no checkpoint waits; profiled steps
 count at the median), best and final val loss, median tokens/s over the
 run's log windows, and MFU against the chip's datasheet bf16 peak (GPU) from
-`train_speed.PEAK_BF16_FLOPS`.
+`train_speed.PEAK_BF16_FLOPS`. The workdir must hold no checkpoints (training would resume from them).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', required=True)
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON', type=override)
-  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--workdir', required=True, help='a new or empty folder for the run')
   parser.add_argument('--out', type=out_file)
   args = parser.parse_args()
   config, = checked_configs(parser, [args.config], args.set)
@@ -39,6 +39,9 @@ def main():
   from nanodecoder.sweep import saved_steps
   from train_speed import MFU_CONVENTION, machine, peak_flops
 
+  if saved_steps(args.workdir):  # training would resume from them: the report would time only the rest
+    parser.error(f'--workdir {args.workdir} holds checkpoints of an earlier run; a recipe is timed from step 0: '
+                 'give a new or empty folder')
   cli.setup_jax(config)
   import jax
 

@@ -50,6 +50,14 @@ def test_recipe_run_and_trace_summary(corpus_file, tmp_path):
   assert result['median_ms_per_step'] is None and result['wall_s'] > 0
   out = bench('trace_summary.py', str(tmp_path / 'run' / 'plugins' / 'profile'), '--top', '3')
   assert out.startswith('trace: ') and '.trace.json.gz' in out.splitlines()[0]
+  # Run again there, training would resume from the last checkpoint (here: nothing to do) and the report time
+  # only that: refused.
+  again = subprocess.run([sys.executable, 'bench/recipe_run.py', '--config', 'experiments/cpu.py', *overrides,
+                          '--workdir', str(tmp_path / 'run'), '--out', str(tmp_path / 'again.json')], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+  assert again.returncode == 2 and not (tmp_path / 'again.json').exists(), again.stderr[-3000:]
+  assert again.stderr.splitlines()[-1] == (f'recipe_run.py: error: --workdir {tmp_path / "run"} holds checkpoints of '
+                                           'an earlier run; a recipe is timed from step 0: give a new or empty folder')
 
 
 def test_sample_speed_and_compile_time(tmp_path):
