@@ -37,6 +37,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli_args import checked_configs, out_file, override, positive_int, shape  # noqa: E402
 from nanodecoder.files import atomic_write  # noqa: E402  (light: no JAX import)
 
 # XLA's description of the target: one H100 SXM 80GB (132 SMs, 50 MB L2, 3.35 TB/s, compute capability 9.0).
@@ -120,21 +121,24 @@ def kernel_traffic(hlo: str) -> dict[str, float]:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--shape', default='gpt2_small', help='experiment file under experiments/')
-  parser.add_argument('--devices', type=int, default=1, help='GPUs of one host the mesh spans')
-  parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON', help='config override')
-  parser.add_argument('--out', default=str(REPO / 'bench' / 'out' / 'gpu_hlo'), help='output path without suffix')
+  parser.add_argument('--shape', type=shape, default='gpt2_small', help='experiment file under experiments/')
+  parser.add_argument('--devices', type=positive_int, default=1, help='GPUs of one host the mesh spans')
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON', type=override,
+                      help='config override')
+  parser.add_argument('--out', type=out_file, default=str(REPO / 'bench' / 'out' / 'gpu_hlo'),
+                      help='output path without suffix')
   args = parser.parse_args()
-
   os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')  # its check needs a driver
   os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_gpu_autotune_level=0'
+  # A bad field stops the script here, not after the CUDA plugin check (or a compilation) of minutes
+  config, = checked_configs(parser, [REPO / 'experiments' / f'{args.shape}.py'], args.set)
+
   import jax
   import jax.numpy as jnp
   from jax.experimental import topologies
 
   from nanodecoder import config as config_lib, sharding, train
   from nanodecoder.model import auto_attention_impl
-  from cli_args import load_config
 
   try:
     topology = topologies.get_topology_desc(platform='cuda', topology=f'1x1x{args.devices}',
@@ -143,7 +147,6 @@ def main():
     reason = (str(e).splitlines() or [''])[0]
     sys.exit(f'cannot compile for CUDA here ({type(e).__name__}: {reason}); install '
              f'"jax-cuda12-plugin[with-cuda]=={jax.__version__}" (see the top of {pathlib.Path(__file__).name})')
-  config = load_config(REPO / 'experiments' / f'{args.shape}.py', args.set)
   m = config.model
   if m.attention_impl == 'auto':  # 'auto' would look at this machine's backend, the CPU
     m.attention_impl = auto_attention_impl(jnp.dtype(m.dtype), m.head_size, 'gpu') if m.dropout == 0 else 'einsum'

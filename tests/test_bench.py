@@ -85,6 +85,11 @@ def test_sample_speed_and_compile_time(tmp_path):
      'argument --out: . is a folder'),
     ('embed_grad.py', ['--text', 'nope.txt'], 'argument --text: nope.txt is not a file'),
     ('compile_time.py', ['--layers', '4,x'], "argument --layers: expected a positive integer, got 'x'"),
+    # gpu_hlo.py: before the check for JAX's CUDA plugin (which said to install it, whatever the mistake)
+    ('gpu_hlo.py', ['--shape', 'nope'], 'argument --shape: no experiment file experiments/nope.py'),
+    ('gpu_hlo.py', ['--devices', '0'], "argument --devices: expected a positive integer, got '0'"),
+    ('gpu_hlo.py', ['--set', 'model.num_layers=0'],
+     'experiments/gpt2_small.py: model.num_layers must be a positive integer, got 0'),
 ])
 def test_bad_arguments_stop_before_any_work(script, args, message):
   result = subprocess.run([sys.executable, f'bench/{script}', *args], cwd=REPO, capture_output=True, text=True,
