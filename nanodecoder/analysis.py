@@ -118,7 +118,7 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
   checkpoints, step, meta = checkpoint_lib.load_meta(workdir, which)
   try:
     config = ml_collections.ConfigDict(meta['config'])
-    split = split or config.data.eval_split
+    split = config.data.eval_split if split is None else split  # ('' is no split: refused by name below)
     tokenizer = data_lib.CharTokenizer.from_json(meta['tokenizer'])
     try:
       text = data_lib.load_corpus(config.data).text(split)

@@ -88,6 +88,8 @@ def test_eval_report_is_the_exact_loss_over_every_window(run, monkeypatch):
   assert train_report['split'] == 'train' and train_report['predicted'] == len(train_text) - 1
   with pytest.raises(DataError, match=r"split 'nope' \(in 'validation\+nope'\) does not exist"):
     analysis.evaluate_split(run, 'latest', 'validation+nope')
+  with pytest.raises(DataError, match=r"split '' \(in ''\) does not exist"):  # (--split '': not the default)
+    analysis.evaluate_split(run, 'latest', '')
 
 
 def launch(*args):
