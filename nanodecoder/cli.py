@@ -672,7 +672,9 @@ def attention_command() -> None:
   prompt = _given_prompt()
   if prompt is None:
     fail("--mode attention needs the text to look at: --prompt 'ROMEO: ...' or --prompt_file FILE")
-  out = _checked_out_folder(pathlib.Path(FLAGS.out) if FLAGS.out else workdir / 'attention')
+  if FLAGS.out == '':
+    fail(f"--out '' names no folder; give a folder for the pictures, or leave --out out for {workdir / 'attention'}")
+  out = _checked_out_folder(workdir / 'attention' if FLAGS.out is None else pathlib.Path(FLAGS.out))
   setup_jax()
   model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint)
   maps, shown = analysis.attention_maps(model, tokenizer, prompt)

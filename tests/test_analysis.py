@@ -129,6 +129,7 @@ def test_eval_reads_a_checkpoint_on_any_device_count(corpus_file, tmp_path):
 @pytest.mark.parametrize('args, message', [
     (['--mode', 'attention', '--workdir', 'x'], "error: --mode attention needs the text to look at: --prompt"),
     (['--mode', 'eval'], 'error: --workdir is required for --mode eval'),
+    (['--mode', 'attention', '--workdir', 'x', '--prompt', 'ab', '--out', ''], "error: --out '' names no folder"),
     (['--mode', 'summary', '--workdir', '/no/such/sweep'], 'error: /no/such/sweep is not a folder'),
     (['--config', 'experiments/cpu.py', '--sweep_list'], 'error: --sweep_list needs a sweep: --mode=train and a'),
     (['--config', 'experiments/sweep.py:blocks', '--config.model.num_heads=0', '--sweep_list'],
