@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+try:
+  import torch
+  import torch.nn as nn
+  import torch.nn.functional as F
+except ImportError as e:
+  sys.exit(f'torch_reference.py: error: it needs PyTorch, which is not a project dependency ({e}); install it: '
+           'pip install torch==2.13.0')
 
 LAYERS, HEADS, WIDTH, CONTEXT, BATCH, STEPS = 4, 4, 128, 64, 12, 2000  # the CPU recipe
 BASE_SHAPE = dict(layers=6, heads=6, width=384, context=256)  # experiments/base.py

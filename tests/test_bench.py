@@ -95,3 +95,14 @@ def test_bad_arguments_stop_before_any_work(script, args, message):
   result = subprocess.run([sys.executable, f'bench/{script}', *args], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
   assert result.returncode == 2 and f'{script}: error: {message}' in result.stderr.splitlines()[-1], result.stderr
+
+
+def test_torch_reference_without_pytorch_is_one_line():
+  """PyTorch is not a project dependency: without it the mirror says so in one line (was: an import traceback)."""
+  hide_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['bench/torch_reference.py']; "
+                "runpy.run_path('bench/torch_reference.py', run_name='__main__')")
+  result = subprocess.run([sys.executable, '-c', hide_torch], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+  assert result.stderr.splitlines() == [result.stderr.strip()]
+  assert result.stderr.startswith('torch_reference.py: error: it needs PyTorch, which is not a project dependency')
+  assert result.stderr.strip().endswith('pip install torch==2.13.0')
