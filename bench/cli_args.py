@@ -74,8 +74,13 @@ def override(text: str) -> str:
 
 
 def text_file(text: str) -> str:
+  """The path of a UTF-8 text file."""
   if not pathlib.Path(text).is_file():
     raise argparse.ArgumentTypeError(f'{text} is not a file')
+  try:
+    pathlib.Path(text).read_text(encoding='utf-8')
+  except UnicodeDecodeError as e:
+    raise argparse.ArgumentTypeError(f'{text} is not UTF-8 text ({e.reason} at byte {e.start})') from None
   return text
 
 

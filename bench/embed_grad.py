@@ -42,6 +42,13 @@ def main():
   parser.add_argument('--text', type=text_file, help='text file whose character ids are timed besides uniform ids')
   parser.add_argument('--out', type=out_file, default=str(REPO / 'bench' / 'out' / 'embed_grad.json'))
   args = parser.parse_args()
+  text = None
+  if args.text:
+    text = pathlib.Path(args.text).read_text(encoding='utf-8')
+    needed = max(batch * length for batch, length, _ in SHAPES.values())
+    if len(text) < needed:
+      parser.error(f'--text {args.text} has {len(text):,} characters; the largest timed batch takes {needed:,}: '
+                   'give a longer text (e.g. tiny-shakespeare)')
 
   import jax
   import jax.numpy as jnp
@@ -53,8 +60,7 @@ def main():
 
   vocab = 65  # tiny-shakespeare's characters
   id_sources = {'uniform': np.random.default_rng(0).integers(0, vocab, size=1_000_000).astype(np.int32)}
-  if args.text:
-    text = pathlib.Path(args.text).read_text(encoding='utf-8')
+  if text is not None:
     tokenizer = CharTokenizer.from_text(text)
     id_sources['text'], vocab = tokenizer.encode(text), max(vocab, tokenizer.vocab_size)
   rows = []

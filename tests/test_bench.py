@@ -106,3 +106,16 @@ def test_torch_reference_without_pytorch_is_one_line():
   assert result.stderr.splitlines() == [result.stderr.strip()]
   assert result.stderr.startswith('torch_reference.py: error: it needs PyTorch, which is not a project dependency')
   assert result.stderr.strip().endswith('pip install torch==2.13.0')
+
+
+def test_a_text_too_short_or_not_utf8_stops_embed_grad_in_one_line(tmp_path):
+  short, latin1 = tmp_path / 'short.txt', tmp_path / 'latin1.txt'
+  short.write_text('to be or not to be\n' * 100)
+  latin1.write_bytes('café\n'.encode('latin-1') * 10_000)
+  for path, message in ((short, f'--text {short} has 1,900 characters; the largest timed batch takes 32,768'),
+                        (latin1, f'argument --text: {latin1} is not UTF-8 text (invalid continuation byte at byte 3)')):
+    result = subprocess.run([sys.executable, 'bench/embed_grad.py', '--text', str(path), '--out',
+                             str(tmp_path / 'out.json')], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1].startswith(f'embed_grad.py: error: {message}'), result.stderr
+    assert not (tmp_path / 'out.json').exists()
