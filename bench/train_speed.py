@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
@@ -190,7 +191,12 @@ def main():
   parser.add_argument('--ceiling', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if not (args.worker or args.ceiling):  # every shape's config, checked before the first measurement
-    checked_configs(parser, [REPO / 'experiments' / f'{shape}.py' for shape in args.shapes], args.set)
+    configs = checked_configs(parser, [REPO / 'experiments' / f'{shape}.py' for shape in args.shapes], args.set)
+    characters = len(pathlib.Path(args.text).read_text(encoding='utf-8')) if args.text else math.inf
+    for shape, config in zip(args.shapes, configs):
+      if characters <= config.model.context_length:
+        parser.error(f'--text {args.text} has {characters:,} characters; shape {shape} trains on windows of '
+                     f'context_length + 1 = {config.model.context_length + 1}: give a longer text')
 
   if args.ceiling:
     import jax

@@ -119,3 +119,14 @@ def test_a_text_too_short_or_not_utf8_stops_embed_grad_in_one_line(tmp_path):
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     assert result.stderr.splitlines()[-1].startswith(f'embed_grad.py: error: {message}'), result.stderr
     assert not (tmp_path / 'out.json').exists()
+
+
+def test_a_text_shorter_than_a_window_stops_train_speed_before_any_work(tmp_path):
+  (tmp_path / 'short.txt').write_text('x' * 64)  # the CPU shape's windows are 65 characters
+  result = subprocess.run([sys.executable, 'bench/train_speed.py', '--shapes', 'cpu', '--text',
+                           str(tmp_path / 'short.txt'), '--out', str(tmp_path / 'out.json')], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.splitlines()[-1] == (f'train_speed.py: error: --text {tmp_path / "short.txt"} has 64 '
+                                            'characters; shape cpu trains on windows of context_length + 1 = 65: '
+                                            'give a longer text')
