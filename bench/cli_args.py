@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -39,11 +40,16 @@ def shapes(text: str) -> list[str]:
 
 
 def out_file(text: str) -> pathlib.Path:
-  """A JSON file to write: not a folder, in a folder that exists or can be made."""
-  path = pathlib.Path(text)
+  """A JSON file to write: not a folder, in a folder that exists or can be made. A symbolic link stands for its
+  target; anything else but a regular file (a device such as /dev/null, a pipe) is refused: the file is written
+  beside it and renamed over it, which would replace it."""
+  path = pathlib.Path(os.path.realpath(text))
   if path.is_dir():
-    raise argparse.ArgumentTypeError(f'{text} is a folder; give a file path, e.g. {path / "results.json"}')
-  folder = unwritable_folder(path.resolve())
+    example = pathlib.Path(text) / 'results.json'
+    raise argparse.ArgumentTypeError(f'{text} is a folder; give a file path, e.g. {example}')
+  if path.exists() and not path.is_file():
+    raise argparse.ArgumentTypeError(f'{text} is not a regular file; give the path of a file to write')
+  folder = unwritable_folder(path)
   if folder is not None:
     raise argparse.ArgumentTypeError(f'cannot write {text}: {folder} is not a writable folder')
   return path

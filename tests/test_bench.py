@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (tiny settings) and write what they print; bad arguments stop them."""
 
+import argparse
 import json
 import math
 import os
@@ -130,3 +131,19 @@ def test_a_text_shorter_than_a_window_stops_train_speed_before_any_work(tmp_path
   assert result.stderr.splitlines()[-1] == (f'train_speed.py: error: --text {tmp_path / "short.txt"} has 64 '
                                             'characters; shape cpu trains on windows of context_length + 1 = 65: '
                                             'give a longer text')
+
+
+def test_out_is_written_through_a_link_and_refused_where_it_would_replace_a_device_or_pipe(tmp_path):
+  """The JSON is written beside --out and renamed over it: /dev/null (as root) or a pipe became a regular file,
+  and a symbolic link was replaced by the file instead of leading to it."""
+  sys.path.insert(0, str(REPO / 'bench'))
+  try:
+    import cli_args
+  finally:
+    sys.path.remove(str(REPO / 'bench'))
+  (tmp_path / 'link.json').symlink_to(tmp_path / 'results' / 'speed.json')
+  assert cli_args.out_file(str(tmp_path / 'link.json')) == tmp_path / 'results' / 'speed.json'
+  os.mkfifo(tmp_path / 'pipe')
+  for path in ('/dev/null', str(tmp_path / 'pipe')):  # (checked here, not by a script that would write there)
+    with pytest.raises(argparse.ArgumentTypeError, match=f'^{path} is not a regular file; give the path of a file'):
+      cli_args.out_file(path)
