@@ -579,16 +579,13 @@ def _checked_out(workdir: pathlib.Path) -> pathlib.Path | None:
     return None
   if not FLAGS.out:
     fail("--out '' names no file; give a file path, or leave --out out to print only")
-  out = pathlib.Path(FLAGS.out)
   example = 'report.json' if FLAGS.mode == 'eval' else 'samples.txt'
   try:
-    out, run = pathlib.Path(os.path.realpath(out)), pathlib.Path(os.path.realpath(workdir))
-    if out.is_relative_to(run):
-      inside = out.relative_to(run)
-      if (str(inside) in _RUN_FILES or (inside.parts and inside.parts[0] in _RUN_FOLDERS)
-          or (len(inside.parts) == 1 and inside.name.startswith(_RUN_FILE_PREFIXES))):
-        fail(f"--out {FLAGS.out} is among the run's own files ({inside}); give another file, e.g. "
-             f'--out {pathlib.Path(workdir) / example}')
+    out = pathlib.Path(os.path.realpath(FLAGS.out))
+    own = _run_own(out, workdir)
+    if own is not None:
+      fail(f"--out {FLAGS.out} is among the run's own files ({own}); give another file, e.g. "
+           f'--out {pathlib.Path(workdir) / example}')
     if out.is_dir():
       fail(f'--out {FLAGS.out} is a directory; give a file path, e.g. --out {out / example}')
     if out.exists() and not out.is_file():
@@ -599,9 +596,24 @@ def _checked_out(workdir: pathlib.Path) -> pathlib.Path | None:
   return out
 
 
-def _checked_out_folder(out: pathlib.Path) -> pathlib.Path:
+def _run_own(path: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path | None:
+  """`path` (resolved) relative to the run's folder if it is one of the run's own files or lies in its checkpoint
+  or profile folders, else None."""
+  run = pathlib.Path(os.path.realpath(workdir))
+  if not path.is_relative_to(run):
+    return None
+  inside = path.relative_to(run)
+  own = (str(inside) in _RUN_FILES or (inside.parts and inside.parts[0] in _RUN_FOLDERS)
+         or (len(inside.parts) == 1 and inside.name.startswith(_RUN_FILE_PREFIXES)))
+  return inside if own else None
+
+
+def _checked_out_folder(out: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
   """--out (attention) as a folder, checked before any work (created when the pictures are written)."""
   try:
+    own = _run_own(pathlib.Path(os.path.realpath(out)), workdir)
+    if own is not None:
+      fail(f"--out {out} is among the run's own files ({own}); give another folder, e.g. --out {workdir / 'maps'}")
     if out.exists() and not out.is_dir():
       fail(f'--out {out} is a file; give a folder for the pictures, e.g. --out {out}_maps')
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
@@ -651,12 +663,9 @@ def eval_command() -> None:
 
   workdir = _require_workdir('eval')
   out = _checked_out(workdir)
-  saved = None
-  try:  # the run's device settings (mesh.cpu_devices), before JAX starts
-    saved = config_lib.read_saved_config(workdir)
-  except (OSError, ValueError):
-    pass
-  setup_jax(saved)
+  # Data parallel over one CPU device per core, whatever mesh (and mesh.cpu_devices) the run trained on.
+  sharding.set_cpu_devices(sharding.usable_cores())
+  setup_jax()
   report = analysis.evaluate_split(workdir, FLAGS.checkpoint, FLAGS.split)
   print(analysis.format_report(report))
   failed = out and _write_out(out, json.dumps(report, indent=2) + '\n')
@@ -674,7 +683,7 @@ def attention_command() -> None:
     fail("--mode attention needs the text to look at: --prompt 'ROMEO: ...' or --prompt_file FILE")
   if FLAGS.out == '':
     fail(f"--out '' names no folder; give a folder for the pictures, or leave --out out for {workdir / 'attention'}")
-  out = _checked_out_folder(workdir / 'attention' if FLAGS.out is None else pathlib.Path(FLAGS.out))
+  out = _checked_out_folder(workdir / 'attention' if FLAGS.out is None else pathlib.Path(FLAGS.out), workdir)
   setup_jax()
   model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint)
   maps, shown = analysis.attention_maps(model, tokenizer, prompt)

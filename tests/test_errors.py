@@ -267,6 +267,8 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
     (['--mode', 'sample', '--out', '{tmp}/run/config.json'],
      "--out {tmp}/run/config.json is among the run's own files (config.json); give another file"),
     (['--mode', 'eval', '--out', '{tmp}/run/checkpoints/e.json'], "is among the run's own files (checkpoints/e.json)"),
+    (['--mode', 'attention', '--prompt', 'a', '--out', '{tmp}/run/checkpoints/20'],
+     "--out {tmp}/run/checkpoints/20 is among the run's own files (checkpoints/20); give another folder"),
     (['--mode', 'sample', '--out', '{tmp}/run/events.out.tfevents.1795830420.host.7.0'],
      "is among the run's own files (events.out.tfevents.1795830420.host.7.0); give another file"),
     (['--seed', '3'], '--seed is for --mode sample, not --mode train (the training seed is --config.seed); remove it'),
