@@ -23,8 +23,11 @@ def positive_int(text: str) -> int:
 
 
 def positive_ints(text: str) -> list[int]:
-  """'1,8' -> [1, 8]."""
-  return [positive_int(part) for part in text.split(',')]
+  """'1,8' -> [1, 8]; each value once."""
+  values = [positive_int(part) for part in text.split(',')]
+  if len(set(values)) < len(values):
+    raise argparse.ArgumentTypeError(f'{text!r} lists a value twice; give each once')
+  return values
 
 
 def shape(text: str) -> str:

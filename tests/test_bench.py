@@ -40,15 +40,26 @@ def test_train_speed_reports_consistent_numbers(corpus_file, tmp_path):
 
 
 def test_recipe_run_and_trace_summary(corpus_file, tmp_path):
-  overrides = [x for item in ['data.source="text"', f'data.text_path="{corpus_file}"',
-                              *(f'{k}={v}' for k, v in (s.split('=') for s in TINY))] for x in ('--set', item)]
+  thirty = ['train.num_steps=30', 'train.decay_steps=30']
+  overrides = [x for item in ['data.source="text"', f'data.text_path="{corpus_file}"', *TINY, *thirty]
+               for x in ('--set', item)]
   bench('recipe_run.py', '--config', 'experiments/cpu.py', *overrides, '--workdir', str(tmp_path / 'run'),
         '--out', str(tmp_path / 'recipe.json'))
   result = json.loads((tmp_path / 'recipe.json').read_text())
-  assert result['steps_done'] == result['steps'] == 20 and result['stopped_by'] is None
+  assert result['steps_done'] == result['steps'] == 30 and result['stopped_by'] is None
   assert math.isfinite(result['best_val_loss']) and result['best_val_loss'] <= result['final_val_loss']
-  # Two log windows (steps 1-10, the compiling call, and 11-20, profiled): none timed, so no speed to report.
-  assert result['median_ms_per_step'] is None and result['wall_s'] > 0
+  # Three log windows: steps 1-10 (the compiling call) and 11-20 (profiled) are not timed, 21-30 is.
+  records = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  timed = [r for r in records if 'train/ms_per_step' in r and r['step'] == 30]
+  assert result['median_ms_per_step'] == timed[0]['train/ms_per_step'] and result['wall_s'] > 0
+  # FLOPs of the model of this corpus's 40 characters (the LM head), not tiny-shakespeare's 65.
+  from nanodecoder import config as config_lib, model
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  for key, value in (item.split('=') for item in TINY + thirty):
+    section, field = key.split('.')
+    config[section][field] = type(config[section][field])(value)
+  flops = model.train_flops_per_token(config_lib.model_config(config, len(set(corpus_file.read_text()))))
+  assert result['tflops'] == pytest.approx(flops * result['tokens_per_s'] / 1e12)
   out = bench('trace_summary.py', str(tmp_path / 'run' / 'plugins' / 'profile'), '--top', '3')
   assert out.startswith('trace: ') and '.trace.json.gz' in out.splitlines()[0]
   # Run again there, training would resume from the last checkpoint (here: nothing to do) and the report time
@@ -86,6 +97,7 @@ def test_sample_speed_and_compile_time(tmp_path):
      'argument --out: . is a folder'),
     ('embed_grad.py', ['--text', 'nope.txt'], 'argument --text: nope.txt is not a file'),
     ('compile_time.py', ['--layers', '4,x'], "argument --layers: expected a positive integer, got 'x'"),
+    ('sample_speed.py', ['--batch_sizes', '2,2'], "argument --batch_sizes: '2,2' lists a value twice; give each once"),
     # gpu_hlo.py: before the check for JAX's CUDA plugin (which said to install it, whatever the mistake)
     ('gpu_hlo.py', ['--shape', 'nope'], 'argument --shape: no experiment file experiments/nope.py'),
     ('gpu_hlo.py', ['--devices', '0'], "argument --devices: expected a positive integer, got '0'"),
