@@ -16,6 +16,7 @@ widths).
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 
@@ -133,12 +134,23 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   return tuple(sizes)
 
 
+def _check_devices_per_process(devices) -> None:
+  """Refuses processes with unequal device counts (the collectives between processes need equal ones). Every
+  process sees every device with its process: all of them stop here, none waits for another."""
+  counts = collections.Counter(getattr(device, 'process_index', 0) for device in devices)
+  if len(set(counts.values())) > 1:
+    by_process = ', '.join(f'process {p}: {n}' for p, n in sorted(counts.items()))
+    raise ConfigError(f'the processes have different numbers of devices ({by_process}); give every process the same '
+                      'number (on CPU, the same mesh.cpu_devices)')
+
+
 def _named(sizes) -> str:
   return ', '.join(f'mesh.{axis}={size}' for axis, size in zip(AXES, sizes))
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
+  _check_devices_per_process(devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 

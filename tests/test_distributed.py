@@ -88,6 +88,18 @@ def test_processes_reading_different_texts_stop_with_one_error(corpus_file, tmp_
     assert rc == 2 and 'error: process 1 read other data than process 0' in err, (rc, err[-3000:])
 
 
+def test_processes_with_unequal_device_counts_stop_with_one_error(corpus_file, tmp_path):
+  """Process 1 splits its host into fewer devices: the collectives between processes cannot run (a traceback)."""
+  port = free_port()
+  results = run_processes([command(corpus_file, tmp_path / 'run', devices, f'--coordinator_address=127.0.0.1:{port}',
+                                   '--num_processes=2', f'--process_id={i}', '--config.train.batch_size=6',
+                                   kill_after=90) for i, devices in enumerate((2, 1))])
+  for rc, out, err in results:
+    assert rc == 2 and 'Traceback' not in err, (rc, err[-3000:])
+    assert ('error: the processes have different numbers of devices (process 0: 2, process 1: 1); give every process '
+            'the same number (on CPU, the same mesh.cpu_devices)') in err, err[-3000:]
+
+
 def test_a_locked_workdir_stops_every_process_instead_of_hanging(corpus_file, tmp_path):
   """Only process 0 takes the workdir lock; when it cannot, process 1 must not wait for it at a collective."""
   lock = WorkdirLock(tmp_path)

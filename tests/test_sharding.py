@@ -1,6 +1,7 @@
 """Data, FSDP and tensor-parallel meshes give the one-device result; parameters are really sharded."""
 
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,15 @@ def test_mesh_sizes_must_match_the_devices(tiny_config, sizes, message):
   config = tiny_config(**{f'mesh.{k}': v for k, v in sizes.items()})
   with pytest.raises(ConfigError, match=message):
     sharding_lib.make_mesh(config.mesh, jax.devices()[:8])
+
+
+def test_processes_with_unequal_device_counts_are_refused(tiny_config):
+  """Every process sees every device with its process: each stops with this line (the collectives between
+  processes would fail with a traceback)."""
+  devices = [types.SimpleNamespace(id=i, process_index=p) for i, p in enumerate((0, 0, 1))]
+  with pytest.raises(ConfigError, match=r'different numbers of devices \(process 0: 2, process 1: 1\); give every '
+                     r'process the same number \(on CPU, the same mesh.cpu_devices\)'):
+    sharding_lib.make_mesh(tiny_config().mesh, devices)
 
 
 @pytest.mark.parametrize('env, detected', [
