@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
@@ -67,15 +68,33 @@ class WorkdirLock:
       fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       file.seek(0)
-      owner = file.read().strip() or 'unknown'
+      owner = (file.read().split() or ['unknown'])[0]
       file.close()
       raise CheckpointError(f'workdir {self.path.parent} is in use by another run (pid {owner}); '
                             'wait for it to end or pass another --workdir') from None
     file.seek(0)
     file.truncate()
-    file.write(str(os.getpid()))
+    # The pid for the message above; a random token that tells this lock from any other (see check_shared).
+    file.write(f'{os.getpid()} {os.urandom(8).hex()}')
     file.flush()
+    os.fsync(file.fileno())  # (on a network file system, other hosts read it from the server)
     self._file = file
+
+  def check_shared(self) -> None:
+    """Refuses a run whose processes do not all see the workdir that process 0 locked: they write each checkpoint
+    together into one folder, and with a folder of their own each (the same path on each host's local disk) the
+    first save hangs. Each process reads the lock file, written by process 0 with its token; a collective
+    that every process calls after process 0 acquired the lock."""
+    try:
+      seen = self.path.read_bytes()
+    except OSError:
+      seen = b''
+    digests = gather_from_processes(zlib.crc32(seen) & 0x7FFFFFFF)
+    if (digests != digests[0]).any():
+      other = int(np.flatnonzero(digests != digests[0])[0])
+      raise CheckpointError(f'workdir {self.path.parent} is not one folder for all processes (process {other} does '
+                            'not see the lock file that process 0 wrote there); it must be on a file system that every '
+                            'process shares')
 
   def release(self) -> None:
     if self._file is not None:

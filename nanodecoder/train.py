@@ -400,6 +400,7 @@ def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.
     other = int(np.flatnonzero(fingerprints != fingerprints[0])[0])
     raise data_lib.DataError(f'process {other} read other data than process 0 (another text or tokenizer); give '
                              'every process the same data files')
+  lock.check_shared()
   return dataset
 
 

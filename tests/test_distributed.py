@@ -115,6 +115,18 @@ def test_a_locked_workdir_stops_every_process_instead_of_hanging(corpus_file, tm
   assert rc1 == 2 and 'error: process 0 failed to load the data or lock the workdir' in err1, err1[-2000:]
 
 
+def test_a_workdir_that_is_not_shared_stops_every_process_instead_of_hanging(corpus_file, tmp_path):
+  """Each process writes into a folder of its own (as the same path on each host's local disk would be): found
+  before training, not at the first save, which would wait for the other process's files forever."""
+  port = free_port()
+  results = run_processes([command(corpus_file, tmp_path / f'local_{i}', 2, f'--coordinator_address=127.0.0.1:{port}',
+                                   '--num_processes=2', f'--process_id={i}', kill_after=90) for i in range(2)])
+  for i, (rc, out, err) in enumerate(results):
+    assert rc == 2 and (f'error: workdir {tmp_path / f"local_{i}"} is not one folder for all processes (process 1 '
+                        'does not see the lock file that process 0 wrote there)') in err, (rc, err[-3000:])
+  assert not (tmp_path / 'local_0' / 'checkpoints').exists()
+
+
 FAULTY_READS = '''\
 """launch.py with reads of the checkpoints' arrays failing on this process, as a damaged disk or lack of memory would."""
 import pathlib
