@@ -134,7 +134,7 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   return tuple(sizes)
 
 
-def _check_devices_per_process(devices) -> None:
+def check_devices_per_process(devices) -> None:
   """Refuses processes with unequal device counts (the collectives between processes need equal ones). Every
   process sees every device with its process: all of them stop here, none waits for another."""
   counts = collections.Counter(getattr(device, 'process_index', 0) for device in devices)
@@ -150,7 +150,7 @@ def _named(sizes) -> str:
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
-  _check_devices_per_process(devices)
+  check_devices_per_process(devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 

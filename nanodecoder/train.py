@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import signal
 import threading
@@ -26,7 +27,7 @@ from nanodecoder import data as data_lib
 from nanodecoder import interrupts
 from nanodecoder import sharding as sharding_lib
 from nanodecoder.files import atomic_write
-from nanodecoder.metrics import MetricsLogger
+from nanodecoder.metrics import MetricsLogger, flatten_config
 from nanodecoder.model import Decoder, ModelConfig, count_params
 
 
@@ -357,6 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Returns the last evaluation's metrics, plus 'stopped_by' (a signal name)
   when a signal ended the run early after saving a checkpoint.
   """
+  _check_same_config_on_every_process(config)
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -369,6 +371,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       return _train(config, dataset, workdir, mesh, stop, is_main)
   finally:
     lock.release()
+
+
+# Fields that may differ between processes: where each host keeps its copy of the data (the data itself is compared),
+# and how each splits its CPU into devices (the device counts are compared).
+_PER_PROCESS_FIELDS = ('data.text_path', 'data.manual_dir', 'data.tfds_data_dir', 'mesh.cpu_devices')
+
+
+def _check_same_config_on_every_process(config: ml_collections.ConfigDict) -> None:
+  """Refuses processes started with other settings than process 0's (each would compile its own step: e.g. another
+  learning rate trains a model of neither). Before validation: a config refused on one process alone would leave
+  the others waiting for it at a collective. A collective, with several processes."""
+  if jax.process_count() == 1:
+    return
+  sharding_lib.check_devices_per_process(jax.devices())  # (the collectives below need equal counts)
+  values = flatten_config(json.loads(config.to_json()))
+  digest = lambda fields: zlib.crc32(json.dumps([values.get(f) for f in fields]).encode()) & 0x7FFFFFFF
+  fields = sorted(config_lib.FIELDS.difference(_PER_PROCESS_FIELDS))
+  if not (sharding_lib.gather_from_processes(digest(fields)) != digest(fields)).any():
+    return
+  for field in fields:  # which field: one collective per field, as far as the first that differs
+    digests = sharding_lib.gather_from_processes(digest([field]))
+    if (digests != digests[0]).any():
+      other = int(np.flatnonzero(digests != digests[0])[0])
+      raise config_lib.ConfigError(f'process {other} has another {field} than process 0 (this process: '
+                                   f'{values.get(field)!r}); start every process with the same --config and '
+                                   'overrides')
+  raise config_lib.ConfigError('the processes have other configs than process 0; start every process with the same '
+                               '--config and overrides')
 
 
 def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.WorkdirLock,

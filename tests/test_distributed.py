@@ -100,6 +100,21 @@ def test_processes_with_unequal_device_counts_stop_with_one_error(corpus_file, t
             'the same number (on CPU, the same mesh.cpu_devices)') in err, err[-3000:]
 
 
+@pytest.mark.parametrize('learning_rate', ['0.01', '-1'])
+def test_processes_with_other_settings_stop_with_one_error(corpus_file, tmp_path, learning_rate):
+  """Process 1 was started with another learning rate: it would train with its own (a model of neither setting),
+  and one that it alone refuses would leave process 0 waiting for it. Where the data lives may differ."""
+  port = free_port()
+  results = run_processes([command(corpus_file, tmp_path / 'run', 2, f'--coordinator_address=127.0.0.1:{port}',
+                                   '--num_processes=2', f'--process_id={i}', *extra, kill_after=90)
+                           for i, extra in enumerate([[], [f'--config.train.learning_rate={learning_rate}',
+                                                            f'--config.data.text_path={corpus_file.parent}/../'
+                                                            f'{corpus_file.parent.name}/{corpus_file.name}']])])
+  for (rc, out, err), value in zip(results, ('0.001', str(float(learning_rate)))):
+    assert rc == 2 and (f'error: process 1 has another train.learning_rate than process 0 (this process: {value}); '
+                        'start every process with the same --config and overrides') in err, (rc, err[-3000:])
+
+
 def test_a_locked_workdir_stops_every_process_instead_of_hanging(corpus_file, tmp_path):
   """Only process 0 takes the workdir lock; when it cannot, process 1 must not wait for it at a collective."""
   lock = WorkdirLock(tmp_path)
