@@ -102,6 +102,9 @@ def initialize_distributed(mode: str = 'auto', coordinator_address: str | None =
   Kubernetes or Cloud TPU variables); 'off' never. Must run before JAX starts.
   """
   asked = (coordinator_address, num_processes, process_id) != (None, None, None)
+  if mode == 'off' and asked:  # they would be ignored: each process would train alone
+    raise ConfigError('--distributed=off runs this process alone, but --coordinator_address, --num_processes or '
+                      '--process_id asks to join others; remove them, or drop --distributed=off')
   if mode == 'off' or (mode == 'auto' and not asked and not _cluster_detected()):
     return False
   try:

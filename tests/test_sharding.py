@@ -147,6 +147,14 @@ def test_what_jax_distributed_cannot_fill_in_is_one_line(monkeypatch):
     sharding_lib.initialize_distributed('on')
 
 
+def test_distributed_off_with_the_flags_to_join_others_is_refused(monkeypatch):
+  monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', lambda **kwargs: pytest.fail('joined'))
+  with pytest.raises(ConfigError, match=r'^--distributed=off runs this process alone, but --coordinator_address, '
+                                        r'--num_processes or --process_id asks to join others; remove them'):
+    sharding_lib.initialize_distributed('off', num_processes=2, process_id=1)
+  assert sharding_lib.initialize_distributed('off') is False
+
+
 def test_one_cpu_device_per_core_the_process_may_use(monkeypatch):
   monkeypatch.setattr(sharding_lib.os, 'sched_getaffinity', lambda pid: {0, 5, 6}, raising=False)  # e.g. taskset
   assert sharding_lib.usable_cores() == 3
