@@ -154,7 +154,16 @@ def _named(sizes) -> str:
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   check_devices_per_process(devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
+  try:
+    shape = mesh_shape(mesh_cfg, len(devices))
+  except ConfigError as e:
+    processes = len({getattr(device, 'process_index', 0) for device in devices})
+    wanted = math.prod(size for size in (mesh_cfg[axis] for axis in AXES) if size != -1)
+    if devices[0].platform != 'cpu' or wanted % processes:
+      raise
+    per_process = wanted // processes  # on CPU the device count is a setting: name it
+    gives = 'gives each process' if processes > 1 else 'splits the host into'
+    raise ConfigError(f'{e}; on CPU, mesh.cpu_devices={per_process} {gives} {per_process} devices') from None
   return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 

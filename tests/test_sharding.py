@@ -99,6 +99,15 @@ def test_mesh_sizes_must_match_the_devices(tiny_config, sizes, message):
     sharding_lib.make_mesh(config.mesh, jax.devices()[:8])
 
 
+@pytest.mark.parametrize('sizes, devices', [({'data': 4}, 2), ({'tensor': 2}, 1)])
+def test_a_cpu_mesh_of_more_devices_names_the_setting_that_makes_them(tiny_config, sizes, devices):
+  config = tiny_config(**{f'mesh.{k}': v for k, v in sizes.items()})
+  wanted = max(sizes.values())
+  with pytest.raises(ConfigError, match=rf'\b{devices}\b.*; on CPU, mesh.cpu_devices={wanted} splits the host '
+                                        rf'into {wanted} devices$'):
+    sharding_lib.make_mesh(config.mesh, jax.devices()[:devices])
+
+
 def test_processes_with_unequal_device_counts_are_refused(tiny_config):
   """Every process sees every device with its process: each stops with this line (the collectives between
   processes would fail with a traceback)."""
