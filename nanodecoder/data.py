@@ -102,6 +102,9 @@ def load_corpus(data: ml_collections.ConfigDict) -> Corpus:
 
 def _text_corpus(path: str, eval_fraction: float) -> Corpus:
   file = pathlib.Path(path)
+  if file.exists() and not file.is_file() and not file.is_dir():  # reading would wait for a writer, or never end
+    raise DataError(f'data.text_path {path!r} is not a regular file (a pipe or a device); point it at a UTF-8 text '
+                    'file')
   try:
     raw = file.read_bytes()
   except FileNotFoundError:

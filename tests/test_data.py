@@ -1,6 +1,7 @@
 """Corpora, the character tokenizer, and step-keyed batches."""
 
 import errno
+import os
 import socket
 import threading
 import time
@@ -143,6 +144,20 @@ def test_text_corpus_errors(tmp_path, content, message):
     path.write_bytes(content)
   with pytest.raises(DataError, match=message):
     data_lib._text_corpus(str(path), 0.1)
+
+
+def test_a_pipe_as_text_path_is_refused_not_waited_on(tmp_path):
+  fifo = tmp_path / 'corpus.txt'
+  os.mkfifo(fifo)
+  # Were the pipe opened, the read would wait for a writer: this one ends it (empty) after 5 s.
+  writer = threading.Timer(5, lambda: os.close(os.open(fifo, os.O_WRONLY)))
+  writer.daemon = True
+  writer.start()
+  try:
+    with pytest.raises(DataError, match=r"^data.text_path '.*corpus.txt' is not a regular file \(a pipe or a device"):
+      data_lib._text_corpus(str(fifo), 0.1)
+  finally:
+    writer.cancel()
 
 
 def test_batches_depend_only_on_seed_and_step():
