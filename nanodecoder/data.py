@@ -140,6 +140,10 @@ def _tfds_corpus(name: str, data_dir: str, manual_dir: str) -> Corpus:
   except tfds.core.DatasetNotFoundError:
     raise DataError(f"data.tfds_name {name!r} is not a TFDS dataset; use e.g. 'tiny_shakespeare', or "
                     "data.source='text' with data.text_path=FILE") from None
+  except (ValueError, AssertionError) as e:  # a malformed name, or a version or config the dataset lacks
+    reason = str(e).strip().splitlines()[0].rsplit('": ', 1)[-1]  # (less TFDS's 'Failed to construct ...' prefix)
+    raise DataError(f"data.tfds_name {name!r} cannot be loaded ({reason}); give NAME, NAME:VERSION or NAME/CONFIG "
+                    "of a TFDS dataset, e.g. 'tiny_shakespeare'") from None
   if not is_prepared(builder):
     url_infos = builder.url_infos or {}  # None for datasets without checksums
     download_config = None

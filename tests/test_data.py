@@ -117,6 +117,17 @@ def test_unknown_tfds_name_is_one_clear_error(tmp_path, monkeypatch):
     data_lib._tfds_corpus('tiny_shakespear', str(tmp_path / 'tfds'), '')
 
 
+@pytest.mark.parametrize('name, reason', [
+    ('', r'Parsing builder name string  failed\.'),
+    ('tiny_shakespeare:9.9.9', r'Dataset tiny_shakespeare cannot be loaded at version 9\.9\.9, only: 1\.0\.0\.'),
+])
+def test_a_malformed_tfds_name_is_one_clear_error(tmp_path, monkeypatch, name, reason):
+  monkeypatch.setattr(socket, 'getaddrinfo', no_network)  # the name check is local
+  with pytest.raises(DataError, match=rf"^data.tfds_name {name!r} cannot be loaded \({reason}\); give NAME, "
+                                      r"NAME:VERSION or NAME/CONFIG of a TFDS dataset, e.g. 'tiny_shakespeare'$"):
+    data_lib._tfds_corpus(name, str(tmp_path / 'tfds'), '')
+
+
 def test_manual_dir_without_the_file_says_what_is_missing(tmp_path):
   with pytest.raises(DataError, match=r"lacks input.txt; download it from https://"):
     data_lib._tfds_corpus('tiny_shakespeare', str(tmp_path / 'tfds'), str(tmp_path))
