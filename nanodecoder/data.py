@@ -128,6 +128,7 @@ def _text_corpus(path: str, eval_fraction: float) -> Corpus:
 def _tfds_corpus(name: str, data_dir: str, manual_dir: str) -> Corpus:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's start-up chatter
   import tensorflow_datasets as tfds  # heavy; only for this source
+  from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
   make_builder = lambda: tfds.builder(name, data_dir=data_dir or None, file_format='array_record')
 
@@ -158,6 +159,14 @@ def _tfds_corpus(name: str, data_dir: str, manual_dir: str) -> Corpus:
       _require_network(name, list(url_infos))
     try:
       builder.download_and_prepare(download_config=download_config)
+    except NonMatchingChecksumError:
+      if not manual_dir:
+        raise
+      found = ', '.join(f'{info.filename} has {(pathlib.Path(manual_dir) / info.filename).stat().st_size:,} bytes'
+                        for info in url_infos.values() if info.filename)
+      raise DataError(f'data.manual_dir {manual_dir!r} holds other files than tfds {name!r} expects (checksums differ; '
+                      f'{found}); put the originals from {", ".join(url_infos)} there, unchanged (not re-saved, '
+                      "e.g. with other line endings), or train on your file with data.source='text'") from None
     except FileExistsError:  # another process (e.g. a sweep point) prepared it at the same time
       if not is_prepared(builder):
         raise

@@ -133,6 +133,14 @@ def test_manual_dir_without_the_file_says_what_is_missing(tmp_path):
     data_lib._tfds_corpus('tiny_shakespeare', str(tmp_path / 'tfds'), str(tmp_path))
 
 
+def test_manual_dir_with_another_file_says_so(tmp_path):
+  (tmp_path / 'input.txt').write_bytes(b'First Citizen:\r\n' * 100)  # e.g. saved again with Windows line endings
+  with pytest.raises(DataError, match=r"^data.manual_dir '.*' holds other files than tfds 'tiny_shakespeare' expects "
+                                      r'\(checksums differ; input.txt has 1,600 bytes\); put the originals from '
+                                      r'https://.*input.txt there, unchanged'):
+    data_lib._tfds_corpus('tiny_shakespeare', str(tmp_path / 'tfds'), str(tmp_path))
+
+
 def test_text_corpus_splits_the_tail_off_for_validation(tmp_path):
   path = tmp_path / 'c.txt'
   path.write_text('abcdefghij' * 10, encoding='utf-8')
