@@ -202,12 +202,14 @@ class Checkpoints:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, config: ml_collections.ConfigDict, tokenizer: CharTokenizer,
-           val_loss: float | None = None) -> None:
+           val_loss: float | None = None, data_fingerprint: int | None = None) -> None:
     """Starts writing `state` (an nnx.State of (model, optimizer)) as step `step`; returns at once.
 
-    Raises CheckpointError if this save or the previous (asynchronous) one failed.
+    `data_fingerprint` is the training data's (data.Dataset.fingerprint). Raises CheckpointError if this save or
+    the previous (asynchronous) one failed.
     """
-    meta = {'step': step, 'val_loss': val_loss, 'config': config.to_dict(), 'tokenizer': tokenizer.to_json()}
+    meta = {'step': step, 'val_loss': val_loss, 'config': config.to_dict(), 'tokenizer': tokenizer.to_json(),
+            'data_fingerprint': data_fingerprint}
     self.wait()  # Orbax waits for the previous save anyway; waiting here names its step if it failed
     quiet = quiet_absl() if val_loss is None else contextlib.nullcontext()  # Orbax warns of a step without metrics
     with self._failures(step), quiet:

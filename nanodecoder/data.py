@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import urllib.parse
+import zlib
 
 import ml_collections
 import numpy as np
@@ -254,6 +255,13 @@ class Dataset:
       if len(tokens) < window:
         raise DataError(f'split {split!r} has {len(tokens)} tokens, fewer than one window of context_length + 1 = {window}; '
                         'use more text or a shorter model.context_length')
+
+  def fingerprint(self) -> int:
+    """A 31-bit checksum of the characters and the train and eval tokens: equal data, equal fingerprint."""
+    fingerprint = zlib.crc32(self.tokenizer.chars.encode('utf-8'))
+    for tokens in (self.train_tokens, self.eval_tokens):
+      fingerprint = zlib.crc32(np.ascontiguousarray(tokens).tobytes(), fingerprint)
+    return fingerprint & 0x7FFFFFFF
 
   def train_batch(self, seed: int, step: int, batch_size: int, rows=slice(None)) -> np.ndarray:
     """Rows `rows` of the global batch of step `step`: [rows, context_length + 1] tokens."""

@@ -8,7 +8,6 @@ import pathlib
 import signal
 import threading
 import time
-import zlib
 from typing import Any, Callable
 
 import jax
@@ -422,10 +421,7 @@ def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.
       failure = e
   _raise_on_every_process(failure, 'to load the data')
   # Each process reads its own copy of the data: they must agree, or the rows they feed come from other texts.
-  fingerprint = zlib.crc32(dataset.tokenizer.chars.encode('utf-8'))
-  for tokens in (dataset.train_tokens, dataset.eval_tokens):
-    fingerprint = zlib.crc32(np.ascontiguousarray(tokens).tobytes(), fingerprint)
-  fingerprints = sharding_lib.gather_from_processes(fingerprint & 0x7FFFFFFF)
+  fingerprints = sharding_lib.gather_from_processes(dataset.fingerprint())
   if (fingerprints != fingerprints[0]).any():
     other = int(np.flatnonzero(fingerprints != fingerprints[0])[0])
     raise data_lib.DataError(f'process {other} read other data than process 0 (another text or tokenizer); give '
@@ -462,12 +458,28 @@ def _restore_or_init(trainer: Trainer, checkpoints, dataset: data_lib.Dataset, l
     trainer.state = trainer.init_state()
     return {}
   step, trainer.state, meta = restored
+  _check_same_text(meta, config, dataset, step, checkpoints.directory)
   log(f'resumed from the checkpoint at step {step} in {checkpoints.directory}')
   if step < config.train.num_steps:
     return {}
   log(f'the latest checkpoint (step {step}) is at or past train.num_steps={config.train.num_steps}; nothing to do '
       '(raise train.num_steps to train further)')
   return {} if meta['val_loss'] is None else {'val_loss': meta['val_loss']}
+
+
+def _check_same_text(meta: dict, config: ml_collections.ConfigDict, dataset: data_lib.Dataset, step: int,
+                     directory) -> None:
+  """A run resumes on the text it trained on, unless its config names other data (on purpose): a text file
+  edited in place, with the same characters, would otherwise be trained on silently."""
+  saved = meta.get('data_fingerprint')  # (none in checkpoints written before it was recorded)
+  changes = config_lib.changes_on_resume(ml_collections.ConfigDict(meta['config']), config)
+  if saved is None or saved == dataset.fingerprint() or any(field.startswith('data.') for field, _, _ in changes):
+    return
+  data = config.data
+  source = f'data.text_path {data.text_path!r}' if data.source == 'text' else f'tfds {data.tfds_name!r}'
+  raise data_lib.DataError(f'{source} holds other text than the checkpoint at step {step} in {directory} was '
+                           'trained on (with the same characters); put that text back, or train on this one in '
+                           'another --workdir')
 
 
 def _train(config, dataset, workdir, mesh, stop, is_main):
@@ -499,11 +511,12 @@ def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoin
 
   t = config.train
   schedule = learning_rate_schedule(t)
+  data_fingerprint = dataset.fingerprint()  # saved with each checkpoint: a resumed run checks it trains on the same text
 
   def save(step: int, val_loss: float | None = None) -> None:
     nonlocal last_saved
     _check_savable(trainer, step, val_loss, last_saved)
-    checkpoints.save(step, trainer.state, config, dataset.tokenizer, val_loss)
+    checkpoints.save(step, trainer.state, config, dataset.tokenizer, val_loss, data_fingerprint=data_fingerprint)
     last_saved = step
 
   def call_size(step: int) -> int:

@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from conftest import make_tiny_config
 from nanodecoder import config as config_lib
 from nanodecoder import data as data_lib
 from nanodecoder import sharding as sharding_lib
@@ -315,3 +316,23 @@ def test_a_diverged_model_that_the_step_loss_missed_is_not_saved(tiny_config, tm
   with pytest.raises(FloatingPointError, match=message):
     train_lib.train_and_evaluate(config, tmp_path)
   assert Checkpoints(tmp_path, read_only=True).steps() == [1]
+
+
+def test_resuming_on_a_text_file_edited_in_place_is_refused(corpus_file, tmp_path):
+  """The same characters and config, other text: the run would silently train on it."""
+  text = tmp_path / 'corpus.txt'
+  original = corpus_file.read_text(encoding='utf-8')
+  text.write_text(original, encoding='utf-8')
+  settings = {'train.warmup_steps': 1, 'train.decay_steps': 4, 'train.log_every': 2, 'eval.every': 2,
+              'checkpoint.every': 2}
+  workdir = tmp_path / 'run'
+  train_lib.train_and_evaluate(make_tiny_config(text, **settings, **{'train.num_steps': 2}), workdir)
+  text.write_text(original[::-1], encoding='utf-8')
+  with pytest.raises(data_lib.DataError, match=rf"^data.text_path '{text}' holds other text than the checkpoint at "
+                                               r'step 2 in .* was trained on \(with the same characters\); put'):
+    train_lib.train_and_evaluate(make_tiny_config(text, **settings, **{'train.num_steps': 4}), workdir)
+  # Named on purpose as other data (another path), the same run trains on it.
+  other = tmp_path / 'other.txt'
+  other.write_text(original[::-1], encoding='utf-8')
+  train_lib.train_and_evaluate(make_tiny_config(other, **settings, **{'train.num_steps': 4}), workdir)
+  assert (workdir / 'checkpoints' / '4').is_dir()
