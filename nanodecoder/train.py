@@ -8,6 +8,7 @@ import pathlib
 import signal
 import threading
 import time
+import zlib
 from typing import Any, Callable
 
 import jax
