@@ -120,11 +120,14 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
     config = ml_collections.ConfigDict(meta['config'])
     split = config.data.eval_split if split is None else split  # ('' is no split: refused by name below)
     tokenizer = data_lib.CharTokenizer.from_json(meta['tokenizer'])
+    source = config.data.text_path if config.data.source == 'text' else f'tfds {config.data.tfds_name}'
     try:
       text = data_lib.load_corpus(config.data).text(split)
       tokens = tokenizer.encode(text)
+      trained_on = meta.get('data_fingerprint')  # (none in checkpoints written before it was recorded)
+      if trained_on is not None and data_lib.load_dataset(config).fingerprint() != trained_on:
+        raise DataError('it holds other text than the checkpoint was trained on (edited since); put that text back')
     except ValueError as e:  # DataError and the like: the run's data, as its config names it, fixed where it lives
-      source = config.data.text_path if config.data.source == 'text' else f'tfds {config.data.tfds_name}'
       raise DataError(f'--mode eval scores the data the run trained on ({source}, from the config saved with '
                       f'checkpoint {step}): {e}') from None
     if len(tokens) < 2:

@@ -143,12 +143,20 @@ def test_bad_analysis_and_sweep_input_is_one_line_and_exit_2(args, message):
   assert 'Traceback' not in result.stderr
 
 
-def test_eval_of_a_run_whose_text_moved_says_where_the_path_comes_from(corpus_file, tmp_path):
+def test_eval_of_a_run_whose_text_changed_or_moved_says_so(corpus_file, tmp_path):
   text = tmp_path / 'moved.txt'
   text.write_text(corpus_file.read_text())
   workdir = tmp_path / 'run'
   train_lib.train_and_evaluate(make_tiny_config(text, **{'train.num_steps': 10, 'train.decay_steps': 10,
                                                          'eval.every': 10}), workdir)
+  original = text.read_text()
+  text.write_text(original[::-1])  # edited in place: the same characters, other text
+  with pytest.raises(DataError, match=rf'^--mode eval scores the data the run trained on \({re.escape(str(text))}, '
+                                      r'from the config saved with checkpoint 10\): it holds other text than the '
+                                      r'checkpoint was trained on \(edited since\); put that text back$'):
+    analysis.evaluate_split(workdir)
+  text.write_text(original)
+  assert analysis.evaluate_split(workdir)['step'] == 10
   text.unlink()
   with pytest.raises(DataError, match=rf'^--mode eval scores the data the run trained on \({re.escape(str(text))}, '
                                       r'from the config saved with checkpoint 10\): data.text_path .* does not exist'):
