@@ -553,8 +553,9 @@ def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoin
       speed.add(n, compiled=compiling)
       compiling, n = next_n != n, next_n
       if step % t.log_every == 0 or step == t.num_steps:
+        speeds = speed.scalars()  # before the learning rate, whose first evaluation on the host compiles
         logger.write(step, {'train/loss': float(losses[-1]), 'train/lr': float(schedule(step - 1)),
-                            'train/grad_norm': float(grad_norms[-1]), **speed.scalars()})
+                            'train/grad_norm': float(grad_norms[-1]), **speeds})
       val_loss = None
       if step % config.eval.every == 0 or step == t.num_steps:
         result = evaluate(trainer, dataset)

@@ -4,6 +4,8 @@ import gzip
 import json
 import os
 import signal
+import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -336,3 +338,26 @@ def test_resuming_on_a_text_file_edited_in_place_is_refused(corpus_file, tmp_pat
   other.write_text(original[::-1], encoding='utf-8')
   train_lib.train_and_evaluate(make_tiny_config(other, **settings, **{'train.num_steps': 4}), workdir)
   assert (workdir / 'checkpoints' / '4').is_dir()
+
+
+def test_the_speed_leaves_out_the_logged_learning_rates_first_evaluation(tiny_config, tmp_path, monkeypatch):
+  # The learning rate is computed on the host for the log line; its first evaluation compiles (~0.3 s on CPU), which
+  # is no training step's time. A clock that jumps 1000 s when the logged rate is computed shows where it lands.
+  offset = [0.0]
+  monkeypatch.setattr(train_lib, 'time', types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+  schedule_of = train_lib.learning_rate_schedule
+
+  def slow_to_log(train):
+    schedule = schedule_of(train)
+
+    def logged(step):
+      if isinstance(step, int):  # the host's call for the log line (the optimizer's is traced)
+        offset[0] += 1000
+      return schedule(step)
+    return logged
+
+  monkeypatch.setattr(train_lib, 'learning_rate_schedule', slow_to_log)
+  train_lib.train_and_evaluate(tiny_config(), tmp_path)
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  speeds = {r['step']: r['train/ms_per_step'] for r in records if 'train/ms_per_step' in r}
+  assert sorted(speeds) == [10, 20] and all(0 < ms < 100_000 for ms in speeds.values()), speeds
