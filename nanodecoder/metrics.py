@@ -165,6 +165,18 @@ class Progress:
     return f'[{"#" * filled}{"." * (cells - filled)}] {self.step}/{self.total} {self.text()}{loss_text}'
 
 
+def _discard(stream) -> None:
+  """Points `stream`'s file descriptor at /dev/null: what it still buffers, and what is printed to it later, go
+  nowhere instead of failing again (at exit, Python would report the unflushed stdout and exit with status 120)."""
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, stream.fileno())
+  except (OSError, ValueError, AttributeError):  # no file descriptor of its own
+    pass
+  finally:
+    os.close(devnull)
+
+
 def _kept(line: str, start_step: int | None) -> bool:
   """Whether a line of metrics.jsonl stays when a session starts training at `start_step` (None: unknown)."""
   if not line.endswith('\n'):  # cut short by a crash
@@ -192,6 +204,7 @@ class MetricsLogger:
     isatty = getattr(self.stream, 'isatty', lambda: False)
     self.progress_bar = bool(self.progress) and isatty()  # a bar on a terminal, else the progress in each line
     self._bar_shown = False
+    self._console_gone = False  # the console's reader went away
     self._loss: float | None = None
     self._path = pathlib.Path(workdir) / 'metrics.jsonl'
     self._file = None  # opened at the first write
@@ -243,12 +256,16 @@ class MetricsLogger:
     self._bar_shown = True
 
   def info(self, message: str) -> None:
-    if not self.enabled:
+    if not self.enabled or self._console_gone:
       return
-    self._clear_bar()
-    print(message, file=self.stream, flush=True)
-    if self.progress_bar and self.progress.step:
-      self._draw_bar()
+    try:
+      self._clear_bar()
+      print(message, file=self.stream, flush=True)
+      if self.progress_bar and self.progress.step:
+        self._draw_bar()
+    except BrokenPipeError:  # the reader went away (`| head`, or a `| tee` that the same Ctrl-C ended)
+      self._console_gone = True  # the run goes on (and a signal still saves it), logged to the files, as with no stdout
+      _discard(self.stream)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:

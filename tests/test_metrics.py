@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import re
 
 import pytest
@@ -160,3 +161,19 @@ def test_a_damaged_byte_in_the_log_neither_stops_a_resume_nor_the_summary(tmp_pa
   second.write(20, {'train/loss': 2.0})
   second.close()
   assert {step: r['train/loss'] for step, r in read_metrics(tmp_path).train.items()} == {10: 3.0, 20: 2.0}
+
+
+def test_a_reader_that_went_away_ends_the_console_output_not_the_logging(tmp_path):
+  # `launch.py | head`, or `launch.py | tee log` after a Ctrl-C, which ends tee too: training must go on (and a
+  # Ctrl-C still save a checkpoint) rather than die at the next log line with a BrokenPipeError.
+  read_end, write_end = os.pipe()
+  os.close(read_end)
+  with open(write_end, 'w') as stream:
+    logger = MetricsLogger(tmp_path, stream=stream, total_steps=20, tensorboard=False)
+    logger.write(10, TRAIN)
+    logger.info('stopped by SIGINT after step 10; checkpoint saved, run the same command to resume')
+    logger.write(20, EVAL)
+    logger.close()
+    print('final: train loss 2.4000 | val loss 2.6000', file=stream, flush=True)  # what comes later goes nowhere
+  assert [(r['step'], len(r)) for r in map(json.loads, (tmp_path / 'metrics.jsonl').read_text().splitlines())] == [
+      (10, 3 + len(TRAIN)), (20, 3 + len(EVAL))]
