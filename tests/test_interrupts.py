@@ -115,3 +115,43 @@ def test_ctrl_c_exits_at_once_from_a_compiled_call_that_never_returns(tmp_path):
   finally:
     process.kill()
   assert process.returncode == 130, process.stderr.read()[-2000:]
+
+
+INTERRUPTED_COMPILATION = '''
+import os, signal, sys, threading, time
+import jax, jax.numpy as jnp
+from nanodecoder import cli
+
+def main(argv):  # a command whose Ctrl-C lands in a long XLA compilation (a second Ctrl-C while training compiles)
+  def long_to_compile(x):
+    for i in range(1500):
+      x = jnp.sin(x @ x.T)[:64 + i % 7].sum(0, keepdims=True) * x + jnp.cos(x)
+    return x
+  lowered = jax.jit(long_to_compile).lower(jnp.ones((64, 64)))
+  threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+  print('compiling', flush=True)
+  lowered.compile()
+
+cli.main = main
+cli.run()
+'''
+
+
+def test_ctrl_c_during_a_compilation_exits_at_once_with_130(tmp_path):
+  """XLA compiles on in its threads after the KeyboardInterrupt: the interpreter's shutdown waited for it (seconds to
+  minutes) and then crashed under it (a segmentation fault)."""
+  import subprocess
+  import time
+
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  process = subprocess.Popen([sys.executable, '-c', INTERRUPTED_COMPILATION], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+  try:
+    assert process.stdout.readline() == 'compiling\n'
+    started = time.time()
+    process.wait(timeout=120)
+    took = time.time() - started
+  finally:
+    process.kill()
+  assert process.returncode == 130, process.stderr.read()[-2000:]
+  assert took < 5, took  # the compilation itself takes 15 s on two cores
