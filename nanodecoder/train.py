@@ -573,7 +573,7 @@ def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoin
         logger.info(f'stopped by {metrics["stopped_by"]} after step {step}; checkpoint saved, '
                     'run the same command to resume')
         return metrics
-      if step % t.log_every == 0 or val_loss is not None:
+      if step % t.log_every == 0 or val_loss is not None or saved:
         speed.restart()
     checkpoints.wait()  # the last save is on disk (a failed asynchronous save surfaces here)
   finally:
@@ -613,8 +613,8 @@ def _diverged(what: str, step: int, last_saved: int | None) -> FloatingPointErro
 
 
 class _Speed:
-  """Milliseconds per step and tokens per second over the calls since the window last restarted (at each log line
-  and evaluation), leaving out calls that compiled."""
+  """Milliseconds per step and tokens per second over the calls since the window last restarted (at each log line,
+  evaluation and checkpoint), leaving out calls that compiled."""
 
   def __init__(self, tokens_per_step: int):
     self.tokens_per_step = tokens_per_step

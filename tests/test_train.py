@@ -340,11 +340,23 @@ def test_resuming_on_a_text_file_edited_in_place_is_refused(corpus_file, tmp_pat
   assert (workdir / 'checkpoints' / '4').is_dir()
 
 
-def test_the_speed_leaves_out_the_logged_learning_rates_first_evaluation(tiny_config, tmp_path, monkeypatch):
-  # The learning rate is computed on the host for the log line; its first evaluation compiles (~0.3 s on CPU), which
-  # is no training step's time. A clock that jumps 1000 s when the logged rate is computed shows where it lands.
+def jumping_clock(monkeypatch):
+  """Makes the loop's clock jump 1000 s each time the returned function is called: where the jump lands in the
+  speed (ms/step) shows whether the time of what called it was counted as training steps'."""
   offset = [0.0]
   monkeypatch.setattr(train_lib, 'time', types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+  return lambda: offset.__setitem__(0, offset[0] + 1000)
+
+
+def logged_speeds(workdir):
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return {r['step']: r['train/ms_per_step'] for r in records if 'train/ms_per_step' in r}
+
+
+def test_the_speed_leaves_out_the_logged_learning_rates_first_evaluation(tiny_config, tmp_path, monkeypatch):
+  # The learning rate is computed on the host for the log line; its first evaluation compiles (~0.3 s on CPU), which
+  # is no training step's time.
+  jump = jumping_clock(monkeypatch)
   schedule_of = train_lib.learning_rate_schedule
 
   def slow_to_log(train):
@@ -352,12 +364,22 @@ def test_the_speed_leaves_out_the_logged_learning_rates_first_evaluation(tiny_co
 
     def logged(step):
       if isinstance(step, int):  # the host's call for the log line (the optimizer's is traced)
-        offset[0] += 1000
+        jump()
       return schedule(step)
     return logged
 
   monkeypatch.setattr(train_lib, 'learning_rate_schedule', slow_to_log)
   train_lib.train_and_evaluate(tiny_config(), tmp_path)
-  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  speeds = {r['step']: r['train/ms_per_step'] for r in records if 'train/ms_per_step' in r}
+  speeds = logged_speeds(tmp_path)
+  assert sorted(speeds) == [10, 20] and all(0 < ms < 100_000 for ms in speeds.values()), speeds
+
+
+def test_the_speed_leaves_out_checkpoints_saved_between_log_lines(tiny_config, tmp_path, monkeypatch):
+  # A save's own time (its first compiles the finiteness check and Orbax's copies: ~0.7 s on CPU) is no training
+  # step's, as an evaluation's is not.
+  jump = jumping_clock(monkeypatch)
+  save = train_lib.checkpoint_lib.Checkpoints.save
+  monkeypatch.setattr(train_lib.checkpoint_lib.Checkpoints, 'save', lambda *args, **kw: (jump(), save(*args, **kw)))
+  train_lib.train_and_evaluate(tiny_config(**{'checkpoint.every': 5}), tmp_path)  # saves at 5 and 15 too
+  speeds = logged_speeds(tmp_path)
   assert sorted(speeds) == [10, 20] and all(0 < ms < 100_000 for ms in speeds.values()), speeds
