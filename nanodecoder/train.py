@@ -547,10 +547,11 @@ def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoin
       losses, grad_norms = map(np.atleast_1d, jax.device_get((out['loss'], out['grad_norm'])))
       _raise_if_diverged(losses, grad_norms, step, last_saved)
       step += n
+      profiled = profile.tracing
       profile.after(step)
       if compiling and step == start_step + n:
         logger.info(f'step {step}: compiled and ran the first call in {speed.elapsed():.1f} s')
-      speed.add(n, compiled=compiling)
+      speed.add(n, timed=not (compiling or profiled))
       compiling, n = next_n != n, next_n
       if step % t.log_every == 0 or step == t.num_steps:
         speeds = speed.scalars()  # before the learning rate, whose first evaluation on the host compiles
@@ -614,7 +615,7 @@ def _diverged(what: str, step: int, last_saved: int | None) -> FloatingPointErro
 
 class _Speed:
   """Milliseconds per step and tokens per second over the calls since the window last restarted (at each log line,
-  evaluation and checkpoint), leaving out calls that compiled."""
+  evaluation and checkpoint), leaving out calls that compiled or ran under the profiler."""
 
   def __init__(self, tokens_per_step: int):
     self.tokens_per_step = tokens_per_step
@@ -626,12 +627,13 @@ class _Speed:
   def elapsed(self) -> float:
     return time.perf_counter() - self.start
 
-  def add(self, steps: int, compiled: bool) -> None:
-    """Counts a call of `steps` steps just finished; one that compiled restarts the window instead."""
-    if compiled:
-      self.restart()
-    else:
+  def add(self, steps: int, timed: bool = True) -> None:
+    """Counts a call of `steps` steps just finished; an untimed one (it compiled, or ran under the profiler, which
+    slows it) restarts the window instead."""
+    if timed:
       self.steps += steps
+    else:
+      self.restart()
 
   def scalars(self) -> dict[str, float]:
     """The speed over the window; none before a call that did not compile has finished."""
@@ -649,6 +651,10 @@ class _Profile:
     self.directory, self.start, self.end, self.log = pathlib.Path(workdir), start, start + steps, log
     self.state = 'waiting' if steps else 'off'  # -> 'tracing' -> 'done'
     self.first = start
+
+  @property
+  def tracing(self) -> bool:
+    return self.state == 'tracing'
 
   def before(self, step: int, n: int) -> None:
     """Starts the trace if the call about to run (steps step + 1 .. step + n) holds a step of the window."""

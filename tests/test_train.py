@@ -383,3 +383,13 @@ def test_the_speed_leaves_out_checkpoints_saved_between_log_lines(tiny_config, t
   train_lib.train_and_evaluate(tiny_config(**{'checkpoint.every': 5}), tmp_path)  # saves at 5 and 15 too
   speeds = logged_speeds(tmp_path)
   assert sorted(speeds) == [10, 20] and all(0 < ms < 100_000 for ms in speeds.values()), speeds
+
+
+def test_the_speed_leaves_out_profiled_steps(tiny_config, tmp_path, monkeypatch):
+  # Tracing slows the steps it covers (several-fold on CPU), and stopping the trace writes it to disk.
+  jump = jumping_clock(monkeypatch)
+  monkeypatch.setattr(train_lib.jax.profiler, 'start_trace', lambda *args, **kwargs: jump())
+  monkeypatch.setattr(train_lib.jax.profiler, 'stop_trace', jump)
+  train_lib.train_and_evaluate(tiny_config(**{'train.profile_start': 12, 'train.profile_steps': 3}), tmp_path)
+  speeds = logged_speeds(tmp_path)  # the window of step 20: steps 11-12 and 16-20 timed, 13-15 profiled
+  assert sorted(speeds) == [10, 20] and all(0 < ms < 100_000 for ms in speeds.values()), speeds
