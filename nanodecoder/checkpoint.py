@@ -168,7 +168,8 @@ class Checkpoints:
           # A step's folder made in the background: when that fails (a full disk, a read-only folder), Orbax's
           # other save threads wait for its signal until their timeout (300 s) before the error reaches us.
           async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
-          lightweight_initialize=read_only)  # reading needs no step's metrics (nor a damaged one to stop it)
+          lightweight_initialize=read_only,  # reading needs no step's metrics (nor a damaged one to stop it)
+          cleanup_tmp_directories=not read_only)  # what a save cut short (a second Ctrl-C, a kill) left
       handlers = {'params': ocp.StandardCheckpointHandler(), 'opt_state': ocp.StandardCheckpointHandler(),
                   'meta': ocp.JsonCheckpointHandler()}
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)

@@ -309,6 +309,19 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
   assert Checkpoints(tmp_path, read_only=True).steps()[-1] == 12
 
 
+def test_a_save_cut_short_leaves_nothing_after_the_next_start(tiny_config, tmp_path):
+  # A second Ctrl-C (or a kill) during an asynchronous save leaves the step's temporary folder behind.
+  config = tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5, 'eval.every': 5})
+  train_lib.train_and_evaluate(config, tmp_path)
+  leftover = tmp_path / 'checkpoints' / '15.orbax-checkpoint-tmp-1795830420'
+  shutil.copytree(tmp_path / 'checkpoints' / '10', leftover)
+  assert Checkpoints(tmp_path, read_only=True).steps() == [5, 10] and leftover.is_dir()  # readers touch nothing
+  train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 12, 'checkpoint.every': 5, 'eval.every': 5}),
+                               tmp_path)
+  assert not leftover.exists()
+  assert Checkpoints(tmp_path, read_only=True).steps()[-1] == 12
+
+
 def test_a_checkpoint_without_its_array_metadata_is_set_aside_not_called_another_model(tiny_config, tmp_path, capsys):
   settings = {'checkpoint.every': 5, 'eval.every': 5, 'checkpoint.keep': 3}
   train_lib.train_and_evaluate(tiny_config(**settings, **{'train.num_steps': 10}), tmp_path)
