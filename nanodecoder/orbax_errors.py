@@ -72,12 +72,12 @@ def _leftover_of_a_failed_read(unraisable) -> bool:
 
 
 class _QuietLostFutures(logging.Filter):
-  """Drops asyncio's 'Future (or Task) exception was never retrieved' for a read of Orbax's that a failed restore
-  left."""
+  """Drops asyncio's 'Future (Task, _GatheringFuture) exception was never retrieved' for a read of Orbax's that a
+  failed restore left."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    lost = record.getMessage().startswith(('Future exception was never retrieved',
-                                           'Task exception was never retrieved'))
+    # asyncio names the class: 'Future', 'Task', or a subclass such as asyncio.gather's '_GatheringFuture'
+    lost = re.match(r'\w+ exception was never retrieved', record.getMessage()) is not None
     if not lost or not record.exc_info:
       return True
     trace = record.exc_info[2]

@@ -31,6 +31,7 @@ def test_only_leftovers_of_orbax_reads_are_silenced():
   lost = lambda message, info: logging.LogRecord('asyncio', logging.ERROR, __file__, 1, message, None, info)
   quiet = orbax_errors._QuietLostFutures()
   assert not quiet.filter(lost('Future exception was never retrieved\nfuture: <Future>', exc_info))
+  assert not quiet.filter(lost('_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture>', exc_info))
   assert quiet.filter(lost('Future exception was never retrieved', (ValueError, ValueError('x'), None)))
   assert quiet.filter(lost('Task was destroyed but it is pending!', exc_info))
 
