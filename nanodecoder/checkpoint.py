@@ -4,7 +4,8 @@ A run's checkpoints live in `workdir/checkpoints/<step>/` with three items:
   params     the model parameters,
   opt_state  the optimizer state (moments and step count),
   meta       JSON: step, validation loss (if evaluated at that step), the
-             resolved config and the tokenizer.
+             resolved config, the tokenizer and the data's fingerprint
+(and Orbax's own `metrics`, the val loss it keeps the best by).
 The data position and dropout keys are functions of (seed, step), so these
 are all a run needs to resume exactly, and `params` + `meta` all sampling
 needs. Orbax writes each step into a temporary folder and renames it when

@@ -165,7 +165,7 @@ def markdown(title: str, fields: list[str], rows: list[dict[str, Any]], images: 
   finished = sum(r['status'] == 'finished' for r in rows)
   scored = [r for r in rows if r['best_val_loss'] is not None]
   best = min(scored, key=lambda r: r['best_val_loss']) if scored else None
-  lines = [f'# Summary of {title}', '', f'{len(rows)} points, {finished} finished.']
+  lines = [f'# Summary of {title}', '', f'{len(rows)} point{"s" if len(rows) != 1 else ""}, {finished} finished.']
   if best is not None:
     lines[-1] += f' Lowest val loss: {best["best_val_loss"]:.4f} ({best["point"]}, step {best["best_val_step"]}).'
   header = ['point', *fields, 'status', 'step', 'params', 'best val loss', 'final val loss',

@@ -139,6 +139,7 @@ def test_summary_of_a_folder_of_runs_and_of_one_run(sweep_root, tmp_path):
   summary_lib.write_summary(sweep_root / 'seed=1')
   one = list(csv.DictReader((sweep_root / 'seed=1' / 'summary.csv').open()))
   assert len(one) == 1 and one[0]['point'] == 'seed=1' and one[0]['status'] == 'finished'
+  assert '\n1 point, 1 finished.' in (sweep_root / 'seed=1' / 'summary.md').read_text()
   with pytest.raises(FileNotFoundError, match='no runs in'):
     summary_lib.write_summary(tmp_path / 'runs' / 'lr=0.5,tag=a' / 'checkpoints')
 
