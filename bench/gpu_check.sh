@@ -64,6 +64,12 @@ print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version
 print(jax.devices())'
 } 2>&1 | tee "$RESULTS/env.txt"
 
+if [ "${SMOKE:-0}" != 1 ] && ! limit 60 "$PY" -c 'import jax; raise SystemExit(jax.default_backend() != "gpu")'; then
+  echo "error: JAX sees no GPU here; run this on the GPU machine (or SMOKE=1 for a dry run on any machine)" \
+    | tee -a "$SUMMARY" >&2
+  exit 2
+fi
+
 section 'base recipe'
 rm -rf /tmp/nanodecoder_gpu_base
 limit 170 "$PY" bench/recipe_run.py "${recipe[@]}" "${data[@]}" \
