@@ -73,13 +73,16 @@ def _leftover_of_a_failed_read(unraisable) -> bool:
 
 class _QuietLostFutures(logging.Filter):
   """Drops asyncio's 'Future (Task, _GatheringFuture) exception was never retrieved' for a read of Orbax's that a
-  failed restore left."""
+  failed restore left: its traceback passes through Orbax, or it is TensorStore's own error (which names its
+  storage spec; only Orbax reads TensorStore here), raised in a task that wraps a TensorStore future."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     # asyncio names the class: 'Future', 'Task', or a subclass such as asyncio.gather's '_GatheringFuture'
     lost = re.match(r'\w+ exception was never retrieved', record.getMessage()) is not None
     if not lost or not record.exc_info:
       return True
+    if 'tensorstore_spec=' in str(record.exc_info[1]):
+      return False
     trace = record.exc_info[2]
     while trace is not None:
       if _from_orbax(trace.tb_frame.f_code):

@@ -33,6 +33,10 @@ def test_only_leftovers_of_orbax_reads_are_silenced():
   assert not quiet.filter(lost('Future exception was never retrieved\nfuture: <Future>', exc_info))
   assert not quiet.filter(lost('_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture>', exc_info))
   assert quiet.filter(lost('Future exception was never retrieved', (ValueError, ValueError('x'), None)))
+  # TensorStore's error in a task wrapping its future: no Python frame of Orbax's (seen intermittently).
+  tensorstore = ValueError('NOT_FOUND: Error opening "zarr" driver: ... [tensorstore_spec=\'{"driver":"zarr"}\']')
+  assert not quiet.filter(lost('Task exception was never retrieved\nfuture: <Task finished coro=<_wrap_awaitable()>',
+                               (ValueError, tensorstore, None)))
   assert quiet.filter(lost('Task was destroyed but it is pending!', exc_info))
 
 
