@@ -70,6 +70,8 @@ def define_flags() -> None:
                     'jax.distributed.initialize (auto: when a coordinator is given or SLURM / Open MPI / a TPU slice '
                     'started several processes).')
   flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
+  flags.DEFINE_integer('distributed_timeout', 300, 'Multi-host: seconds to wait for every process to join (JAX\'s '
+                       'initialization_timeout); then stop with an error.')
   flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
   flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
 
@@ -221,7 +223,8 @@ _FLAG_MODES = {
     **dict.fromkeys(('prompt', 'prompt_file'), ('sample', 'attention')),
     **dict.fromkeys(('checkpoint', 'out'), ('sample', 'eval', 'attention')),
     'split': ('eval',),
-    **dict.fromkeys(('config', 'distributed', 'coordinator_address', 'num_processes', 'process_id'), ('train',)),
+    **dict.fromkeys(('config', 'distributed', 'coordinator_address', 'distributed_timeout', 'num_processes',
+                     'process_id'), ('train',)),
 }
 _INSTEAD = {('seed', 'train'): ' (the training seed is --config.seed)',
             ('checkpoint', 'train'): ' (training resumes from the latest checkpoint)',
@@ -305,7 +308,8 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
   if config_file:
     _refuse_other_settings_for_a_started_run(config, config_file, workdir)
   setup_jax(config)
-  sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                  FLAGS.distributed_timeout)
   metrics = train.train_and_evaluate(config, workdir)
   if 'stopped_by' in metrics:  # checkpoint saved; exit as the signal would have (130 for Ctrl-C, 143 for SIGTERM)
     sys.exit(128 + int(getattr(signal, metrics['stopped_by'], signal.SIGTERM)))

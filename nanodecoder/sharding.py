@@ -17,8 +17,11 @@ widths).
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
+import sys
+import threading
 
 import jax
 import ml_collections
@@ -93,27 +96,79 @@ def _cluster_detected() -> bool:
           or len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1)
 
 
+# JAX's own deadline for joining comes this long after --distributed_timeout, so that this module's one error
+# line comes first: JAX does not raise at its deadline but aborts the process (a C++ check failure and its stack).
+JAX_DEADLINE_MARGIN_S = 10
+
+
 def initialize_distributed(mode: str = 'auto', coordinator_address: str | None = None,
-                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+                           num_processes: int | None = None, process_id: int | None = None,
+                           timeout: int = 300) -> bool:
   """Joins the processes of a multi-host job with `jax.distributed.initialize`; True if it did.
 
   mode 'auto' joins when any of the three is given or a cluster launcher is
   detected; 'on' always (JAX fills in what is not given from SLURM, Open MPI,
   Kubernetes or Cloud TPU variables); 'off' never. Must run before JAX starts.
+  Says on stderr what it waits for; if not every process has joined after
+  `timeout` seconds (--distributed_timeout), prints one error line and ends
+  the process (status 2).
   """
+  if timeout <= 0:
+    raise ConfigError(f'--distributed_timeout={timeout} must be positive: the seconds to wait for every process '
+                      'to join')
   asked = (coordinator_address, num_processes, process_id) != (None, None, None)
   if mode == 'off' and asked:  # they would be ignored: each process would train alone
     raise ConfigError('--distributed=off runs this process alone, but --coordinator_address, --num_processes or '
                       '--process_id asks to join others; remove them, or drop --distributed=off')
   if mode == 'off' or (mode == 'auto' and not asked and not _cluster_detected()):
     return False
+  address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')  # (which JAX reads too)
+  through = f'through {address}' if address else "through the coordinator that JAX finds in the cluster's settings"
+  processes = f'{num_processes} process{"es" * (num_processes != 1)}' if num_processes else 'the other processes'
+  role = '' if process_id is None else f' as process {process_id}'
+  print(f'joining {processes} {through}{role} (waiting up to {timeout} s; --distributed_timeout)', file=sys.stderr,
+        flush=True)
+  every = f'all {num_processes} processes' if (num_processes or 0) > 1 else 'every process'
+  timed_out = (f'the processes did not all join {through} within {timeout} s (--distributed_timeout); check that '
+               f'{address or "its address"} is process 0\'s host and a port reachable from here, that {every} '
+               'started, or raise --distributed_timeout')
   try:
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    with _exit_after(timeout, timed_out):
+      jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                 process_id=process_id, initialization_timeout=timeout + JAX_DEADLINE_MARGIN_S)
   except ValueError as e:  # what JAX could not fill in, e.g. no launcher it knows and too few flags
     raise ConfigError(f'jax.distributed.initialize: {" ".join(str(e).split())}; pass --coordinator_address, '
                       '--num_processes and --process_id (or --distributed=off for one process)') from None
   return True
+
+
+@contextlib.contextmanager
+def _exit_after(seconds: float, message: str):
+  """Within it, `seconds` later, prints 'error: `message`' and ends the process with status 2, as cli.fail would.
+
+  For a call that holds the main thread in C++, where Python cannot interrupt it: JAX's distributed client, which
+  at its own deadline aborts the process with a C++ stack trace. From another thread only os._exit ends the process.
+  """
+  left = threading.Event()
+
+  def watch():
+    if left.wait(seconds):
+      return
+    for stream, text in ((sys.stdout, ''), (sys.stderr, f'error: {message}\n')):
+      try:
+        stream.write(text)
+        stream.flush()
+      except (AttributeError, OSError):  # closed, or a reader that went away
+        pass
+    os._exit(2)
+
+  watcher = threading.Thread(target=watch, name='exit after a deadline', daemon=True)
+  watcher.start()
+  try:
+    yield
+  finally:
+    left.set()
+    watcher.join()
 
 
 def gather_from_processes(value: int) -> np.ndarray:

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -86,6 +87,25 @@ def test_processes_reading_different_texts_stop_with_one_error(corpus_file, tmp_
                            for i, text in enumerate((corpus_file, other))])
   for rc, out, err in results:
     assert rc == 2 and 'error: process 1 read other data than process 0' in err, (rc, err[-3000:])
+
+
+@pytest.mark.parametrize('process_id', [0, 1])
+def test_processes_that_do_not_all_join_stop_with_one_error_after_the_timeout(corpus_file, tmp_path, process_id):
+  """Process 1 alone points at a port where nothing listens; process 0 alone waits for a process 1 that never
+  starts. JAX waits (--distributed_timeout; its default is 300 s) in silence, then aborts with a C++ stack trace."""
+  address = f'127.0.0.1:{free_port()}'
+  start = time.monotonic()
+  (rc, out, err), = run_processes([command(corpus_file, tmp_path / 'run', 2, f'--coordinator_address={address}',
+                                           '--num_processes=2', f'--process_id={process_id}',
+                                           '--distributed_timeout=3', kill_after=60)])
+  assert time.monotonic() - start < 60 and rc == 2, (rc, err[-3000:])
+  assert (f'joining 2 processes through {address} as process {process_id} (waiting up to 3 s; '
+          '--distributed_timeout)\n') in err, err[-3000:]
+  assert [line for line in err.splitlines() if line.startswith('error:')] == [
+      f'error: the processes did not all join through {address} within 3 s (--distributed_timeout); check that '
+      f"{address} is process 0's host and a port reachable from here, that all 2 processes started, or raise "
+      '--distributed_timeout'], err[-3000:]
+  assert 'Traceback' not in err and 'Check failure' not in err, err[-3000:]
 
 
 def test_processes_with_unequal_device_counts_stop_with_one_error(corpus_file, tmp_path):

@@ -286,6 +286,9 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
                                                 'positional arguments but 1 was given; an experiment file is'),
     (['--config', 'experiments/cpu.py', '--num_processes=2'],
      'jax.distributed.initialize: coordinator_address should be defined'),
+    (['--config', 'experiments/cpu.py', '--num_processes=2', '--distributed_timeout=0'],
+     '--distributed_timeout=0 must be positive: the seconds to wait for every process to join'),
+    (['--mode', 'sample', '--distributed_timeout=60'], '--distributed_timeout is for --mode train, not --mode sample'),
     (['--mode', 'sample', '--config.train.num_steps=5'], '--config.train.num_steps overrides a field of the config, '
                                                          'which only training takes; --mode sample uses the config'),
     (['--mode', 'eval', '--config', 'experiments/cpu.py'], '--config is for --mode train, not --mode eval (it reads '

@@ -164,6 +164,28 @@ def test_distributed_off_with_the_flags_to_join_others_is_refused(monkeypatch):
   assert sharding_lib.initialize_distributed('off') is False
 
 
+def test_joining_says_what_it_waits_for_and_gives_jax_a_later_deadline(monkeypatch, capsys):
+  """JAX's own deadline aborts the process (a C++ stack trace): it must come after the one error line's."""
+  calls = []
+  monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
+  assert sharding_lib.initialize_distributed('auto', '10.0.0.1:1234', 2, 1, timeout=7) is True
+  assert calls[0]['initialization_timeout'] == 7 + sharding_lib.JAX_DEADLINE_MARGIN_S > 7
+  assert capsys.readouterr().err == ('joining 2 processes through 10.0.0.1:1234 as process 1 (waiting up to 7 s; '
+                                     '--distributed_timeout)\n')
+  monkeypatch.delenv('JAX_COORDINATOR_ADDRESS', raising=False)
+  sharding_lib.initialize_distributed('on')  # what JAX finds in SLURM's, Open MPI's or a TPU slice's settings
+  assert capsys.readouterr().err == ("joining the other processes through the coordinator that JAX finds in the "
+                                     "cluster's settings (waiting up to 300 s; --distributed_timeout)\n")
+
+
+@pytest.mark.parametrize('timeout', [0, -5])
+def test_a_distributed_timeout_that_is_not_positive_is_refused(monkeypatch, timeout):
+  monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', lambda **kwargs: pytest.fail('joined'))
+  with pytest.raises(ConfigError, match=rf'^--distributed_timeout={timeout} must be positive: the seconds to wait '
+                                        r'for every process to join$'):
+    sharding_lib.initialize_distributed('on', '10.0.0.1:1234', 2, 0, timeout=timeout)
+
+
 def test_one_cpu_device_per_core_the_process_may_use(monkeypatch):
   monkeypatch.setattr(sharding_lib.os, 'sched_getaffinity', lambda pid: {0, 5, 6}, raising=False)  # e.g. taskset
   assert sharding_lib.usable_cores() == 3
