@@ -30,6 +30,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from nanodecoder import interrupts
 from nanodecoder.config import ConfigError, check_mesh_shape
 
 AXES = ('data', 'fsdp', 'tensor')
@@ -111,7 +112,7 @@ def initialize_distributed(mode: str = 'auto', coordinator_address: str | None =
   Kubernetes or Cloud TPU variables); 'off' never. Must run before JAX starts.
   Says on stderr what it waits for; if not every process has joined after
   `timeout` seconds (--distributed_timeout), prints one error line and ends
-  the process (status 2).
+  the process (status 2). Ctrl-C meanwhile exits at once (status 130).
   """
   if timeout <= 0:
     raise ConfigError(f'--distributed_timeout={timeout} must be positive: the seconds to wait for every process '
@@ -133,7 +134,7 @@ def initialize_distributed(mode: str = 'auto', coordinator_address: str | None =
                f'{address or "its address"} is process 0\'s host and a port reachable from here, that {every} '
                'started, or raise --distributed_timeout')
   try:
-    with _exit_after(timeout, timed_out):
+    with interrupts.exit_on_ctrl_c(), _exit_after(timeout, timed_out):
       jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                  process_id=process_id, initialization_timeout=timeout + JAX_DEADLINE_MARGIN_S)
   except ValueError as e:  # what JAX could not fill in, e.g. no launcher it knows and too few flags

@@ -1,6 +1,8 @@
 """Several processes (jax.distributed over 127.0.0.1, CPU collectives) train like one process."""
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -106,6 +108,24 @@ def test_processes_that_do_not_all_join_stop_with_one_error_after_the_timeout(co
       f"{address} is process 0's host and a port reachable from here, that all 2 processes started, or raise "
       '--distributed_timeout'], err[-3000:]
   assert 'Traceback' not in err and 'Check failure' not in err, err[-3000:]
+
+
+def test_ctrl_c_while_waiting_for_the_other_processes_exits_at_once(corpus_file, tmp_path):
+  """JAX's client holds the main thread in C++ while it waits: Python would raise the KeyboardInterrupt only at
+  the end of the wait."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  process = subprocess.Popen(command(corpus_file, tmp_path / 'run', 2, f'--coordinator_address=127.0.0.1:{free_port()}',
+                                     '--num_processes=2', '--process_id=1', kill_after=120), cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    assert process.stderr.readline().startswith('joining 2 processes through 127.0.0.1:')
+    time.sleep(1)  # inside the wait
+    os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C would: `timeout` and the Python process under it
+    rc = process.wait(timeout=20)  # without the fix: 300 s, the wait's default
+  finally:
+    with contextlib.suppress(ProcessLookupError):  # (gone already, as it should be)
+      os.killpg(process.pid, signal.SIGKILL)
+  assert rc == 130 and 'Traceback' not in process.stderr.read()
 
 
 def test_processes_with_unequal_device_counts_stop_with_one_error(corpus_file, tmp_path):
