@@ -123,6 +123,10 @@ def initialize_distributed(mode: str = 'auto', coordinator_address: str | None =
                       '--process_id asks to join others; remove them, or drop --distributed=off')
   if mode == 'off' or (mode == 'auto' and not asked and not _cluster_detected()):
     return False
+  host, _, port = (coordinator_address or '').rpartition(':')
+  if coordinator_address is not None and not (host and port.isdigit() and 0 < int(port) < 65536):
+    raise ConfigError(f'--coordinator_address={coordinator_address} is not HOST:PORT; give process 0\'s host and a '
+                      'free port on it, e.g. --coordinator_address=10.0.0.1:1234')  # (JAX: an IndexError, or a wait)
   address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')  # (which JAX reads too)
   through = f'through {address}' if address else "through the coordinator that JAX finds in the cluster's settings"
   processes = f'{num_processes} process{"es" * (num_processes != 1)}' if num_processes else 'the other processes'

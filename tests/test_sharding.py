@@ -178,6 +178,13 @@ def test_joining_says_what_it_waits_for_and_gives_jax_a_later_deadline(monkeypat
                                      "cluster's settings (waiting up to 300 s; --distributed_timeout)\n")
 
 
+@pytest.mark.parametrize('address', ['10.0.0.1', ':1234', '10.0.0.1:port', '10.0.0.1:0', '10.0.0.1:70000'])
+def test_a_coordinator_address_that_is_not_host_and_port_is_refused(monkeypatch, address):
+  monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', lambda **kwargs: pytest.fail('joined'))
+  with pytest.raises(ConfigError, match=rf"^--coordinator_address={address} is not HOST:PORT; give process 0's "):
+    sharding_lib.initialize_distributed('auto', address, 2, 1)
+
+
 @pytest.mark.parametrize('timeout', [0, -5])
 def test_a_distributed_timeout_that_is_not_positive_is_refused(monkeypatch, timeout):
   monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', lambda **kwargs: pytest.fail('joined'))
