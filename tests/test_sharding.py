@@ -1,6 +1,7 @@
 """Data, FSDP and tensor-parallel meshes give the one-device result; parameters are really sharded."""
 
 import re
+import socket
 import types
 
 import jax
@@ -183,6 +184,30 @@ def test_a_coordinator_address_that_is_not_host_and_port_is_refused(monkeypatch,
   monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', lambda **kwargs: pytest.fail('joined'))
   with pytest.raises(ConfigError, match=rf"^--coordinator_address={address} is not HOST:PORT; give process 0's "):
     sharding_lib.initialize_distributed('auto', address, 2, 1)
+
+
+def test_a_coordinator_port_in_use_on_process_0_is_refused_before_jax_listens_on_it(monkeypatch):
+  """JAX raises a JaxRuntimeError ('Failed to start RPC server'), or sometimes crashes (a segmentation fault)."""
+  monkeypatch.delenv('JAX_COORDINATOR_BIND_ADDRESS', raising=False)
+  monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', lambda **kwargs: pytest.fail('joined'))
+  with socket.create_server(('127.0.0.1', 0)) as other_program:
+    address = f'127.0.0.1:{other_program.getsockname()[1]}'
+    with pytest.raises(ConfigError, match=rf'^port \d+ of --coordinator_address={address} is in use on this host, '
+                                          r'where process 0 serves it: another program \(an earlier run\?\) holds it'):
+      sharding_lib.initialize_distributed('auto', address, 2, 0)
+    calls = []
+    monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
+    assert sharding_lib.initialize_distributed('auto', address, 2, 1) and calls  # process 1 does not listen
+
+
+def test_a_coordinator_that_cannot_start_is_one_line(monkeypatch):
+  def initialize(**kwargs):
+    raise jax.errors.JaxRuntimeError('UNKNOWN: Failed to start RPC server')
+
+  monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', initialize)
+  with pytest.raises(ConfigError, match=r'^cannot join through 127.0.0.1:1234: UNKNOWN: Failed to start RPC server; '
+                                        r'check that no other program \(an earlier run\?\) uses its port'):
+    sharding_lib.initialize_distributed('auto', '127.0.0.1:1234', 2, 1)
 
 
 @pytest.mark.parametrize('timeout', [0, -5])
