@@ -21,7 +21,7 @@ import os
 import pathlib
 import sys
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -428,12 +428,19 @@ def reading(checkpoints: Checkpoints, step: int):
                           'workdir, which sets unreadable steps aside') from e
 
 
-def load_model(workdir: str | pathlib.Path, which: str | int = 'latest'):
-  """(model, tokenizer, config, step) from a workdir alone, parameters on the default device."""
+def load_model(workdir: str | pathlib.Path, which: str | int = 'latest',
+               check: Callable[[CharTokenizer, ml_collections.ConfigDict], None] | None = None):
+  """(model, tokenizer, config, step) from a workdir alone, parameters on the default device.
+
+  `check(tokenizer, config)` runs before the parameters are read: what it refuses (e.g. a prompt with
+  characters outside the vocabulary) is refused at once, however large the model.
+  """
   checkpoints, step, meta = load_meta(workdir, which)
   try:
     config = ml_collections.ConfigDict(meta['config'])
     tokenizer = CharTokenizer.from_json(meta['tokenizer'])
+    if check is not None:
+      check(tokenizer, config)
     here = config_lib.for_reading_here(config, 1, jax.default_backend())
     model_config = config_lib.model_config(here, tokenizer.vocab_size)
     graphdef, abstract = nnx.split(abstract_decoder(model_config))

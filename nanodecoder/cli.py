@@ -381,11 +381,15 @@ def sample_command() -> None:
   prompt = _given_prompt()
   out = _checked_out(workdir)
   setup_jax()
-  model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint)
+
+  def check_prompt(tokenizer, _) -> None:  # before the parameters are read
+    if prompt is None and FLAGS.prompt not in tokenizer.chars:
+      fail('this model has no newline character, the default prompt; give one with --prompt or --prompt_file')
+    tokenizer.encode(FLAGS.prompt if prompt is None else prompt)  # characters outside the vocabulary: DataError
+
+  model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint, check=check_prompt)
   if prompt is None:
     prompt = FLAGS.prompt  # its default, a newline
-    if prompt not in tokenizer.chars:
-      fail('this model has no newline character, the default prompt; give one with --prompt or --prompt_file')
   prompt_ids = tokenizer.encode(prompt)
   if FLAGS.stream:
     _stream_sample(model, tokenizer, prompt, prompt_ids, options, step, out)
@@ -697,7 +701,10 @@ def attention_command() -> None:
     fail(f"--out '' names no folder; give a folder for the pictures, or leave --out out for {workdir / 'attention'}")
   out = _checked_out_folder(workdir / 'attention' if FLAGS.out is None else pathlib.Path(FLAGS.out), workdir)
   setup_jax()
-  model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint)
+  # Characters outside the vocabulary in the part drawn (the last context, as attention_maps cuts it) are
+  # refused before the parameters are read.
+  check_prompt = lambda tokenizer, config: tokenizer.encode(prompt[-config.model.context_length:])
+  model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint, check=check_prompt)
   maps, shown = analysis.attention_maps(model, tokenizer, prompt)
   if len(shown) < len(prompt):
     print(f'the prompt is longer than the context ({len(shown)}); drawing its last {len(shown)} characters')

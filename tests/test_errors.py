@@ -361,6 +361,19 @@ def test_a_prompt_file_is_read_as_it_is(trained, tmp_path):
   assert_user_error(result, "characters not in the vocabulary: '\\r'")
 
 
+@pytest.mark.parametrize('mode', ['sample', 'attention'])
+def test_a_prompt_outside_the_vocabulary_is_refused_before_the_weights_are_read(trained, tmp_path, mode):
+  """The tokenizer is saved in the checkpoint's meta: the prompt is checked before the parameters, however large,
+  are read. Here they cannot be read: a check made after reading them would report that instead."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  (workdir / 'checkpoints' / '12' / 'params' / 'manifest.ocdbt').unlink()
+  result = launch('--mode', mode, '--workdir', str(workdir), '--prompt', 'the €')
+  assert_user_error(result, "characters not in the vocabulary: '€'; use only characters of the training corpus")
+  result = launch('--mode', mode, '--workdir', str(workdir), '--prompt', 'the')  # a prompt it can encode
+  assert_user_error(result, 'cannot read the checkpoint at step 12')
+
+
 def test_a_workdir_that_is_a_file_is_refused(corpus_file, tmp_path):
   (tmp_path / 'run').write_text('not a folder')
   result = launch(*tiny_args(corpus_file), '--workdir', str(tmp_path / 'run'))
