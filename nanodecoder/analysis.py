@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import pathlib
 import unicodedata
 from typing import Any
@@ -99,12 +100,15 @@ def plot_attention(maps: np.ndarray, chars: str, out_dir: str | pathlib.Path, ti
   return paths
 
 
-def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: str | None = None) -> dict[str, Any]:
+def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: str | None = None,
+                   data_locations: dict[str, str] | None = None) -> dict[str, Any]:
   """Exact loss, perplexity and bits per character of a checkpoint over every window of `split`.
 
   `split` defaults to the run's data.eval_split; the text comes from the
-  run's data source, the tokenizer from the checkpoint. The devices must
-  already be set up (cli.setup_jax).
+  run's data source, the tokenizer from the checkpoint. `data_locations`
+  (fields of config.PATH_FIELDS -> paths) says where the data is now when it
+  moved: the text found there must still be the text the checkpoint trained
+  on. The devices must already be set up (cli.setup_jax).
   """
   import jax
   import ml_collections
@@ -120,16 +124,30 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
     config = ml_collections.ConfigDict(meta['config'])
     split = config.data.eval_split if split is None else split  # ('' is no split: refused by name below)
     tokenizer = data_lib.CharTokenizer.from_json(meta['tokenizer'])
-    source = config.data.text_path if config.data.source == 'text' else f'tfds {config.data.tfds_name}'
+    text_run = config.data.source == 'text'
+    source = config.data.text_path if text_run else f'tfds {config.data.tfds_name}'
+    given = ', '.join(f'--config.data.{field}' for field in data_locations or {})
+    for field, path in (data_locations or {}).items():
+      if (field == 'text_path') != text_run:  # a field this run's source does not read
+        read = '--config.data.text_path' if text_run else '--config.data.manual_dir or --config.data.tfds_data_dir'
+        raise config_lib.ConfigError(f'--config.data.{field} is not read by this run, which trained on {source}; '
+                                     f'give where that is with {read}')
+      config.data[field] = path
+    config_lib.make_paths_absolute(config)
+    source = config.data.text_path if text_run else source
     try:
       text = data_lib.load_corpus(config.data).text(split)
       tokens = tokenizer.encode(text)
       trained_on = meta.get('data_fingerprint')  # (none in checkpoints written before it was recorded)
       if trained_on is not None and data_lib.load_dataset(config).fingerprint() != trained_on:
-        raise DataError('it holds other text than the checkpoint was trained on (edited since); put that text back')
+        raise DataError(f'it holds other text than the checkpoint was trained on; point {given} at that text'
+                        if given else 'it holds other text than the checkpoint was trained on (edited since); put '
+                        'that text back')
     except ValueError as e:  # DataError and the like: the run's data, as its config names it, fixed where it lives
-      raise DataError(f'--mode eval scores the data the run trained on ({source}, from the config saved with '
-                      f'checkpoint {step}): {e}') from None
+      where = f'as {given} says' if given else f'from the config saved with checkpoint {step}'
+      moved = ('; if it moved, give its new place: --config.data.text_path=FILE'
+               if text_run and not given and not os.path.exists(source) else '')
+      raise DataError(f'--mode eval scores the data the run trained on ({source}, {where}): {e}{moved}') from None
     if len(tokens) < 2:
       raise DataError(f'split {split!r} has {len(tokens)} characters; it needs at least 2 to predict one')
     config = config_lib.for_reading_here(config, jax.device_count(), jax.default_backend())  # any machine

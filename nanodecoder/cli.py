@@ -42,7 +42,8 @@ def define_flags() -> None:
   flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'attention', 'summary'],
                     'train: train (or resume) the config in the workdir, or every point of a sweep; '
                     'sample: generate text from the workdir\'s checkpoint (needs no --config); '
-                    'eval: loss, perplexity and bits/char of a checkpoint over every window of --split; '
+                    'eval: loss, perplexity and bits/char of a checkpoint over every window of --split (data moved: '
+                    '--config.data.text_path=FILE); '
                     'attention: draw the attention maps of --prompt as PNGs (into --out); '
                     'summary: (re)write summary.csv/.md and plots of the sweep in --workdir.')
   flags.DEFINE_string('prompt', '\n', 'sample: text to continue; attention: text whose attention to draw.')
@@ -114,14 +115,22 @@ def _flag_values(argv: list[str]) -> dict[str, str | None]:
   return values
 
 
+# The overrides `--mode eval` takes: where the run's data lives now (field of config.data -> path), e.g. after the
+# text file moved; set while parsing the flags.
+LOCATION_OVERRIDES = {f'config.data.{field}' for field in config_lib.PATH_FIELDS}
+data_locations: dict[str, str] = {}
+
+
 def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
   """`--workdir RUN --config.a.b=v` without --config (training): the overrides apply to RUN/config.json (through
-  nanodecoder/saved_config.py, so that they are parsed as an experiment file's are)."""
+  nanodecoder/saved_config.py, so that they are parsed as an experiment file's are). With --mode eval, the
+  overrides of the data's location (LOCATION_OVERRIDES) are taken out of argv into `data_locations`."""
   values = _flag_values(argv)
   overrides = [n for n in values if n.startswith(('config.', 'noconfig.'))]
-  if overrides and 'config' not in values and values.get('mode', 'train') != 'train':
-    fail(f'--{overrides[0]} overrides a field of the config, which only training takes; --mode {values["mode"]} '
-         'uses the config saved with the run: remove it')
+  mode = values.get('mode', 'train')
+  if overrides and 'config' not in values and mode != 'train':
+    _refuse_overrides_of_a_reading_mode(overrides, mode)
+    return _take_data_locations(argv)
   if not overrides or 'config' in values or 'flagfile' in values:
     return argv
   workdir = values.get('workdir')
@@ -130,6 +139,43 @@ def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
          'to change its saved config.json')
   _read_saved_config(pathlib.Path(workdir))  # a broken one fails here in one line, not inside config_flags
   return [argv[0], f'--config={SAVED_CONFIG_FILE}:{workdir}', *argv[1:]]
+
+
+def _refuse_overrides_of_a_reading_mode(overrides: list[str], mode: str) -> None:
+  """Refuses a config override given to a mode that reads a run (sample, eval, attention), but the data's location
+  given to --mode eval: those modes use the config saved with the checkpoint, which fixes what they compute."""
+  for name in overrides:
+    if mode == 'eval' and name in LOCATION_OVERRIDES:
+      continue
+    if mode == 'eval':
+      split = ' (another split: --split)' if name.endswith('_split') else ''
+      fail(f'--{name} would change what --mode eval scores (the checkpoint on the data it trained on){split}; it '
+           f'takes only where that data is now: {", ".join(f"--{f}" for f in sorted(LOCATION_OVERRIDES))}; remove it')
+    if name in LOCATION_OVERRIDES:
+      fail(f'--{name} says where the run\'s data is, which --mode {mode} does not read (--mode eval does); remove it')
+    fail(f'--{name} overrides a field of the config, which only training takes; --mode {mode} uses the config saved '
+         'with the run: remove it')
+
+
+def _take_data_locations(argv: list[str]) -> list[str]:
+  """argv less its --config.data.<path field>=PATH (or `--config.data.<path field> PATH`), which go into
+  `data_locations`."""
+  end = argv.index('--') if '--' in argv else len(argv)
+  kept, i = [argv[0]], 1
+  while i < end:
+    name, eq, value = argv[i].lstrip('-').partition('=')
+    if not argv[i].startswith('-') or name not in LOCATION_OVERRIDES:
+      kept.append(argv[i])
+      i += 1
+      continue
+    if not eq:  # the value is the next argument
+      if i + 1 >= end or argv[i + 1].startswith('-'):
+        fail(f'--{name} needs a value: --{name}=PATH')
+      value = argv[i + 1]
+      i += 1
+    data_locations[name.removeprefix('config.data.')] = value
+    i += 1
+  return kept + argv[end:]
 
 
 def _missing_field(error: AttributeError | KeyError) -> str:
@@ -682,7 +728,7 @@ def eval_command() -> None:
   # Data parallel over one CPU device per core, whatever mesh (and mesh.cpu_devices) the run trained on.
   sharding.set_cpu_devices(sharding.usable_cores())
   setup_jax()
-  report = analysis.evaluate_split(workdir, FLAGS.checkpoint, FLAGS.split)
+  report = analysis.evaluate_split(workdir, FLAGS.checkpoint, FLAGS.split, data_locations)
   print(analysis.format_report(report))
   failed = out and _write_out(out, json.dumps(report, indent=2) + '\n')
   if failed:

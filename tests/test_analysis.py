@@ -4,6 +4,7 @@ import json
 import math
 import re
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -161,3 +162,66 @@ def test_eval_of_a_run_whose_text_changed_or_moved_says_so(corpus_file, tmp_path
   with pytest.raises(DataError, match=rf'^--mode eval scores the data the run trained on \({re.escape(str(text))}, '
                                       r'from the config saved with checkpoint 10\): data.text_path .* does not exist'):
     analysis.evaluate_split(workdir)
+
+
+def test_eval_follows_moved_data_given_its_new_place(corpus_file, tmp_path):
+  """--config.data.text_path points --mode eval at a run's moved text (the only overrides it takes: where the data
+  is); the text found there must still be the one the checkpoint trained on."""
+  text = tmp_path / 'corpus.txt'
+  text.write_text(corpus_file.read_text())
+  workdir = tmp_path / 'run'
+  train_lib.train_and_evaluate(make_tiny_config(text, **{'train.num_steps': 10, 'train.decay_steps': 10,
+                                                         'eval.every': 10}), workdir)
+  before = analysis.evaluate_split(workdir)
+  moved = tmp_path / 'elsewhere' / 'corpus.txt'
+  moved.parent.mkdir()
+  text.rename(moved)
+  result = launch('--mode', 'eval', '--workdir', str(workdir))
+  assert result.returncode == 2 and result.stderr.rstrip().endswith(
+      'does not exist; point it at a UTF-8 text file; if it moved, give its new place: '
+      '--config.data.text_path=FILE'), result.stderr[-2000:]
+  for override in ([f'--config.data.text_path={moved}'], ['--config.data.text_path', str(moved)]):
+    out = tmp_path / 'eval.json'
+    result = launch('--mode', 'eval', '--workdir', str(workdir), *override, '--out', str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report['predicted'] == before['predicted'] and report['loss'] == pytest.approx(before['loss'], rel=1e-5)
+  moved.write_text(moved.read_text()[::-1])  # other text at the new place: the same characters
+  result = launch('--mode', 'eval', '--workdir', str(workdir), f'--config.data.text_path={moved}')
+  assert result.returncode == 2 and result.stderr == (
+      f'error: --mode eval scores the data the run trained on ({moved}, as --config.data.text_path says): it holds '
+      'other text than the checkpoint was trained on; point --config.data.text_path at that text\n')
+  result = launch('--mode', 'eval', '--workdir', str(workdir), f'--config.data.manual_dir={tmp_path}')
+  assert result.returncode == 2 and result.stderr == (
+      f'error: --config.data.manual_dir is not read by this run, which trained on {text}; give where that is with '
+      '--config.data.text_path\n')
+
+
+def test_eval_of_a_tfds_run_follows_its_moved_data_folders(shakespeare_dir, tmp_path):
+  """A tfds run whose prepared data (data.tfds_data_dir) and downloaded file (data.manual_dir) moved:
+  --config.data.tfds_data_dir or --config.data.manual_dir gives their new place; data.text_path, which such a run
+  does not read, is refused."""
+  from nanodecoder.config import ConfigError
+
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  shutil.copy(shakespeare_dir / 'input.txt', manual)
+  workdir = tmp_path / 'run'
+  config = make_tiny_config('', **{'data.source': 'tfds', 'data.tfds_data_dir': str(tmp_path / 'tfds'),
+                                   'data.manual_dir': str(manual), 'train.num_steps': 2, 'train.warmup_steps': 1,
+                                   'train.decay_steps': 2, 'eval.every': 2})
+  train_lib.train_and_evaluate(config, workdir)
+  before = analysis.evaluate_split(workdir, split='test')
+  (tmp_path / 'tfds').rename(tmp_path / 'moved')
+  shutil.rmtree(manual)
+  with pytest.raises(DataError, match=r'data.manual_dir .* lacks input.txt'):  # neither is where the run left it
+    analysis.evaluate_split(workdir, split='test')
+  after = analysis.evaluate_split(workdir, split='test', data_locations={'tfds_data_dir': str(tmp_path / 'moved')})
+  assert after['predicted'] == before['predicted'] == 55_769 and after['loss'] == pytest.approx(before['loss'])
+  after = analysis.evaluate_split(workdir, split='test', data_locations={'manual_dir': str(shakespeare_dir)})
+  assert after['predicted'] == before['predicted'] and after['loss'] == pytest.approx(before['loss'])
+  assert (tmp_path / 'tfds').is_dir()  # prepared again where the run keeps it, from the file at its new place
+  with pytest.raises(ConfigError, match=r'^--config.data.text_path is not read by this run, which trained on tfds '
+                                        r'tiny_shakespeare; give where that is with --config.data.manual_dir or '
+                                        r'--config.data.tfds_data_dir$'):
+    analysis.evaluate_split(workdir, data_locations={'text_path': str(shakespeare_dir / 'input.txt')})

@@ -291,6 +291,15 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
     (['--mode', 'sample', '--distributed_timeout=60'], '--distributed_timeout is for --mode train, not --mode sample'),
     (['--mode', 'sample', '--config.train.num_steps=5'], '--config.train.num_steps overrides a field of the config, '
                                                          'which only training takes; --mode sample uses the config'),
+    (['--mode', 'eval', '--config.model.num_layers=1'], '--config.model.num_layers would change what --mode eval '
+     'scores (the checkpoint on the data it trained on); it takes only where that data is now: '
+     '--config.data.manual_dir, --config.data.text_path, --config.data.tfds_data_dir; remove it'),
+    (['--mode', 'eval', '--config.data.text_path={tmp}/file', '--config.data.eval_split=test'],
+     '--config.data.eval_split would change what --mode eval scores (the checkpoint on the data it trained on) '
+     '(another split: --split)'),
+    (['--mode', 'eval', '--config.data.text_path'], '--config.data.text_path needs a value: --config.data.text_path='),
+    (['--mode', 'attention', '--prompt', 'a', '--config.data.text_path={tmp}/file'],
+     "--config.data.text_path says where the run's data is, which --mode attention does not read (--mode eval does)"),
     (['--mode', 'eval', '--config', 'experiments/cpu.py'], '--config is for --mode train, not --mode eval (it reads '
                                                            'the config saved with the run)'),
     (['--config', 'experiments/cpu.py', '--config.name=../elsewhere'], "name must be a plain folder name"),
