@@ -133,30 +133,47 @@ class TensorBoardWriter:
 
 
 class Progress:
-  """Fraction done and ETA of a run from the steps it logs; the ETA counts evals and checkpoints too."""
+  """Fraction done and ETA of a run. The ETA is the remaining steps at the training speed (the mean of the logged
+  train/ms_per_step, which leaves out evaluations, checkpoints and compilation), plus the evaluations and
+  checkpoints still to come at the time the latest of each took (see `took`)."""
 
   def __init__(self, total_steps: int):
     self.total = total_steps
-    self._first: tuple[int, float] | None = None  # (step, time) of the first write: after compilation
     self.step = 0
-    self.eta: float | None = None
+    self._speeds: list[float] = []  # the logged train/ms_per_step
+    self._recurring: dict[str, tuple[int, int, float]] = {}  # what -> (every, step of the latest, its seconds)
 
   def update(self, step: int, metrics: Mapping[str, float]) -> None:
-    now = time.time()
     self.step = step
-    if self._first is None:
-      self._first = (step, now)
-    first_step, first_time = self._first
-    if step > first_step:
-      self.eta = (self.total - step) * (now - first_time) / (step - first_step)
-    elif metrics.get('train/ms_per_step', 0) > 0:
-      self.eta = (self.total - step) * metrics['train/ms_per_step'] / 1000
+    if metrics.get('train/ms_per_step', 0) > 0:
+      self._speeds.append(metrics['train/ms_per_step'])
+
+  def took(self, what: str, step: int, seconds: float, every: int) -> None:
+    """`what` (e.g. 'evaluation'), done every `every` steps and at the last step, took `seconds` at `step`.
+
+    The first of a session costs nothing in the ETA: it compiles or sets up once (tiny CPU runs: 15-50 times the
+    time of the next), which multiplied by those to come would overestimate the ETA by far.
+    """
+    self._recurring[what] = (every, step, seconds if what in self._recurring else 0.0)
+
+  @property
+  def eta(self) -> float | None:
+    """Seconds left; None before a logged training speed."""
+    if not self._speeds:
+      return None
+    left = (self.total - self.step) * sum(self._speeds) / len(self._speeds) / 1000
+    for every, latest, seconds in self._recurring.values():
+      after = max(latest, self.step - 1)  # those to come: at multiples of `every` and at the last step, from this one
+      if after < self.total:
+        left += seconds * (self.total // every - after // every + (self.total % every != 0))
+    return left
 
   def text(self) -> str:
     percent = f'{100 * self.step / max(self.total, 1):.0f}%'
     if self.step >= self.total:
       return f'{percent} done'
-    return f'{percent}, ETA {format_duration(self.eta)}' if self.eta is not None else percent
+    eta = self.eta
+    return f'{percent}, ETA {format_duration(eta)}' if eta is not None else percent
 
   def bar(self, loss: float | None, width: int) -> str:
     cells = max(10, min(40, width - 60))
@@ -286,6 +303,11 @@ class MetricsLogger:
       if not self.progress_bar and 'train/loss' in metrics:
         line += f' | {self.progress.text()}'
     self.info(line)
+
+  def took(self, what: str, step: int, seconds: float, every: int) -> None:
+    """Counts a recurring pause in the ETA: see `Progress.took`."""
+    if self.progress is not None:
+      self.progress.took(what, step, seconds, every)
 
   def close(self) -> None:
     if self._bar_shown:

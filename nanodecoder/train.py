@@ -559,13 +559,17 @@ def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoin
                             'train/grad_norm': float(grad_norms[-1]), **speeds})
       val_loss = None
       if step % config.eval.every == 0 or step == t.num_steps:
+        started = time.perf_counter()
         result = evaluate(trainer, dataset)
+        logger.took('evaluation', step, time.perf_counter() - started, config.eval.every)  # for the ETA
         metrics = {'train_loss': result['train_loss'], 'val_loss': result['eval_loss']}
         val_loss = metrics['val_loss']
         logger.write(step, {'eval/train_loss': metrics['train_loss'], 'eval/val_loss': val_loss})
       saved = step % ck.every == 0 or step == t.num_steps
       if saved:
+        started = time.perf_counter()
         save(step, val_loss)
+        logger.took('checkpoint', step, time.perf_counter() - started, ck.every)
       if step < t.num_steps and stop.requested():
         if not saved:
           save(step, val_loss)

@@ -125,15 +125,25 @@ def test_plain_lines_elsewhere(tmp_path):
   assert lines[2].endswith('| 100% done')
 
 
-def test_eta_counts_wall_time_between_writes(monkeypatch):
-  clock = iter([100.0, 110.0])
-  monkeypatch.setattr('nanodecoder.metrics.time.time', lambda: next(clock))
+def test_eta_is_the_steps_left_at_the_logged_speed_plus_the_pauses_to_come():
   progress = Progress(total_steps=1000)
-  progress.update(100, {'train/ms_per_step': 50.0})
-  assert progress.eta == pytest.approx(900 * 0.05)  # before a second write: the step time
-  progress.update(200, {})
-  assert progress.eta == pytest.approx(800 * 10 / 100)  # 10 s per 100 steps, evals included
-  assert progress.text() == '20%, ETA 1m20s'
+  assert progress.eta is None and progress.text() == '0%'
+  progress.update(100, {'train/ms_per_step': 40.0})
+  progress.update(200, {'train/ms_per_step': 60.0})
+  assert progress.eta == pytest.approx(800 * 0.05)  # the mean speed
+  progress.took('evaluation', 200, 30.0, every=200)  # the session's first: it compiled, not counted
+  progress.update(200, {'eval/val_loss': 2.0})
+  assert progress.eta == pytest.approx(40)
+  progress.update(300, {'train/ms_per_step': 50.0})
+  progress.took('evaluation', 400, 10.0, every=200)
+  progress.took('checkpoint', 300, 0.0, every=300)
+  progress.took('checkpoint', 300, 2.0, every=300)
+  progress.update(400, {})
+  # Evaluations at 600, 800, 1000; checkpoints at 600, 900 and the last step.
+  assert progress.eta == pytest.approx(600 * 0.05 + 3 * 10 + 3 * 2)
+  assert progress.text() == '40%, ETA 1m06s'
+  progress.update(1000, {'train/ms_per_step': 50.0})
+  assert progress.eta == pytest.approx(10 + 2) and progress.text() == '100% done'  # (the last ones to come)
   assert [format_duration(s) for s in (5, 65, 3725)] == ['5s', '1m05s', '1h02m']
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 from conftest import make_tiny_config
 from nanodecoder import config as config_lib
 from nanodecoder import data as data_lib
+from nanodecoder import metrics as metrics_lib
 from nanodecoder import sharding as sharding_lib
 from nanodecoder import train as train_lib
 from nanodecoder.checkpoint import Checkpoints
@@ -341,10 +342,11 @@ def test_resuming_on_a_text_file_edited_in_place_is_refused(corpus_file, tmp_pat
 
 
 def jumping_clock(monkeypatch):
-  """Makes the loop's clock jump 1000 s each time the returned function is called: where the jump lands in the
-  speed (ms/step) shows whether the time of what called it was counted as training steps'."""
+  """Makes the loop's clock (and the logger's) jump 1000 s each time the returned function is called: where the jump
+  lands in the speed (ms/step) shows whether the time of what called it was counted as training steps'."""
   offset = [0.0]
   monkeypatch.setattr(train_lib, 'time', types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+  monkeypatch.setattr(metrics_lib, 'time', types.SimpleNamespace(time=lambda: time.time() + offset[0]))
   return lambda: offset.__setitem__(0, offset[0] + 1000)
 
 
@@ -393,3 +395,26 @@ def test_the_speed_leaves_out_profiled_steps(tiny_config, tmp_path, monkeypatch)
   train_lib.train_and_evaluate(tiny_config(**{'train.profile_start': 12, 'train.profile_steps': 3}), tmp_path)
   speeds = logged_speeds(tmp_path)  # the window of step 20: steps 11-12 and 16-20 timed, 13-15 profiled
   assert sorted(speeds) == [10, 20] and all(0 < ms < 100_000 for ms in speeds.values()), speeds
+
+
+def test_the_eta_is_the_training_speed_plus_the_evaluations_to_come(tiny_config, tmp_path, monkeypatch):
+  # Each evaluation takes 1000 s: the ETA after one is the steps left at the training speed (milliseconds here) plus
+  # 1000 s per evaluation to come, the first (which compiles) left out; not the wall time per step so far.
+  jump = jumping_clock(monkeypatch)
+  evaluate = train_lib.evaluate
+  monkeypatch.setattr(train_lib, 'evaluate', lambda *args: (jump(), evaluate(*args))[1])
+  etas = {}
+
+  class Logger(train_lib.MetricsLogger):
+    def write(self, step, metrics):
+      super().write(step, metrics)
+      etas[step, 'eval/val_loss' in metrics] = self.progress.eta
+
+  monkeypatch.setattr(train_lib, 'MetricsLogger', Logger)
+  train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 40, 'checkpoint.every': 40}), tmp_path)
+  training = lambda steps: pytest.approx(0, abs=steps * 1.0)  # (under 1 s a step however slow the machine)
+  assert etas[10, False] == training(30) and etas[10, True] == training(30)  # the first evaluation: not counted
+  assert etas[20, False] == training(20)
+  for step in (20, 30):
+    assert etas[step, True] - 1000 * (40 - step) // 10 == training(40 - step)
+  assert etas[30, False] - 2000 == training(10)  # (the evaluation of step 30 is still to come)
