@@ -561,7 +561,7 @@ def sweep_command(declaration) -> None:
         output.close()
 
   sweep_lib.check_saved_configs(sweep, base, root)
-  sweep_lib.prepare_data(sweep, base, tfds=parallel > 1)
+  sweep_lib.prepare_data(sweep, base)
   sweep_lib.write_manifest(root, sweep, base)
   print(f'sweep {sweep.name}: {len(sweep.points)} points in {root}, {parallel} at a time', flush=True)
   results, stopped_by = sweep_lib.run(sweep, base, root, start, parallel, log=lambda m: print(m, flush=True))

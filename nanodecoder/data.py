@@ -82,23 +82,55 @@ class Corpus:
   splits: dict[str, str]
 
   def text(self, expr: str) -> str:
-    names = expr.split('+')
-    for i, name in enumerate(names):
-      if name in names[:i]:
-        raise DataError(f'split {name!r} appears twice in {expr!r}; name each split once')
-      if name not in self.splits:
-        raise DataError(f'split {name!r} (in {expr!r}) does not exist in {self.name}; '
-                        f'available: {", ".join(self.splits)}')
-    return ''.join(self.splits[name] for name in names)
+    return ''.join(self.splits[name] for name in split_names(expr, self.name, list(self.splits)))
 
   def tokenizer(self) -> CharTokenizer:
     return CharTokenizer.from_text(''.join(self.splits.values()))
 
 
+def split_names(expr: str, source: str, available: list[str], field: str = '') -> list[str]:
+  """The splits that split expression `expr` joins ('validation+test'); DataError unless each is one of `available`
+  (the splits of `source`), named once. `field`: the config field that holds `expr`, named in the error."""
+  where = f'{field}={expr!r}' if field else repr(expr)
+  names = expr.split('+')
+  for i, name in enumerate(names):
+    if name in names[:i]:
+      raise DataError(f'split {name!r} appears twice in {where}; name each split once')
+    if name not in available:
+      raise DataError(f'split {name!r} (in {where}) does not exist in {source}; available: {", ".join(available)}')
+  return names
+
+
+def check_splits(data: ml_collections.ConfigDict, source: str, available: list[str]) -> None:
+  """DataError unless data.train_split and data.eval_split name splits among `available` (those of `source`)."""
+  for field in ('train_split', 'eval_split'):
+    split_names(data[field], source, available, f'data.{field}')
+
+
+_SPLIT_ORDER = ['train', 'validation', 'test']  # (a TFDS dataset's other splits follow these)
+
+
+def source_splits(data: ml_collections.ConfigDict) -> tuple[str, list[str]]:
+  """The name of `data`'s source and its splits, without reading its text: a text file's are fixed; a TFDS
+  dataset's come from its info (it is downloaded and prepared first if it is not yet)."""
+  if data.source == 'text':
+    return f'text file {data.text_path}', list(_SPLIT_ORDER)
+  builder = _tfds_builder(data.tfds_name, data.tfds_data_dir, _manual_dir(data))
+  return f'tfds {data.tfds_name}', _in_split_order(builder.info.splits)
+
+
+def _manual_dir(data: ml_collections.ConfigDict) -> str:
+  return data.manual_dir or os.environ.get(MANUAL_DIR_ENV, '')
+
+
+def _in_split_order(names) -> list[str]:
+  return sorted(names, key=lambda name: _SPLIT_ORDER.index(name) if name in _SPLIT_ORDER else len(_SPLIT_ORDER))
+
+
 def load_corpus(data: ml_collections.ConfigDict) -> Corpus:
   if data.source == 'text':
     return _text_corpus(data.text_path, data.text_eval_fraction)
-  return _tfds_corpus(data.tfds_name, data.tfds_data_dir, data.manual_dir or os.environ.get(MANUAL_DIR_ENV, ''))
+  return _tfds_corpus(data.tfds_name, data.tfds_data_dir, _manual_dir(data))
 
 
 def _text_corpus(path: str, eval_fraction: float) -> Corpus:
@@ -127,6 +159,16 @@ def _text_corpus(path: str, eval_fraction: float) -> Corpus:
 
 
 def _tfds_corpus(name: str, data_dir: str, manual_dir: str) -> Corpus:
+  builder = _tfds_builder(name, data_dir, manual_dir)
+  splits = {}
+  for split in _in_split_order(builder.info.splits):
+    source = builder.as_data_source(split=split)
+    splits[split] = b''.join(source[i]['text'] for i in range(len(source))).decode('utf-8')
+  return Corpus(f'tfds {name}', splits)
+
+
+def _tfds_builder(name: str, data_dir: str, manual_dir: str):
+  """The TFDS builder of dataset `name`, prepared (downloaded first, or read from `manual_dir`)."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's start-up chatter
   import tensorflow_datasets as tfds  # heavy; only for this source
   from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
@@ -172,12 +214,7 @@ def _tfds_corpus(name: str, data_dir: str, manual_dir: str) -> Corpus:
       if not is_prepared(builder):
         raise
       builder = make_builder()  # reads the other process's dataset info
-  splits = {}
-  for split in builder.info.splits:
-    source = builder.as_data_source(split=split)
-    splits[split] = b''.join(source[i]['text'] for i in range(len(source))).decode('utf-8')
-  order = ['train', 'validation', 'test']
-  return Corpus(f'tfds {name}', dict(sorted(splits.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 3)))
+  return builder
 
 
 def _require_network(name: str, urls: list[str], timeout: float = 5.0) -> None:
@@ -281,6 +318,7 @@ class Dataset:
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   corpus = load_corpus(config.data)
+  check_splits(config.data, corpus.name, list(corpus.splits))
   tokenizer = corpus.tokenizer()
   dataset = Dataset(
       tokenizer=tokenizer,

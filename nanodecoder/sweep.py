@@ -153,10 +153,10 @@ def check_overrides(sweep: Sweep, overridden: Sequence[str]) -> None:
                       'override, or sweep other values in get_sweep()')
 
 
-def prepare_data(sweep: Sweep, base: ml_collections.ConfigDict, *, tfds: bool) -> None:
+def prepare_data(sweep: Sweep, base: ml_collections.ConfigDict) -> None:
   """Loads the text corpus of every point that trains on a text file: a missing or short file fails up front.
-  With `tfds`, also downloads and prepares each TFDS dataset the points read, once (points started together
-  would race to do it); otherwise the first point that reads one prepares it.
+  Checks the split names of every point that reads a TFDS dataset against the dataset's info, downloading and
+  preparing each such dataset first, once (points started together would race to do it).
   """
   from nanodecoder import data as data_lib
 
@@ -166,11 +166,10 @@ def prepare_data(sweep: Sweep, base: ml_collections.ConfigDict, *, tfds: bool) -
     if config.data.source == 'text':
       key = (config.data.to_json(), config.model.context_length)
       load = lambda: data_lib.load_dataset(config)
-    elif tfds:
-      key = (config.data.tfds_name, config.data.tfds_data_dir, config.data.manual_dir)
-      load = lambda: data_lib.load_corpus(config.data)
-    else:
-      continue
+    else:  # its split names (the points read the text)
+      key = (config.data.tfds_name, config.data.tfds_data_dir, config.data.manual_dir, config.data.train_split,
+             config.data.eval_split)
+      load = lambda: data_lib.check_splits(config.data, *data_lib.source_splits(config.data))
     if key in done:
       continue
     try:

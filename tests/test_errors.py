@@ -68,7 +68,7 @@ CONFIG_CASES = [
      'train.warmup_steps=5 is longer than the run (train.num_steps=1)'),
     (['--config.train.steps_per_call=5'], 'train.num_steps=12 is not a multiple of train.steps_per_call=5'),
     (['--config.model.dtype=float64'], "model.dtype must be one of 'float32', 'bfloat16', 'float16', got 'float64'"),
-    (['--config.data.eval_split=valid'], "split 'valid' (in 'valid') does not exist in text file"),
+    (['--config.data.eval_split=valid'], "split 'valid' (in data.eval_split='valid') does not exist in text file"),
 ]
 
 

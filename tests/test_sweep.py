@@ -344,6 +344,22 @@ def test_a_sweep_over_a_missing_text_file_stops_before_any_point(corpus_file, tm
   assert not root.exists()
 
 
+@pytest.mark.slow
+def test_a_tfds_sweep_with_a_bad_split_name_stops_before_any_point(shakespeare_dir, tmp_path):
+  experiment = tmp_path / 'tiny_sweep.py'
+  experiment.write_text(SWEEP_FILE.format(repo=REPO).replace(
+      "{'seed': [1, 2]}", "[{'seed': 1}, {'seed': 2, 'data.eval_split': 'valid'}]"))
+  root = tmp_path / 'runs'
+  result = launch('--config', str(experiment), *TINY, '--config.data.source=tfds',
+                  f'--config.data.manual_dir={shakespeare_dir}', f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
+                  '--workdir', str(root))
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1:] == [  # (after TFDS's progress bars, preparing the dataset)
+      "error: sweep point 1 (seed=2,eval_split=valid): split 'valid' (in data.eval_split='valid') does not exist in "
+      'tfds tiny_shakespeare; available: train, validation, test']
+  assert not root.exists()  # point 0 did not train
+
+
 def test_an_override_of_a_field_every_point_sets_is_refused(tiny_config):
   sweep = sweep_lib.make_sweep('tiny.py', tiny_config(), [{'seed': 1, 'model.dropout': 0.1}, {'seed': 2}])
   sweep_lib.check_overrides(sweep, ['model.dropout', 'train.num_steps'])  # dropout: the second point takes it
@@ -376,18 +392,22 @@ def test_data_is_prepared_once_per_corpus_before_the_points(tiny_config, monkeyp
   from nanodecoder import data as data_lib
   loads = []
   monkeypatch.setattr(data_lib, 'load_dataset', lambda config: loads.append(('text', config.model.context_length)))
-  monkeypatch.setattr(data_lib, 'load_corpus', lambda data: loads.append(('tfds', data.tfds_name)))
   base = tiny_config()
   sweep = sweep_lib.make_sweep('x.py', base, {'model.context_length': [8, 16], 'seed': [1, 2]})
-  sweep_lib.prepare_data(sweep, base, tfds=False)
+  sweep_lib.prepare_data(sweep, base)
   assert loads == [('text', 8), ('text', 16)]  # a text file: checked once per context length
   loads.clear()
+  splits = lambda data: loads.append(('tfds', data.tfds_name)) or ('tfds tiny', ['train', 'validation', 'test'])
+  monkeypatch.setattr(data_lib, 'source_splits', splits)
   base = tiny_config(**{'data.source': 'tfds'})
   sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3]})
-  sweep_lib.prepare_data(sweep, base, tfds=False)  # one point at a time: the first prepares it
-  assert loads == []
-  sweep_lib.prepare_data(sweep, base, tfds=True)  # several at once: prepared here, once
+  sweep_lib.prepare_data(sweep, base)  # prepared here, once, for its split names
   assert loads == [('tfds', 'tiny_shakespeare')]
+  sweep = sweep_lib.make_sweep('x.py', base, [{'seed': 1}, {'seed': 2, 'data.eval_split': 'valid'}])
+  with pytest.raises(data_lib.DataError, match=r"^sweep point 1 \(seed=2,eval_split=valid\): split 'valid' \(in "
+                                               r"data.eval_split='valid'\) does not exist in tfds tiny; available: "
+                                               r'train, validation, test$'):
+    sweep_lib.prepare_data(sweep, base)
 
 
 def test_a_point_whose_saved_config_is_damaged_is_named(tiny_config, tmp_path):
