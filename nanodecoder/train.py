@@ -368,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   try:
     dataset = _load_data_and_lock(config, lock, is_main)
     with StopRequest() as stop:
-      return _train(config, dataset, workdir, mesh, stop, is_main)
+      return _train(_Session(config, dataset, mesh, workdir, is_main, stop))
   finally:
     lock.release()
 
@@ -483,26 +483,40 @@ def _check_same_text(meta: dict, config: ml_collections.ConfigDict, dataset: dat
                            'another --workdir')
 
 
-def _train(config, dataset, workdir, mesh, stop, is_main):
-  """Opens the run's logs and checkpoints for `_train_loop`, and closes them however it ends."""
-  logger = MetricsLogger(workdir, enabled=is_main, total_steps=config.train.num_steps, config=config)
-  ck = config.checkpoint
-  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=ck.keep, keep_best=ck.keep_best, async_save=ck.async_save)
+@dataclasses.dataclass(frozen=True)
+class _Session:
+  """What one process's training session works with."""
+
+  config: ml_collections.ConfigDict
+  dataset: data_lib.Dataset
+  mesh: jax.sharding.Mesh
+  workdir: pathlib.Path
+  is_main: bool  # process 0: the one that logs and writes the workdir's files (checkpoints: every process)
+  stop: StopRequest
+
+
+def _train(session: _Session) -> dict[str, Any]:
+  """Opens the session's logs and checkpoints for `_train_loop`, and closes them however it ends."""
+  config, ck = session.config, session.config.checkpoint
+  logger = MetricsLogger(session.workdir, enabled=session.is_main, total_steps=config.train.num_steps, config=config)
+  checkpoints = checkpoint_lib.Checkpoints(session.workdir, keep=ck.keep, keep_best=ck.keep_best,
+                                           async_save=ck.async_save)
   try:
-    return _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoints)
+    return _train_loop(session, logger, checkpoints)
   finally:
     checkpoints.close()
     logger.close()
 
 
-def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoints):
+def _train_loop(session: _Session, logger: MetricsLogger, checkpoints: checkpoint_lib.Checkpoints) -> dict[str, Any]:
+  config, dataset, mesh, workdir = session.config, session.dataset, session.mesh, session.workdir
   ck = config.checkpoint
   model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
   trainer = create_trainer(config, model_config, mesh, init=False)
   metrics = _restore_or_init(trainer, checkpoints, dataset, logger.info)
   last_saved = trainer.step or None  # the last good checkpoint: the one restored (never one at step 0)
   logger.start(trainer.step)
-  if is_main and trainer.step < config.train.num_steps:  # (a session that trains nothing keeps the run's config)
+  if session.is_main and trainer.step < config.train.num_steps:  # (a session training nothing keeps the run's config)
     atomic_write(workdir / config_lib.SAVED_CONFIG, config.to_json(indent=2))
     atomic_write(workdir / 'tokenizer.json', dataset.tokenizer.to_json())
   logger.info(f'model: {count_params(trainer.model()):,} parameters, {model_config.num_layers} layers, '
@@ -534,7 +548,7 @@ def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoin
   batch = batches(step, n) if step < t.num_steps else None
   speed = _Speed(t.batch_size * dataset.context_length)
   compiling = True  # the first call of each size compiles: left out of the speed
-  profile = _Profile(workdir, t.profile_start, t.profile_steps if is_main else 0, logger.info)  # one trace file
+  profile = _Profile(workdir, t.profile_start, t.profile_steps if session.is_main else 0, logger.info)  # one trace file
   try:
     while step < t.num_steps:
       profile.before(step, n)
@@ -570,11 +584,11 @@ def _train_loop(config, dataset, workdir, mesh, stop, is_main, logger, checkpoin
         started = time.perf_counter()
         save(step, val_loss)
         logger.took('checkpoint', step, time.perf_counter() - started, ck.every)
-      if step < t.num_steps and stop.requested():
+      if step < t.num_steps and session.stop.requested():
         if not saved:
           save(step, val_loss)
         checkpoints.wait()
-        metrics['stopped_by'] = stop.name()
+        metrics['stopped_by'] = session.stop.name()
         logger.info(f'stopped by {metrics["stopped_by"]} after step {step}; checkpoint saved, '
                     'run the same command to resume')
         return metrics
