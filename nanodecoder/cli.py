@@ -6,6 +6,7 @@ starting with 'error:' and exit with status 2.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import pathlib
@@ -148,9 +149,15 @@ def _refuse_overrides_of_a_reading_mode(overrides: list[str], mode: str) -> None
     if mode == 'eval' and name in LOCATION_OVERRIDES:
       continue
     if mode == 'eval':
+      takes = ', '.join(f'--{f}' for f in sorted(LOCATION_OVERRIDES))
+      field = name.removeprefix('config.')
+      if field not in config_lib.FIELDS:  # a misspelt location, most likely
+        close = difflib.get_close_matches(name, sorted(LOCATION_OVERRIDES), n=1)
+        hint = f'did you mean --{close[0]}? ' if close else ''
+        fail(f'--{name}: the config has no field {field}; {hint}--mode eval takes only {takes}')
       split = ' (another split: --split)' if name.endswith('_split') else ''
       fail(f'--{name} would change what --mode eval scores (the checkpoint on the data it trained on){split}; it '
-           f'takes only where that data is now: {", ".join(f"--{f}" for f in sorted(LOCATION_OVERRIDES))}; remove it')
+           f'takes only where that data is now: {takes}; remove it')
     if name in LOCATION_OVERRIDES:
       fail(f'--{name} says where the run\'s data is, which --mode {mode} does not read (--mode eval does); remove it')
     fail(f'--{name} overrides a field of the config, which only training takes; --mode {mode} uses the config saved '

@@ -297,6 +297,8 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
     (['--mode', 'eval', '--config.data.text_path={tmp}/file', '--config.data.eval_split=test'],
      '--config.data.eval_split would change what --mode eval scores (the checkpoint on the data it trained on) '
      '(another split: --split)'),
+    (['--mode', 'eval', '--config.data.text_pth={tmp}/file'], '--config.data.text_pth: the config has no field '
+     'data.text_pth; did you mean --config.data.text_path? --mode eval takes only --config.data.manual_dir, '),
     (['--mode', 'eval', '--config.data.text_path'], '--config.data.text_path needs a value: --config.data.text_path='),
     (['--mode', 'attention', '--prompt', 'a', '--config.data.text_path={tmp}/file'],
      "--config.data.text_path says where the run's data is, which --mode attention does not read (--mode eval does)"),
