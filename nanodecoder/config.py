@@ -192,7 +192,9 @@ _POSITIVE = (
     'train.grad_accum_steps',
     'eval.every', 'eval.batches', 'checkpoint.every', 'checkpoint.keep',
 )
-_NON_NEGATIVE = ('seed', 'train.profile_steps', 'train.profile_start')
+_NON_NEGATIVE = ('seed', 'train.warmup_steps', 'train.profile_steps', 'train.profile_start', 'mesh.cpu_devices')
+_BOOLEAN = ('model.use_bias', 'model.tie_embeddings', 'model.scan_layers', 'eval.all_windows', 'checkpoint.keep_best',
+            'checkpoint.async_save')
 _FINITE = ('model.dropout', 'train.learning_rate', 'train.min_learning_rate', 'train.beta1', 'train.beta2',
            'train.weight_decay', 'train.grad_clip', 'data.text_eval_fraction')
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -253,6 +255,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       value = get_field(config, field)
       if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise ConfigError(f'{field} must be {what}, got {value!r}')
+  for field in _BOOLEAN:
+    value = get_field(config, field)
+    if not isinstance(value, bool):
+      raise ConfigError(f'{field} must be true or false, got {value!r}')
   if config.seed >= 2**32:
     raise ConfigError(f'seed must be below 2**32 (JAX takes 32-bit PRNG seeds: larger ones repeat smaller ones), '
                       f'got {config.seed}')
@@ -306,8 +312,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if get_field(config, field) % k:
       raise ConfigError(f'{field}={get_field(config, field)} is not a multiple of train.steps_per_call={k}; '
                         'make it one (logs, evaluations and checkpoints happen between calls)')
-  if config.mesh.cpu_devices < 0:
-    raise ConfigError(f'mesh.cpu_devices must be >= 0 (0 = one per core), got {config.mesh.cpu_devices!r}')
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps='
                       f'{t.grad_accum_steps}; pick a batch size that the micro-batches divide')

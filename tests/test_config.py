@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import ml_collections
 import pytest
 
 from nanodecoder import config as config_lib
@@ -107,6 +108,22 @@ def test_cudnn_in_bfloat16_validates_without_a_gpu():  # a sweep validates its p
   config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
   config.model.update(attention_impl='cudnn', dtype='bfloat16')  # head_size 32, dropout 0
   config_lib.validate(config)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('train.warmup_steps', None, r'train.warmup_steps must be an integer >= 0, got None'),
+    ('train.warmup_steps', 10.5, r'train.warmup_steps must be an integer >= 0, got 10.5'),
+    ('mesh.cpu_devices', '2', r"mesh.cpu_devices must be an integer >= 0, got '2'"),
+    ('model.use_bias', 'false', r"model.use_bias must be true or false, got 'false'"),
+    ('checkpoint.async_save', None, r'checkpoint.async_save must be true or false, got None'),
+])
+def test_fields_of_the_wrong_type_are_refused_by_name(field, value, message):
+  """As a hand-edited config.json (no ml_collections types) or a None in an experiment file can hold them."""
+  settings = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py').to_dict()
+  section, leaf = field.split('.')
+  settings[section][leaf] = value
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(ml_collections.ConfigDict(settings))
 
 
 def test_warmup_longer_than_run():
