@@ -95,7 +95,8 @@ def main():
     print(f'{r["batch_size"]:>5} {str(r["kv_cache"]):>8} {r["tokens"]:>6} {r["seconds"]:>8.2f} {r["tokens_per_s"]:>9.1f} '
           f'{r["ms_per_token_step"]:>8.2f} {speedup:>8} {nanogpt:>20}')
   out = pathlib.Path(args.out)
-  atomic_write(out, json.dumps({'machine': machine(), 'shape': args.shape, 'results': rows}, indent=2) + '\n')
+  device = {'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind}
+  atomic_write(out, json.dumps({'machine': machine(), **device, 'shape': args.shape, 'results': rows}, indent=2) + '\n')
   print(f'wrote {out}')
 
 

@@ -75,7 +75,9 @@ def test_recipe_run_and_trace_summary(corpus_file, tmp_path):
 def test_sample_speed_and_compile_time(tmp_path):
   out = bench('sample_speed.py', '--shape', 'cpu', '--tokens', '8', '--uncached_tokens', '4', '--batch_sizes', '1',
               '--repeats', '1', '--out', str(tmp_path / 'sample.json'))
-  rows = json.loads((tmp_path / 'sample.json').read_text())['results']
+  written = json.loads((tmp_path / 'sample.json').read_text())
+  rows = written['results']
+  assert (written['platform'], written['device_kind']) == ('cpu', 'cpu')  # what ran, beside the host's CPU
   assert [(r['batch_size'], r['kv_cache'], r['tokens']) for r in rows] == [(1, True, 8), (1, False, 4)]
   assert 'vs nanoGPT uncached' in out and all(r['tokens_per_s'] > 0 for r in rows)
   out = bench('compile_time.py', '--shape', 'cpu', '--layers', '1', '--out', str(tmp_path / 'compile.json'))
