@@ -139,6 +139,13 @@ def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
   return 2 * n**3 / best / 1e9
 
 
+def fraction_of_ceiling(row: dict, ceiling: float) -> float:
+  """A shape's GFLOP/s over the matmul ceiling of the devices it trained on: the ceiling's one CPU device runs on
+  every core, which the trainer's CPU devices share out; an accelerator's ceiling is one chip's, so it counts
+  once per device."""
+  return row['gflops'] / (ceiling * (1 if row['platform'] == 'cpu' else row['devices']))
+
+
 def run_child(args: list[str]) -> dict:
   env = {**os.environ, 'NANODECODER_COMPILATION_CACHE': ''}  # measure real compile times
   result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO, env=env)
@@ -229,7 +236,7 @@ def main():
     if row['steps'] != steps:
       print(f'{shape}: timed blocks of {row["steps"]} steps ({steps} rounded up to a multiple of '
             f'train.steps_per_call={row["steps_per_call"]})')
-    row['fraction_of_matmul_ceiling'] = row['gflops'] / ceiling
+    row['fraction_of_matmul_ceiling'] = fraction_of_ceiling(row, ceiling)
     payload['results'].append(row)
     print(f'{shape}: {row["ms_per_step"]:.1f} ms/step, {row["tokens_per_s"]:.0f} tokens/s')
     atomic_write(out, json.dumps(payload, indent=2) + '\n')  # after every shape: a later one may be killed

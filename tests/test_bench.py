@@ -147,6 +147,18 @@ def test_a_text_shorter_than_a_window_stops_train_speed_before_any_work(tmp_path
                                             'give a longer text')
 
 
+def test_the_fraction_of_the_matmul_ceiling_counts_every_accelerator_once():
+  """The ceiling is one chip's matmul: 8 GPUs at the ceiling each are 100% of it (was: 800%); one CPU device's
+  matmul already runs on every core, which the trainer's CPU devices split."""
+  sys.path.insert(0, str(REPO / 'bench'))
+  try:
+    import train_speed
+  finally:
+    sys.path.remove(str(REPO / 'bench'))
+  assert train_speed.fraction_of_ceiling({'gflops': 800.0, 'platform': 'gpu', 'devices': 8}, 100.0) == 1.0
+  assert train_speed.fraction_of_ceiling({'gflops': 50.0, 'platform': 'cpu', 'devices': 2}, 100.0) == 0.5
+
+
 def test_out_is_written_through_a_link_and_refused_where_it_would_replace_a_device_or_pipe(tmp_path):
   """The JSON is written beside --out and renamed over it: /dev/null (as root) or a pipe became a regular file,
   and a symbolic link was replaced by the file instead of leading to it."""
