@@ -149,6 +149,8 @@ def fraction_of_ceiling(row: dict, ceiling: float) -> float:
 def run_child(args: list[str]) -> dict:
   env = {**os.environ, 'NANODECODER_COMPILATION_CACHE': ''}  # measure real compile times
   result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO, env=env)
+  if result.returncode == 2:  # a setting the shape cannot run with, said in one line
+    raise RuntimeError(result.stderr.strip().splitlines()[-1])
   if result.returncode != 0:
     raise RuntimeError(f'benchmark child {args} failed:\n{result.stderr[-3000:]}')
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -210,7 +212,13 @@ def main():
     print(json.dumps({'matmul_gflops': matmul_ceiling(), 'platform': jax.default_backend()}))
     return
   if args.worker:
-    print(json.dumps(worker(args.worker, args.steps, args.repeats, args.set, args.text, args.packed_qkv)))
+    from nanodecoder.config import ConfigError
+    try:
+      row = worker(args.worker, args.steps, args.repeats, args.set, args.text, args.packed_qkv)
+    except ConfigError as error:  # e.g. a mesh the devices do not fit: one line, which the parent passes on
+      print(f'train_speed.py: error: shape {args.worker}: {error}', file=sys.stderr)
+      sys.exit(2)
+    print(json.dumps(row))
     return
 
   measured = earlier_ceiling(args.ceiling_from) or run_child(['--ceiling'])

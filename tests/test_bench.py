@@ -147,6 +147,22 @@ def test_a_text_shorter_than_a_window_stops_train_speed_before_any_work(tmp_path
                                             'give a longer text')
 
 
+def test_a_mesh_the_devices_do_not_fit_stops_train_speed_in_one_line(tmp_path):
+  """Found only in the shape's own process (the parent starts no JAX backend): one error line, then the failed
+  shapes (was: the child's traceback)."""
+  (tmp_path / 'ceiling.json').write_text(json.dumps({'matmul_gflops': 100.0, 'platform': 'cpu'}))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  result = subprocess.run([sys.executable, 'bench/train_speed.py', '--shapes', 'cpu', '--set', 'mesh.cpu_devices=1',
+                           '--set', 'mesh.data=2', '--ceiling-from', str(tmp_path / 'ceiling.json'), '--out',
+                           str(tmp_path / 'speed.json')], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+  assert result.stderr.splitlines() == [
+      'train_speed.py: error: shape cpu: mesh.data=2, mesh.fsdp=1, mesh.tensor=1 use 2 devices but there are 1; make '
+      'their product equal the device count (or set one to -1); on CPU, mesh.cpu_devices=2 splits the host into 2 '
+      'devices', 'failed: cpu']
+  assert not (tmp_path / 'speed.json').exists()
+
+
 def test_the_fraction_of_the_matmul_ceiling_counts_every_accelerator_once():
   """The ceiling is one chip's matmul: 8 GPUs at the ceiling each are 100% of it (was: 800%); one CPU device's
   matmul already runs on every core, which the trainer's CPU devices split."""
