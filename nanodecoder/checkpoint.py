@@ -97,6 +97,19 @@ class WorkdirLock:
                             'not see the lock file that process 0 wrote there); it must be on a file system that every '
                             'process shares')
 
+  def check_paths(self, profiling: bool) -> None:
+    """Refuses a workdir holding a file where a run writes a folder (`checkpoints`; `plugins/profile` when
+    profiling) or a folder where it writes a file, before any step runs."""
+    workdir = self.path.parent
+    for name in ('checkpoints', *(('plugins', 'plugins/profile') if profiling else ())):
+      if (workdir / name).exists() and not (workdir / name).is_dir():
+        raise CheckpointError(f'{workdir / name} is a file, where the run writes a folder; move it away or pass '
+                              'another --workdir')
+    for name in (config_lib.SAVED_CONFIG, 'tokenizer.json', 'metrics.jsonl'):
+      if (workdir / name).is_dir():
+        raise CheckpointError(f'{workdir / name} is a folder, where the run writes a file; move it away or pass '
+                              'another --workdir')
+
   def release(self) -> None:
     if self._file is not None:
       fcntl.flock(self._file, fcntl.LOCK_UN)

@@ -412,6 +412,7 @@ def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.
     try:
       dataset = data_lib.load_dataset(config)
       lock.acquire()
+      lock.check_paths(profiling=config.train.profile_steps > 0)
     except Exception as e:  # noqa: BLE001 (raised below, on every process)
       failure = e
   _raise_on_every_process(failure, 'to load the data or lock the workdir')

@@ -391,6 +391,27 @@ def test_a_workdir_that_is_a_file_is_refused(corpus_file, tmp_path):
   assert_user_error(result, f'workdir {tmp_path}/run is a file; pass a folder as --workdir')
 
 
+@pytest.mark.parametrize('path, extra', [
+    ('checkpoints', []),
+    ('plugins', ['--config.train.profile_steps=2', '--config.train.profile_start=2']),
+    ('metrics.jsonl/', []),
+])
+def test_a_file_where_the_run_writes_a_folder_is_refused_before_training(corpus_file, tmp_path, path, extra):
+  """(was: found only when the first checkpoint was written, the profile ended or the first line was logged: the
+  steps before it lost, and for the profile a traceback)"""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  if path.endswith('/'):
+    (workdir / path).mkdir()
+    message = f'{workdir / path[:-1]} is a folder, where the run writes a file'
+  else:
+    (workdir / path).write_text('not a folder')
+    message = f'{workdir / path} is a file, where the run writes a folder'
+  result = launch(*tiny_args(corpus_file, *extra), '--workdir', str(workdir))
+  assert_user_error(result, message)
+  assert 'step ' not in result.stderr + result.stdout
+
+
 def test_failing_to_write_out_is_one_line(tmp_path, monkeypatch):
   from nanodecoder import cli
 
