@@ -400,10 +400,11 @@ class Checkpoints:
       what = orbax_errors.first_line(failure) if failure is not None else 'see the output of process 0'
       raise CheckpointError(f'cannot move the unreadable checkpoint at step {step} to {aside} ({what}); '
                             'move or delete it yourself, then rerun') from failure
-    reason = orbax_errors.first_line(error) if error is not None else 'unreadable on another process'
-    log(f'checkpoint at step {step} is unreadable ({reason}); moved it to {aside.name}, '
-        'falling back to the previous one')
     self.manager.reload()
+    reason = orbax_errors.first_line(error) if error is not None else 'unreadable on another process'
+    earlier = [s for s in self.steps() if s < step]
+    then = f'falling back to the one at step {earlier[-1]}' if earlier else 'no earlier checkpoint is left'
+    log(f'checkpoint at step {step} is unreadable ({reason}); moved it to {aside.name}, {then}')
 
 
 def load_meta(workdir: str | pathlib.Path, which: str | int = 'latest') -> tuple[Checkpoints, int, dict]:

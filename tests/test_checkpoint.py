@@ -303,7 +303,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
   train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 12, 'checkpoint.every': 5, 'eval.every': 5,
                                               'checkpoint.keep': 3}), tmp_path)
   out = capsys.readouterr().out
-  assert 'checkpoint at step 10 is unreadable' in out and 'falling back to the previous one' in out
+  assert 'checkpoint at step 10 is unreadable' in out and 'moved it to 10.corrupt, falling back to the one at step 5' in out
   assert 'resumed from the checkpoint at step 5' in out
   assert (tmp_path / 'checkpoints' / '10.corrupt').is_dir()
   assert Checkpoints(tmp_path, read_only=True).steps()[-1] == 12
@@ -399,7 +399,7 @@ def test_a_restore_error_that_is_not_about_the_files_moves_nothing(tiny_config, 
     assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
 
 
-def test_no_restorable_checkpoint_stops_instead_of_starting_over(tiny_config, tmp_path, monkeypatch):
+def test_no_restorable_checkpoint_stops_instead_of_starting_over(tiny_config, tmp_path, monkeypatch, capsys):
   train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 4, 'checkpoint.every': 2}), tmp_path)
 
   def unreadable(self, step, abstract_state):
@@ -409,6 +409,9 @@ def test_no_restorable_checkpoint_stops_instead_of_starting_over(tiny_config, tm
   message = r'no checkpoint in .* restores \(set aside as unreadable: 2.corrupt, 4.corrupt\); rename one back'
   with pytest.raises(CheckpointError, match=message):
     train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 6, 'checkpoint.every': 2}), tmp_path)
+  out = capsys.readouterr().out  # each step set aside names what comes next, never a fallback that is not there
+  assert 'moved it to 4.corrupt, falling back to the one at step 2' in out
+  assert 'moved it to 2.corrupt, no earlier checkpoint is left' in out
   monkeypatch.undo()
   with pytest.raises(CheckpointError, match=message):  # the next start too: the run does not begin again at step 0
     train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 6, 'checkpoint.every': 2}), tmp_path)
