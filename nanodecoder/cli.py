@@ -96,7 +96,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     message = _missing_field(e)
     if "has no attribute 'get_config" in message or _raised_in_config_file(e, argv):  # the file's own mistake
       _config_load_failed(e)
-    fail(f'unknown config field in the overrides: {message}; see experiments/base.py for the fields')
+    fail(f'unknown config field in {_override_naming(message, argv)}: {message}; see experiments/base.py for the '
+         'fields')
   except Exception as e:  # noqa: BLE001 (with overrides, config_flags runs the --config file here)
     _config_load_failed(e)
 
@@ -193,6 +194,16 @@ def _missing_field(error: AttributeError | KeyError) -> str:
   if suggestion:  # ml_collections' "'num_layrs' Did you mean "num_layers" instead of "num_layrs"?"
     message = f'{suggestion[1]!r} (did you mean {suggestion[2]!r}?)'
   return message
+
+
+def _override_naming(message: str, argv: list[str]) -> str:
+  """The override (--config.a.b=v) whose path holds the unknown field that `message` names first, else 'the
+  overrides'."""
+  field = message.split()[0].strip("'") if message else ''
+  for name, value in _flag_values(argv).items():
+    if name.startswith('config.') and field in name.split('.')[1:]:
+      return f'--{name}' if value is None else f'--{name}={value}'
+  return 'the overrides'
 
 
 def _raised_in_config_file(error: Exception, argv: list[str]) -> bool:

@@ -329,7 +329,7 @@ def test_a_mistake_inside_get_config_is_not_blamed_on_overrides(tmp_path):
     assert_user_error(result, "cannot load the --config file: AttributeError: 'modle' (did you mean 'model'?); an "
                               'experiment file is Python with get_config()')
   result = launch('--config', 'experiments/cpu.py', '--config.modle.num_layers=2', '--workdir', str(tmp_path / 'run'))
-  assert_user_error(result, "unknown config field in the overrides: 'modle' (did you mean 'model'?)")
+  assert_user_error(result, "unknown config field in --config.modle.num_layers=2: 'modle' (did you mean 'model'?)")
   assert files_in(tmp_path) == ['typo.py']
 
 

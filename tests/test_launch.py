@@ -131,9 +131,11 @@ def test_sampling_more_than_memory_holds_is_one_line_naming_the_sampling_flags(t
 @pytest.mark.parametrize('args, message', [
     (['--config', 'experiments/nope.py'], "error: cannot load the --config file: [Errno 2] No such file or directory: 'experiments/nope.py'"),
     (['--config', 'experiments/cpu.py', '--config.model.num_layer=3'],
-     "error: unknown config field in the overrides: 'num_layer' (did you mean 'num_layers'?); see experiments/base.py"),
+     "error: unknown config field in --config.model.num_layer=3: 'num_layer' (did you mean 'num_layers'?); see experiments/base.py"),
+    (['--config', 'experiments/cpu.py', '--config.train.nonexist=3'],  # no suggestion: the override still named
+     'error: unknown config field in --config.train.nonexist=3: nonexist; see experiments/base.py'),
     (['--config', 'experiments/cpu.py', '--config.modle.num_layers=3'],  # a top-level typo: a two-line message
-     "error: unknown config field in the overrides: 'modle' (did you mean 'model'?); see experiments/base.py"),
+     "error: unknown config field in --config.modle.num_layers=3: 'modle' (did you mean 'model'?); see experiments/base.py"),
     (['--config', 'pyproject.toml'], 'error: cannot load the --config file: SyntaxError: '),
     (['--config', 'pyproject.toml', '--config.seed=3'], 'error: cannot load the --config file: SyntaxError: '),
     (['--config', 'nanodecoder/files.py'], 'error: cannot load the --config file: it defines no get_config()'),
