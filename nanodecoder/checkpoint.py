@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import pathlib
@@ -47,6 +48,14 @@ SHAPE_FIELDS = ('num_layers', 'num_heads', 'head_size', 'context_length', 'mlp_r
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint, or a checkpoint that cannot be written."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+  """A chosen step that does not read: damaged, or deleted while read by the run training in its workdir."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 class WorkdirLock:
@@ -435,11 +444,16 @@ def reading(checkpoints: Checkpoints, step: int):
     raise
   except Exception as e:  # noqa: BLE001 (corrupt or partial files, or the machine: memory, permissions, ...)
     where = f'cannot read the checkpoint at step {step} in {checkpoints.directory} ({orbax_errors.first_line(e)})'
+    checkpoints.manager.reload()  # the steps as they are now: a run training in the workdir saves and deletes
+    others = ', '.join(str(s) for s in checkpoints.steps() if s != step) or 'there is none'
+    if not (checkpoints.directory / str(step)).is_dir():
+      raise UnreadableCheckpoint(f'the checkpoint at step {step} in {checkpoints.directory} was deleted while it '
+                                 'was read (a run training there keeps only its latest checkpoint.keep steps); rerun '
+                                 f'with --checkpoint latest or a step it keeps ({others})', step) from e
     if orbax_errors.is_environment_error(e):
       raise CheckpointError(f'{where}; fix the cause (memory, permissions, file system) and rerun') from e
-    others = ', '.join(str(s) for s in checkpoints.steps() if s != step) or 'there is none'
-    raise CheckpointError(f'{where}; pass --checkpoint with another step ({others}), or rerun training in the '
-                          'workdir, which sets unreadable steps aside') from e
+    raise UnreadableCheckpoint(f'{where}; pass --checkpoint with another step ({others}), or rerun training in the '
+                               'workdir, which sets unreadable steps aside', step) from e
 
 
 def load_model(workdir: str | pathlib.Path, which: str | int = 'latest',
@@ -447,8 +461,35 @@ def load_model(workdir: str | pathlib.Path, which: str | int = 'latest',
   """(model, tokenizer, config, step) from a workdir alone, parameters on the default device.
 
   `check(tokenizer, config)` runs before the parameters are read: what it refuses (e.g. a prompt with
-  characters outside the vocabulary) is refused at once, however large the model.
+  characters outside the vocabulary) is refused at once, however large the model. With `which` 'latest' or
+  'best', a step that does not read while `which` has come to name another one (a run training in the workdir
+  saved a newer step and deleted the one being read) is replaced by that one, a few times over.
   """
+  for attempt in range(READ_ATTEMPTS):
+    try:
+      return _load_model(workdir, which, check)
+    except UnreadableCheckpoint as e:
+      retry = which in ('latest', 'best') and attempt < READ_ATTEMPTS - 1
+      if not (retry and _names_another_step(workdir, which, e.step)):
+        raise
+
+
+READ_ATTEMPTS = 5  # reads of 'latest' or 'best' while a run training in the workdir replaces them
+
+
+def _names_another_step(workdir: str | pathlib.Path, which: str, step: int) -> bool:
+  checkpoints = Checkpoints(workdir, read_only=True)
+  try:
+    with contextlib.redirect_stderr(io.StringIO()):  # ('best' names the steps it leaves out; the retry says it again)
+      return checkpoints.select(which) != step
+  except CheckpointError:
+    return False
+  finally:
+    checkpoints.close()
+
+
+def _load_model(workdir: str | pathlib.Path, which: str | int,
+                check: Callable[[CharTokenizer, ml_collections.ConfigDict], None] | None):
   checkpoints, step, meta = load_meta(workdir, which)
   try:
     config = ml_collections.ConfigDict(meta['config'])

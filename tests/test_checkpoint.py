@@ -374,6 +374,31 @@ def test_read_only_loading_refuses_in_one_line(tiny_config, tmp_path, monkeypatc
   assert checkpoint_lib.load_model(tmp_path, 'latest')[3] == 10
 
 
+def test_reading_while_the_run_trains_on_takes_the_step_that_replaced_the_one_being_read(tiny_config, tmp_path,
+                                                                                        monkeypatch):
+  """A run training in the workdir saves a newer step and deletes an older one while a sampler reads it."""
+  config = tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5, 'eval.every': 5, 'checkpoint.keep': 3})
+  train_lib.train_and_evaluate(config, tmp_path)
+  directory = tmp_path / 'checkpoints'
+  restore = Checkpoints.restore
+
+  def run_saves_and_deletes(new_step, deleted_step):
+    def restore_while_the_run_trains(self, *args, **kwargs):
+      if (directory / str(deleted_step)).is_dir():
+        shutil.copytree(directory / str(deleted_step), directory / str(new_step))
+        shutil.rmtree(directory / str(deleted_step))
+      return restore(self, *args, **kwargs)
+    monkeypatch.setattr(Checkpoints, 'restore', restore_while_the_run_trains)
+
+  run_saves_and_deletes(15, 10)
+  assert checkpoint_lib.load_model(tmp_path, 'latest')[3] == 15
+  run_saves_and_deletes(20, 5)  # a step asked for by number is not replaced
+  with pytest.raises(CheckpointError, match=r'^the checkpoint at step 5 in .* was deleted while it was read \(a run '
+                                            r'training there keeps only its latest checkpoint.keep steps\); rerun '
+                                            r'with --checkpoint latest or a step it keeps \(15, 20\)$'):
+    checkpoint_lib.load_model(tmp_path, 5)
+
+
 def test_a_workdir_held_by_another_run_is_refused(tiny_config, tmp_path):
   lock = checkpoint_lib.WorkdirLock(tmp_path)
   lock.acquire()
