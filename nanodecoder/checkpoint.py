@@ -492,8 +492,9 @@ def _load_model(workdir: str | pathlib.Path, which: str | int,
                 check: Callable[[CharTokenizer, ml_collections.ConfigDict], None] | None):
   checkpoints, step, meta = load_meta(workdir, which)
   try:
-    config = ml_collections.ConfigDict(meta['config'])
-    tokenizer = CharTokenizer.from_json(meta['tokenizer'])
+    with reading(checkpoints, step):  # a record that lacks its config or tokenizer is damaged too
+      config = ml_collections.ConfigDict(meta['config'])
+      tokenizer = CharTokenizer.from_json(meta['tokenizer'])
     if check is not None:
       check(tokenizer, config)
     here = config_lib.for_reading_here(config, 1, jax.default_backend())

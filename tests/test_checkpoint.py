@@ -374,6 +374,16 @@ def test_read_only_loading_refuses_in_one_line(tiny_config, tmp_path, monkeypatc
   assert checkpoint_lib.load_model(tmp_path, 'latest')[3] == 10
 
 
+def test_a_record_that_lacks_its_tokenizer_is_an_unreadable_step_not_a_traceback(tiny_config, tmp_path):
+  config = tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5, 'eval.every': 5, 'checkpoint.keep': 3})
+  train_lib.train_and_evaluate(config, tmp_path)
+  record = tmp_path / 'checkpoints' / '10' / 'meta' / 'metadata'
+  record.write_text(record.read_text().replace('"tokenizer"', '"tokenizes"'))  # one flipped byte, still JSON
+  with pytest.raises(CheckpointError, match=r"^cannot read the checkpoint at step 10 in .* \(KeyError: 'tokenizer'\); "
+                                            r'pass --checkpoint with another step \(5\)'):
+    checkpoint_lib.load_model(tmp_path, 'latest')
+
+
 def test_reading_while_the_run_trains_on_takes_the_step_that_replaced_the_one_being_read(tiny_config, tmp_path,
                                                                                         monkeypatch):
   """A run training in the workdir saves a newer step and deletes an older one while a sampler reads it."""
