@@ -439,7 +439,10 @@ def sample_command() -> None:
   options = SamplingOptions(max_new_tokens=FLAGS.max_new_tokens, num_samples=FLAGS.num_samples,
                             temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
                             use_cache=FLAGS.kv_cache)
-  options.validate()
+  try:
+    options.validate()
+  except SamplingError as e:  # its message starts with the option's name, which is the flag's
+    fail(f'--{e}')
   if FLAGS.stream and options.num_samples != 1:
     fail(f'--stream prints one sample, got --num_samples={options.num_samples}; use --num_samples=1')
   prompt = _given_prompt()

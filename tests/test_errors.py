@@ -201,9 +201,9 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(trained, corpus_
 
 @pytest.mark.parametrize('flags, message', [
     (['--prompt', 'the €'], "characters not in the vocabulary: '€'; use only characters"),
-    (['--temperature', '-1'], 'temperature must be >= 0 (0 = greedy), got -1.0'),
-    (['--top_p', '0'], 'top_p must be in (0, 1] (1 = off), got 0.0'),
-    (['--top_p', '1.5'], 'top_p must be in (0, 1] (1 = off), got 1.5'),
+    (['--temperature', '-1'], 'error: --temperature must be >= 0 (0 = greedy), got -1.0'),
+    (['--top_p', '0'], 'error: --top_p must be in (0, 1] (1 = off), got 0.0'),
+    (['--top_p', '1.5'], 'error: --top_p must be in (0, 1] (1 = off), got 1.5'),
     (['--checkpoint', '7'], 'no checkpoint at step 7'),
     (['--prompt_file', '/no/such/prompt.txt'], "cannot read --prompt_file '/no/such/prompt.txt'"),
 ])
