@@ -108,8 +108,18 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
   run's data source, the tokenizer from the checkpoint. `data_locations`
   (fields of config.PATH_FIELDS -> paths) says where the data is now when it
   moved: the text found there must still be the text the checkpoint trained
-  on. The devices must already be set up (cli.setup_jax).
+  on. The devices must already be set up (cli.setup_jax). A step that a run
+  training in the workdir deletes while it is read is replaced as in
+  checkpoint.load_model.
   """
+  from nanodecoder import checkpoint as checkpoint_lib
+
+  return checkpoint_lib.read_while_training(workdir, which,
+                                            lambda: _evaluate_split(workdir, which, split, data_locations))
+
+
+def _evaluate_split(workdir: str | pathlib.Path, which: str, split: str | None,
+                    data_locations: dict[str, str] | None) -> dict[str, Any]:
   import jax
   import ml_collections
 
@@ -121,9 +131,10 @@ def evaluate_split(workdir: str | pathlib.Path, which: str = 'latest', split: st
 
   checkpoints, step, meta = checkpoint_lib.load_meta(workdir, which)
   try:
-    config = ml_collections.ConfigDict(meta['config'])
+    with checkpoint_lib.reading(checkpoints, step):  # a record that lacks its config or tokenizer is damaged too
+      config = ml_collections.ConfigDict(meta['config'])
+      tokenizer = data_lib.CharTokenizer.from_json(meta['tokenizer'])
     split = config.data.eval_split if split is None else split  # ('' is no split: refused by name below)
-    tokenizer = data_lib.CharTokenizer.from_json(meta['tokenizer'])
     text_run = config.data.source == 'text'
     source = config.data.text_path if text_run else f'tfds {config.data.tfds_name}'
     given = ', '.join(f'--config.data.{field}' for field in data_locations or {})

@@ -465,9 +465,15 @@ def load_model(workdir: str | pathlib.Path, which: str | int = 'latest',
   'best', a step that does not read while `which` has come to name another one (a run training in the workdir
   saved a newer step and deleted the one being read) is replaced by that one, a few times over.
   """
+  return read_while_training(workdir, which, lambda: _load_model(workdir, which, check))
+
+
+def read_while_training(workdir: str | pathlib.Path, which: str | int, read: Callable[[], Any]) -> Any:
+  """read(), which reads the step `which` names in `workdir`; again while it fails on a step that `which` no longer
+  names (a run training in the workdir saved a newer one and deleted it): 'latest' and 'best' move on, a number not."""
   for attempt in range(READ_ATTEMPTS):
     try:
-      return _load_model(workdir, which, check)
+      return read()
     except UnreadableCheckpoint as e:
       retry = which in ('latest', 'best') and attempt < READ_ATTEMPTS - 1
       if not (retry and _names_another_step(workdir, which, e.step)):

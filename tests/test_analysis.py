@@ -93,6 +93,32 @@ def test_eval_report_is_the_exact_loss_over_every_window(run, monkeypatch):
     analysis.evaluate_split(run, 'latest', '')
 
 
+
+def test_eval_while_the_run_trains_on_takes_the_step_that_replaced_the_one_being_read(run, tmp_path, monkeypatch):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run, workdir)
+  directory, restore = workdir / 'checkpoints', checkpoint_lib.Checkpoints.restore
+  latest = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+  def restore_while_the_run_trains(self, *args, **kwargs):  # it saves step latest + 5 and deletes step latest
+    if (directory / str(latest)).is_dir():
+      shutil.copytree(directory / str(latest), directory / str(latest + 5))
+      shutil.rmtree(directory / str(latest))
+    return restore(self, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpoints, 'restore', restore_while_the_run_trains)
+  assert analysis.evaluate_split(workdir)['step'] == latest + 5
+
+
+def test_eval_of_a_record_that_lacks_its_config_is_an_unreadable_step(run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run, workdir)
+  record = workdir / 'checkpoints' / '20' / 'meta' / 'metadata'
+  record.write_text(record.read_text().replace('"config"', '"confix"'))  # one flipped byte, still JSON
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r"^cannot read the checkpoint at step 20 in .* \(KeyError: 'config'\); pass --checkpoint"):
+    analysis.evaluate_split(workdir)
+
 def launch(*args):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   return subprocess.run([sys.executable, 'launch.py', *args], cwd=REPO, env=env, capture_output=True, text=True,
