@@ -7,6 +7,7 @@ starting with 'error:' and exit with status 2.
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import os
 import pathlib
@@ -338,6 +339,8 @@ def main(argv) -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
     sys.exit(1)
   except OSError as e:  # a path given in a flag or a config field that is not what it must be
+    if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):  # a stream: stdout
+      fail(f'cannot write the output: {e.strerror}; check where the standard output goes (a full disk?)')
     where = f' {e.filename}' if e.filename else ''
     fail(f'cannot use{where}: {e.strerror or e}; check the paths in the flags and config fields')
   except jax.errors.JaxRuntimeError as e:

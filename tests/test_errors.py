@@ -199,6 +199,18 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(trained, corpus_
   assert ok.returncode == 0, ok.stderr[-2000:]
 
 
+
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full (Linux)')
+def test_a_full_standard_output_is_named_not_blamed_on_the_paths(trained):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  with open('/dev/full', 'w') as full:
+    result = subprocess.run([sys.executable, 'launch.py', '--mode', 'sample', '--workdir', str(trained),
+                             '--max_new_tokens', '5'], cwd=REPO, env=env, stdout=full, stderr=subprocess.PIPE,
+                            text=True, timeout=180)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert result.stderr == ('error: cannot write the output: No space left on device; check where the standard '
+                           'output goes (a full disk?)\n')
+
 @pytest.mark.parametrize('flags, message', [
     (['--prompt', 'the €'], "characters not in the vocabulary: '€'; use only characters"),
     (['--temperature', '-1'], 'error: --temperature must be >= 0 (0 = greedy), got -1.0'),
