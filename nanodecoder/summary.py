@@ -3,7 +3,8 @@
 Written into the sweep's root folder (it never trains anything):
   summary.csv      one row per point: its swept fields, status, checkpoint step, parameter count, best val
                    loss and its step, final val and train loss (the last evaluation), median tokens/s and the
-                   wall time of all its sessions
+                   wall time of all its sessions; all of them (and the plots) up to its latest checkpoint, at
+                   most num_steps (the steps a resume trains again are left out)
   summary.md       the same as a Markdown table, best val loss in bold, with the plots below it
   val_loss.png     best val loss against the first swept field (one line per value of the other fields)
   loss_curves.png  train and val loss of every point against the step
@@ -44,7 +45,7 @@ class RunMetrics:
 
 
 def read_metrics(workdir: str | pathlib.Path, up_to_step: int | None = None) -> RunMetrics:
-  """The records of a run's metrics.jsonl, those of steps past `up_to_step` (if given) left out."""
+  """The records of a run's metrics.jsonl, those of steps past `up_to_step` (if given; 0: all) left out."""
   path = pathlib.Path(workdir) / 'metrics.jsonl'
   records = []
   if path.is_file():
@@ -55,7 +56,7 @@ def read_metrics(workdir: str | pathlib.Path, up_to_step: int | None = None) -> 
         continue
   train, evals, sessions = {}, {}, {}
   for record in records:
-    if up_to_step and isinstance(record.get('step'), int) and record['step'] > up_to_step:
+    if up_to_step is not None and isinstance(record.get('step'), int) and record['step'] > up_to_step:
       continue
     if 'train/loss' in record:
       train[record['step']] = record
@@ -84,38 +85,52 @@ def count_parameters(workdir: str | pathlib.Path) -> int | None:
   return count_params(abstract_decoder(model_config))
 
 
+def saved_num_steps(workdir: str | pathlib.Path) -> int | None:
+  """train.num_steps of a run's config.json (the settings of its last session), None without one."""
+  try:
+    return config_lib.read_saved_config(workdir)['train']['num_steps']
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def reported_step(workdir: str | pathlib.Path, num_steps: int | None) -> int:
+  """The last step the summary reports a run at: its latest checkpoint (0: none), at most `num_steps`.
+
+  A run resumes from its latest checkpoint: the steps it logged after it are trained again, so are not its own yet.
+  """
+  steps = sweep_lib.saved_steps(workdir)
+  latest = steps[-1] if steps else 0
+  return latest if num_steps is None else min(latest, num_steps)
+
+
 def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: RunMetrics | None = None
             ) -> dict[str, Any]:
   """The summary numbers of one run (None where it has none yet).
 
   `num_steps`: the sweep manifest's, which wins over the run's config.json (the
   settings of its last session); None: the config.json's. Losses, speed and
-  wall time are those of the steps up to `num_steps`: a run trained further
+  wall time are those of the steps up to `reported_step`: a run trained further
   since (a sweep extended, then listed with its first command) is reported at
-  that length. `metrics`: the run's `read_metrics(workdir, num_steps)`, when
-  the caller has read them already.
+  num_steps, an unfinished one at its latest checkpoint. `metrics`: the run's
+  `read_metrics(workdir, reported_step(workdir, num_steps))`, when the caller
+  has read them already.
   """
   workdir = pathlib.Path(workdir)
   if num_steps is None:
-    try:
-      num_steps = config_lib.read_saved_config(workdir)['train']['num_steps']
-    except (OSError, ValueError, KeyError):
-      pass
-  metrics = read_metrics(workdir, num_steps) if metrics is None else metrics
+    num_steps = saved_num_steps(workdir)
+  metrics = read_metrics(workdir, reported_step(workdir, num_steps)) if metrics is None else metrics
   status = sweep_lib.point_status(workdir, num_steps) if num_steps else sweep_lib.Status('new', 0, 0)
   row = dict.fromkeys(METRIC_COLUMNS)
   row.update(status=status.state, step=status.step, num_steps=num_steps, params=count_parameters(workdir),
              wall_time_s=metrics.wall_time_s)
-  within = lambda records: {step: r for step, r in records.items() if not num_steps or step <= num_steps}
-  evals = within(metrics.evals)  # (metrics read without num_steps, e.g. from a config.json the caller did not read)
-  if evals:
-    last = evals[max(evals)]
+  if metrics.evals:
+    last = metrics.evals[max(metrics.evals)]
     row.update(final_val_loss=last['eval/val_loss'], final_train_loss=last.get('eval/train_loss'))
-    finite = [(step, r['eval/val_loss']) for step, r in evals.items() if math.isfinite(r['eval/val_loss'])]
+    finite = [(step, r['eval/val_loss']) for step, r in metrics.evals.items() if math.isfinite(r['eval/val_loss'])]
     if finite:  # a diverged run's NaN is no one's best
       best_step, best = min(finite, key=lambda item: item[1])
       row.update(best_val_loss=best, best_val_step=best_step)
-  speeds = [r['train/tokens_per_s'] for r in within(metrics.train).values() if r.get('train/tokens_per_s', 0) > 0]
+  speeds = [r['train/tokens_per_s'] for r in metrics.train.values() if r.get('train/tokens_per_s', 0) > 0]
   if speeds:
     row['tokens_per_s'] = statistics.median(speeds)
   return row
@@ -282,7 +297,9 @@ def write_summary(root: str | pathlib.Path) -> list[pathlib.Path]:
   rows, curves = [], []
   for name, values, num_steps in points:
     workdir = root / name
-    metrics = read_metrics(workdir, num_steps)  # (the curves too stop at the sweep's length)
+    if num_steps is None:  # not a sweep's point: the run's own length
+      num_steps = saved_num_steps(workdir)
+    metrics = read_metrics(workdir, reported_step(workdir, num_steps))  # (the curves too stop there)
     row = {'point': root.name if name == '.' else name, **dict.fromkeys(fields), **values,
            **run_row(workdir, num_steps, metrics)}  # a field the point does not set: None
     rows.append(row)

@@ -102,8 +102,9 @@ def test_read_metrics_keeps_the_last_record_of_a_step_and_sums_sessions(tmp_path
   assert {s: r['train/loss'] for s, r in metrics.train.items()} == {10: 3.0, 20: 2.9, 30: 2.75}
   assert {s: r['eval/val_loss'] for s, r in metrics.evals.items()} == {20: 2.95, 30: 2.9}
   assert metrics.wall_time_s == 15.0 + 13.0
+  (tmp_path / 'checkpoints' / '30').mkdir(parents=True)
   row = summary_lib.run_row(tmp_path, num_steps=50)
-  assert (row['status'], row['step'], row['num_steps']) == ('new', 0, 50)
+  assert (row['status'], row['step'], row['num_steps']) == ('partial', 30, 50)
   assert (row['best_val_loss'], row['best_val_step'], row['final_train_loss']) == (2.9, 30, 2.6)
   assert row['tokens_per_s'] == 2000.0  # median of the timed windows (0 marks a window without timed steps)
   # A run trained past the sweep's length is reported at that length: losses, speed and wall time
@@ -117,6 +118,7 @@ def test_read_metrics_keeps_the_last_record_of_a_step_and_sums_sessions(tmp_path
 def test_a_run_without_evaluations_gets_curves_but_no_val_loss_plot(tmp_path):
   lines = [{'step': s, 'time': 100.0 + s, 'session_start': 100.0, 'train/loss': 3.0 - s / 100} for s in (10, 20)]
   (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in lines))
+  (tmp_path / 'checkpoints' / '20').mkdir(parents=True)
   (tmp_path / 'val_loss.png').write_bytes(b'an earlier summary drew it')
   with warnings.catch_warnings():
     warnings.simplefilter('error')  # e.g. matplotlib's legend without labels
@@ -225,6 +227,52 @@ def test_a_run_trained_past_the_manifests_num_steps_is_reported_at_that_length(t
   assert (row['final_val_loss'], row['best_val_loss'], row['best_val_step']) == ('2.5', '2.5', '40')
 
 
+def write_records(workdir, steps, val_losses, session_start=100.0):
+  """metrics.jsonl of a session that logged a train and an eval record at each step (time: start + step)."""
+  lines = []
+  for step, loss in zip(steps, val_losses):
+    when = {'step': step, 'time': session_start + step, 'session_start': session_start}
+    lines += [{**when, 'train/loss': loss, 'train/tokens_per_s': 100.0 * step},
+              {**when, 'eval/train_loss': loss - 0.1, 'eval/val_loss': loss}]
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+
+
+def test_an_unfinished_point_is_reported_at_its_latest_checkpoint(tiny_config, tmp_path):
+  """Steps logged after the latest checkpoint are trained again on resume: not in the table, nor in the curves."""
+  base = tiny_config(**{'train.num_steps': 40, 'train.decay_steps': 40})
+  sweep = sweep_lib.make_sweep('tiny.py', base, {'seed': [1, 2]})
+  sweep_lib.write_manifest(tmp_path, sweep, base)
+  partial, new = (sweep.workdir(tmp_path, point) for point in sweep.points)
+  write_records(partial, [10, 20, 30], [2.7, 2.5, 2.2])  # stopped after step 30, its checkpoint at 20
+  (partial / 'checkpoints' / '20').mkdir(parents=True)
+  write_records(new, [10], [2.6])  # stopped before its first checkpoint
+  summary_lib.write_summary(tmp_path)
+  rows = list(csv.DictReader((tmp_path / 'summary.csv').open()))
+  assert rows[0] == {'point': 'seed=1', 'seed': '1', 'status': 'partial', 'step': '20', 'num_steps': '40',
+                     'params': '', 'best_val_loss': '2.5', 'best_val_step': '20', 'final_val_loss': '2.5',
+                     'final_train_loss': '2.4', 'tokens_per_s': '1500.0', 'wall_time_s': '20.0'}
+  assert rows[1] == {'point': 'seed=2', 'seed': '2', 'status': 'new', 'step': '0', 'num_steps': '40', 'params': '',
+                     'best_val_loss': '', 'best_val_step': '', 'final_val_loss': '', 'final_train_loss': '',
+                     'tokens_per_s': '', 'wall_time_s': ''}
+  assert 'Lowest val loss: 2.5000 (seed=1, step 20).' in (tmp_path / 'summary.md').read_text()
+  cut = summary_lib.read_metrics(partial, summary_lib.reported_step(partial, 40))  # what the curves draw
+  assert (sorted(cut.train), sorted(cut.evals)) == ([10, 20], [10, 20])
+  assert summary_lib.read_metrics(new, summary_lib.reported_step(new, 40)) == summary_lib.RunMetrics({}, {}, None)
+
+
+def test_a_single_run_is_reported_up_to_its_own_num_steps(tiny_config, tmp_path):
+  """A workdir whose metrics.jsonl goes past its config.json's num_steps (20), e.g. reused for a shorter run."""
+  (tmp_path / 'config.json').write_text(tiny_config().to_json(indent=2))
+  write_records(tmp_path, [10, 20, 30, 40], [2.7, 2.5, 2.3, 2.1])
+  (tmp_path / 'checkpoints' / '40').mkdir(parents=True)
+  summary_lib.write_summary(tmp_path)
+  [row] = csv.DictReader((tmp_path / 'summary.csv').open())
+  assert (row['status'], row['step'], row['num_steps']) == ('finished', '40', '20')
+  assert (row['best_val_loss'], row['best_val_step'], row['final_val_loss']) == ('2.5', '20', '2.5')
+  assert (row['tokens_per_s'], row['wall_time_s']) == ('1500.0', '20.0')
+
+
 def test_sweeping_a_field_named_like_a_metric_column_gives_one_column(tiny_config, tmp_path):
   base = tiny_config()
   sweep = sweep_lib.make_sweep('tiny.py', base, {'train.num_steps': [10, 20], 'train.decay_steps': [10, 20]})
@@ -244,6 +292,7 @@ def test_a_diverged_run_is_not_the_best(tmp_path):
     lines = [{'step': 10 * (i + 1), 'time': 110.0, 'session_start': 100.0, 'eval/val_loss': loss}
              for i, loss in enumerate(losses)]
     (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+    (workdir / 'checkpoints' / str(lines[-1]['step'])).mkdir(parents=True)
   with warnings.catch_warnings():
     warnings.simplefilter('error')  # e.g. matplotlib's legend without labels: these runs logged no train loss
     summary_lib.write_summary(tmp_path)
