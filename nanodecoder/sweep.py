@@ -280,6 +280,19 @@ def listing(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.P
 _STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
 
 
+def failure(code: int) -> str:
+  """How a point that ended with exit status `code` failed: 'failed (exit status 1)', or for one that a signal
+  killed (a negative status) its name, e.g. 'failed (killed by SIGSEGV)'."""
+  if code >= 0:
+    return f'failed (exit status {code})'
+  try:
+    name = signal.Signals(-code).name
+  except ValueError:  # no signal this platform names
+    name = f'signal {-code}'
+  hint = ': out of memory?' if -code == signal.SIGKILL else ''  # what the kernel's OOM killer sends
+  return f'failed (killed by {name}{hint})'
+
+
 def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         start: Callable[[Point, int], subprocess.Popen], parallel: int = 1, log: Callable[[str], None] = print,
         ) -> tuple[dict[str, int], int | None]:
@@ -331,7 +344,7 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         if code != 0 and point_status(sweep.workdir(root, point), num_steps).state == 'finished':
           code = 0  # it saved its last step, then died while exiting (e.g. a Ctrl-C just then)
         results[point.name] = code
-        outcome = 'finished' if code == 0 else 'stopped' if code in _STOPPED else f'failed (exit status {code})'
+        outcome = 'finished' if code == 0 else 'stopped' if code in _STOPPED else failure(code)
         log(f'[point {point.index} of {total}] {point.name}: {outcome} after {format_duration(time.time() - started)}')
   finally:
     for sig, handler in previous.items():

@@ -185,6 +185,21 @@ def test_a_signal_to_the_sweep_stops_its_running_points(tiny_config, tmp_path, m
   assert signal.getsignal(signum) is handler  # the sweep's handler is gone again
 
 
+def test_a_point_killed_by_a_signal_is_logged_with_its_name(tiny_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(sweep_lib.time, 'sleep', lambda s: None)
+  base = tiny_config()
+  codes = {1: -signal.SIGKILL, 2: -signal.SIGSEGV, 3: 128 + signal.SIGKILL}
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': list(codes)})
+  log = []
+  results, _ = sweep_lib.run(sweep, base, tmp_path, lambda point, slot: FakeProcess(point.name, codes[point.index + 1]),
+                             log=log.append)
+  assert results == {'seed=1': -9, 'seed=2': -11, 'seed=3': 137}
+  assert [line for line in log if 'failed' in line] == [
+      '[point 0 of 3] seed=1: failed (killed by SIGKILL: out of memory?) after 0s',
+      '[point 1 of 3] seed=2: failed (killed by SIGSEGV) after 0s',
+      '[point 2 of 3] seed=3: failed (exit status 137) after 0s']  # e.g. a wrapper's own status
+
+
 def test_finished_points_are_skipped_and_interrupted_ones_resume(tiny_config, tmp_path):
   base = tiny_config(**{'checkpoint.every': 10})
   sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3]})  # one model shape: compiles once
