@@ -620,10 +620,32 @@ def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Pa
       print(f'sweep point {index} ({point.name}) is finished (step {status.step}); nothing to do')
     else:
       print(f'sweep point {index} of {count}: {point.name} in {workdir}', flush=True)
-      train_command(config, workdir)
+      train_point(config, workdir)
   finally:  # also when it failed or was stopped: the summary shows how far it got
     if os.environ.get(SWEEP_SUMMARY_ENV, '1') != '0' and jax.process_index() == 0:
       summary.write_summary(root)
+
+
+def train_point(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """train_command for a sweep point, recording in its workdir whether this session failed (sweep_lib.FAILED)."""
+  try:
+    train_command(config, workdir)
+  except BaseException as e:
+    if jax.process_index() == 0:
+      sweep_lib.record_failure(workdir, _how_it_failed(e))
+    raise
+  if jax.process_index() == 0:
+    sweep_lib.record_failure(workdir, None)
+
+
+def _how_it_failed(error: BaseException) -> str | None:
+  """A sweep point's failure for sweep_lib.record_failure, e.g. 'failed (DataError: ...)'; None: it stopped."""
+  if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C
+    return None
+  if isinstance(error, SystemExit):  # its error line is printed, or it stopped after saving
+    code = error.code if isinstance(error.code, int) else 0 if error.code is None else 1
+    return None if code == 0 or code in sweep_lib.STOPPED else sweep_lib.failure(code)
+  return f'failed ({type(error).__name__}: {" ".join(str(error).split())})'
 
 
 # Analysis -----------------------------------------------------------------------
@@ -650,7 +672,7 @@ def _writable_place(path: pathlib.Path, flag: str) -> None:
 
 
 _RUN_FILES = (config_lib.SAVED_CONFIG, 'tokenizer.json', 'metrics.jsonl', 'launch.log', sweep_lib.MANIFEST,
-              'summary.csv', 'summary.md', 'val_loss.png', 'loss_curves.png', '.lock')
+              sweep_lib.FAILED, 'summary.csv', 'summary.md', 'val_loss.png', 'loss_curves.png', '.lock')
 _RUN_FOLDERS = ('checkpoints', 'plugins')
 _RUN_FILE_PREFIXES = ('events.out.tfevents.',)  # TensorBoard's event files
 

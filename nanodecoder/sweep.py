@@ -14,7 +14,8 @@ overrides) with its own fields set, in `<root>/<field=value,...>`, root being
 
 A point is finished when its latest checkpoint is at its train.num_steps;
 rerunning a sweep skips finished points and resumes interrupted ones, unless
-they were trained under other settings (see `check_saved_configs`).
+they were trained under other settings (see `check_saved_configs`). A point
+whose latest session failed holds `failed.txt` (see `record_failure`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from nanodecoder.files import atomic_write
 from nanodecoder.metrics import format_duration
 
 MANIFEST = 'sweep.json'
+FAILED = 'failed.txt'  # in a point's workdir: how its latest session failed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,22 +246,37 @@ def saved_steps(workdir: str | pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+def record_failure(workdir: str | pathlib.Path, outcome: str | None) -> None:
+  """Records that the point's latest session failed (`outcome`, e.g. 'failed (exit status 1)'), or that it
+  finished or stopped (None: no record)."""
+  path = pathlib.Path(workdir) / FAILED
+  if outcome is None:
+    path.unlink(missing_ok=True)
+  else:
+    atomic_write(path, outcome + '\n')
+
+
 @dataclasses.dataclass(frozen=True)
 class Status:
-  state: str  # 'finished', 'partial' or 'new'
+  state: str  # 'finished', 'failed' (its latest session), 'partial' or 'new'
   step: int  # latest checkpoint step (0: none)
   num_steps: int
 
   def __str__(self) -> str:
-    if self.state == 'partial':
-      return f'partial ({self.step}/{self.num_steps})'
+    if self.state in ('partial', 'failed'):
+      return f'{self.state} ({self.step}/{self.num_steps})'
     return self.state
 
 
 def point_status(workdir: str | pathlib.Path, num_steps: int) -> Status:
   steps = saved_steps(workdir)
   step = steps[-1] if steps else 0
-  state = 'finished' if step >= num_steps else 'partial' if step else 'new'
+  if step >= num_steps:
+    state = 'finished'
+  elif (pathlib.Path(workdir) / FAILED).is_file():
+    state = 'failed'
+  else:
+    state = 'partial' if step else 'new'
   return Status(state, step, num_steps)
 
 
@@ -277,7 +294,7 @@ def listing(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.P
 
 # Exit statuses of a point stopped by Ctrl-C or SIGTERM: after saving (130, 143), or killed by the signal
 # before its handler was installed (it was still starting).
-_STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
 
 
 def failure(code: int) -> str:
@@ -302,7 +319,10 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
   holds (e.g. for its share of the devices). Returns ({point name: exit
   status} of the points it ran, the signal that stopped the sweep or None).
   SIGTERM is passed on to the running points (they save and stop); after
-  SIGTERM or Ctrl-C no new point starts. Call `check_saved_configs` first.
+  SIGTERM or Ctrl-C no new point starts. A point's failure is recorded in its
+  workdir (`record_failure`), unless the point recorded its own error there;
+  a point that finishes or stops loses the record. Call `check_saved_configs`
+  first.
   """
   todo = []
   total = len(sweep.points)
@@ -332,7 +352,7 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
       while todo and not stopping and len(running) < parallel:
         slot = min(set(range(parallel)) - running.keys())
         point, status = todo.pop(0)
-        how = f'resuming from step {status.step}' if status.state == 'partial' else 'starting'
+        how = f'resuming from step {status.step}' if status.step else 'starting'
         log(f'[point {point.index} of {total}] {point.name}: {how}')
         running[slot] = (point, status.num_steps, start(point, slot), time.time())
       time.sleep(0.1)
@@ -344,7 +364,12 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         if code != 0 and point_status(sweep.workdir(root, point), num_steps).state == 'finished':
           code = 0  # it saved its last step, then died while exiting (e.g. a Ctrl-C just then)
         results[point.name] = code
-        outcome = 'finished' if code == 0 else 'stopped' if code in _STOPPED else failure(code)
+        outcome = 'finished' if code == 0 else 'stopped' if code in STOPPED else failure(code)
+        workdir = sweep.workdir(root, point)
+        if not outcome.startswith('failed'):
+          record_failure(workdir, None)
+        elif code < 0 or not (workdir / FAILED).is_file():  # (a point records its own errors: see cli)
+          record_failure(workdir, outcome)
         log(f'[point {point.index} of {total}] {point.name}: {outcome} after {format_duration(time.time() - started)}')
   finally:
     for sig, handler in previous.items():

@@ -276,6 +276,67 @@ def test_points_started_under_other_settings_are_refused(tiny_config, tmp_path, 
   assert started == ['seed=1', 'seed=2'] and results == {'seed=1': 0, 'seed=2': 0}
 
 
+def test_a_failed_point_is_recorded_until_a_rerun_finishes_or_stops_it(tiny_config, tmp_path, monkeypatch):
+  from nanodecoder import summary
+  monkeypatch.setattr(sweep_lib.time, 'sleep', lambda s: None)
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3]})
+  sweep_lib.write_manifest(tmp_path, sweep, base)
+  workdirs = [sweep.workdir(tmp_path, point) for point in sweep.points]
+
+  def statuses():
+    summary.write_summary(tmp_path)
+    return [row['status'] for row in csv.DictReader((tmp_path / 'summary.csv').open())]
+
+  def failing(point, slot):
+    if point.index == 0:  # killed (out of memory) after its checkpoint at step 10
+      started_point(workdirs[0], sweep_lib.point_config(base, point), 10)
+    if point.index == 2:  # its own process recorded its error, then exited with status 2
+      sweep_lib.record_failure(workdirs[2], 'failed (DataError: bad text)')
+    return FakeProcess(point.name, {0: -signal.SIGKILL, 1: 1, 2: 2}[point.index])
+
+  sweep_lib.run(sweep, base, tmp_path, failing, log=lambda m: None)
+  assert [(w / sweep_lib.FAILED).read_text() for w in workdirs] == [
+      'failed (killed by SIGKILL: out of memory?)\n', 'failed (exit status 1)\n', 'failed (DataError: bad text)\n']
+  assert statuses() == ['failed', 'failed', 'failed']
+  assert [line.split(None, 1)[1][:14] for line in sweep_lib.listing(sweep, base, tmp_path).splitlines()[1:]] == [
+      'failed (10/20)', 'failed (0/20) ', 'failed (0/20) ']
+
+  def rerun(point, slot):  # point 0 finishes, point 1 stops (SIGTERM), point 2 fails again
+    if point.index == 0:
+      started_point(workdirs[0], sweep_lib.point_config(base, point), 20)
+    return FakeProcess(point.name, {0: 0, 1: 128 + signal.SIGTERM, 2: 1}[point.index])
+
+  log = []
+  sweep_lib.run(sweep, base, tmp_path, rerun, log=log.append)
+  assert '[point 0 of 3] seed=1: resuming from step 10' in log
+  assert [(w / sweep_lib.FAILED).is_file() for w in workdirs] == [False, False, True]
+  assert statuses() == ['finished', 'new', 'failed']
+
+
+def test_a_point_process_records_its_own_failure(tiny_config, tmp_path, monkeypatch):
+  from nanodecoder import cli
+
+  def train_command(config, workdir):
+    if outcome is not None:
+      raise outcome
+
+  monkeypatch.setattr(cli, 'train_command', train_command)
+  record = tmp_path / sweep_lib.FAILED
+  for outcome, recorded in [(FloatingPointError('loss became nan at step 3;\n lower it'),
+                             'failed (FloatingPointError: loss became nan at step 3; lower it)\n'),
+                            (SystemExit(128 + signal.SIGTERM), None),  # stopped after saving
+                            (SystemExit(2), 'failed (exit status 2)\n'),  # its error line printed
+                            (None, None), (KeyboardInterrupt(), None)]:
+    record.write_text('failed (an earlier session)\n')
+    if outcome is None:
+      cli.train_point(tiny_config(), tmp_path)
+    else:
+      with pytest.raises(type(outcome)):
+        cli.train_point(tiny_config(), tmp_path)
+    assert (record.read_text() if record.exists() else None) == recorded, outcome
+
+
 SWEEP_FILE = '''
 from nanodecoder.config import load_config_file
 
@@ -344,7 +405,8 @@ def test_a_failed_point_still_refreshes_the_summary(corpus_file, tmp_path):
                   '--sweep_index=0')
   assert failed.returncode == 2 and 'became nan' in failed.stderr, failed.stderr[-3000:]
   rows = list(csv.DictReader((root / 'summary.csv').open()))
-  assert [(r['point'], r['status']) for r in rows] == [('seed=1', 'new'), ('seed=2', 'new')]
+  assert [(r['point'], r['status']) for r in rows] == [('seed=1', 'failed'), ('seed=2', 'new')]
+  assert (root / 'seed=1' / sweep_lib.FAILED).read_text().startswith('failed (FloatingPointError: loss became nan')
 
 
 @pytest.mark.slow
