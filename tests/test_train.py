@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import math
 import os
 import signal
 import time
@@ -49,6 +50,14 @@ def test_schedule_matches_nanogpt(tiny_config):
   np.testing.assert_allclose(float(lr(60)), 1e-4 + 0.5 * 9e-4, rtol=1e-6)
   np.testing.assert_allclose(float(lr(110)), 1e-4, rtol=1e-6)
   np.testing.assert_allclose(float(lr(500)), 1e-4, rtol=1e-6)
+  # Between the ends and the midpoint (which a linear decay also passes): floor + (peak - floor) * (1 + cos(pi *
+  # progress)) / 2, progress = (step - warmup) / (decay - warmup). At 35, 85: progress 1/4, 3/4.
+  np.testing.assert_allclose(float(lr(35)), 1e-4 + 9e-4 * (1 + math.cos(math.pi / 4)) / 2, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(85)), 1e-4 + 9e-4 * (1 + math.cos(3 * math.pi / 4)) / 2, rtol=1e-6)
+  steps = np.arange(0, 200)
+  progress = np.clip((steps - 10) / 100, 0, 1)
+  closed_form = np.where(steps < 10, 1e-3 * (steps + 1) / 11, 1e-4 + 9e-4 * (1 + np.cos(np.pi * progress)) / 2)
+  np.testing.assert_allclose(np.asarray(lr(jnp.asarray(steps))), closed_form, rtol=1e-5)
 
 
 def test_weight_decay_only_on_matrices(tiny_config):
