@@ -192,6 +192,17 @@ def test_batches_depend_only_on_seed_and_step():
   np.testing.assert_array_equal(ds.train_batch(3, 5, 6, rows=slice(2, 4)), a[2:4])
 
 
+def test_random_windows_reach_the_last_full_window_and_nothing_past_it():
+  window = 9  # context_length 8 + 1
+  for num_tokens in (window, window + 2):  # one possible window; three
+    starts = data_lib.window_starts(num_tokens, window, batch_size=300, seed=0, step=0)
+    assert set(starts.tolist()) == set(range(num_tokens - window + 1))
+  tokens = np.arange(11, dtype=np.int32)
+  ds = data_lib.Dataset(CharTokenizer('ab'), tokens, tokens, context_length=8)
+  rows = {tuple(row) for step in range(20) for row in ds.train_batch(seed=0, step=step, batch_size=8)}
+  assert rows == {tuple(range(s, s + window)) for s in range(3)}  # the last one ends at the last token
+
+
 def test_all_windows_cover_every_target_once():
   tokens = np.arange(1, 24, dtype=np.int32)  # 23 tokens -> 22 targets
   windows, weights = data_lib.all_windows(tokens, context_length=5)
@@ -199,6 +210,11 @@ def test_all_windows_cover_every_target_once():
   targets = windows[:, 1:][weights > 0]
   np.testing.assert_array_equal(np.sort(targets), tokens[1:])
   assert weights.sum() == 22
+  # Targets an exact multiple of the context: the last window is the last full one, with no padded window after.
+  tokens = np.arange(1, 22, dtype=np.int32)  # 21 tokens -> 20 targets = 4 windows of 5
+  windows, weights = data_lib.all_windows(tokens, context_length=5)
+  np.testing.assert_array_equal(windows, [tokens[s:s + 6] for s in range(0, 16, 5)])
+  np.testing.assert_array_equal(weights, np.ones((4, 5)))
 
 
 def test_corpus_shorter_than_a_window_is_refused():
