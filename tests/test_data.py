@@ -192,6 +192,20 @@ def test_batches_depend_only_on_seed_and_step():
   np.testing.assert_array_equal(ds.train_batch(3, 5, 6, rows=slice(2, 4)), a[2:4])
 
 
+def test_eval_batches_are_fixed_and_drawn_from_their_own_split():
+  train, held_out = np.arange(1000, dtype=np.int32), np.arange(1000, 1100, dtype=np.int32)  # told apart by value
+  ds = data_lib.Dataset(CharTokenizer('ab'), train, held_out, context_length=8)
+  for split, tokens in (('train', train), ('eval', held_out)):
+    batches = [ds.eval_batch(split, seed=3, index=i, batch_size=6) for i in range(3)]
+    for i, batch in enumerate(batches):
+      np.testing.assert_array_equal(batch, ds.eval_batch(split, seed=3, index=i, batch_size=6))  # every evaluation
+      assert batch.shape == (6, 9) and np.isin(batch, tokens).all()
+      np.testing.assert_array_equal(np.diff(batch, axis=1), 1)  # contiguous windows of that split
+      # Not the windows training sees at step i: a loss on those would measure memorized batches.
+      assert not np.array_equal(batch, ds.train_batch(seed=3, step=i, batch_size=6))
+    assert not np.array_equal(batches[0], batches[1])  # each batch other windows
+
+
 def test_random_windows_reach_the_last_full_window_and_nothing_past_it():
   window = 9  # context_length 8 + 1
   for num_tokens in (window, window + 2):  # one possible window; three

@@ -164,6 +164,21 @@ def test_dropout_changes_with_step_but_is_reproducible(tiny_config):
   assert loss(a, state) != at_step_0  # another mask
 
 
+def test_evaluate_scores_the_same_fixed_batches_of_each_split_every_time(tiny_config, monkeypatch):
+  config = tiny_config(**{'eval.batches': 3})
+  dataset = data_lib.load_dataset(config)
+  scored = []
+  monkeypatch.setattr(train_lib, '_mean_loss', lambda trainer, tokens, weights: (scored.append(tokens), (1.0, 1.0))[1])
+  trainer = types.SimpleNamespace(config=config)  # all evaluate reads of it besides _mean_loss
+  for _ in range(2):
+    assert train_lib.evaluate(trainer, dataset) == {'train_loss': 1.0, 'eval_loss': 1.0}
+  assert len(scored) == 4  # train, eval; train, eval
+  for split, first, again in (('train', scored[0], scored[2]), ('eval', scored[1], scored[3])):
+    expected = np.stack([dataset.eval_batch(split, config.seed, i, 8) for i in range(3)])
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(again, expected)
+
+
 def test_evaluate_all_windows_predicts_every_target_once(tiny_config, monkeypatch):
   config = tiny_config(**{'eval.all_windows': True})
   trainer, dataset = build(config, jax.devices()[:2])
