@@ -1,5 +1,8 @@
 """The decoder: shapes, causality, initial loss, attention and KV-cache equivalences."""
 
+import contextlib
+import dataclasses
+import io
 import math
 import re
 
@@ -172,6 +175,61 @@ def test_layer_norm_scale_gradients_sum_no_activations_over_tokens():
   hlo = jax.jit(nnx.grad(loss)).lower(model).as_text()
   assert f'across dimensions = [2] : (tensor<3x{CFG.context_length}x' in hlo  # the pattern matches (LayerNorm)
   assert not re.findall(rf'across dimensions = \[0, 1\] : \(tensor<3x{CFG.context_length}x', hlo)
+
+
+def saved_residuals(fn, *args) -> list[tuple[tuple[int, ...], str]]:
+  """(shape, origin) of each array the backward pass of `fn` keeps from its forward pass, less `args` themselves
+  (as `jax.ad_checkpoint.print_saved_residuals` lists them)."""
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    jax.ad_checkpoint.print_saved_residuals(fn, *args)
+  kept = []
+  for line in printed.getvalue().splitlines():
+    array, origin = line.split(' ', 1)  # e.g. "f32[1,8,24] named 'projection' from ..."
+    if not origin.startswith('from the argument'):
+      kept.append((tuple(int(n) for n in array[array.index('[') + 1:-1].split(',') if n), origin))
+  return kept
+
+
+REMAT_CFG = ModelConfig(vocab_size=11, num_layers=3, num_heads=2, head_size=4, context_length=8, mlp_ratio=3)
+B, T, D, N, H, F = 1, 8, 8, 2, 4, 24  # REMAT_CFG's shapes: every residual of a block has a shape of its own
+
+
+def block_residuals(remat):
+  """What one block of a REMAT_CFG model with `remat` keeps for its backward pass."""
+  model = make_model(dataclasses.replace(REMAT_CFG, remat=remat))
+  graphdef, state = nnx.split(model.blocks[0])
+  run = lambda state, x: model._block(nnx.merge(graphdef, state), x, None, None, None)[0].sum()
+  return saved_residuals(run, state, jax.random.normal(jax.random.key(0), (B, T, D)))
+
+
+def test_each_remat_policy_keeps_what_it_names():
+  # 'block': nothing but its input (and parameters), the arguments.
+  assert block_residuals('block') == []
+  # 'matmuls': the matmul outputs the backward pass needs (qkv, attention out, fc; the second MLP matmul's output
+  # only feeds the residual sum), as named; nothing else.
+  kept = block_residuals('matmuls')
+  assert sorted(shape for shape, _ in kept) == sorted([(B, T, 3, N, H), (B, T, D), (B, T, F)])
+  assert all(origin.startswith("named 'projection'") for _, origin in kept), kept
+  # 'none': everything, the attention weights [B, N, T, T] among it.
+  kept = block_residuals('none')
+  assert (B, N, T, T) in [shape for shape, _ in kept] and len(kept) > 10
+
+
+@pytest.mark.parametrize('remat', ['block', 'matmuls', 'none'])
+def test_remat_policies_apply_inside_the_scan_over_layers(remat):
+  """With scan_layers the per-layer residuals leave the scan stacked [L, ...] (print_saved_residuals names them
+  'output of scan', not by their checkpoint names): per layer the block's input and what its policy keeps."""
+  cfg = dataclasses.replace(REMAT_CFG, remat=remat, scan_layers=True)
+  graphdef, state = nnx.split(make_model(cfg))
+  tokens = jnp.zeros((B, T), jnp.int32)
+  kept = saved_residuals(lambda state: nnx.merge(graphdef, state)(tokens)[0].sum(), state)
+  stacked = sorted(shape for shape, origin in kept if origin.startswith('output of scan'))
+  L = cfg.num_layers
+  if remat == 'none':
+    assert (L, B, N, T, T) in stacked  # the attention weights
+  else:
+    assert stacked == sorted([(L, B, T, D)] + [(L, *shape) for shape, _ in block_residuals(remat)])
 
 
 def test_dropout_is_active_only_with_a_key():
