@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanodecoder.model import Decoder, ModelConfig, attend, attend_heads_first, auto_attention_impl, count_params
+from nanodecoder.model import (Decoder, ModelConfig, abstract_decoder, attend, attend_heads_first, auto_attention_impl,
+                               count_params, train_flops_per_token)
 
 CFG = ModelConfig(vocab_size=65, num_layers=2, num_heads=4, head_size=8, context_length=32)
 
@@ -34,6 +35,23 @@ def test_parameter_count_matches_the_formula():
   d, v, t, L = CFG.embed_dim, CFG.vocab_size, CFG.context_length, CFG.num_layers
   per_block = 2 * d + 3 * d * d + d * d + 2 * 4 * d * d  # 2 LayerNorm scales, qkv, out, mlp
   assert count_params(make_model()) == v * d + t * d + L * per_block + d
+
+
+def test_train_flops_per_token_is_six_per_matmul_weight_plus_attention():
+  # GPT-2 small (L 12, D 768, T 1024, V 50257), by hand: per block qkv 3 D^2 + out D^2 + fc and proj 2 * 4 D^2 =
+  # 12 D^2 = 7,077,888 matmul weights, x 12 = 84,934,656; the LM head D * V = 38,597,376; in all 123,532,032,
+  # x 6 = 741,192,192. Attention: 12 * L * T * D = 113,246,208.
+  gpt2 = ModelConfig(vocab_size=50257, num_layers=12, num_heads=12, head_size=64, context_length=1024)
+  assert train_flops_per_token(gpt2) == 741_192_192 + 113_246_208
+  # Another shape (mlp_ratio 3, untied head, biases): the matmul weights are the parameters less the embedding
+  # tables, the LayerNorms and the biases.
+  cfg = ModelConfig(vocab_size=11, num_layers=3, num_heads=2, head_size=5, context_length=7, mlp_ratio=3,
+                    use_bias=True, tie_embeddings=False)
+  d, f, L = cfg.embed_dim, cfg.mlp_dim, cfg.num_layers
+  others = 11 * d + 7 * d + (2 * L + 1) * 2 * d + L * (3 * d + d + f + d)  # tables, LayerNorms, biases
+  matmul_weights = count_params(abstract_decoder(cfg)) - others
+  assert matmul_weights == L * (3 * d * d + d * d + 2 * d * f) + 11 * d
+  assert train_flops_per_token(cfg) == 6 * matmul_weights + 12 * L * 7 * d
 
 
 @pytest.mark.parametrize('t', [1, 7, 31])  # 31: the last position
