@@ -148,6 +148,20 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
   assert kept(filter_logits(LOGITS, 1.0, 0, top_p)) == expected
 
 
+DYADIC = jnp.log(jnp.array([[0.0625, 0.25, 0.5, 0.0625, 0.125]]))  # cumulative masses exact in float32
+
+
+@pytest.mark.parametrize('top_p, expected', [
+    (0.5, [2]), (0.75, [1, 2]), (0.875, [1, 2, 4]),  # exactly reached: the token reaching p is the last kept
+    (0.5 - 2**-20, [2]), (0.5 + 2**-20, [1, 2]), (0.875 + 2**-20, [0, 1, 2, 3, 4]),  # 0 and 3 tie: both kept
+])
+def test_top_p_at_exactly_p_keeps_the_token_that_reaches_it_and_no_more(top_p, expected):
+  # LOGITS' masses (0.4 + 0.3 = 0.70000005 in float32) miss p = 0.7: these hit p exactly, as the test assumes.
+  ordered = jnp.sort(DYADIC, axis=-1)[..., ::-1]
+  np.testing.assert_array_equal(jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1), [[0.5, 0.75, 0.875, 0.9375, 1]])
+  assert kept(filter_logits(DYADIC, 1.0, 0, top_p)) == expected
+
+
 def draw(uniform, temperature=1.0, top_k=0, top_p=None):
   u = jnp.atleast_1d(jnp.asarray(uniform, jnp.float32))
   return np.asarray(next_token(u, jnp.broadcast_to(LOGITS, (u.shape[0], 4)), temperature, top_k, top_p, greedy=False))
