@@ -19,6 +19,8 @@ def test_tokenizer_round_trip_and_json():
   assert tok.vocab_size == len(set(text))
   ids = tok.encode(text)
   assert ids.dtype == np.int32 and tok.decode(ids) == text
+  # Ids in sorted character order (nanoGPT's): '\n' 0, ' ' 1, '!' 2, ',' 3, 'H' 4, 'W' 5, 'a' 6, ...
+  assert tok.encode('\n !,HWa~').tolist() == [0, 1, 2, 3, 4, 5, 6, tok.vocab_size - 1]
   again = CharTokenizer.from_json(tok.to_json())
   assert again.chars == tok.chars and again.decode(ids) == text
 
