@@ -50,6 +50,10 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint, or a checkpoint that cannot be written."""
 
 
+class WorkdirInUse(CheckpointError):
+  """The workdir is locked by another live run."""
+
+
 class UnreadableCheckpoint(CheckpointError):
   """A chosen step that does not read: damaged, or deleted while read by the run training in its workdir."""
 
@@ -80,7 +84,7 @@ class WorkdirLock:
       file.seek(0)
       owner = (file.read().split() or ['unknown'])[0]
       file.close()
-      raise CheckpointError(f'workdir {self.path.parent} is in use by another run (pid {owner}); '
+      raise WorkdirInUse(f'workdir {self.path.parent} is in use by another run (pid {owner}); '
                             'wait for it to end or pass another --workdir') from None
     file.seek(0)
     file.truncate()

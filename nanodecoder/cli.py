@@ -25,7 +25,7 @@ from absl import flags
 from nanodecoder import config as config_lib
 from nanodecoder import interrupts, sharding
 from nanodecoder import sweep as sweep_lib
-from nanodecoder.checkpoint import CheckpointError
+from nanodecoder.checkpoint import CheckpointError, WorkdirInUse
 from nanodecoder.config import ConfigError
 from nanodecoder.data import DataError
 from nanodecoder.files import atomic_write, unwritable_folder
@@ -627,11 +627,14 @@ def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Pa
 
 
 def train_point(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """train_command for a sweep point, recording in its workdir whether this session failed (sweep_lib.FAILED)."""
+  """train_command for a sweep point, recording in its workdir whether this session failed (sweep_lib.FAILED).
+
+  A point that another live run holds is left as that run leaves it.
+  """
   try:
     train_command(config, workdir)
   except BaseException as e:
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not isinstance(e, WorkdirInUse):
       sweep_lib.record_failure(workdir, _how_it_failed(e))
     raise
   if jax.process_index() == 0:

@@ -316,6 +316,7 @@ def test_a_failed_point_is_recorded_until_a_rerun_finishes_or_stops_it(tiny_conf
 
 def test_a_point_process_records_its_own_failure(tiny_config, tmp_path, monkeypatch):
   from nanodecoder import cli
+  from nanodecoder.checkpoint import WorkdirInUse
 
   def train_command(config, workdir):
     if outcome is not None:
@@ -327,7 +328,10 @@ def test_a_point_process_records_its_own_failure(tiny_config, tmp_path, monkeypa
                              'failed (FloatingPointError: loss became nan at step 3; lower it)\n'),
                             (SystemExit(128 + signal.SIGTERM), None),  # stopped after saving
                             (SystemExit(2), 'failed (exit status 2)\n'),  # its error line printed
-                            (None, None), (KeyboardInterrupt(), None)]:
+                            (None, None), (KeyboardInterrupt(), None),
+                            # another live run holds the point (a second job started for it): that run's record
+                            (WorkdirInUse('workdir x is in use by another run (pid 1)'),
+                             'failed (an earlier session)\n')]:
     record.write_text('failed (an earlier session)\n')
     if outcome is None:
       cli.train_point(tiny_config(), tmp_path)
