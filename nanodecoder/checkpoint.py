@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 import zlib
 from typing import Any, Callable
 
@@ -35,7 +36,7 @@ from nanodecoder import config as config_lib
 from nanodecoder import orbax_errors
 from nanodecoder.config import ConfigError
 from nanodecoder.data import CharTokenizer
-from nanodecoder.files import atomic_write
+from nanodecoder.files import WORKDIR_LOCK, atomic_write
 from nanodecoder.metrics import quiet_absl
 from nanodecoder.model import abstract_decoder
 from nanodecoder.sharding import gather_from_processes
@@ -62,11 +63,14 @@ class UnreadableCheckpoint(CheckpointError):
     self.step = step
 
 
+LOCK_ATTEMPTS = 10  # 50 ms apart
+
+
 class WorkdirLock:
   """An exclusive lock on a workdir, released automatically when the process dies."""
 
   def __init__(self, workdir: pathlib.Path):
-    self.path = pathlib.Path(workdir) / '.lock'
+    self.path = pathlib.Path(workdir) / WORKDIR_LOCK
     self._file = None
 
   def acquire(self) -> None:
@@ -78,14 +82,19 @@ class WorkdirLock:
     except OSError as e:
       raise CheckpointError(f'cannot use workdir {self.path.parent}: {e.strerror or e}; pass a writable folder '
                             'as --workdir') from None
-    try:
-      fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      file.seek(0)
-      owner = (file.read().split() or ['unknown'])[0]
-      file.close()
-      raise WorkdirInUse(f'workdir {self.path.parent} is in use by another run (pid {owner}); '
-                            'wait for it to end or pass another --workdir') from None
+    for attempt in range(LOCK_ATTEMPTS):  # (a status check, files.lock_holder, holds it for an instant)
+      try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if attempt + 1 < LOCK_ATTEMPTS:
+          time.sleep(0.05)
+          continue
+        file.seek(0)
+        owner = (file.read().split() or ['unknown'])[0]
+        file.close()
+        raise WorkdirInUse(f'workdir {self.path.parent} is in use by another run (pid {owner}); '
+                           'wait for it to end or pass another --workdir') from None
     file.seek(0)
     file.truncate()
     # The pid for the message above; a random token that tells this lock from any other (see check_shared).

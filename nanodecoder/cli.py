@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import traceback
+from typing import Callable
 
 import jax
 import ml_collections
@@ -28,7 +29,7 @@ from nanodecoder import sweep as sweep_lib
 from nanodecoder.checkpoint import CheckpointError, WorkdirInUse
 from nanodecoder.config import ConfigError
 from nanodecoder.data import DataError
-from nanodecoder.files import atomic_write, unwritable_folder
+from nanodecoder.files import WORKDIR_LOCK, atomic_write, unwritable_folder
 from nanodecoder.sampling import SamplingError, SamplingOptions
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, SamplingError, FloatingPointError)
@@ -349,8 +350,9 @@ def main(argv) -> None:
     fail(_out_of_memory(e))
 
 
-def train_command(config: ml_collections.ConfigDict | None = None, workdir: str | pathlib.Path | None = None) -> None:
-  """Trains FLAGS.config (or `config`) in --workdir (or `workdir`)."""
+def train_command(config: ml_collections.ConfigDict | None = None, workdir: str | pathlib.Path | None = None,
+                  on_locked: Callable[[], None] | None = None) -> None:
+  """Trains FLAGS.config (or `config`) in --workdir (or `workdir`); see train.train_and_evaluate for `on_locked`."""
   from ml_collections import config_flags
 
   from nanodecoder import train  # after argument parsing: keeps `--help` fast
@@ -377,7 +379,7 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
   setup_jax(config)
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   FLAGS.distributed_timeout)
-  metrics = train.train_and_evaluate(config, workdir)
+  metrics = train.train_and_evaluate(config, workdir, on_locked)
   if 'stopped_by' in metrics:  # checkpoint saved; exit as the signal would have (130 for Ctrl-C, 143 for SIGTERM)
     sys.exit(128 + int(getattr(signal, metrics['stopped_by'], signal.SIGTERM)))
   if 'train_loss' in metrics and jax.process_index() == 0:
@@ -536,8 +538,6 @@ def sweep_command(declaration) -> None:
   """Lists the points (--sweep_list), trains one (--sweep_index), or trains all that are not finished."""
   from ml_collections import config_flags
 
-  from nanodecoder import summary
-
   base = FLAGS.config
   config_lib.make_paths_absolute(base)
   sweep = sweep_lib.make_sweep(config_flags.get_config_filename(FLAGS['config']), base, declaration)
@@ -585,27 +585,31 @@ def sweep_command(declaration) -> None:
         output.close()
 
   sweep_lib.check_saved_configs(sweep, base, root)
-  sweep_lib.prepare_data(sweep, base)
+  sweep_lib.prepare_data(sweep, base, sweep_lib.to_train(sweep, base, root))  # (a finished point's data is not read)
   sweep_lib.write_manifest(root, sweep, base)
   print(f'sweep {sweep.name}: {len(sweep.points)} points in {root}, {parallel} at a time', flush=True)
   results, stopped_by = sweep_lib.run(sweep, base, root, start, parallel, log=lambda m: print(m, flush=True))
-  paths = summary.write_summary(root)
-  print((root / 'summary.md').read_text(encoding='utf-8'))
-  print('wrote ' + ', '.join(map(str, paths)))
+  failed = [name for name, code in results.items() if code is not None and code != 0]
+  elsewhere = [name for name, code in results.items() if code is None]
+  _update_summary(root, after_error=bool(failed or elsewhere or stopped_by), show=True)
   if stopped_by is not None:
     print(f'sweep stopped by {signal.Signals(stopped_by).name}; run the same command to resume it')
     sys.exit(128 + stopped_by)
-  failed = [name for name, code in results.items() if code != 0]
+  problems = []
   if failed:
-    print(f'error: {len(failed)} of {len(sweep.points)} points failed ({", ".join(failed)}); see their output '
-          'above or their launch.log; run the same command to retry them', file=sys.stderr)
+    problems.append(f'{len(failed)} of {len(sweep.points)} points failed ({", ".join(failed)}); see their output above '
+                    'or their launch.log')
+  if elsewhere:
+    problems.append(f'{len(elsewhere)} of {len(sweep.points)} points are trained by another live run '
+                    f'({", ".join(elsewhere)}); --sweep_list shows how far')
+  if problems:
+    print(f'error: {"; ".join(problems)}; run the same command to retry {"them" if failed else "once it ends"}',
+          file=sys.stderr)
     sys.exit(1)
 
 
 def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Path) -> None:
   """Trains point --sweep_index in its workdir (unless finished), then updates the sweep's summary."""
-  from nanodecoder import summary
-
   index, count = FLAGS.sweep_index, len(sweep.points)
   if not 0 <= index < count:
     fail(f'--sweep_index={index} is out of range: the sweep has {count} points, 0 to {count - 1} (see --sweep_list)')
@@ -621,18 +625,40 @@ def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Pa
     else:
       print(f'sweep point {index} of {count}: {point.name} in {workdir}', flush=True)
       train_point(config, workdir)
-  finally:  # also when it failed or was stopped: the summary shows how far it got
-    if os.environ.get(SWEEP_SUMMARY_ENV, '1') != '0' and jax.process_index() == 0:
-      summary.write_summary(root)
+  except BaseException:  # it failed or was stopped: the summary shows how far it got, its own error is the one told
+    _update_summary(root, after_error=True)
+    raise
+  _update_summary(root)
+
+
+def _update_summary(root: pathlib.Path, after_error: bool = False, show: bool = False) -> None:
+  """Rewrites a sweep's summary (and with `show` prints it), unless this is a point of a sweep that writes it. After
+  an error (a failed point, a stop), its own failure is a warning: the error it followed is the one to report."""
+  from nanodecoder import summary
+
+  if os.environ.get(SWEEP_SUMMARY_ENV, '1') == '0' or jax.process_index() != 0:
+    return
+  try:
+    paths = summary.write_summary(root)
+    if show:
+      print((root / 'summary.md').read_text(encoding='utf-8'))
+      print('wrote ' + ', '.join(map(str, paths)))
+  except Exception as e:  # noqa: BLE001
+    if not after_error:
+      raise
+    print(f'warning: the summary of {root} was not updated ({type(e).__name__}: {" ".join(str(e).split())})',
+          file=sys.stderr)
 
 
 def train_point(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """train_command for a sweep point, recording in its workdir whether this session failed (sweep_lib.FAILED).
 
-  A point that another live run holds is left as that run leaves it.
+  From when the session holds the workdir, the record says it ended unexplained (sweep_lib.UNEXPLAINED) until it
+  finishes, stops or fails: it stays when nothing could say (SIGKILL, a machine that stopped). A point that another
+  live run holds is left as that run leaves it.
   """
   try:
-    train_command(config, workdir)
+    train_command(config, workdir, on_locked=lambda: sweep_lib.record_failure(workdir, sweep_lib.UNEXPLAINED))
   except BaseException as e:
     if jax.process_index() == 0 and not isinstance(e, WorkdirInUse):
       sweep_lib.record_failure(workdir, _how_it_failed(e))
@@ -675,7 +701,7 @@ def _writable_place(path: pathlib.Path, flag: str) -> None:
 
 
 _RUN_FILES = (config_lib.SAVED_CONFIG, 'tokenizer.json', 'metrics.jsonl', 'launch.log', sweep_lib.MANIFEST,
-              sweep_lib.FAILED, 'summary.csv', 'summary.md', 'val_loss.png', 'loss_curves.png', '.lock')
+              sweep_lib.FAILED, 'summary.csv', 'summary.md', 'val_loss.png', 'loss_curves.png', WORKDIR_LOCK)
 _RUN_FOLDERS = ('checkpoints', 'plugins')
 _RUN_FILE_PREFIXES = ('events.out.tfevents.',)  # TensorBoard's event files
 

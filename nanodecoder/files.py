@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pathlib
 import stat
@@ -16,6 +18,8 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+WORKDIR_LOCK = '.lock'  # in a run's workdir: the lock its live run holds (checkpoint.WorkdirLock)
 
 
 def _open_mode(path: pathlib.Path) -> int:
@@ -51,3 +55,37 @@ def unwritable_folder(path: str | os.PathLike) -> pathlib.Path | None:
   """The nearest existing folder above `path` when it is not a writable folder (so `path` cannot be made), else None."""
   folder = next(parent for parent in pathlib.Path(path).absolute().parents if parent.exists())
   return None if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK) else folder
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+  """The first word of lock file `path` (the pid its owner wrote there) while a live process holds an exclusive
+  `flock` on it, else None (also when there is no such file).
+
+  It probes with a shared lock held for an instant: a taker that tries just then is refused, so takers retry
+  (see `checkpoint.WorkdirLock.acquire`).
+  """
+  try:
+    file = open(path, 'rb')
+  except OSError:
+    return None
+  with file:
+    try:
+      fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return (file.read().split() or [b'unknown'])[0].decode(errors='replace')
+    fcntl.flock(file, fcntl.LOCK_UN)
+  return None
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike):
+  """Holds an exclusive `flock` on lock file `path` (made if missing) for the block, waiting for other holders:
+  e.g. one process at a time reads, changes and rewrites a file that several share."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'a') as file:
+    fcntl.flock(file, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(file, fcntl.LOCK_UN)

@@ -14,8 +14,10 @@ overrides) with its own fields set, in `<root>/<field=value,...>`, root being
 
 A point is finished when its latest checkpoint is at its train.num_steps;
 rerunning a sweep skips finished points and resumes interrupted ones, unless
-they were trained under other settings (see `check_saved_configs`). A point
-whose latest session failed holds `failed.txt` (see `record_failure`).
+they were trained under other settings (see `check_saved_configs`), and
+leaves a point that another live run trains (e.g. a `--sweep_index` job) to
+it. A point whose latest session failed holds `failed.txt` (see
+`record_failure`).
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ import ml_collections
 
 from nanodecoder import config as config_lib
 from nanodecoder.config import ConfigError
-from nanodecoder.files import atomic_write
+from nanodecoder.files import WORKDIR_LOCK, atomic_write, exclusive, lock_holder
 from nanodecoder.metrics import format_duration
 
 MANIFEST = 'sweep.json'
+MANIFEST_LOCK = '.sweep.lock'  # held while a process rewrites the manifest
 FAILED = 'failed.txt'  # in a point's workdir: how its latest session failed
+# What a point's session records when it starts (see cli.train_point): replaced when it fails, removed when it finishes
+# or stops, so it stays when nothing could record how the session ended.
+UNEXPLAINED = 'failed (its session ended without saying how: killed, e.g. out of memory, or its machine stopped?)'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,15 +161,15 @@ def check_overrides(sweep: Sweep, overridden: Sequence[str]) -> None:
                       'override, or sweep other values in get_sweep()')
 
 
-def prepare_data(sweep: Sweep, base: ml_collections.ConfigDict) -> None:
-  """Loads the text corpus of every point that trains on a text file: a missing or short file fails up front.
-  Checks the split names of every point that reads a TFDS dataset against the dataset's info, downloading and
-  preparing each such dataset first, once (points started together would race to do it).
+def prepare_data(sweep: Sweep, base: ml_collections.ConfigDict, points: Sequence[Point] | None = None) -> None:
+  """Loads the text corpus of every point (of `points`, default all) that trains on a text file: a missing or short
+  file fails up front. Checks the split names of every point that reads a TFDS dataset against the dataset's info,
+  downloading and preparing each such dataset first, once (points started together would race to do it).
   """
   from nanodecoder import data as data_lib
 
   done = set()  # points that differ only in other fields load their data once
-  for point in sweep.points:
+  for point in sweep.points if points is None else points:
     config = point_config(base, point)
     if config.data.source == 'text':
       key = (config.data.to_json(), config.model.context_length)
@@ -193,7 +199,11 @@ def write_manifest(root: str | pathlib.Path, sweep: Sweep, base: ml_collections.
     values = {f: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v for f, v in values.items()}
     return {'name': point.name, 'overrides': point.overrides, 'values': values, 'num_steps': config.train.num_steps}
 
-  path = pathlib.Path(root) / MANIFEST
+  with exclusive(pathlib.Path(root) / MANIFEST_LOCK):  # parallel --sweep_index jobs would lose each other's entries
+    _write_manifest(pathlib.Path(root) / MANIFEST, sweep, entry, only)
+
+
+def _write_manifest(path: pathlib.Path, sweep: Sweep, entry: Callable[[Point], dict[str, Any]], only: Point | None):
   entries = None
   if only is not None:
     try:
@@ -217,12 +227,12 @@ def check_saved_configs(sweep: Sweep, base: ml_collections.ConfigDict, root: str
 
   A point with checkpoints and a config.json must match its config but for config.RESUMABLE_CHANGES; otherwise,
   e.g. a full sweep after a short quick look in the same root, it would continue from a decayed schedule.
-  Checks `points` (default: all of them).
+  Checks `points` (default: all of them), but those that another live run trains (it is left to that run).
   """
   for point in sweep.points if points is None else points:
     workdir = sweep.workdir(root, point)
-    if not (workdir / config_lib.SAVED_CONFIG).is_file() or not saved_steps(workdir):
-      continue  # not started, or starts from scratch
+    if not (workdir / config_lib.SAVED_CONFIG).is_file() or not saved_steps(workdir) or live_run(workdir):
+      continue  # not started, starts from scratch, or not this command's to train
     try:
       saved = config_lib.read_saved_config(workdir)
     except (OSError, ValueError) as e:
@@ -256,14 +266,27 @@ def record_failure(workdir: str | pathlib.Path, outcome: str | None) -> None:
     atomic_write(path, outcome + '\n')
 
 
+def live_run(workdir: str | pathlib.Path) -> str | None:
+  """The pid of the live run that holds the workdir (it may run on another host), else None."""
+  return lock_holder(pathlib.Path(workdir) / WORKDIR_LOCK)
+
+
+def recorded_failure(workdir: str | pathlib.Path) -> str | None:
+  """What `record_failure` recorded in a workdir, None if nothing (or if it cannot be read)."""
+  try:
+    return (pathlib.Path(workdir) / FAILED).read_text(encoding='utf-8').strip()
+  except (OSError, UnicodeDecodeError):
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Status:
-  state: str  # 'finished', 'failed' (its latest session), 'partial' or 'new'
+  state: str  # 'finished', 'running' (by a live run), 'failed' (its latest session), 'partial' or 'new'
   step: int  # latest checkpoint step (0: none)
   num_steps: int
 
   def __str__(self) -> str:
-    if self.state in ('partial', 'failed'):
+    if self.state in ('partial', 'failed', 'running'):
       return f'{self.state} ({self.step}/{self.num_steps})'
     return self.state
 
@@ -273,6 +296,8 @@ def point_status(workdir: str | pathlib.Path, num_steps: int) -> Status:
   step = steps[-1] if steps else 0
   if step >= num_steps:
     state = 'finished'
+  elif live_run(workdir) is not None:
+    state = 'running'
   elif (pathlib.Path(workdir) / FAILED).is_file():
     state = 'failed'
   else:
@@ -310,29 +335,42 @@ def failure(code: int) -> str:
   return f'failed (killed by {name}{hint})'
 
 
+def to_train(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path) -> list[Point]:
+  """The points that `run` trains: those neither finished nor trained by another live run."""
+  return [point for point in sweep.points if point_status(
+      sweep.workdir(root, point), point_config(base, point).train.num_steps).state not in ('finished', 'running')]
+
+
 def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         start: Callable[[Point, int], subprocess.Popen], parallel: int = 1, log: Callable[[str], None] = print,
-        ) -> tuple[dict[str, int], int | None]:
+        ) -> tuple[dict[str, int | None], int | None]:
   """Runs every unfinished point, `parallel` at a time, through `start(point, slot)` (a started process).
 
   Slots are numbered 0 .. parallel - 1; a point gets a slot no running point
   holds (e.g. for its share of the devices). Returns ({point name: exit
-  status} of the points it ran, the signal that stopped the sweep or None).
-  SIGTERM is passed on to the running points (they save and stop); after
-  SIGTERM or Ctrl-C no new point starts. A point's failure is recorded in its
-  workdir (`record_failure`), unless the point recorded its own error there;
-  a point that finishes or stops loses the record. Call `check_saved_configs`
-  first.
+  status} of the points it ran, or None for a point that another live run
+  trains, left to it; the signal that stopped the sweep or None). SIGTERM is
+  passed on to the running points (they save and stop); after SIGTERM or
+  Ctrl-C no new point starts. A point's failure is recorded in its workdir
+  (`record_failure`), unless the point recorded its own error there; a point
+  that finishes or stops loses the record. Call `check_saved_configs` first.
   """
-  todo = []
   total = len(sweep.points)
+  results: dict[str, int | None] = {}
+
+  def left_to(point: Point, pid: str | None) -> None:
+    results[point.name] = None
+    log(f'[point {point.index} of {total}] {point.name}: trained by another live run (pid {pid or "?"}); left to it')
+
+  todo = []
   for point in sweep.points:
     status = point_status(sweep.workdir(root, point), point_config(base, point).train.num_steps)
     if status.state == 'finished':
       log(f'[point {point.index} of {total}] {point.name}: finished (step {status.step}); skipped')
+    elif status.state == 'running':
+      left_to(point, live_run(sweep.workdir(root, point)))
     else:
       todo.append((point, status))
-  results: dict[str, int] = {}
   running: dict[int, tuple[Point, int, subprocess.Popen, float]] = {}  # slot -> (point, num_steps, process, start)
   stopping: list[int] = []
 
@@ -361,14 +399,18 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         if code is None:
           continue
         del running[slot]
-        if code != 0 and point_status(sweep.workdir(root, point), num_steps).state == 'finished':
+        workdir = sweep.workdir(root, point)
+        if code != 0 and saved_steps(workdir)[-1:] >= [num_steps]:
           code = 0  # it saved its last step, then died while exiting (e.g. a Ctrl-C just then)
+        holder = live_run(workdir) if code != 0 else None
+        if holder is not None:  # refused: another run (e.g. a --sweep_index job) took the point after the sweep looked
+          left_to(point, holder)
+          continue
         results[point.name] = code
         outcome = 'finished' if code == 0 else 'stopped' if code in STOPPED else failure(code)
-        workdir = sweep.workdir(root, point)
         if not outcome.startswith('failed'):
           record_failure(workdir, None)
-        elif code < 0 or not (workdir / FAILED).is_file():  # (a point records its own errors: see cli)
+        elif code < 0 or recorded_failure(workdir) in (None, UNEXPLAINED):  # a point records its own errors: see cli
           record_failure(workdir, outcome)
         log(f'[point {point.index} of {total}] {point.name}: {outcome} after {format_duration(time.time() - started)}')
   finally:

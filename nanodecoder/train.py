@@ -352,11 +352,13 @@ class StopRequest:
     return bool(sharding_lib.gather_from_processes(self.signal is not None).any())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                       on_locked: Callable[[], None] | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
   Returns the last evaluation's metrics, plus 'stopped_by' (a signal name)
-  when a signal ended the run early after saving a checkpoint.
+  when a signal ended the run early after saving a checkpoint. `on_locked`
+  runs on process 0 once this run holds the workdir (before any step).
   """
   _check_same_config_on_every_process(config)
   config_lib.validate(config)
@@ -366,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   is_main = jax.process_index() == 0
   lock = checkpoint_lib.WorkdirLock(workdir)
   try:
-    dataset = _load_data_and_lock(config, lock, is_main)
+    dataset = _load_data_and_lock(config, lock, is_main, on_locked)
     with StopRequest() as stop:
       return _train(_Session(config, dataset, mesh, workdir, is_main, stop))
   finally:
@@ -402,7 +404,7 @@ def _check_same_config_on_every_process(config: ml_collections.ConfigDict) -> No
 
 
 def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.WorkdirLock,
-                        is_main: bool) -> data_lib.Dataset:
+                        is_main: bool, on_locked: Callable[[], None] | None = None) -> data_lib.Dataset:
   """Process 0 loads the data (e.g. a TFDS download) and locks the workdir, then the others load the data.
 
   The data comes first: bad data leaves nothing behind. Every process raises if any of them failed.
@@ -413,6 +415,8 @@ def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.
       dataset = data_lib.load_dataset(config)
       lock.acquire()
       lock.check_paths(profiling=config.train.profile_steps > 0)
+      if on_locked is not None:
+        on_locked()
     except Exception as e:  # noqa: BLE001 (raised below, on every process)
       failure = e
   _raise_on_every_process(failure, 'to load the data or lock the workdir')

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -318,7 +319,12 @@ def test_a_point_process_records_its_own_failure(tiny_config, tmp_path, monkeypa
   from nanodecoder import cli
   from nanodecoder.checkpoint import WorkdirInUse
 
-  def train_command(config, workdir):
+  during = []
+
+  def train_command(config, workdir, on_locked):
+    if not isinstance(outcome, WorkdirInUse):  # this session holds the workdir
+      on_locked()
+      during.append(record.read_text())  # what it leaves if killed now (SIGKILL: no handler runs)
     if outcome is not None:
       raise outcome
 
@@ -333,12 +339,105 @@ def test_a_point_process_records_its_own_failure(tiny_config, tmp_path, monkeypa
                             (WorkdirInUse('workdir x is in use by another run (pid 1)'),
                              'failed (an earlier session)\n')]:
     record.write_text('failed (an earlier session)\n')
+    during.clear()
     if outcome is None:
       cli.train_point(tiny_config(), tmp_path)
     else:
       with pytest.raises(type(outcome)):
         cli.train_point(tiny_config(), tmp_path)
     assert (record.read_text() if record.exists() else None) == recorded, outcome
+    assert during == ([] if isinstance(outcome, WorkdirInUse) else [sweep_lib.UNEXPLAINED + '\n']), outcome
+
+
+def test_a_point_that_a_live_run_holds_is_running_and_left_to_it(tiny_config, tmp_path, monkeypatch):
+  from nanodecoder.checkpoint import WorkdirLock
+  monkeypatch.setattr(sweep_lib.time, 'sleep', lambda s: None)
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3]})
+  workdirs = [sweep.workdir(tmp_path, point) for point in sweep.points]
+  held = WorkdirLock(workdirs[0])  # e.g. a `--sweep_index 0` job, started before the sweep
+  held.acquire()
+  try:
+    assert sweep_lib.live_run(workdirs[0]) == str(os.getpid()) and sweep_lib.live_run(workdirs[1]) is None
+    assert str(sweep_lib.point_status(workdirs[0], 20)) == 'running (0/20)'
+    assert sweep_lib.listing(sweep, base, tmp_path).splitlines()[1].split()[:3] == ['0', 'running', '(0/20)']
+    assert [p.index for p in sweep_lib.to_train(sweep, base, tmp_path)] == [1, 2]
+    started_point(workdirs[0], sweep_lib.point_config(tiny_config(**{'train.learning_rate': 0.5}), sweep.points[0]), 10)
+    sweep_lib.check_saved_configs(sweep, base, tmp_path)  # trained under other settings, but the live run's to train
+    late = WorkdirLock(workdirs[1])  # a job that takes point 1 after the sweep looked: its process is refused
+
+    def start(point, slot):
+      if point.index == 1:
+        late.acquire()
+        return FakeProcess(point.name, 2)
+      sweep_lib.record_failure(workdirs[2], sweep_lib.UNEXPLAINED)  # then it exited, saying nothing
+      return FakeProcess(point.name, 1)
+
+    for workdir in workdirs[:2]:
+      sweep_lib.record_failure(workdir, 'failed (an earlier session)')
+    log = []
+    results, _ = sweep_lib.run(sweep, base, tmp_path, start, log=log.append)
+    late.release()
+  finally:
+    held.release()
+  assert results == {'seed=1': None, 'seed=2': None, 'seed=3': 1}
+  assert log == [f'[point 0 of 3] seed=1: trained by another live run (pid {os.getpid()}); left to it',
+                 '[point 1 of 3] seed=2: starting',
+                 f'[point 1 of 3] seed=2: trained by another live run (pid {os.getpid()}); left to it',
+                 '[point 2 of 3] seed=3: starting', '[point 2 of 3] seed=3: failed (exit status 1) after 0s']
+  assert [sweep_lib.recorded_failure(w) for w in workdirs] == ['failed (an earlier session)'] * 2 + [
+      'failed (exit status 1)']  # the live runs' records are theirs to change
+  assert sweep_lib.live_run(workdirs[0]) is None and str(sweep_lib.point_status(workdirs[0], 20)) == 'failed (10/20)'
+  with pytest.raises(ConfigError, match=r'^sweep point 0 \(seed=1\) in .* was trained with train.learning_rate=0.5, '):
+    sweep_lib.check_saved_configs(sweep, base, tmp_path)  # now this command's to resume
+
+
+def test_a_lock_taken_while_a_status_check_looks_is_not_refused(tmp_path):
+  import fcntl
+  import threading
+  from nanodecoder.checkpoint import WorkdirLock
+  (tmp_path / '.lock').write_text('')
+  with open(tmp_path / '.lock') as probe:  # what `files.lock_holder` holds for an instant, here for 0.2 s
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(0.2, lambda: fcntl.flock(probe, fcntl.LOCK_UN)).start()
+    lock = WorkdirLock(tmp_path)
+    lock.acquire()
+  assert sweep_lib.live_run(tmp_path) == str(os.getpid())
+  lock.release()
+
+
+def test_parallel_jobs_rewrite_the_manifest_one_at_a_time(tiny_config, tmp_path):
+  import threading
+  from nanodecoder import files
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2]})
+  sweep_lib.write_manifest(tmp_path, sweep, base)
+  longer = tiny_config(**{'train.num_steps': 40})
+  with files.exclusive(tmp_path / sweep_lib.MANIFEST_LOCK):  # another job between its read and its write
+    job = threading.Thread(target=sweep_lib.write_manifest, args=(tmp_path, sweep, longer, sweep.points[1]))
+    job.start()
+    job.join(0.5)
+    assert job.is_alive()  # it waits for the lock before it reads
+    manifest = json.loads((tmp_path / 'sweep.json').read_text())
+    manifest['points'][0]['num_steps'] = 30  # the other job's own entry
+    (tmp_path / 'sweep.json').write_text(json.dumps(manifest))
+  job.join(10)
+  assert [p['num_steps'] for p in json.loads((tmp_path / 'sweep.json').read_text())['points']] == [30, 40]
+
+
+def test_a_summary_that_fails_after_a_point_failed_does_not_hide_its_error(tmp_path, monkeypatch, capsys):
+  from nanodecoder import cli, summary
+
+  def broken(root):
+    raise ConfigError(f'{root}/sweep.json is damaged')
+
+  monkeypatch.setattr(summary, 'write_summary', broken)
+  monkeypatch.delenv(cli.SWEEP_SUMMARY_ENV, raising=False)
+  cli._update_summary(tmp_path, after_error=True)
+  assert capsys.readouterr().err == (f'warning: the summary of {tmp_path} was not updated (ConfigError: {tmp_path}/'
+                                     'sweep.json is damaged)\n')
+  with pytest.raises(ConfigError, match='is damaged'):
+    cli._update_summary(tmp_path)  # after a point that finished, its own error
 
 
 SWEEP_FILE = '''
@@ -370,7 +469,9 @@ def test_launch_runs_lists_and_reruns_a_sweep(corpus_file, tmp_path):
   experiment = tmp_path / 'tiny_sweep.py'
   experiment.write_text(SWEEP_FILE.format(repo=REPO))
   root = tmp_path / 'runs'
-  args = ['--config', str(experiment), f'--config.data.text_path={corpus_file}', *TINY, '--workdir', str(root)]
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_bytes(corpus_file.read_bytes())
+  args = ['--config', str(experiment), f'--config.data.text_path={corpus}', *TINY, '--workdir', str(root)]
 
   one = launch(*args, '--sweep_index=1')  # as one task of a cluster array job would
   assert one.returncode == 0, one.stderr[-3000:]
@@ -390,8 +491,9 @@ def test_launch_runs_lists_and_reruns_a_sweep(corpus_file, tmp_path):
     assert (root / name).stat().st_size > 0, name
   assert json.loads((root / 'seed=1' / 'config.json').read_text())['seed'] == 1
 
+  corpus.rename(tmp_path / 'moved.txt')  # a finished sweep's rerun reads no data
   again = launch(*args)
-  assert again.returncode == 0 and again.stdout.count('finished (step 20); skipped') == 2, again.stdout
+  assert again.returncode == 0 and again.stdout.count('finished (step 20); skipped') == 2, again.stderr[-3000:]
 
   wrong = launch(*args, '--sweep_index=2')
   assert wrong.returncode == 2
@@ -411,6 +513,41 @@ def test_a_failed_point_still_refreshes_the_summary(corpus_file, tmp_path):
   rows = list(csv.DictReader((root / 'summary.csv').open()))
   assert [(r['point'], r['status']) for r in rows] == [('seed=1', 'failed'), ('seed=2', 'new')]
   assert (root / 'seed=1' / sweep_lib.FAILED).read_text().startswith('failed (FloatingPointError: loss became nan')
+
+
+@pytest.mark.slow
+def test_a_sweep_leaves_a_point_to_the_job_that_trains_it_and_a_killed_job_leaves_a_record(corpus_file, tmp_path):
+  experiment = tmp_path / 'tiny_sweep.py'
+  experiment.write_text(SWEEP_FILE.format(repo=REPO).replace(  # point 0 trains for as long as the test needs
+      "{'seed': [1, 2]}", "[{'seed': 1, 'train.num_steps': 10**6, 'train.decay_steps': 10**6}, {'seed': 2}]"))
+  root = tmp_path / 'runs'
+  held = root / 'seed=1,num_steps=1000000,decay_steps=1000000'
+  args = ['--config', str(experiment), f'--config.data.text_path={corpus_file}', *TINY, '--workdir', str(root)]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  job = subprocess.Popen([sys.executable, 'launch.py', *args, '--sweep_index=0'], cwd=REPO, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    for _ in range(600):  # until it holds the point's workdir
+      if sweep_lib.live_run(held) or job.poll() is not None:
+        break
+      time.sleep(0.2)
+    assert sweep_lib.live_run(held) == str(job.pid), job.stderr.read() if job.poll() is not None else ''
+    listed = launch(*args, '--sweep_list')
+    assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [['0', 'running'], ['1', 'new']]
+    full = launch(*args)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert f'[point 0 of 2] {held.name}: trained by another live run (pid {job.pid}); left to it' in full.stdout
+    assert '[point 1 of 2] seed=2: finished after' in full.stdout
+    assert full.stderr.strip().splitlines()[-1] == (
+        f'error: 1 of 2 points are trained by another live run ({held.name}); --sweep_list shows how far; run the '
+        'same command to retry once it ends')
+    assert job.poll() is None  # untouched
+  finally:
+    job.kill()  # SIGKILL: nothing in the job can record how it ended
+    job.wait()
+  assert sweep_lib.recorded_failure(held) == sweep_lib.UNEXPLAINED
+  listed = launch(*args, '--sweep_list')
+  assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [['0', 'failed'], ['1', 'finished']]
 
 
 @pytest.mark.slow
