@@ -598,13 +598,13 @@ def sweep_command(declaration) -> None:
   problems = []
   if failed:
     problems.append(f'{len(failed)} of {len(sweep.points)} points failed ({", ".join(failed)}); see their output above '
-                    'or their launch.log')
+                    'or their launch.log, and run the same command to retry them')
   if elsewhere:
-    problems.append(f'{len(elsewhere)} of {len(sweep.points)} points are trained by another live run '
-                    f'({", ".join(elsewhere)}); --sweep_list shows how far')
+    problems.append(f'{len(elsewhere)} of {len(sweep.points)} points {"is" if len(elsewhere) == 1 else "are"} trained '
+                    f'by another live run ({", ".join(elsewhere)}); --sweep_list shows how far, and the same command '
+                    'resumes any left unfinished')
   if problems:
-    print(f'error: {"; ".join(problems)}; run the same command to retry {"them" if failed else "once it ends"}',
-          file=sys.stderr)
+    print(f'error: {"; ".join(problems)}', file=sys.stderr)
     sys.exit(1)
 
 
@@ -616,6 +616,10 @@ def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Pa
   point = sweep.points[index]
   config = sweep_lib.point_config(base, point)
   workdir = sweep.workdir(root, point)
+  holder = sweep_lib.live_run(workdir)
+  if holder is not None:  # before its manifest entry or status is read: the live run's settings stand
+    fail(f'sweep point {index} ({point.name}) is trained by another live run (pid {holder}) in {workdir}; wait for it '
+         'to end (--sweep_list shows how far)')
   sweep_lib.check_saved_configs(sweep, base, root, [point])  # this point only: the others may run elsewhere
   sweep_lib.write_manifest(root, sweep, base, only=point)
   status = sweep_lib.point_status(workdir, config.train.num_steps)

@@ -400,7 +400,8 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
           continue
         del running[slot]
         workdir = sweep.workdir(root, point)
-        if code != 0 and saved_steps(workdir)[-1:] >= [num_steps]:
+        steps = saved_steps(workdir)
+        if code != 0 and steps and steps[-1] >= num_steps:
           code = 0  # it saved its last step, then died while exiting (e.g. a Ctrl-C just then)
         holder = live_run(workdir) if code != 0 else None
         if holder is not None:  # refused: another run (e.g. a --sweep_index job) took the point after the sweep looked

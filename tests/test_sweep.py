@@ -539,8 +539,12 @@ def test_a_sweep_leaves_a_point_to_the_job_that_trains_it_and_a_killed_job_leave
     assert f'[point 0 of 2] {held.name}: trained by another live run (pid {job.pid}); left to it' in full.stdout
     assert '[point 1 of 2] seed=2: finished after' in full.stdout
     assert full.stderr.strip().splitlines()[-1] == (
-        f'error: 1 of 2 points are trained by another live run ({held.name}); --sweep_list shows how far; run the '
-        'same command to retry once it ends')
+        f'error: 1 of 2 points is trained by another live run ({held.name}); --sweep_list shows how far, and the '
+        'same command resumes any left unfinished')
+    again = launch(*args, '--sweep_index=0')  # a second job for the point: refused before it writes anything
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == (
+        f'error: sweep point 0 ({held.name}) is trained by another live run (pid {job.pid}) in {held}; wait for it to '
+        'end (--sweep_list shows how far)')
     assert job.poll() is None  # untouched
   finally:
     job.kill()  # SIGKILL: nothing in the job can record how it ended
