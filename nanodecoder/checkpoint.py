@@ -36,7 +36,7 @@ from nanodecoder import config as config_lib
 from nanodecoder import orbax_errors
 from nanodecoder.config import ConfigError
 from nanodecoder.data import CharTokenizer
-from nanodecoder.files import WORKDIR_LOCK, atomic_write
+from nanodecoder.files import WORKDIR_LOCK, atomic_write, lock_owner
 from nanodecoder.metrics import quiet_absl
 from nanodecoder.model import abstract_decoder
 from nanodecoder.sharding import gather_from_processes
@@ -90,10 +90,8 @@ class WorkdirLock:
         if attempt + 1 < LOCK_ATTEMPTS:
           time.sleep(0.05)
           continue
-        file.seek(0)
-        owner = (file.read().split() or ['unknown'])[0]
         file.close()
-        raise WorkdirInUse(f'workdir {self.path.parent} is in use by another run (pid {owner}); '
+        raise WorkdirInUse(f'workdir {self.path.parent} is in use by another run (pid {lock_owner(self.path)}); '
                            'wait for it to end or pass another --workdir') from None
     file.seek(0)
     file.truncate()

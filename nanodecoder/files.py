@@ -72,9 +72,17 @@ def lock_holder(path: str | os.PathLike) -> str | None:
     try:
       fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-      return (file.read().split() or [b'unknown'])[0].decode(errors='replace')
+      return lock_owner(path)
     fcntl.flock(file, fcntl.LOCK_UN)
   return None
+
+
+def lock_owner(path: str | os.PathLike) -> str:
+  """The first word of a held lock file `path`: the pid its owner wrote there ('unknown' before it wrote)."""
+  try:
+    return (pathlib.Path(path).read_text(encoding='utf-8', errors='replace').split() or ['unknown'])[0]
+  except OSError:
+    return 'unknown'
 
 
 @contextlib.contextmanager

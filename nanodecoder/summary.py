@@ -98,8 +98,7 @@ def reported_step(workdir: str | pathlib.Path, num_steps: int | None) -> int:
 
   A run resumes from its latest checkpoint: the steps it logged after it are trained again, so are not its own yet.
   """
-  steps = sweep_lib.saved_steps(workdir)
-  latest = steps[-1] if steps else 0
+  latest = sweep_lib.latest_step(workdir)
   return latest if num_steps is None else min(latest, num_steps)
 
 

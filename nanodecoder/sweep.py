@@ -256,6 +256,12 @@ def saved_steps(workdir: str | pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+def latest_step(workdir: str | pathlib.Path) -> int:
+  """The step of a workdir's latest complete checkpoint, 0 without one."""
+  steps = saved_steps(workdir)
+  return steps[-1] if steps else 0
+
+
 def record_failure(workdir: str | pathlib.Path, outcome: str | None) -> None:
   """Records that the point's latest session failed (`outcome`, e.g. 'failed (exit status 1)'), or that it
   finished or stopped (None: no record)."""
@@ -292,8 +298,7 @@ class Status:
 
 
 def point_status(workdir: str | pathlib.Path, num_steps: int) -> Status:
-  steps = saved_steps(workdir)
-  step = steps[-1] if steps else 0
+  step = latest_step(workdir)
   if step >= num_steps:
     state = 'finished'
   elif live_run(workdir) is not None:
@@ -400,8 +405,7 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
           continue
         del running[slot]
         workdir = sweep.workdir(root, point)
-        steps = saved_steps(workdir)
-        if code != 0 and steps and steps[-1] >= num_steps:
+        if code != 0 and point_status(workdir, num_steps).state == 'finished':
           code = 0  # it saved its last step, then died while exiting (e.g. a Ctrl-C just then)
         holder = live_run(workdir) if code != 0 else None
         if holder is not None:  # refused: another run (e.g. a --sweep_index job) took the point after the sweep looked
