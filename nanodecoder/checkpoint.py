@@ -288,7 +288,7 @@ class Checkpoints:
     return self.directory / str(step) / name
 
   def meta(self, step: int) -> dict:
-    return ocp.JsonCheckpointHandler().restore(self._item(step, 'meta'))
+    return read_record(self.directory.parent, step)
 
   def best_step(self) -> int | None:
     """The step with the lowest validation loss, of those whose record reads (the others are named on stderr)."""
@@ -425,6 +425,12 @@ class Checkpoints:
     earlier = [s for s in self.steps() if s < step]
     then = f'falling back to the one at step {earlier[-1]}' if earlier else 'no earlier checkpoint is left'
     log(f'checkpoint at step {step} is unreadable ({reason}); moved it to {aside.name}, {then}')
+
+
+def read_record(workdir: str | pathlib.Path, step: int) -> dict:
+  """The record saved with a checkpoint (step, val_loss, config, tokenizer, data_fingerprint), without opening a
+  manager; Orbax's error when it does not read."""
+  return ocp.JsonCheckpointHandler().restore(pathlib.Path(workdir).absolute() / 'checkpoints' / str(step) / 'meta')
 
 
 def load_meta(workdir: str | pathlib.Path, which: str | int = 'latest') -> tuple[Checkpoints, int, dict]:

@@ -25,6 +25,8 @@ import pathlib
 import statistics
 from typing import Any
 
+import ml_collections
+
 from nanodecoder import config as config_lib
 from nanodecoder import sweep as sweep_lib
 from nanodecoder.config import ConfigError
@@ -70,13 +72,37 @@ def read_metrics(workdir: str | pathlib.Path, up_to_step: int | None = None) -> 
   return RunMetrics(dict(sorted(train.items())), dict(sorted(evals.items())), wall if sessions else None)
 
 
-def count_parameters(workdir: str | pathlib.Path) -> int | None:
-  """Parameters of a run's model, from its config.json and tokenizer.json (shapes only, nothing computed)."""
+def saved_run(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict | None, str | None]:
+  """(config, tokenizer JSON) of a run: its config.json and tokenizer.json, or where one is missing or unreadable
+  (a run copied without them) its latest checkpoint's record of it; None for what neither gives."""
   workdir = pathlib.Path(workdir)
   try:
     config = config_lib.read_saved_config(workdir)
+  except (OSError, ValueError):
+    config = None
+  try:
     tokenizer_json = (workdir / 'tokenizer.json').read_text(encoding='utf-8')
   except (OSError, ValueError):
+    tokenizer_json = None
+  step = sweep_lib.latest_step(workdir)
+  if (config is None or tokenizer_json is None) and step:
+    from nanodecoder import checkpoint
+
+    try:
+      record = checkpoint.read_record(workdir, step)
+      if config is None:
+        config = ml_collections.ConfigDict(record['config'])
+        config_lib.check_fields(config)
+      tokenizer_json = tokenizer_json if tokenizer_json is not None else record['tokenizer']
+    except Exception:  # noqa: BLE001 (a damaged record: the summary shows what the other files give)
+      pass
+  return config, tokenizer_json
+
+
+def count_parameters(workdir: str | pathlib.Path) -> int | None:
+  """Parameters of a run's model, from its saved config and tokenizer (shapes only, nothing computed)."""
+  config, tokenizer_json = saved_run(workdir)
+  if config is None or tokenizer_json is None:
     return None
   from nanodecoder.data import CharTokenizer
   from nanodecoder.model import abstract_decoder, count_params
@@ -86,11 +112,9 @@ def count_parameters(workdir: str | pathlib.Path) -> int | None:
 
 
 def saved_num_steps(workdir: str | pathlib.Path) -> int | None:
-  """train.num_steps of a run's config.json (the settings of its last session), None without one."""
-  try:
-    return config_lib.read_saved_config(workdir)['train']['num_steps']
-  except (OSError, ValueError, KeyError):
-    return None
+  """train.num_steps of a run's saved config (its config.json: the settings of its last session), None without one."""
+  config, _ = saved_run(workdir)
+  return None if config is None else config.get('train', {}).get('num_steps')
 
 
 def reported_step(workdir: str | pathlib.Path, num_steps: int | None) -> int:
@@ -144,6 +168,12 @@ def _parse_value(text: str) -> Any:
   return text
 
 
+def _is_run(folder: pathlib.Path) -> bool:
+  """Whether a folder holds a run's files (what is left of them: e.g. only its checkpoints)."""
+  return ((folder / 'metrics.jsonl').is_file() or (folder / config_lib.SAVED_CONFIG).is_file()
+          or (folder / 'checkpoints').is_dir())
+
+
 def find_points(root: pathlib.Path) -> tuple[str, list[str], list[tuple[str, dict[str, Any], int | None]]]:
   """(title, short field names, [(folder name, {short field: value}, num_steps or None)]) of the runs under `root`."""
   manifest = root / sweep_lib.MANIFEST
@@ -157,10 +187,10 @@ def find_points(root: pathlib.Path) -> tuple[str, list[str], list[tuple[str, dic
     except (ValueError, KeyError, TypeError, AttributeError) as e:
       raise ConfigError(f'{manifest} is damaged ({type(e).__name__}: {e}); rerun the sweep command, which rewrites '
                         'it, or delete it to summarise the run folders under it') from None
-  if (root / 'metrics.jsonl').is_file() or (root / 'config.json').is_file():
+  if _is_run(root):
     return f'run {root.name}', [], [('.', {}, None)]
   points = []
-  for folder in sorted(p for p in root.iterdir() if (p / 'metrics.jsonl').is_file() or (p / 'config.json').is_file()):
+  for folder in sorted(p for p in root.iterdir() if _is_run(p)):
     pairs = [part.partition('=') for part in folder.name.split(',')]
     points.append((folder.name, {k: _parse_value(v) for k, eq, v in pairs if eq}, None))
   fields = list(dict.fromkeys(f for _, values, _ in points for f in values))

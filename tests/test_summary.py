@@ -146,6 +146,28 @@ def test_summary_of_a_folder_of_runs_and_of_one_run(sweep_root, tmp_path):
     summary_lib.write_summary(tmp_path / 'runs' / 'lr=0.5,tag=a' / 'checkpoints')
 
 
+def test_a_run_copied_without_its_config_is_read_from_its_latest_checkpoint(sweep_root, tmp_path):
+  import shutil
+
+  runs = tmp_path / 'runs'
+  for name, drop in (('with_config', ()), ('no_config', ('config.json', 'tokenizer.json')),
+                     ('only_checkpoints', ('config.json', 'tokenizer.json', 'metrics.jsonl', 'summary.csv',
+                                           'summary.md', 'loss_curves.png'))):
+    shutil.copytree(sweep_root / 'seed=1', runs / name, ignore=shutil.ignore_patterns(*drop))
+  summary_lib.write_summary(runs)
+  rows = {r.pop('point'): r for r in csv.DictReader((runs / 'summary.csv').open())}
+  assert rows['with_config']['status'] == 'finished' and rows['with_config']['params'] != ''
+  assert rows['no_config'] == rows['with_config']  # status 'finished', step 20 of 20, its parameter count, its losses
+  no_losses = dict(rows['with_config'], best_val_loss='', best_val_step='', final_val_loss='', final_train_loss='',
+                   tokens_per_s='', wall_time_s='')
+  assert rows['only_checkpoints'] == no_losses
+  step = sweep_lib.latest_step(runs / 'no_config')
+  (runs / 'no_config' / 'checkpoints' / str(step) / 'meta' / 'metadata').write_text('{"config": 3')  # damaged
+  summary_lib.write_summary(runs)
+  rows = {r.pop('point'): r for r in csv.DictReader((runs / 'summary.csv').open())}
+  assert (rows['no_config']['status'], rows['no_config']['num_steps'], rows['no_config']['params']) == ('new', '', '')
+
+
 def test_summary_mode_rewrites_the_files(sweep_root):
   (sweep_root / 'summary.md').unlink()
   (sweep_root / 'val_loss.png').unlink()
