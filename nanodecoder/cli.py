@@ -242,7 +242,8 @@ def fail(message: str) -> None:
 def setup_jax(config: ml_collections.ConfigDict | None = None) -> None:
   """Process-wide JAX settings; must run before the first computation."""
   if config is not None:
-    sharding.set_cpu_devices(sharding.cpu_device_count(config, sharding.usable_cores()))
+    config_lib.validate(config)  # first: the device count divides by the mesh sizes
+    sharding.set_cpu_devices(sharding.cpu_device_count(config, sharding.usable_cores()), config.mesh.cpu_devices)
   cache = os.environ.get(CACHE_ENV, str(pathlib.Path.home() / '.cache' / 'nanodecoder' / 'jax'))
   if cache and os.path.exists(cache) and not os.path.isdir(cache):
     fail(f"{CACHE_ENV}={cache} is not a folder; point it at one (made if missing), or set it to '' to compile "
@@ -567,7 +568,8 @@ def sweep_command(declaration) -> None:
     # The same command line for one point; later flags win, so the appended ones take effect.
     command = [sys.executable, script, *sys.argv[1:], f'--workdir={root}', f'--sweep_index={point.index}',
                '--sweep_parallel=1']
-    if parallel > 1 and base.mesh.cpu_devices == 0:  # each point gets its share of the cores
+    if parallel > 1 and base.mesh.cpu_devices == 0 and sharding.forced_cpu_device_count() is None:
+      # each point gets its share of the cores
       devices = sharding.cpu_device_count(sweep_lib.point_config(base, point), max(1, cores // parallel))
       command.append(f'--config.mesh.cpu_devices={devices}')
     env = sweep_lib.child_env(slot, parallel)

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -46,16 +47,26 @@ RULES = {
 }
 
 
-def set_cpu_devices(count: int) -> None:
+def forced_cpu_device_count() -> int | None:
+  """The CPU device count that XLA_FLAGS sets (--xla_force_host_platform_device_count=N; the last one wins), if any."""
+  counts = re.findall(r'--xla_force_host_platform_device_count=(\d+)', os.environ.get('XLA_FLAGS', ''))
+  return int(counts[-1]) if counts else None
+
+
+def set_cpu_devices(count: int, asked: int = 0) -> None:
   """Splits the host CPU into `count` devices; call before JAX starts.
 
   XLA's CPU backend runs the small operations of these models on few threads;
   a data-parallel mesh over one device per core keeps every core busy.
-  Ignored when XLA_FLAGS already sets the count (as the tests do).
+  XLA_FLAGS that set the count (as the tests do) win; `asked`, a config's
+  mesh.cpu_devices, is then refused if it is another count (0: none asked).
   """
-  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
-    return
-  jax.config.update('jax_num_cpu_devices', count)
+  forced = forced_cpu_device_count()
+  if forced is None:
+    jax.config.update('jax_num_cpu_devices', count)
+  elif asked and asked != forced:
+    raise ConfigError(f'mesh.cpu_devices={asked} asks for another CPU device count than XLA_FLAGS, whose '
+                      f'--xla_force_host_platform_device_count={forced} wins; drop one of the two')
 
 
 def cpu_device_count(config: ml_collections.ConfigDict, cores: int) -> int:
@@ -249,7 +260,9 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
       raise
     per_process = wanted // processes  # on CPU the device count is a setting: name it
     gives = 'gives each process' if processes > 1 else 'splits the host into'
-    raise ConfigError(f'{e}; on CPU, mesh.cpu_devices={per_process} {gives} {per_process} devices') from None
+    forced = forced_cpu_device_count()
+    unless = '' if forced is None else f' once XLA_FLAGS drop --xla_force_host_platform_device_count={forced}'
+    raise ConfigError(f'{e}; on CPU, mesh.cpu_devices={per_process} {gives} {per_process} devices{unless}') from None
   return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 

@@ -60,6 +60,11 @@ CONFIG_CASES = [
      'mesh.data=3, mesh.fsdp=1, mesh.tensor=1 use 3 devices but there are 2'),
     (['--config.mesh.data=3'], 'train.batch_size=4 (micro-batch 4) is not divisible by the data-parallel size 3'),
     (['--config.train.grad_accum_steps=3'], 'train.batch_size=4 is not divisible by train.grad_accum_steps=3'),
+    # with the default mesh.cpu_devices=0 the device count is chosen from the mesh sizes: checked first
+    (['--config.mesh.cpu_devices=0', '--config.mesh.tensor=0'],
+     'mesh.tensor must be a positive integer or -1 (all devices left over), got 0'),
+    (['--config.mesh.cpu_devices=0', '--config.train.grad_accum_steps=0'],
+     'train.grad_accum_steps must be a positive integer, got 0'),
     (['--config.mesh.cpu_devices=3'], 'train.batch_size=4 (micro-batch 4) is not divisible by the data-parallel size '
                                       '3 (mesh data x fsdp); pick a multiple of 3 (or lower mesh.cpu_devices=3'),
     (['--config.seed=-1'], 'seed must be an integer >= 0, got -1'),
@@ -77,6 +82,19 @@ def test_bad_config(corpus_file, tmp_path, extra, message):
   result = launch(*tiny_args(corpus_file, *extra), '--workdir', str(tmp_path / 'run'))
   assert_user_error(result, message)
   assert files_in(tmp_path / 'run') == []  # refused before anything was written
+
+
+def test_xla_flags_and_another_cpu_device_count_are_refused(corpus_file, tmp_path):
+  forced = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  result = launch(*tiny_args(corpus_file), '--workdir', str(tmp_path / 'run'), env=forced)  # TINY: cpu_devices=2
+  assert_user_error(result, 'mesh.cpu_devices=2 asks for another CPU device count than XLA_FLAGS, whose '
+                            '--xla_force_host_platform_device_count=4 wins; drop one of the two')
+  assert files_in(tmp_path / 'run') == []
+  result = launch(*tiny_args(corpus_file, '--config.mesh.cpu_devices=0', '--config.mesh.data=8',
+                             '--config.train.batch_size=16'), '--workdir', str(tmp_path / 'run'), env=forced)
+  assert_user_error(result, 'use 8 devices but there are 4; make their product equal the device count (or set one '
+                            'to -1); on CPU, mesh.cpu_devices=8 splits the host into 8 devices once XLA_FLAGS drop '
+                            '--xla_force_host_platform_device_count=4')
 
 
 def write(path, content):

@@ -101,7 +101,8 @@ def test_mesh_sizes_must_match_the_devices(tiny_config, sizes, message):
 
 
 @pytest.mark.parametrize('sizes, devices', [({'data': 4}, 2), ({'tensor': 2}, 1)])
-def test_a_cpu_mesh_of_more_devices_names_the_setting_that_makes_them(tiny_config, sizes, devices):
+def test_a_cpu_mesh_of_more_devices_names_the_setting_that_makes_them(tiny_config, sizes, devices, monkeypatch):
+  monkeypatch.delenv('XLA_FLAGS')  # (the tests' own: it would be named too)
   config = tiny_config(**{f'mesh.{k}': v for k, v in sizes.items()})
   wanted = max(sizes.values())
   with pytest.raises(ConfigError, match=rf'\b{devices}\b.*; on CPU, mesh.cpu_devices={wanted} splits the host '
