@@ -158,6 +158,9 @@ def _refuse_overrides_of_a_reading_mode(overrides: list[str], mode: str) -> None
         close = difflib.get_close_matches(name, sorted(LOCATION_OVERRIDES), n=1)
         hint = f'did you mean --{close[0]}? ' if close else ''
         fail(f'--{name}: the config has no field {field}; {hint}--mode eval takes only {takes}')
+      if not field.startswith(('data.', 'model.')):  # how the run trained, logged or saved (mesh, steps, ...)
+        fail(f'--{name} is a setting of training, which --mode eval does not use (it scores on its own devices); it '
+             f'takes only where the run\'s data is now: {takes}; remove it')
       split = ' (another split: --split)' if name.endswith('_split') else ''
       fail(f'--{name} would change what --mode eval scores (the checkpoint on the data it trained on){split}; it '
            f'takes only where that data is now: {takes}; remove it')

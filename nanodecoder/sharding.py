@@ -136,6 +136,12 @@ def initialize_distributed(mode: str = 'auto', coordinator_address: str | None =
                       '--process_id asks to join others; remove them, or drop --distributed=off')
   if mode == 'off' or (mode == 'auto' and not asked and not _cluster_detected()):
     return False
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f'--num_processes={num_processes} must be at least 1: the processes of the job, all hosts')
+  if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+    among = f' below --num_processes={num_processes} (0 to {num_processes - 1})' if num_processes else ''
+    raise ConfigError(f'--process_id={process_id} must be a number >= 0{among}: this process\'s place in the job, '
+                      '0 on the coordinator\'s host')
   host, _, port = (coordinator_address or '').rpartition(':')
   if coordinator_address is not None and not (host and port.isdigit() and 0 < int(port) < 65536):
     raise ConfigError(f'--coordinator_address={coordinator_address} is not HOST:PORT; give process 0\'s host and a '
@@ -157,7 +163,7 @@ def initialize_distributed(mode: str = 'auto', coordinator_address: str | None =
       jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                  process_id=process_id, initialization_timeout=timeout + JAX_DEADLINE_MARGIN_S)
   except ValueError as e:  # what JAX could not fill in, e.g. no launcher it knows and too few flags
-    raise ConfigError(f'jax.distributed.initialize: {" ".join(str(e).split())}; pass --coordinator_address, '
+    raise ConfigError(f'jax.distributed.initialize: {" ".join(str(e).split()).rstrip(".")}; pass --coordinator_address, '
                       '--num_processes and --process_id (or --distributed=off for one process)') from None
   except jax.errors.JaxRuntimeError as e:  # e.g. process 0 could not listen on the port (taken since the check)
     raise ConfigError(f'cannot join {through}: {" ".join(str(e).split())}; check that no other program (an '

@@ -311,6 +311,9 @@ def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     if platform == 'cpu' and config.mesh.cpu_devices:
       raise config_lib.ConfigError(f'{e} (or lower mesh.cpu_devices={config.mesh.cpu_devices}, the number of '
                                    'host devices the mesh spans)') from None
+    if platform == 'cpu' and jax.process_count() > 1:  # each process chose its own count, one device per core
+      raise config_lib.ConfigError(f'{e} (or set mesh.cpu_devices, the host devices of each process: now '
+                                   f'{mesh.devices.size // jax.process_count()}, one per core)') from None
     raise
 
 

@@ -324,6 +324,8 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
     (['--mode', 'eval', '--config.model.num_layers=1'], '--config.model.num_layers would change what --mode eval '
      'scores (the checkpoint on the data it trained on); it takes only where that data is now: '
      '--config.data.manual_dir, --config.data.text_path, --config.data.tfds_data_dir; remove it'),
+    (['--mode', 'eval', '--config.mesh.cpu_devices=8'], '--config.mesh.cpu_devices is a setting of training, which '
+     "--mode eval does not use (it scores on its own devices); it takes only where the run's data is now: "),
     (['--mode', 'eval', '--config.data.text_path={tmp}/file', '--config.data.eval_split=test'],
      '--config.data.eval_split would change what --mode eval scores (the checkpoint on the data it trained on) '
      '(another split: --split)'),

@@ -153,7 +153,7 @@ def test_what_jax_distributed_cannot_fill_in_is_one_line(monkeypatch):
     raise ValueError('Number of processes must be defined.')
 
   monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', initialize)
-  with pytest.raises(ConfigError, match=r'^jax.distributed.initialize: Number of processes must be defined.; pass '
+  with pytest.raises(ConfigError, match=r'^jax.distributed.initialize: Number of processes must be defined; pass '
                                         r'--coordinator_address, --num_processes and --process_id'):
     sharding_lib.initialize_distributed('on')
 
@@ -217,6 +217,19 @@ def test_a_distributed_timeout_that_is_not_positive_is_refused(monkeypatch, time
   with pytest.raises(ConfigError, match=rf'^--distributed_timeout={timeout} must be positive: the seconds to wait '
                                         r'for every process to join$'):
     sharding_lib.initialize_distributed('on', '10.0.0.1:1234', 2, 0, timeout=timeout)
+
+
+@pytest.mark.parametrize('num_processes, process_id, message', [
+    (2, 2, r'^--process_id=2 must be a number >= 0 below --num_processes=2 \(0 to 1\): this process\'s place in '),
+    (None, -1, r'^--process_id=-1 must be a number >= 0: '),
+    (0, 0, r'^--num_processes=0 must be at least 1: the processes of the job, all hosts$'),
+])
+def test_process_numbers_out_of_range_are_refused_before_joining(monkeypatch, capsys, num_processes, process_id,
+                                                                 message):
+  monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', lambda **kwargs: pytest.fail('joined'))
+  with pytest.raises(ConfigError, match=message):
+    sharding_lib.initialize_distributed('auto', '10.0.0.1:1234', num_processes, process_id)
+  assert capsys.readouterr().err == ''  # no 'joining ...' line before the error
 
 
 def test_one_cpu_device_per_core_the_process_may_use(monkeypatch):

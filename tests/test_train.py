@@ -442,3 +442,18 @@ def test_the_eta_is_the_training_speed_plus_the_evaluations_to_come(tiny_config,
   for step in (20, 30):
     assert etas[step, True] - 1000 * (40 - step) // 10 == training(40 - step)
   assert etas[30, False] - 2000 == training(10)  # (the evaluation of step 30 is still to come)
+
+
+def test_a_batch_that_the_mesh_of_several_cpu_processes_cannot_split_names_their_device_count(tiny_config,
+                                                                                              monkeypatch):
+  """Each process chose its own CPU device count (one per core): the fix is to set it for all of them."""
+  config = tiny_config(**{'train.batch_size': 6, 'mesh.cpu_devices': 0})
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:4])
+  monkeypatch.setattr(train_lib.jax, 'process_count', lambda: 2)
+  with pytest.raises(config_lib.ConfigError, match=r'^train.batch_size=6 \(micro-batch 6\) is not divisible by the '
+                     r'data-parallel size 4 \(mesh data x fsdp\); pick a multiple of 4 \(or set mesh.cpu_devices, '
+                     r'the host devices of each process: now 2, one per core\)$'):
+    train_lib.check_mesh_fits(config, mesh)
+  monkeypatch.setattr(train_lib.jax, 'process_count', lambda: 1)  # one process: the batch is the thing to change
+  with pytest.raises(config_lib.ConfigError, match=r'pick a multiple of 4$'):
+    train_lib.check_mesh_fits(config, mesh)
