@@ -24,7 +24,7 @@ import ml_collections
 from absl import flags
 
 from nanodecoder import config as config_lib
-from nanodecoder import interrupts, sharding
+from nanodecoder import interrupts, saved_config, sharding
 from nanodecoder import sweep as sweep_lib
 from nanodecoder.checkpoint import CheckpointError, WorkdirInUse
 from nanodecoder.config import ConfigError
@@ -138,7 +138,8 @@ def _overrides_of_a_saved_config(argv: list[str]) -> list[str]:
   if not overrides or 'config' in values or 'flagfile' in values:
     return argv
   workdir = values.get('workdir')
-  if not workdir or not (pathlib.Path(workdir) / config_lib.SAVED_CONFIG).is_file():
+  if not workdir or not ((pathlib.Path(workdir) / config_lib.SAVED_CONFIG).is_file()
+                         or sweep_lib.saved_steps(workdir)):
     fail(f'--{overrides[0]} overrides a field of a --config file: pass --config FILE, or the --workdir of a run '
          'to change its saved config.json')
   _read_saved_config(pathlib.Path(workdir))  # a broken one fails here in one line, not inside config_flags
@@ -368,8 +369,9 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
   elif FLAGS.config is config and config_flags.get_config_filename(FLAGS['config']).startswith(
       f'{SAVED_CONFIG_FILE}:'):
     overrides = config_flags.get_override_values(FLAGS['config'])
-    print(f'resuming with the config saved in {pathlib.Path(FLAGS.workdir) / config_lib.SAVED_CONFIG} and the '
-          f'overrides {" ".join(f"{k}={v!r}" for k, v in overrides.items())}', flush=True)
+    _, where = _read_saved_config(pathlib.Path(FLAGS.workdir), where=True)
+    print(f'resuming with the config saved in {where} and the overrides '
+          f'{" ".join(f"{k}={v!r}" for k, v in overrides.items())}', flush=True)
   elif FLAGS.config is config:
     config_file = config_flags.get_config_filename(FLAGS['config'])
   try:
@@ -401,7 +403,7 @@ def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, 
   if not sweep_lib.saved_steps(workdir):
     return
   try:
-    saved = config_lib.read_saved_config(workdir)
+    saved, _ = saved_config.run_config(workdir)
   except (OSError, ValueError):
     return  # no readable record of the settings: the checkpoint's own checks decide
   checkpoint.check_model_matches(saved.to_dict(), config, str(workdir))  # a shape cannot change on purpose either
@@ -424,21 +426,22 @@ def _saved_config() -> ml_collections.ConfigDict:
       spec = 'FILE:NAME'
     fail(f'{FLAGS.workdir} is the folder of a sweep; resume it with its command: --config {spec} --workdir '
          f'{FLAGS.workdir} (and its overrides)')
-  if FLAGS.workdir and not saved.is_file() and sweep_lib.saved_steps(FLAGS.workdir):
-    fail(f'{FLAGS.workdir} holds checkpoints but no {config_lib.SAVED_CONFIG} (the settings of the run); resume '
-         'it with --config and the overrides it was started with')
-  if not FLAGS.workdir or not saved.is_file():
+  if not FLAGS.workdir or not (saved.is_file() or sweep_lib.saved_steps(FLAGS.workdir)):
     fail('--config is required to train, e.g. --config experiments/cpu.py (or --workdir of a run, to resume it)')
-  config = _read_saved_config(saved.parent)
-  print(f'resuming with the config saved in {saved}', flush=True)
+  config, where = _read_saved_config(saved.parent, where=True)
+  print(f'resuming with the config saved in {where}', flush=True)
   return config
 
 
-def _read_saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+def _read_saved_config(workdir: pathlib.Path, where: bool = False):
+  """The config of the run in `workdir` (saved_config.run_config), and with `where` where it was read."""
   try:
-    return config_lib.read_saved_config(workdir)
+    config, source = saved_config.run_config(workdir)
+  except saved_config.UnreadableRecord as e:
+    fail(f'{e}; pass --config to train')
   except (OSError, ValueError) as e:
     fail(f'cannot read {workdir / config_lib.SAVED_CONFIG} ({e}); pass --config to train')
+  return (config, source) if where else config
 
 
 def sample_command() -> None:

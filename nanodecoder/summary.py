@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 
 from nanodecoder import config as config_lib
+from nanodecoder import saved_config
 from nanodecoder import sweep as sweep_lib
 from nanodecoder.config import ConfigError
 from nanodecoder.files import atomic_write
@@ -73,11 +74,11 @@ def read_metrics(workdir: str | pathlib.Path, up_to_step: int | None = None) -> 
 
 
 def saved_run(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict | None, str | None]:
-  """(config, tokenizer JSON) of a run: its config.json and tokenizer.json, or where one is missing or unreadable
-  (a run copied without them) its latest checkpoint's record of it; None for what neither gives."""
+  """(config, tokenizer JSON) of a run: saved_config.run_config's, and its tokenizer.json or where that is missing
+  (a run copied without it) its latest checkpoint's record of it; None for what cannot be read."""
   workdir = pathlib.Path(workdir)
   try:
-    config = config_lib.read_saved_config(workdir)
+    config, _ = saved_config.run_config(workdir)
   except (OSError, ValueError):
     config = None
   try:
@@ -85,16 +86,12 @@ def saved_run(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict | 
   except (OSError, ValueError):
     tokenizer_json = None
   step = sweep_lib.latest_step(workdir)
-  if (config is None or tokenizer_json is None) and step:
+  if tokenizer_json is None and step:
     from nanodecoder import checkpoint
 
     try:
-      record = checkpoint.read_record(workdir, step)
-      if config is None:
-        config = ml_collections.ConfigDict(record['config'])
-        config_lib.check_fields(config)
-      tokenizer_json = tokenizer_json if tokenizer_json is not None else record['tokenizer']
-    except Exception:  # noqa: BLE001 (a damaged record: the summary shows what the other files give)
+      tokenizer_json = checkpoint.read_record(workdir, step)['tokenizer']
+    except Exception:  # noqa: BLE001 (a damaged record: no parameter count)
       pass
   return config, tokenizer_json
 

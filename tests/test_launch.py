@@ -53,12 +53,30 @@ def test_a_workdir_alone_resumes_with_its_saved_config(tiny_run):
   assert 'resumed from the checkpoint at step 12' in result.stdout and 'nothing to do' in result.stdout
 
 
-def test_a_workdir_with_checkpoints_but_no_saved_config_says_what_is_missing(tmp_path):
-  (tmp_path / 'run' / 'checkpoints' / '12').mkdir(parents=True)
+def test_a_workdir_with_checkpoints_but_no_readable_config_says_what_is_missing(tmp_path):
+  (tmp_path / 'run' / 'checkpoints' / '12').mkdir(parents=True)  # a step without its record
   result = launch('--workdir', str(tmp_path / 'run'))
-  assert result.returncode == 2 and result.stderr == (f'error: {tmp_path / "run"} holds checkpoints but no config.json '
-                                                      '(the settings of the run); resume it with --config and the '
-                                                      'overrides it was started with\n'), result.stderr[-2000:]
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.startswith(f'error: the checkpoint at step 12 in {tmp_path / "run" / "checkpoints"} has no '
+                                  'readable config (') and result.stderr.endswith('); pass --config to train\n')
+
+
+@pytest.mark.slow
+def test_a_run_copied_without_its_config_resumes_with_its_latest_checkpoints(tiny_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns('config.json', 'tokenizer.json'))
+  where = f'the checkpoint at step 12 in {workdir / "checkpoints"}'
+  result = launch('--workdir', str(workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resuming with the config saved in {where}\n' in result.stdout and 'nothing to do' in result.stdout
+  result = launch('--workdir', str(workdir), '--config.train.num_steps=18')  # train on for 6 more steps
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resuming with the config saved in {where} and the overrides train.num_steps=18' in result.stdout
+  assert 'resumed from the checkpoint at step 12' in result.stdout and 'step 18 |' in result.stdout
+  saved = json.loads((workdir / 'config.json').read_text())  # written again, with the override
+  expected = json.loads((tiny_run[0] / 'config.json').read_text())
+  expected['train']['num_steps'] = 18
+  assert saved == expected
 
 
 @pytest.mark.slow
