@@ -170,7 +170,9 @@ def _tfds_corpus(name: str, data_dir: str, manual_dir: str) -> Corpus:
 def _tfds_builder(name: str, data_dir: str, manual_dir: str):
   """The TFDS builder of dataset `name`, prepared (downloaded first, or read from `manual_dir`)."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's start-up chatter
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # and its oneDNN notice (TensorFlow only reads the text here)
   import tensorflow_datasets as tfds  # heavy; only for this source
+  tfds.disable_progress_bar()  # a bar per download and split: dozens of lines in a log, or before an error line
   from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
   make_builder = lambda: tfds.builder(name, data_dir=data_dir or None, file_format='array_record')

@@ -3,6 +3,8 @@
 import errno
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -141,6 +143,17 @@ def test_manual_dir_with_another_file_says_so(tmp_path):
                                       r'\(checksums differ; input.txt has 1,600 bytes\); put the originals from '
                                       r'https://.*input.txt there, unchanged'):
     data_lib._tfds_corpus('tiny_shakespeare', str(tmp_path / 'tfds'), str(tmp_path))
+
+
+def test_preparing_tfds_prints_no_progress_bars_or_tensorflow_notices(shakespeare_dir, tmp_path):
+  """The first run on a machine prepares the dataset: TFDS's two lines on stdout, nothing on stderr."""
+  code = 'import sys\nfrom nanodecoder import data\nprint(len(data._tfds_corpus(*sys.argv[1:]).splits["train"]))'
+  env = {k: v for k, v in os.environ.items() if not k.startswith('TF_')}
+  result = subprocess.run([sys.executable, '-c', code, 'tiny_shakespeare', str(tmp_path / 'tfds'), str(shakespeare_dir)],
+                          capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0 and result.stderr == '', result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert len(lines) == 3 and lines[-1] == '1003854', result.stdout  # (TFDS's "Downloading and preparing", "prepared")
 
 
 def test_text_corpus_splits_the_tail_off_for_validation(tmp_path):
