@@ -4,8 +4,8 @@ A checkpoint that cannot be read is either unreadable (its files: set aside,
 the previous step used) or the environment's fault (memory, permissions, the
 file system: nothing moved, the run stops); `is_environment_error` tells them
 apart. `first_line` is the one line a failure is reported in. What a failed
-read or save leaves behind (errors Python drops, lost asyncio futures, the
-tracebacks Orbax's threads log) is hidden by `quiet_orbax_leftovers`, since the
+read or save leaves behind (errors Python drops, lost asyncio futures, reads
+never started, the tracebacks Orbax's threads log) is hidden by `quiet_orbax_leftovers`, since the
 failure itself has been reported.
 """
 
@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import re
+import warnings
 
 from absl import logging as absl_logging
 import jax
@@ -103,6 +104,9 @@ def quiet_orbax_leftovers() -> None:
   """Hides what a failed read or save of Orbax's leaves behind (its error is reported once, by us); every other
   dropped error still prints."""
   interrupts.filter_unraisable('ignore leftovers of failed reads', _leftover_of_a_failed_read)
+  # A read of one array that a failed restore abandoned before it started: Python warns when it is collected.
+  warnings.filterwarnings('ignore', message=r"coroutine '_read_array_index_and_device_put' was never awaited",
+                          category=RuntimeWarning)
   for name, kind in (('asyncio', _QuietLostFutures), ('absl', _QuietOrbaxLogs)):
     log = logging.getLogger(name)
     if not any(isinstance(f, kind) for f in log.filters):
