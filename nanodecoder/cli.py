@@ -227,14 +227,15 @@ def _config_load_failed(error: Exception | str) -> None:
   if isinstance(error, str):
     reason = error
   elif isinstance(error, OSError):
-    reason = str(error).strip().splitlines()[-1].strip()
+    reason = error.strerror or str(error).strip().splitlines()[-1].strip()
   elif isinstance(error, AttributeError) and "attribute 'get_config'" in str(error):
     reason = 'it defines no get_config()'
   elif isinstance(error, (AttributeError, KeyError)):  # e.g. a misspelt field in get_config()
     reason = f'{type(error).__name__}: {_missing_field(error)}'
   else:
     reason = f'{type(error).__name__}: {" ".join(str(error).split())}'
-  fail(f'cannot load the --config file: {reason}; an experiment file is Python with get_config() (to resume a '
+  spec = _flag_values(sys.argv).get('config') or ''
+  fail(f'cannot load the --config file {spec}: {reason}; an experiment file is Python with get_config() (to resume a '
        'run from its saved config.json, pass only its --workdir)')
 
 

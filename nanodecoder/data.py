@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import socket
 import threading
 import time
@@ -188,6 +189,7 @@ def _tfds_builder(name: str, data_dir: str, manual_dir: str):
                     "data.source='text' with data.text_path=FILE") from None
   except (ValueError, AssertionError) as e:  # a malformed name, or a version or config the dataset lacks
     reason = str(e).strip().splitlines()[0].rsplit('": ', 1)[-1]  # (less TFDS's 'Failed to construct ...' prefix)
+    reason = re.sub(r'\s*Here are .*:$', '', reason)  # (a list on the lines below, empty for a dataset without configs)
     raise DataError(f"data.tfds_name {name!r} cannot be loaded ({reason}); give NAME, NAME:VERSION or NAME/CONFIG "
                     "of a TFDS dataset, e.g. 'tiny_shakespeare'") from None
   if not is_prepared(builder):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shlex
 import signal
 import threading
 import time
@@ -28,7 +29,7 @@ from nanodecoder import interrupts
 from nanodecoder import sharding as sharding_lib
 from nanodecoder.files import atomic_write
 from nanodecoder.metrics import MetricsLogger, flatten_config
-from nanodecoder.model import Decoder, ModelConfig, count_params
+from nanodecoder.model import Decoder, ModelConfig, abstract_decoder, count_params
 
 
 # Optimizer --------------------------------------------------------------------
@@ -486,9 +487,11 @@ def _check_same_text(meta: dict, config: ml_collections.ConfigDict, dataset: dat
     return
   data = config.data
   source = f'data.text_path {data.text_path!r}' if data.source == 'text' else f'tfds {data.tfds_name!r}'
+  on_purpose = (f'; or, to train this run on it on purpose, copy it to a new file and name that: --workdir '
+                f'{shlex.quote(str(directory.parent))} --config.data.text_path=NEW_FILE' if data.source == 'text' else '')
   raise data_lib.DataError(f'{source} holds other text than the checkpoint at step {step} in {directory} was '
                            'trained on (with the same characters); put that text back, or train on this one in '
-                           'another --workdir')
+                           f'another --workdir{on_purpose}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -521,16 +524,16 @@ def _train_loop(session: _Session, logger: MetricsLogger, checkpoints: checkpoin
   ck = config.checkpoint
   model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
   trainer = create_trainer(config, model_config, mesh, init=False)
+  logger.info(f'model: {count_params(abstract_decoder(model_config)):,} parameters, {model_config.num_layers} layers, '
+              f'{model_config.num_heads} heads x {model_config.head_size} = {model_config.embed_dim} wide, '
+              f'vocab {model_config.vocab_size}; mesh {dict(mesh.shape)} on {jax.device_count()} '
+              f'{jax.devices()[0].platform} devices')
   metrics = _restore_or_init(trainer, checkpoints, dataset, logger.info)
   last_saved = trainer.step or None  # the last good checkpoint: the one restored (never one at step 0)
   logger.start(trainer.step)
   if session.is_main and trainer.step < config.train.num_steps:  # (a session training nothing keeps the run's config)
     atomic_write(workdir / config_lib.SAVED_CONFIG, config.to_json(indent=2))
     atomic_write(workdir / 'tokenizer.json', dataset.tokenizer.to_json())
-  logger.info(f'model: {count_params(trainer.model()):,} parameters, {model_config.num_layers} layers, '
-              f'{model_config.num_heads} heads x {model_config.head_size} = {model_config.embed_dim} wide, '
-              f'vocab {model_config.vocab_size}; mesh {dict(mesh.shape)} on {jax.device_count()} '
-              f'{jax.devices()[0].platform} devices')
 
   t = config.train
   schedule = learning_rate_schedule(t)

@@ -124,6 +124,7 @@ def test_unknown_tfds_name_is_one_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize('name, reason', [
     ('', r'Parsing builder name string  failed\.'),
     ('tiny_shakespeare:9.9.9', r'Dataset tiny_shakespeare cannot be loaded at version 9\.9\.9, only: 1\.0\.0\.'),
+    ('tiny_shakespeare/foo', r'BuilderConfig foo not found with version 1\.0\.0\.'),  # (less TFDS's empty list)
 ])
 def test_a_malformed_tfds_name_is_one_clear_error(tmp_path, monkeypatch, name, reason):
   monkeypatch.setattr(socket, 'getaddrinfo', no_network)  # the name check is local

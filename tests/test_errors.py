@@ -312,7 +312,7 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
      'save it as UTF-8'),
     (['--mode', 'attention', '--prompt_file', '{tmp}'], "cannot read --prompt_file '{tmp}': Is a directory; give the"),
     (['--mode', 'sample', '--out', ''], "--out '' names no file; give a file path, or leave --out out to print only"),
-    (['--config', 'experiments/cpu.py:blocks'], 'cannot load the --config file: TypeError: get_config() takes 0 '
+    (['--config', 'experiments/cpu.py:blocks'], 'cannot load the --config file experiments/cpu.py:blocks: TypeError: get_config() takes 0 '
                                                 'positional arguments but 1 was given; an experiment file is'),
     (['--config', 'experiments/cpu.py', '--num_processes=2'],
      'jax.distributed.initialize: coordinator_address should be defined'),
@@ -358,8 +358,8 @@ def test_a_mistake_inside_get_config_is_not_blamed_on_overrides(tmp_path):
                         'def get_config():\n  config = cpu.get_config()\n  config.modle.num_layers = 2\n  return config\n')
   for overrides in ([], ['--config.seed=3']):
     result = launch('--config', str(experiment), *overrides, '--workdir', str(tmp_path / 'run'))
-    assert_user_error(result, "cannot load the --config file: AttributeError: 'modle' (did you mean 'model'?); an "
-                              'experiment file is Python with get_config()')
+    assert_user_error(result, f"cannot load the --config file {experiment}: AttributeError: 'modle' (did you mean "
+                              "'model'?); an experiment file is Python with get_config()")
   result = launch('--config', 'experiments/cpu.py', '--config.modle.num_layers=2', '--workdir', str(tmp_path / 'run'))
   assert_user_error(result, "unknown config field in --config.modle.num_layers=2: 'modle' (did you mean 'model'?)")
   assert files_in(tmp_path) == ['typo.py']

@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from conftest import REPO
+from nanodecoder import checkpoint as checkpoint_lib
+from nanodecoder.model import count_params
 
 TINY = ['--config.model.num_layers=1', '--config.model.num_heads=2', '--config.model.head_size=8',
         '--config.model.context_length=16', '--config.train.batch_size=4', '--config.train.num_steps=12',
@@ -51,6 +53,8 @@ def test_a_workdir_alone_resumes_with_its_saved_config(tiny_run):
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resuming with the config saved in {workdir / "config.json"}' in result.stdout
   assert 'resumed from the checkpoint at step 12' in result.stdout and 'nothing to do' in result.stdout
+  model, _, _, _ = checkpoint_lib.load_model(workdir)  # the model line first, with the checkpoint's count
+  assert result.stdout.index(f'model: {count_params(model):,} parameters, 1 layers') < result.stdout.index('resumed')
 
 
 def test_a_workdir_with_checkpoints_but_no_readable_config_says_what_is_missing(tmp_path):
@@ -147,18 +151,18 @@ def test_sampling_more_than_memory_holds_is_one_line_naming_the_sampling_flags(t
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--config', 'experiments/nope.py'], "error: cannot load the --config file: [Errno 2] No such file or directory: 'experiments/nope.py'"),
+    (['--config', 'experiments/nope.py'], "error: cannot load the --config file experiments/nope.py: [Errno 2] No such file or directory"),
     (['--config', 'experiments/cpu.py', '--config.model.num_layer=3'],
      "error: unknown config field in --config.model.num_layer=3: 'num_layer' (did you mean 'num_layers'?); see experiments/base.py"),
     (['--config', 'experiments/cpu.py', '--config.train.nonexist=3'],  # no suggestion: the override still named
      'error: unknown config field in --config.train.nonexist=3: nonexist; see experiments/base.py'),
     (['--config', 'experiments/cpu.py', '--config.modle.num_layers=3'],  # a top-level typo: a two-line message
      "error: unknown config field in --config.modle.num_layers=3: 'modle' (did you mean 'model'?); see experiments/base.py"),
-    (['--config', 'pyproject.toml'], 'error: cannot load the --config file: SyntaxError: '),
-    (['--config', 'pyproject.toml', '--config.seed=3'], 'error: cannot load the --config file: SyntaxError: '),
-    (['--config', 'nanodecoder/files.py'], 'error: cannot load the --config file: it defines no get_config()'),
+    (['--config', 'pyproject.toml'], 'error: cannot load the --config file pyproject.toml: SyntaxError: '),
+    (['--config', 'pyproject.toml', '--config.seed=3'], 'error: cannot load the --config file pyproject.toml: SyntaxError: '),
+    (['--config', 'nanodecoder/files.py'], 'error: cannot load the --config file nanodecoder/files.py: it defines no get_config()'),
     (['--config', 'nanodecoder/files.py', '--config.seed=3'],
-     'error: cannot load the --config file: it defines no get_config()'),
+     'error: cannot load the --config file nanodecoder/files.py: it defines no get_config()'),
     ([], 'error: --config is required to train, e.g. --config experiments/cpu.py (or --workdir of a run, to resume'),
     (['--config', 'experiments/cpu.py', '--config.model.num_layers=three'], "error: flag --config.model.num_layers=three: invalid literal for int()"),
     (['--config', 'experiments/cpu.py', '--config.model.num_heads=0'], 'error: model.num_heads must be a positive integer, got 0'),

@@ -356,7 +356,10 @@ def test_resuming_on_a_text_file_edited_in_place_is_refused(corpus_file, tmp_pat
   train_lib.train_and_evaluate(make_tiny_config(text, **settings, **{'train.num_steps': 2}), workdir)
   text.write_text(original[::-1], encoding='utf-8')
   with pytest.raises(data_lib.DataError, match=rf"^data.text_path '{text}' holds other text than the checkpoint at "
-                                               r'step 2 in .* was trained on \(with the same characters\); put'):
+                                               r'step 2 in .* was trained on \(with the same characters\); put that '
+                                               r'text back, or train on this one in another --workdir; or, to train '
+                                               rf'this run on it on purpose, copy it to a new file and name that: '
+                                               rf'--workdir {workdir} --config.data.text_path=NEW_FILE$'):
     train_lib.train_and_evaluate(make_tiny_config(text, **settings, **{'train.num_steps': 4}), workdir)
   # Named on purpose as other data (another path), the same run trains on it.
   other = tmp_path / 'other.txt'
