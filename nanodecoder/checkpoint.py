@@ -93,13 +93,13 @@ class WorkdirLock:
         file.close()
         raise WorkdirInUse(f'workdir {self.path.parent} is in use by another run (pid {lock_owner(self.path)}); '
                            'wait for it to end or pass another --workdir') from None
+    self._file = file  # held from here: `release` frees it also when writing the pid below fails
     file.seek(0)
     file.truncate()
     # The pid for the message above; a random token that tells this lock from any other (see check_shared).
     file.write(f'{os.getpid()} {os.urandom(8).hex()}')
     file.flush()
     os.fsync(file.fileno())  # (on a network file system, other hosts read it from the server)
-    self._file = file
 
   def check_shared(self) -> None:
     """Refuses a run whose processes do not all see the workdir that process 0 locked: they write each checkpoint
@@ -219,18 +219,26 @@ class Checkpoints:
         try:
           if not step.isdigit() or _is_number(json.loads(path.read_text(encoding='utf-8')).get('val_loss')):
             continue
-        except (OSError, ValueError, AttributeError):
+        except OSError:  # not the file's fault (permissions, the file system): left as it is
+          continue
+        except (ValueError, AttributeError):  # it does not parse, or holds no object
           pass
         try:
           val_loss = self.meta(int(step))['val_loss']
-        except Exception:  # noqa: BLE001 (the step's own files are damaged too)
+        except Exception as e:  # noqa: BLE001 (the step's own files are damaged too)
+          if orbax_errors.is_environment_error(e):  # unknown: the file may still say what the step scored
+            continue
           val_loss = None
-        if _is_number(val_loss):
-          atomic_write(path, json.dumps({'val_loss': val_loss}))
-        else:
-          path.unlink()
-        print(f'the metrics file of the checkpoint at step {step} in {self.directory} was unreadable; '
-              f'{"rewrote it from the checkpoint" if _is_number(val_loss) else "removed it"}', file=sys.stderr)
+        try:
+          if _is_number(val_loss):
+            atomic_write(path, json.dumps({'val_loss': val_loss}))
+          else:
+            path.unlink()
+          done = 'rewrote it from the checkpoint' if _is_number(val_loss) else 'removed it'
+        except OSError as e:  # (before the collective below: the other processes wait there)
+          done = f'could not repair it ({e.strerror or e})'
+        print(f'the metrics file of the checkpoint at step {step} in {self.directory} was unreadable; {done}',
+              file=sys.stderr)
     gather_from_processes(0)  # (a collective: no process opens the folder before process 0 is done)
 
   def steps(self) -> list[int]:

@@ -114,6 +114,27 @@ def test_a_damaged_metrics_file_is_rewritten_from_the_checkpoint(tiny_config, tm
   assert Checkpoints(tmp_path, read_only=True).steps() == [1, 4]
 
 
+def test_a_metrics_file_is_not_removed_when_the_machine_keeps_its_checkpoint_from_being_read(tiny_config, tmp_path,
+                                                                                             monkeypatch, capsys):
+  """A read failing for the machine's reasons (permissions, I/O) says nothing about the files: removing the best
+  step's score would let the next save delete it."""
+  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  checkpoints = Checkpoints(tmp_path, keep=1)
+  checkpoints.save(1, state, config, tokenizer, 1.0)
+  checkpoints.close()
+  metrics = tmp_path / 'checkpoints' / '1' / 'metrics' / 'metrics'
+  metrics.write_bytes(b'{"val_loss": 1.0')  # damaged ...
+
+  def unreadable(self, step):  # ... and its checkpoint's record cannot be read now
+    raise PermissionError(errno.EACCES, 'Permission denied')
+
+  monkeypatch.setattr(Checkpoints, 'meta', unreadable)
+  capsys.readouterr()
+  with pytest.raises(json.JSONDecodeError):  # Orbax, opening the folder, meets the damaged file
+    Checkpoints(tmp_path, keep=1)
+  assert metrics.read_bytes() == b'{"val_loss": 1.0' and capsys.readouterr().err == ''
+
+
 def test_best_leaves_out_a_step_whose_record_is_unreadable(tiny_config, tmp_path, capsys):
   config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path, keep=3)
@@ -417,6 +438,22 @@ def test_a_workdir_held_by_another_run_is_refused(tiny_config, tmp_path):
       train_lib.train_and_evaluate(tiny_config(), tmp_path)
   finally:
     lock.release()
+
+
+def test_a_lock_whose_pid_could_not_be_written_is_released(tmp_path, monkeypatch):
+  def full_disk(fd):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  lock = checkpoint_lib.WorkdirLock(tmp_path)
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoint_lib.os, 'fsync', full_disk)
+    with pytest.raises(OSError, match='No space left') as failure:  # (its traceback keeps the lock file open)
+      lock.acquire()
+  lock.release()
+  other = checkpoint_lib.WorkdirLock(tmp_path)
+  other.acquire()  # not 'in use by another run'
+  other.release()
+  assert failure.value.errno == errno.ENOSPC
 
 
 def test_a_restore_error_that_is_not_about_the_files_moves_nothing(tiny_config, tmp_path, monkeypatch):
