@@ -398,6 +398,8 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         how = f'resuming from step {status.step}' if status.step else 'starting'
         log(f'[point {point.index} of {total}] {point.name}: {how}')
         running[slot] = (point, status.num_steps, start(point, slot), time.time())
+        if stopping:  # the signal came while it started, before on_signal could see it
+          running[slot][2].send_signal(signal.SIGTERM)
       time.sleep(0.1)
       for slot, (point, num_steps, process, started) in list(running.items()):
         code = process.poll()

@@ -185,6 +185,17 @@ def test_a_signal_to_the_sweep_stops_its_running_points(tiny_config, tmp_path, m
   assert results == {'seed=1': 128 + signal.SIGTERM} and '[point 0 of 2] seed=1: stopped after 0s' in log
   assert signal.getsignal(signum) is handler  # the sweep's handler is gone again
 
+  def starting(point, slot):  # the signal comes while the point's process starts
+    os.kill(os.getpid(), signum)
+    points.append(Point())
+    points[-1].polls = 1  # (sends no signal itself)
+    return points[-1]
+
+  points.clear()
+  results, stopped = sweep_lib.run(sweep, base, tmp_path, starting, log=log.append)
+  assert stopped == signum and len(points) == 1 and points[0].received == [signal.SIGTERM]
+  assert results == {'seed=1': 128 + signal.SIGTERM}
+
 
 def test_a_point_killed_by_a_signal_is_logged_with_its_name(tiny_config, tmp_path, monkeypatch):
   monkeypatch.setattr(sweep_lib.time, 'sleep', lambda s: None)
