@@ -169,11 +169,18 @@ def for_reading_here(config: ml_collections.ConfigDict, num_devices: int, backen
   return config
 
 
-def attention_cannot_run(model: ml_collections.ConfigDict, platform: str) -> str | None:
-  """Why `model.attention_impl` cannot run on `platform` devices (one line naming the fix), or None."""
+def attention_cannot_run(model: ml_collections.ConfigDict, platform: str,
+                         compute_capability: str | None = None) -> str | None:
+  """Why `model.attention_impl` cannot run on `platform` devices (NVIDIA GPUs: of `compute_capability`, e.g.
+  '8.0') (one line naming the fix), or None."""
   if model.attention_impl == 'cudnn' and platform != 'gpu':
     return (f"model.attention_impl='cudnn' needs NVIDIA GPUs, but the mesh is on {platform} devices; use 'auto' "
             "or 'einsum'")
+  if (model.attention_impl == 'cudnn' and model.head_size > 128 and compute_capability
+      and float(compute_capability) < 9):
+    return (f"model.attention_impl='cudnn' takes model.head_size up to 128 on these GPUs (compute capability "
+            f"{compute_capability}; 256 from Hopper, 9.0, on), got {model.head_size}; use 'auto' or a smaller "
+            "head_size")
   if model.attention_impl == 'xla' and model.dtype == 'float16' and platform == 'cpu':
     return ("model.attention_impl='xla' with model.dtype='float16' does not run on cpu devices (no float16 matmul "
             "with float32 sums there); use 'auto' or 'einsum', or bfloat16")
@@ -227,17 +234,17 @@ def _check_attention_impl(m: ml_collections.ConfigDict) -> None:
   if m.dtype == 'float32':
     raise ConfigError("model.attention_impl='cudnn' needs model.dtype='bfloat16' or 'float16', got 'float32'; "
                       "set model.dtype=bfloat16 or use attention_impl='auto'")
-  if m.head_size % 8 or m.head_size > 256:
-    raise ConfigError(f"model.attention_impl='cudnn' needs model.head_size a multiple of 8 up to 128 (256 on "
-                      f"Hopper and newer), got {m.head_size}; use attention_impl='auto' or change head_size")
+  if m.head_size % 8 or m.head_size > 256:  # (up to 128 before Hopper: checked where the GPUs are known)
+    raise ConfigError(f"model.attention_impl='cudnn' needs model.head_size a multiple of 8 up to 256 (128 before "
+                      f"Hopper GPUs), got {m.head_size}; use attention_impl='auto' or change head_size")
 
 
 def check_mesh_shape(config: ml_collections.ConfigDict, data: int, fsdp: int, tensor: int) -> None:
   """Refuses mesh axis sizes that the heads, widths or batch cannot be split over."""
   m, batch, accum = config.model, config.train.batch_size, config.train.grad_accum_steps
-  if m.num_heads % tensor or (m.mlp_ratio * m.num_heads * m.head_size) % tensor:
-    raise ConfigError(f'mesh.tensor={tensor} does not divide model.num_heads={m.num_heads} (or the '
-                      'feed-forward width); pick a tensor size that divides the number of heads')
+  if m.num_heads % tensor:  # (then it divides the feed-forward width, mlp_ratio * num_heads * head_size, too)
+    raise ConfigError(f'mesh.tensor={tensor} does not divide model.num_heads={m.num_heads}; pick a tensor size '
+                      'that divides the number of heads')
   if (m.num_heads * m.head_size) % fsdp:
     raise ConfigError(f'mesh.fsdp={fsdp} does not divide the embedding width '
                       f'{m.num_heads * m.head_size}; pick an fsdp size that divides it')
@@ -286,9 +293,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= t.min_learning_rate <= t.learning_rate:
     raise ConfigError(f'train.min_learning_rate must be in [0, train.learning_rate={t.learning_rate}], '
                       f'got {t.min_learning_rate!r}')
-  if t.warmup_steps < 0 or t.warmup_steps >= t.decay_steps:
-    raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be >= 0 and below '
-                      f'train.decay_steps={t.decay_steps}; shorten the warmup')
+  if t.warmup_steps >= t.decay_steps:
+    raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be below train.decay_steps={t.decay_steps}; '
+                      'shorten the warmup')
   if t.warmup_steps > t.num_steps:
     raise ConfigError(f'train.warmup_steps={t.warmup_steps} is longer than the run '
                       f'(train.num_steps={t.num_steps}); shorten the warmup or train longer')

@@ -112,7 +112,8 @@ def _create(model_config: ModelConfig, train: ml_collections.ConfigDict, seed: i
 
 def create_trainer(config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: jax.sharding.Mesh,
                    init: bool = True) -> Trainer:
-  """Compiles the steps for `mesh`; with `init`, builds the parameters directly in their sharded layout."""
+  """The jitted steps for `mesh` (compiled at their first call); with `init`, the parameters built directly in their
+  sharded layout."""
   with nnx.use_eager_sharding(False):
     abstract_objects = nnx.eval_shape(lambda: _create(model_config, config.train, config.seed))
   graphdef, abstract_state = nnx.split(abstract_objects)
@@ -302,8 +303,9 @@ def train_batches(dataset: data_lib.Dataset, mesh: jax.sharding.Mesh, seed: int,
 
 def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """ConfigError unless `config` can train on `mesh`: its attention runs on these devices, its axes divide."""
-  platform = mesh.devices.flat[0].platform
-  reason = config_lib.attention_cannot_run(config.model, platform)
+  device = mesh.devices.flat[0]
+  platform = device.platform
+  reason = config_lib.attention_cannot_run(config.model, platform, getattr(device, 'compute_capability', None))
   if reason:
     raise config_lib.ConfigError(reason)
   try:

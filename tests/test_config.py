@@ -65,9 +65,9 @@ def test_recipes_match_nanogpt():
     ('model.dropout', 1.0, r'model.dropout must be in \[0, 1\)'),
     ('model.dtype', 'float64', r"model.dtype must be one of 'float32', 'bfloat16', 'float16', got 'float64'"),
     ('data.source', 'web', r"data.source must be one of 'tfds', 'text'"),
-    ('train.warmup_steps', 3000, r'train.warmup_steps=3000 must be >= 0 and below train.decay_steps=2000'),
+    ('train.warmup_steps', 3000, r'train.warmup_steps=3000 must be below train.decay_steps=2000'),
     # Equal, the cosine's progress would be (step - warmup) / 0: a NaN learning rate at step warmup_steps.
-    ('train.decay_steps', 100, r'train.warmup_steps=100 must be >= 0 and below train.decay_steps=100'),
+    ('train.decay_steps', 100, r'train.warmup_steps=100 must be below train.decay_steps=100'),
     ('train.min_learning_rate', 2e-3, r'train.min_learning_rate must be in \[0, train.learning_rate=0.001\], '
      r'got 0.002'),
     ('train.min_learning_rate', -1e-4, r'train.min_learning_rate must be in \[0, .*got -0.0001'),
@@ -116,6 +116,18 @@ def test_fused_attention_settings_that_cannot_run_are_refused(overrides, message
     config_lib.set_field(config, field, value)
   with pytest.raises(ConfigError, match=message):
     config_lib.validate(config)
+
+
+def test_cudnn_with_a_head_size_above_128_runs_from_hopper_on_only():
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  config.model.update(attention_impl='cudnn', dtype='bfloat16', head_size=256)
+  config_lib.validate(config)  # (the GPUs are not known yet)
+  assert config_lib.attention_cannot_run(config.model, 'gpu', '8.0') == (
+      "model.attention_impl='cudnn' takes model.head_size up to 128 on these GPUs (compute capability 8.0; 256 from "
+      "Hopper, 9.0, on), got 256; use 'auto' or a smaller head_size")
+  assert config_lib.attention_cannot_run(config.model, 'gpu', '9.0') is None
+  config.model.head_size = 128
+  assert config_lib.attention_cannot_run(config.model, 'gpu', '8.0') is None
 
 
 def test_cudnn_in_bfloat16_validates_without_a_gpu():  # a sweep validates its points on the launching host
