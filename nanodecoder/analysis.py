@@ -147,10 +147,10 @@ def _evaluate_split(workdir: str | pathlib.Path, which: str, split: str | None,
     config_lib.make_paths_absolute(config)
     source = config.data.text_path if text_run else source
     try:
-      text = data_lib.load_corpus(config.data).text(split)
-      tokens = tokenizer.encode(text)
+      corpus = data_lib.load_corpus(config.data)
+      tokens = tokenizer.encode(corpus.text(split))
       trained_on = meta.get('data_fingerprint')  # (none in checkpoints written before it was recorded)
-      if trained_on is not None and data_lib.load_dataset(config).fingerprint() != trained_on:
+      if trained_on is not None and data_lib.load_dataset(config, corpus).fingerprint() != trained_on:
         raise DataError(f'it holds other text than the checkpoint was trained on; point {given} at that text'
                         if given else 'it holds other text than the checkpoint was trained on (edited since); put '
                         'that text back')

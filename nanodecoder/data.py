@@ -320,8 +320,9 @@ class Dataset:
     return gather_windows(tokens, starts[rows], window)
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
-  corpus = load_corpus(config.data)
+def load_dataset(config: ml_collections.ConfigDict, corpus: Corpus | None = None) -> Dataset:
+  """The training and evaluation tokens of `config.data`, from `corpus` if it was loaded already."""
+  corpus = load_corpus(config.data) if corpus is None else corpus
   check_splits(config.data, corpus.name, list(corpus.splits))
   tokenizer = corpus.tokenizer()
   dataset = Dataset(

@@ -104,8 +104,7 @@ def memory_needed(model: Decoder, prompt_len: int, options: SamplingOptions) -> 
   """A lower bound on the bytes a generation holds at once: per sample its token ids, its random numbers
   and (with a cache) its KV caches."""
   cfg = model.cfg
-  tokens = max(min(prompt_len, cfg.context_length) + options.max_new_tokens, cfg.context_length)
-  per_sample = 4 * tokens + 4 * options.max_new_tokens
+  per_sample = 4 * _buffer_length(prompt_len, options.max_new_tokens, cfg.context_length) + 4 * options.max_new_tokens
   if options.use_cache:
     per_sample += 2 * cfg.num_layers * cfg.context_length * cfg.embed_dim * jnp.dtype(cfg.dtype).itemsize
   return options.num_samples * per_sample
@@ -142,11 +141,16 @@ def uniforms(seed: int, steps: int, num_samples: int) -> jax.Array:
 # The decoding loop: a state and steps on it, shared by the compiled loop and streaming.
 
 
+def _buffer_length(prompt_len: int, steps: int, context_length: int) -> int:
+  """Tokens in a sample's buffer: its prompt (cut to the context) and new tokens, at least one context."""
+  return max(min(prompt_len, context_length) + steps, context_length)
+
+
 def _start(model: Decoder, prompt, num_samples: int, steps: int, use_cache: bool):
   """Decoding state after reading the prompt [P]: a token buffer, and caches + last logits."""
   length = prompt.shape[0]
-  total = max(length + steps, model.cfg.context_length)
-  tokens = jnp.zeros((num_samples, total), jnp.int32).at[:, :length].set(prompt)
+  tokens = jnp.zeros((num_samples, _buffer_length(length, steps, model.cfg.context_length)),
+                     jnp.int32).at[:, :length].set(prompt)
   state = {'tokens': tokens, 'i': jnp.int32(0)}
   if not use_cache:
     return state
