@@ -22,12 +22,10 @@ import os
 import pathlib
 import sys
 import time
-import zlib
 from typing import Any, Callable
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
@@ -39,7 +37,7 @@ from nanodecoder.data import CharTokenizer
 from nanodecoder.files import WORKDIR_LOCK, atomic_write, lock_owner
 from nanodecoder.metrics import quiet_absl
 from nanodecoder.model import abstract_decoder
-from nanodecoder.sharding import gather_from_processes
+from nanodecoder.sharding import digest, first_process_differing, gather_from_processes
 
 # The model fields a checkpoint's arrays depend on (scan_layers: blocks stored stacked or one by one): a checkpoint
 # restores only into the same values.
@@ -110,9 +108,8 @@ class WorkdirLock:
       seen = self.path.read_bytes()
     except OSError:
       seen = b''
-    digests = gather_from_processes(zlib.crc32(seen) & 0x7FFFFFFF)
-    if (digests != digests[0]).any():
-      other = int(np.flatnonzero(digests != digests[0])[0])
+    other = first_process_differing(digest(seen))
+    if other is not None:
       raise CheckpointError(f'workdir {self.path.parent} is not one folder for all processes (process {other} does '
                             'not see the lock file that process 0 wrote there); it must be on a file system that every '
                             'process shares')
@@ -364,8 +361,7 @@ class Checkpoints:
     (ConfigError). All processes take the same decisions (process 0 moves the folders).
     """
     steps = self.steps()  # each process lists the folder itself: they must see the same steps
-    listed = gather_from_processes(zlib.crc32(','.join(map(str, steps)).encode()) & 0x7FFFFFFF)
-    if (listed != listed[0]).any():
+    if first_process_differing(digest(','.join(map(str, steps)).encode())) is not None:
       latest = gather_from_processes(steps[-1] if steps else -1)
       raise CheckpointError(f'the processes see different checkpoints in {self.directory} (latest step by process: '
                             f'{", ".join(str(s) if s >= 0 else "none" for s in latest)}); the workdir must be one '

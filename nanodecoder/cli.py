@@ -247,7 +247,6 @@ def fail(message: str) -> None:
 def setup_jax(config: ml_collections.ConfigDict | None = None) -> None:
   """Process-wide JAX settings; must run before the first computation."""
   if config is not None:
-    config_lib.validate(config)  # first: the device count divides by the mesh sizes
     sharding.set_cpu_devices(sharding.cpu_device_count(config, sharding.usable_cores()), config.mesh.cpu_devices)
   cache = os.environ.get(CACHE_ENV, str(pathlib.Path.home() / '.cache' / 'nanodecoder' / 'jax'))
   if cache and os.path.exists(cache) and not os.path.isdir(cache):

@@ -25,6 +25,7 @@ import re
 import socket
 import sys
 import threading
+import zlib
 
 import jax
 import ml_collections
@@ -34,7 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from nanodecoder import interrupts
-from nanodecoder.config import ConfigError, check_mesh_shape
+from nanodecoder.config import ConfigError, check_mesh_shape, validate
 
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -78,6 +79,10 @@ def cpu_device_count(config: ml_collections.ConfigDict, cores: int) -> int:
   """
   if config.mesh.cpu_devices:
     return config.mesh.cpu_devices
+  try:
+    validate(config)  # (the search below divides by the sizes)
+  except ConfigError:
+    return cores  # training refuses the config in one line, once all processes have joined
   sizes = [config.mesh[axis] for axis in AXES]
   known = math.prod(size for size in sizes if size != -1)
   if -1 not in sizes:
@@ -224,6 +229,19 @@ def gather_from_processes(value: int) -> np.ndarray:
   if jax.process_count() == 1:
     return np.array([value])
   return np.asarray(multihost_utils.process_allgather(np.int32(value)))
+
+
+def digest(data: bytes) -> int:
+  """A 31-bit checksum of `data`, to compare it across processes (`gather_from_processes` takes int32s)."""
+  return zlib.crc32(data) & 0x7FFFFFFF
+
+
+def first_process_differing(value: int) -> int | None:
+  """The first process whose `value` is not process 0's, None where all agree; a collective with several
+  processes (every process must call it)."""
+  values = gather_from_processes(value)
+  differing = np.flatnonzero(values != values[0])
+  return int(differing[0]) if differing.size else None
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:

@@ -9,7 +9,6 @@ import shlex
 import signal
 import threading
 import time
-import zlib
 from typing import Any, Callable
 
 import jax
@@ -394,14 +393,14 @@ def _check_same_config_on_every_process(config: ml_collections.ConfigDict) -> No
     return
   sharding_lib.check_devices_per_process(jax.devices())  # (the collectives below need equal counts)
   values = flatten_config(json.loads(config.to_json()))
-  digest = lambda fields: zlib.crc32(json.dumps([values.get(f) for f in fields]).encode()) & 0x7FFFFFFF
+  differing = lambda fields: sharding_lib.first_process_differing(
+      sharding_lib.digest(json.dumps([values.get(f) for f in fields]).encode()))
   fields = sorted(config_lib.FIELDS.difference(_PER_PROCESS_FIELDS))
-  if not (sharding_lib.gather_from_processes(digest(fields)) != digest(fields)).any():
+  if differing(fields) is None:
     return
   for field in fields:  # which field: one collective per field, as far as the first that differs
-    digests = sharding_lib.gather_from_processes(digest([field]))
-    if (digests != digests[0]).any():
-      other = int(np.flatnonzero(digests != digests[0])[0])
+    other = differing([field])
+    if other is not None:
       raise config_lib.ConfigError(f'process {other} has another {field} than process 0 (this process: '
                                    f'{values.get(field)!r}); start every process with the same --config and '
                                    'overrides')
@@ -433,9 +432,8 @@ def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.
       failure = e
   _raise_on_every_process(failure, 'to load the data')
   # Each process reads its own copy of the data: they must agree, or the rows they feed come from other texts.
-  fingerprints = sharding_lib.gather_from_processes(dataset.fingerprint())
-  if (fingerprints != fingerprints[0]).any():
-    other = int(np.flatnonzero(fingerprints != fingerprints[0])[0])
+  other = sharding_lib.first_process_differing(dataset.fingerprint())
+  if other is not None:
     raise data_lib.DataError(f'process {other} read other data than process 0 (another text or tokenizer); give '
                              'every process the same data files')
   lock.check_shared()

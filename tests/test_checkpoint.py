@@ -179,7 +179,8 @@ def test_processes_that_see_different_checkpoints_stop(tiny_config, tmp_path, mo
     other = zlib.crc32(b'7') & 0x7FFFFFFF if len(gathered) == 1 else 7
     return np.array([value, other])
 
-  monkeypatch.setattr(checkpoint_lib, 'gather_from_processes', process_1_lists_only_step_7)
+  for module in (checkpoint_lib, sharding_lib):  # (sharding.first_process_differing gathers too)
+    monkeypatch.setattr(module, 'gather_from_processes', process_1_lists_only_step_7)
   with pytest.raises(CheckpointError, match=r'^the processes see different checkpoints in .* \(latest step by '
                                             r'process: 7, 7\); the workdir must be one folder'):
     checkpoints.restore_latest_good(None, config)
