@@ -134,10 +134,6 @@ class WorkdirLock:
       self._file = None
 
 
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _abstract(tree):
   """ShapeDtypeStructs (with shardings) of an array tree or of an abstract nnx state."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
@@ -214,7 +210,7 @@ class Checkpoints:
       for path in sorted(self.directory.glob('*/metrics/metrics')):
         step = path.parent.parent.name
         try:
-          if not step.isdigit() or _is_number(json.loads(path.read_text(encoding='utf-8')).get('val_loss')):
+          if not step.isdigit() or config_lib.is_number(json.loads(path.read_text(encoding='utf-8')).get('val_loss')):
             continue
         except OSError:  # not the file's fault (permissions, the file system): left as it is
           continue
@@ -227,11 +223,11 @@ class Checkpoints:
             continue
           val_loss = None
         try:
-          if _is_number(val_loss):
+          if config_lib.is_number(val_loss):
             atomic_write(path, json.dumps({'val_loss': val_loss}))
           else:
             path.unlink()
-          done = 'rewrote it from the checkpoint' if _is_number(val_loss) else 'removed it'
+          done = 'rewrote it from the checkpoint' if config_lib.is_number(val_loss) else 'removed it'
         except OSError as e:  # (before the collective below: the other processes wait there)
           done = f'could not repair it ({e.strerror or e})'
         print(f'the metrics file of the checkpoint at step {step} in {self.directory} was unreadable; {done}',

@@ -30,6 +30,7 @@ from nanodecoder.checkpoint import CheckpointError, WorkdirInUse
 from nanodecoder.config import ConfigError
 from nanodecoder.data import DataError
 from nanodecoder.files import WORKDIR_LOCK, atomic_write, unwritable_folder
+from nanodecoder.metrics import discard
 from nanodecoder.sampling import SamplingError, SamplingOptions
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, SamplingError, FloatingPointError)
@@ -342,7 +343,7 @@ def main(argv) -> None:
   except USER_ERRORS as e:
     fail(str(e))
   except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+    discard(sys.stdout)  # no second error when Python flushes stdout
     sys.exit(1)
   except OSError as e:  # a path given in a flag or a config field that is not what it must be
     if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):  # a stream: stdout

@@ -81,6 +81,11 @@ def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
   return f'{field}={before!r}, not {now!r}{others}'
 
 
+def is_number(value) -> bool:
+  """An int or float, not a bool (which Python counts as an int)."""
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_fields(config: ml_collections.ConfigDict) -> None:
   """Refuses a config with a field no code reads (a misspelt name) or without one that the code reads."""
   fields = set(flatten_config(config))
@@ -271,7 +276,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'got {config.seed}')
   for field in _FINITE:
     value = get_field(config, field)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
       raise ConfigError(f'{field} must be a finite number, got {value!r}')
     if abs(value) > _FLOAT32_MAX:  # the step computes in float32: this would be inf there
       raise ConfigError(f'{field} must be a finite float32 number (at most 3.4e38 in size), got {value!r}')

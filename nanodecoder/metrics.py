@@ -182,7 +182,7 @@ class Progress:
     return f'[{"#" * filled}{"." * (cells - filled)}] {self.step}/{self.total} {self.text()}{loss_text}'
 
 
-def _discard(stream) -> None:
+def discard(stream) -> None:
   """Points `stream`'s file descriptor at /dev/null: what it still buffers, and what is printed to it later, go
   nowhere instead of failing again (at exit, Python would report the unflushed stdout and exit with status 120)."""
   devnull = os.open(os.devnull, os.O_WRONLY)
@@ -282,7 +282,7 @@ class MetricsLogger:
         self._draw_bar()
     except BrokenPipeError:  # the reader went away (`| head`, or a `| tee` that the same Ctrl-C ended)
       self._console_gone = True  # the run goes on (and a signal still saves it), logged to the files, as with no stdout
-      _discard(self.stream)
+      discard(self.stream)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:

@@ -244,10 +244,6 @@ def save_png(figure, path: pathlib.Path) -> None:
   atomic_write(path, buffer.getvalue())
 
 
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, path: pathlib.Path) -> bool:
   """Best val loss against the first field (rows without it are left out); one line per combination of the others.
 
@@ -261,7 +257,7 @@ def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, pat
   if not groups:
     return False
   xs = [x for points in groups.values() for x, _ in points]
-  numeric = all(_is_number(x) for x in xs)
+  numeric = all(config_lib.is_number(x) for x in xs)
   categories = list(dict.fromkeys(xs))
   figure = new_figure(6.4, 4.2)
   ax = figure.add_subplot()
