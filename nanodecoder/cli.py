@@ -235,8 +235,8 @@ def _config_load_failed(error: Exception | str) -> None:
     reason = f'{type(error).__name__}: {_missing_field(error)}'
   else:
     reason = f'{type(error).__name__}: {" ".join(str(error).split())}'
-  spec = _flag_values(sys.argv).get('config') or ''
-  fail(f'cannot load the --config file {spec}: {reason}; an experiment file is Python with get_config() (to resume a '
+  spec = _flag_values(sys.argv).get('config')
+  fail(f'cannot load the --config file{f" {spec}" if spec else ""}: {reason}; an experiment file is Python with get_config() (to resume a '
        'run from its saved config.json, pass only its --workdir)')
 
 
