@@ -161,7 +161,7 @@ def _evaluate_split(workdir: str | pathlib.Path, which: str, split: str | None,
       raise DataError(f'--mode eval scores the data the run trained on ({source}, {where}): {e}{moved}') from None
     if len(tokens) < 2:
       raise DataError(f'split {split!r} has {len(tokens)} characters; it needs at least 2 to predict one')
-    config = config_lib.for_reading_here(config, jax.device_count(), jax.default_backend())  # any machine
+    config = config_lib.for_reading_here(config, jax.device_count(), jax.devices()[0])  # any machine
     mesh = sharding_lib.make_mesh(config.mesh)
     trainer = train_lib.create_trainer(config, config_lib.model_config(config, tokenizer.vocab_size), mesh,
                                        init=False)

@@ -520,7 +520,7 @@ def _load_model(workdir: str | pathlib.Path, which: str | int,
       tokenizer = CharTokenizer.from_json(meta['tokenizer'])
     if check is not None:
       check(tokenizer, config)
-    here = config_lib.for_reading_here(config, 1, jax.default_backend())
+    here = config_lib.for_reading_here(config, 1, jax.devices()[0])
     model_config = config_lib.model_config(here, tokenizer.vocab_size)
     graphdef, abstract = nnx.split(abstract_decoder(model_config))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -161,15 +161,16 @@ def make_paths_absolute(config: ml_collections.ConfigDict) -> None:
       config.data[field] = os.path.abspath(os.path.expanduser(config.data[field]))
 
 
-def for_reading_here(config: ml_collections.ConfigDict, num_devices: int, backend: str) -> ml_collections.ConfigDict:
-  """A saved run's config made to read its checkpoints on this machine (evaluation, sampling): data parallel
-  over its `num_devices` devices, the batch rounded up to fill them, and 'auto' attention where the run's
-  'cudnn' or 'xla' cannot run (off NVIDIA GPUs; float16 'xla' on CPU). What it computes is unchanged."""
+def for_reading_here(config: ml_collections.ConfigDict, num_devices: int, device) -> ml_collections.ConfigDict:
+  """A saved run's config made to read its checkpoints on `num_devices` devices like `device` (evaluation,
+  sampling): data parallel over them, the batch rounded up to fill them, and 'auto' attention where the run's
+  'cudnn' or 'xla' cannot run (off NVIDIA GPUs, or its head size on GPUs before Hopper; float16 'xla' on CPU).
+  What it computes is unchanged."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh.update(data=-1, fsdp=1, tensor=1)
   config.train.grad_accum_steps = 1
   config.train.batch_size = -(-config.train.batch_size // num_devices) * num_devices
-  if attention_cannot_run(config.model, backend):
+  if attention_cannot_run(config.model, device.platform, getattr(device, 'compute_capability', None)):
     config.model.attention_impl = 'auto'
   return config
 

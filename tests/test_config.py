@@ -1,6 +1,7 @@
 """Experiment files load, and bad fields are refused with one clear line."""
 
 import dataclasses
+import types
 
 import ml_collections
 import pytest
@@ -126,6 +127,10 @@ def test_cudnn_with_a_head_size_above_128_runs_from_hopper_on_only():
       "model.attention_impl='cudnn' takes model.head_size up to 128 on these GPUs (compute capability 8.0; 256 from "
       "Hopper, 9.0, on), got 256; use 'auto' or a smaller head_size")
   assert config_lib.attention_cannot_run(config.model, 'gpu', '9.0') is None
+  # Evaluating or sampling a run trained so: 'auto' where its 'cudnn' cannot run
+  device = lambda platform, capability=None: types.SimpleNamespace(platform=platform, compute_capability=capability)
+  for here, impl in ((device('gpu', '9.0'), 'cudnn'), (device('gpu', '8.0'), 'auto'), (device('cpu'), 'auto')):
+    assert config_lib.for_reading_here(config, 2, here).model.attention_impl == impl
   config.model.head_size = 128
   assert config_lib.attention_cannot_run(config.model, 'gpu', '8.0') is None
 
