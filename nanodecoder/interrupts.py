@@ -74,7 +74,10 @@ def exit_on_ctrl_c():
   def watch():
     while received := os.read(read_end, 1):  # empty: the pipe was closed on leaving
       if received[0] == signal.SIGINT:
-        os.write(sys.stderr.fileno(), b'\n')
+        try:
+          os.write(2, b'\n')  # (after the terminal's ^C)
+        except OSError:  # stderr closed, or a `| tee` that the same Ctrl-C ended
+          pass
         os._exit(128 + signal.SIGINT)
 
   watcher = threading.Thread(target=watch, name='exit on Ctrl-C', daemon=True)
