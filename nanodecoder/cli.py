@@ -6,6 +6,7 @@ starting with 'error:' and exit with status 2.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import json
@@ -29,7 +30,7 @@ from nanodecoder import sweep as sweep_lib
 from nanodecoder.checkpoint import CheckpointError, WorkdirInUse
 from nanodecoder.config import ConfigError
 from nanodecoder.data import DataError
-from nanodecoder.files import WORKDIR_LOCK, atomic_write, unwritable_folder
+from nanodecoder.files import WORKDIR_LOCK, atomic_write, exclusive, unwritable_folder
 from nanodecoder.metrics import discard
 from nanodecoder.sampling import SamplingError, SamplingOptions
 
@@ -652,7 +653,8 @@ def _update_summary(root: pathlib.Path, after_error: bool = False, show: bool = 
   if os.environ.get(SWEEP_SUMMARY_ENV, '1') == '0' or jax.process_index() != 0:
     return
   try:
-    paths = summary.write_summary(root)
+    with exclusive(root / sweep_lib.MANIFEST_LOCK):  # jobs of one sweep, ending together, read and write in turn
+      paths = summary.write_summary(root)
     if show:
       print((root / 'summary.md').read_text(encoding='utf-8'))
       print('wrote ' + ', '.join(map(str, paths)))
@@ -857,8 +859,11 @@ def summary_command() -> None:
 
   root = _require_workdir('summary')
   jax.config.update('jax_platforms', 'cpu')  # parameter counts need shapes only
+  in_turn = (exclusive(root / sweep_lib.MANIFEST_LOCK) if (root / sweep_lib.MANIFEST).is_file()  # (as its jobs do)
+             else contextlib.nullcontext())
   try:
-    paths = summary.write_summary(root)
+    with in_turn:
+      paths = summary.write_summary(root)
   except FileNotFoundError as e:
     fail(str(e))
   print((root / 'summary.md').read_text(encoding='utf-8'))

@@ -42,7 +42,7 @@ from nanodecoder.files import WORKDIR_LOCK, atomic_write, exclusive, lock_holder
 from nanodecoder.metrics import format_duration
 
 MANIFEST = 'sweep.json'
-MANIFEST_LOCK = '.sweep.lock'  # held while a process rewrites the manifest
+MANIFEST_LOCK = '.sweep.lock'  # held while a process rewrites the manifest or the summary
 FAILED = 'failed.txt'  # in a point's workdir: how its latest session failed
 # What a point's session records when it starts (see cli.train_point): replaced when it fails, removed when it finishes
 # or stops, so it stays when nothing could record how the session ended.

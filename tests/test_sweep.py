@@ -436,6 +436,25 @@ def test_parallel_jobs_rewrite_the_manifest_one_at_a_time(tiny_config, tmp_path)
   assert [p['num_steps'] for p in json.loads((tmp_path / 'sweep.json').read_text())['points']] == [30, 40]
 
 
+def test_jobs_of_one_sweep_write_its_summary_in_turn(tmp_path, monkeypatch):
+  """Two --sweep_index jobs ending together: one reading the points while the other writes would leave a summary
+  of the older state, written last."""
+  import threading
+
+  from nanodecoder import cli, files, summary
+
+  written = []
+  monkeypatch.setattr(summary, 'write_summary', lambda root: written.append(root) or [])
+  monkeypatch.delenv(cli.SWEEP_SUMMARY_ENV, raising=False)
+  with files.exclusive(tmp_path / sweep_lib.MANIFEST_LOCK):  # another job writing it
+    job = threading.Thread(target=cli._update_summary, args=(tmp_path,))
+    job.start()
+    job.join(0.5)
+    assert job.is_alive() and written == []  # it waits before it reads
+  job.join(10)
+  assert written == [tmp_path]
+
+
 def test_a_summary_that_fails_after_a_point_failed_does_not_hide_its_error(tmp_path, monkeypatch, capsys):
   from nanodecoder import cli, summary
 
