@@ -587,7 +587,7 @@ def sweep_command(declaration) -> None:
       workdir = sweep.workdir(root, point)
       workdir.mkdir(parents=True, exist_ok=True)
       output = open(workdir / 'launch.log', 'a', encoding='utf-8')
-      print(f'      output: {workdir / "launch.log"}', flush=True)
+      _say(f'      output: {workdir / "launch.log"}')
     try:
       return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
     finally:
@@ -597,13 +597,13 @@ def sweep_command(declaration) -> None:
   sweep_lib.check_saved_configs(sweep, base, root)
   sweep_lib.prepare_data(sweep, base, sweep_lib.to_train(sweep, base, root))  # (a finished point's data is not read)
   sweep_lib.write_manifest(root, sweep, base)
-  print(f'sweep {sweep.name}: {len(sweep.points)} points in {root}, {parallel} at a time', flush=True)
-  results, stopped_by = sweep_lib.run(sweep, base, root, start, parallel, log=lambda m: print(m, flush=True))
+  _say(f'sweep {sweep.name}: {len(sweep.points)} points in {root}, {parallel} at a time')
+  results, stopped_by = sweep_lib.run(sweep, base, root, start, parallel, log=_say)
   failed = [name for name, code in results.items() if code is not None and code != 0]
   elsewhere = [name for name, code in results.items() if code is None]
   _update_summary(root, after_error=bool(failed or elsewhere or stopped_by), show=True)
   if stopped_by is not None:
-    print(f'sweep stopped by {signal.Signals(stopped_by).name}; run the same command to resume it')
+    _say(f'sweep stopped by {signal.Signals(stopped_by).name}; run the same command to resume it')
     sys.exit(128 + stopped_by)
   problems = []
   if failed:
@@ -616,6 +616,15 @@ def sweep_command(declaration) -> None:
   if problems:
     print(f'error: {"; ".join(problems)}', file=sys.stderr)
     sys.exit(1)
+
+
+def _say(message: str) -> None:
+  """Prints a line of the sweep's log; a console whose reader went away (`| head`, or a `| tee` ended by the same
+  Ctrl-C) ends the printing, not the sweep, which still stops or finishes its points and records them."""
+  try:
+    print(message, flush=True)
+  except BrokenPipeError:
+    discard(sys.stdout)
 
 
 def sweep_point_command(sweep, base: ml_collections.ConfigDict, root: pathlib.Path) -> None:
@@ -656,8 +665,8 @@ def _update_summary(root: pathlib.Path, after_error: bool = False, show: bool = 
     with exclusive(root / sweep_lib.MANIFEST_LOCK):  # jobs of one sweep, ending together, read and write in turn
       paths = summary.write_summary(root)
     if show:
-      print((root / 'summary.md').read_text(encoding='utf-8'))
-      print('wrote ' + ', '.join(map(str, paths)))
+      _say((root / 'summary.md').read_text(encoding='utf-8'))
+      _say('wrote ' + ', '.join(map(str, paths)))
   except Exception as e:  # noqa: BLE001
     if not after_error:
       raise

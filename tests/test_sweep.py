@@ -436,6 +436,22 @@ def test_parallel_jobs_rewrite_the_manifest_one_at_a_time(tiny_config, tmp_path)
   assert [p['num_steps'] for p in json.loads((tmp_path / 'sweep.json').read_text())['points']] == [30, 40]
 
 
+def test_the_sweeps_log_to_a_console_that_went_away_does_not_end_the_sweep(monkeypatch):
+  """`launch.py --config SWEEP | tee log` and a Ctrl-C, which ends tee too: the sweep still stops its points."""
+  from nanodecoder import cli
+
+  read_end, write_end = os.pipe()
+  os.close(read_end)
+  console = os.fdopen(write_end, 'w')
+  monkeypatch.setattr(sys, 'stdout', console)
+  try:
+    cli._say('[point 0 of 2] seed=1: stopped after 3s')  # no BrokenPipeError ...
+    cli._say('[point 1 of 2] seed=2: stopped after 3s')  # ... and the later lines go nowhere
+  finally:
+    monkeypatch.undo()
+    console.close()
+
+
 def test_jobs_of_one_sweep_write_its_summary_in_turn(tmp_path, monkeypatch):
   """Two --sweep_index jobs ending together: one reading the points while the other writes would leave a summary
   of the older state, written last."""
