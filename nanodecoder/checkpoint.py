@@ -408,8 +408,12 @@ class Checkpoints:
     return step, self.restore_state(step, abstract_state), meta
 
   def _set_aside(self, step: int, error: Exception | None, log) -> None:
-    """Process 0 renames step `step` to `<step>.corrupt`; every process then reloads the list of steps."""
-    aside = self.directory / f'{step}.corrupt'
+    """Process 0 renames step `step` to `<step>.corrupt` (`<step>-2.corrupt`, ... for a step set aside before, e.g.
+    saved again on a flaky disk); every process then reloads the list of steps."""
+    aside, copy = self.directory / f'{step}.corrupt', 1
+    while aside.exists():
+      copy += 1
+      aside = self.directory / f'{step}-{copy}.corrupt'
     failure = None
     if jax.process_index() == 0:
       try:

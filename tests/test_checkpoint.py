@@ -311,10 +311,13 @@ def test_refuses_a_checkpoint_of_another_shape(tiny_config, tmp_path):
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, capsys):
   config = tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5, 'eval.every': 5, 'checkpoint.keep': 3})
   train_lib.train_and_evaluate(config, tmp_path)
-  params_dir = tmp_path / 'checkpoints' / '10' / 'params'
-  for file in params_dir.rglob('*'):
-    if file.is_file() and file.stat().st_size > 0 and 'd' in file.parent.name:
-      file.write_bytes(b'garbage')
+
+  def damage(step):
+    for file in (tmp_path / 'checkpoints' / str(step) / 'params').rglob('*'):
+      if file.is_file() and file.stat().st_size > 0 and 'd' in file.parent.name:
+        file.write_bytes(b'garbage')
+
+  damage(10)
   # Sampling or evaluating (read-only) refuses it in one line and moves nothing.
   with pytest.raises(CheckpointError, match=r'^cannot read the checkpoint at step 10 in .*; pass --checkpoint with '
                                             r'another step \(5\), or rerun training'):
@@ -328,7 +331,15 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
   assert 'checkpoint at step 10 is unreadable' in out and 'moved it to 10.corrupt, falling back to the one at step 5' in out
   assert 'resumed from the checkpoint at step 5' in out
   assert (tmp_path / 'checkpoints' / '10.corrupt').is_dir()
-  assert Checkpoints(tmp_path, read_only=True).steps()[-1] == 12
+  assert Checkpoints(tmp_path, read_only=True).steps() == [5, 10, 12]
+  damage(12)  # the same disk fails the step saved again (and the next)
+  damage(10)
+  train_lib.train_and_evaluate(tiny_config(**{'train.num_steps': 14, 'checkpoint.every': 5, 'eval.every': 5,
+                                              'checkpoint.keep': 3}), tmp_path)
+  out = capsys.readouterr().out
+  assert 'moved it to 12.corrupt' in out and 'moved it to 10-2.corrupt, falling back to the one at step 5' in out
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').glob('*.corrupt')) == ['10-2.corrupt', '10.corrupt',
+                                                                                 '12.corrupt']
 
 
 def test_a_save_cut_short_leaves_nothing_after_the_next_start(tiny_config, tmp_path):
