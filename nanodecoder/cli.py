@@ -428,6 +428,11 @@ def _saved_config() -> ml_collections.ConfigDict:
       spec = 'FILE:NAME'
     fail(f'{FLAGS.workdir} is the folder of a sweep; resume it with its command: --config {spec} --workdir '
          f'{FLAGS.workdir} (and its overrides)')
+  set_aside = sorted(p.name for p in (saved.parent / 'checkpoints').glob('*.corrupt')) if FLAGS.workdir else []
+  if FLAGS.workdir and not saved.is_file() and not sweep_lib.saved_steps(FLAGS.workdir) and set_aside:
+    fail(f'{FLAGS.workdir} has no {config_lib.SAVED_CONFIG} and no readable checkpoint (set aside as unreadable: '
+         f'{", ".join(set_aside)}); rename one back to its step number to retry it, or pass --config to train '
+         'afresh')
   if not FLAGS.workdir or not (saved.is_file() or sweep_lib.saved_steps(FLAGS.workdir)):
     fail('--config is required to train, e.g. --config experiments/cpu.py (or --workdir of a run, to resume it)')
   config, where = _read_saved_config(saved.parent, where=True)

@@ -65,7 +65,7 @@ def set_cpu_devices(count: int, asked: int = 0) -> None:
   forced = forced_cpu_device_count()
   if forced is None:
     jax.config.update('jax_num_cpu_devices', count)
-  elif asked and asked != forced:
+  elif isinstance(asked, int) and asked > 0 and asked != forced:  # (a bad value: validation names it)
     raise ConfigError(f'mesh.cpu_devices={asked} asks for another CPU device count than XLA_FLAGS, whose '
                       f'--xla_force_host_platform_device_count={forced} wins; drop one of the two')
 

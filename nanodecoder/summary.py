@@ -139,7 +139,7 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
   if num_steps is None:
     num_steps = saved_num_steps(workdir)
   metrics = read_metrics(workdir, reported_step(workdir, num_steps)) if metrics is None else metrics
-  status = sweep_lib.point_status(workdir, num_steps) if num_steps else sweep_lib.Status('new', 0, 0)
+  status = sweep_lib.point_status(workdir, num_steps)
   row = dict.fromkeys(METRIC_COLUMNS)
   row.update(status=status.state, step=status.step, num_steps=num_steps, params=count_parameters(workdir),
              wall_time_s=metrics.wall_time_s)

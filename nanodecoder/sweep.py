@@ -287,9 +287,9 @@ def recorded_failure(workdir: str | pathlib.Path) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Status:
-  state: str  # 'finished', 'running' (by a live run), 'failed' (its latest session), 'partial' or 'new'
+  state: str  # 'finished', 'running' (by a live run), 'failed' (its latest session), 'partial', 'new' or 'unknown'
   step: int  # latest checkpoint step (0: none)
-  num_steps: int
+  num_steps: int | None  # None: unknown (a run whose config cannot be read)
 
   def __str__(self) -> str:
     if self.state in ('partial', 'failed', 'running'):
@@ -297,14 +297,18 @@ class Status:
     return self.state
 
 
-def point_status(workdir: str | pathlib.Path, num_steps: int) -> Status:
+def point_status(workdir: str | pathlib.Path, num_steps: int | None) -> Status:
+  """How far the run in `workdir` is; `num_steps` None (its config cannot be read): 'unknown' once it has a
+  checkpoint, as it cannot be told finished or not."""
   step = latest_step(workdir)
-  if step >= num_steps:
+  if num_steps is not None and step >= num_steps:
     state = 'finished'
   elif live_run(workdir) is not None:
     state = 'running'
   elif (pathlib.Path(workdir) / FAILED).is_file():
     state = 'failed'
+  elif step and num_steps is None:
+    state = 'unknown'
   else:
     state = 'partial' if step else 'new'
   return Status(state, step, num_steps)

@@ -65,6 +65,14 @@ def test_a_workdir_with_checkpoints_but_no_readable_config_says_what_is_missing(
                                   'readable config (') and result.stderr.endswith('); pass --config to train\n')
 
 
+def test_a_workdir_whose_checkpoints_were_all_set_aside_says_so(tmp_path):
+  (tmp_path / 'run' / 'checkpoints' / '40.corrupt').mkdir(parents=True)  # and no config.json
+  result = launch('--workdir', str(tmp_path / 'run'))
+  assert result.returncode == 2 and result.stderr == (
+      f'error: {tmp_path / "run"} has no config.json and no readable checkpoint (set aside as unreadable: '
+      '40.corrupt); rename one back to its step number to retry it, or pass --config to train afresh\n'), result.stderr
+
+
 @pytest.mark.slow
 def test_a_run_copied_without_its_config_resumes_with_its_latest_checkpoints(tiny_run, tmp_path):
   workdir = tmp_path / 'run'

@@ -125,7 +125,7 @@ def test_a_run_without_evaluations_gets_curves_but_no_val_loss_plot(tmp_path):
     written = summary_lib.write_summary(tmp_path)
   assert [p.name for p in written] == ['summary.csv', 'summary.md', 'loss_curves.png']
   assert not (tmp_path / 'val_loss.png').exists()  # not left beside a summary.md that does not show it
-  assert '| ' + tmp_path.name + ' | new | 0/? |  |  |  |  |  | 20s |' in (tmp_path / 'summary.md').read_text()
+  assert '| ' + tmp_path.name + ' | unknown | 20/? |  |  |  |  |  | 20s |' in (tmp_path / 'summary.md').read_text()
 
 
 def test_summary_of_a_folder_of_runs_and_of_one_run(sweep_root, tmp_path):
@@ -165,7 +165,9 @@ def test_a_run_copied_without_its_config_is_read_from_its_latest_checkpoint(swee
   (runs / 'no_config' / 'checkpoints' / str(step) / 'meta' / 'metadata').write_text('{"config": 3')  # damaged
   summary_lib.write_summary(runs)
   rows = {r.pop('point'): r for r in csv.DictReader((runs / 'summary.csv').open())}
-  assert (rows['no_config']['status'], rows['no_config']['num_steps'], rows['no_config']['params']) == ('new', '', '')
+  row = rows['no_config']  # its length unknown: neither finished nor not, but its checkpoint's losses
+  assert (row['status'], row['step'], row['num_steps'], row['params']) == ('unknown', '20', '', '')
+  assert row['final_val_loss'] == rows['with_config']['final_val_loss'] != ''
 
 
 def test_summary_mode_rewrites_the_files(sweep_root):
