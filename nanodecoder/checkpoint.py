@@ -386,7 +386,7 @@ class Checkpoints:
       if worst == ok:
         return restored
       self._set_aside(step, error, log)
-    set_aside = sorted(path.name for path in self.directory.glob('*.corrupt'))
+    set_aside = set_aside_steps(self.directory.parent)
     if set_aside:
       raise CheckpointError(f'no checkpoint in {self.directory} restores (set aside as unreadable: '
                             f'{", ".join(set_aside)}); rename one back to its step number to retry it, or move them '
@@ -429,6 +429,11 @@ class Checkpoints:
     earlier = [s for s in self.steps() if s < step]
     then = f'falling back to the one at step {earlier[-1]}' if earlier else 'no earlier checkpoint is left'
     log(f'checkpoint at step {step} is unreadable ({reason}); moved it to {aside.name}, {then}')
+
+
+def set_aside_steps(workdir: str | pathlib.Path) -> list[str]:
+  """The folders of the steps a restore set aside as unreadable (`<step>.corrupt`, ...) in a workdir."""
+  return sorted(path.name for path in (pathlib.Path(workdir) / 'checkpoints').glob('*.corrupt'))
 
 
 def read_record(workdir: str | pathlib.Path, step: int) -> dict:

@@ -6,7 +6,6 @@ starting with 'error:' and exit with status 2.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import errno
 import json
@@ -27,10 +26,10 @@ from absl import flags
 from nanodecoder import config as config_lib
 from nanodecoder import interrupts, saved_config, sharding
 from nanodecoder import sweep as sweep_lib
-from nanodecoder.checkpoint import CheckpointError, WorkdirInUse
+from nanodecoder.checkpoint import CheckpointError, WorkdirInUse, set_aside_steps
 from nanodecoder.config import ConfigError
 from nanodecoder.data import DataError
-from nanodecoder.files import WORKDIR_LOCK, atomic_write, exclusive, unwritable_folder
+from nanodecoder.files import WORKDIR_LOCK, atomic_write, unwritable_folder
 from nanodecoder.metrics import discard
 from nanodecoder.sampling import SamplingError, SamplingOptions
 
@@ -371,7 +370,7 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
   elif FLAGS.config is config and config_flags.get_config_filename(FLAGS['config']).startswith(
       f'{SAVED_CONFIG_FILE}:'):
     overrides = config_flags.get_override_values(FLAGS['config'])
-    _, where = _read_saved_config(pathlib.Path(FLAGS.workdir), where=True)
+    _, where = _read_saved_config(pathlib.Path(FLAGS.workdir))
     print(f'resuming with the config saved in {where} and the overrides '
           f'{" ".join(f"{k}={v!r}" for k, v in overrides.items())}', flush=True)
   elif FLAGS.config is config:
@@ -428,27 +427,27 @@ def _saved_config() -> ml_collections.ConfigDict:
       spec = 'FILE:NAME'
     fail(f'{FLAGS.workdir} is the folder of a sweep; resume it with its command: --config {spec} --workdir '
          f'{FLAGS.workdir} (and its overrides)')
-  set_aside = sorted(p.name for p in (saved.parent / 'checkpoints').glob('*.corrupt')) if FLAGS.workdir else []
-  if FLAGS.workdir and not saved.is_file() and not sweep_lib.saved_steps(FLAGS.workdir) and set_aside:
-    fail(f'{FLAGS.workdir} has no {config_lib.SAVED_CONFIG} and no readable checkpoint (set aside as unreadable: '
-         f'{", ".join(set_aside)}); rename one back to its step number to retry it, or pass --config to train '
-         'afresh')
   if not FLAGS.workdir or not (saved.is_file() or sweep_lib.saved_steps(FLAGS.workdir)):
+    set_aside = set_aside_steps(FLAGS.workdir) if FLAGS.workdir else []
+    if set_aside:
+      fail(f'{FLAGS.workdir} has no {config_lib.SAVED_CONFIG} and no readable checkpoint (set aside as unreadable: '
+           f'{", ".join(set_aside)}); rename one back to its step number to retry it, or pass --config to train '
+           'afresh')
     fail('--config is required to train, e.g. --config experiments/cpu.py (or --workdir of a run, to resume it)')
-  config, where = _read_saved_config(saved.parent, where=True)
+  config, where = _read_saved_config(saved.parent)
   print(f'resuming with the config saved in {where}', flush=True)
   return config
 
 
-def _read_saved_config(workdir: pathlib.Path, where: bool = False):
-  """The config of the run in `workdir` (saved_config.run_config), and with `where` where it was read."""
+def _read_saved_config(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, str]:
+  """saved_config.run_config of `workdir`: (the config of its run, where it was read); one error line if neither
+  config.json nor the latest checkpoint gives it."""
   try:
-    config, source = saved_config.run_config(workdir)
+    return saved_config.run_config(workdir)
   except saved_config.UnreadableRecord as e:
     fail(f'{e}; pass --config to train')
   except (OSError, ValueError) as e:
     fail(f'cannot read {workdir / config_lib.SAVED_CONFIG} ({e}); pass --config to train')
-  return (config, source) if where else config
 
 
 def sample_command() -> None:
@@ -667,8 +666,7 @@ def _update_summary(root: pathlib.Path, after_error: bool = False, show: bool = 
   if os.environ.get(SWEEP_SUMMARY_ENV, '1') == '0' or jax.process_index() != 0:
     return
   try:
-    with exclusive(root / sweep_lib.MANIFEST_LOCK):  # jobs of one sweep, ending together, read and write in turn
-      paths = summary.write_summary(root)
+    paths = summary.write_summary(root)
     if show:
       _say((root / 'summary.md').read_text(encoding='utf-8'))
       _say('wrote ' + ', '.join(map(str, paths)))
@@ -873,11 +871,8 @@ def summary_command() -> None:
 
   root = _require_workdir('summary')
   jax.config.update('jax_platforms', 'cpu')  # parameter counts need shapes only
-  in_turn = (exclusive(root / sweep_lib.MANIFEST_LOCK) if (root / sweep_lib.MANIFEST).is_file()  # (as its jobs do)
-             else contextlib.nullcontext())
   try:
-    with in_turn:
-      paths = summary.write_summary(root)
+    paths = summary.write_summary(root)
   except FileNotFoundError as e:
     fail(str(e))
   print((root / 'summary.md').read_text(encoding='utf-8'))

@@ -25,13 +25,11 @@ import pathlib
 import statistics
 from typing import Any
 
-import ml_collections
-
 from nanodecoder import config as config_lib
 from nanodecoder import saved_config
 from nanodecoder import sweep as sweep_lib
 from nanodecoder.config import ConfigError
-from nanodecoder.files import atomic_write
+from nanodecoder.files import atomic_write, exclusive
 from nanodecoder.metrics import format_duration
 
 METRIC_COLUMNS = ['status', 'step', 'num_steps', 'params', 'best_val_loss', 'best_val_step', 'final_val_loss',
@@ -73,45 +71,32 @@ def read_metrics(workdir: str | pathlib.Path, up_to_step: int | None = None) -> 
   return RunMetrics(dict(sorted(train.items())), dict(sorted(evals.items())), wall if sessions else None)
 
 
-def saved_run(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict | None, str | None]:
-  """(config, tokenizer JSON) of a run: saved_config.run_config's, and its tokenizer.json or where that is missing
-  (a run copied without it) its latest checkpoint's record of it; None for what cannot be read."""
-  workdir = pathlib.Path(workdir)
-  try:
-    config, _ = saved_config.run_config(workdir)
-  except (OSError, ValueError):
-    config = None
-  try:
-    tokenizer_json = (workdir / 'tokenizer.json').read_text(encoding='utf-8')
-  except (OSError, ValueError):
-    tokenizer_json = None
-  step = sweep_lib.latest_step(workdir)
-  if tokenizer_json is None and step:
-    from nanodecoder import checkpoint
-
-    try:
-      tokenizer_json = checkpoint.read_record(workdir, step)['tokenizer']
-    except Exception:  # noqa: BLE001 (a damaged record: no parameter count)
-      pass
-  return config, tokenizer_json
-
-
 def count_parameters(workdir: str | pathlib.Path) -> int | None:
-  """Parameters of a run's model, from its saved config and tokenizer (shapes only, nothing computed)."""
-  config, tokenizer_json = saved_run(workdir)
-  if config is None or tokenizer_json is None:
-    return None
+  """Parameters of a run's model (shapes only, nothing computed), from its saved config (saved_config.run_config)
+  and its tokenizer.json, or where that is missing (a run copied without it) its latest checkpoint's record of it;
+  None where either cannot be read."""
+  from nanodecoder import checkpoint
   from nanodecoder.data import CharTokenizer
   from nanodecoder.model import abstract_decoder, count_params
 
+  workdir = pathlib.Path(workdir)
+  try:
+    config, _ = saved_config.run_config(workdir)
+    path = workdir / 'tokenizer.json'
+    tokenizer_json = (path.read_text(encoding='utf-8') if path.exists()
+                      else checkpoint.read_record(workdir, sweep_lib.latest_step(workdir))['tokenizer'])
+  except Exception:  # noqa: BLE001 (unreadable files, or a damaged or missing record: no parameter count)
+    return None
   model_config = config_lib.model_config(config, CharTokenizer.from_json(tokenizer_json).vocab_size)
   return count_params(abstract_decoder(model_config))
 
 
 def saved_num_steps(workdir: str | pathlib.Path) -> int | None:
   """train.num_steps of a run's saved config (its config.json: the settings of its last session), None without one."""
-  config, _ = saved_run(workdir)
-  return None if config is None else config.get('train', {}).get('num_steps')
+  try:
+    return saved_config.run_config(workdir)[0].train.num_steps
+  except (OSError, ValueError):
+    return None
 
 
 def reported_step(workdir: str | pathlib.Path, num_steps: int | None) -> int:
@@ -309,10 +294,21 @@ def plot_loss_curves(curves: list[tuple[str, RunMetrics]], title: str, path: pat
 
 
 def write_summary(root: str | pathlib.Path) -> list[pathlib.Path]:
-  """Writes summary.csv, summary.md and the plots into `root`; returns the paths written."""
+  """Writes summary.csv, summary.md and the plots into `root`; returns the paths written.
+
+  A sweep's processes (its --sweep_index jobs, ending together) take turns, under the manifest's lock: one reading the
+  points while another wrote would leave, written last, a summary of the older state.
+  """
   root = pathlib.Path(root)
   if not root.is_dir():
     raise FileNotFoundError(f'{root} is not a folder; pass the root of a sweep, e.g. runs/sweep_blocks')
+  if not (root / sweep_lib.MANIFEST).is_file():
+    return _write_summary(root)
+  with exclusive(root / sweep_lib.MANIFEST_LOCK):
+    return _write_summary(root)
+
+
+def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
   title, fields, points = find_points(root)
   if not points:
     raise FileNotFoundError(f'no runs in {root}: pass the root of a sweep (e.g. runs/sweep_blocks) or a run\'s workdir')

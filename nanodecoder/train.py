@@ -28,7 +28,7 @@ from nanodecoder import interrupts
 from nanodecoder import sharding as sharding_lib
 from nanodecoder.files import atomic_write
 from nanodecoder.metrics import MetricsLogger, flatten_config
-from nanodecoder.model import Decoder, ModelConfig, abstract_decoder, count_params
+from nanodecoder.model import Decoder, ModelConfig, count_params
 
 
 # Optimizer --------------------------------------------------------------------
@@ -543,7 +543,8 @@ def _train_loop(session: _Session, logger: MetricsLogger, checkpoints: checkpoin
   ck = config.checkpoint
   model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
   trainer = create_trainer(config, model_config, mesh, init=False)
-  logger.info(f'model: {count_params(abstract_decoder(model_config)):,} parameters, {model_config.num_layers} layers, '
+  abstract_model = nnx.merge(trainer.graphdef, trainer.abstract_state)[0]  # (shapes only: the state comes next)
+  logger.info(f'model: {count_params(abstract_model):,} parameters, {model_config.num_layers} layers, '
               f'{model_config.num_heads} heads x {model_config.head_size} = {model_config.embed_dim} wide, '
               f'vocab {model_config.vocab_size}; mesh {dict(mesh.shape)} on {jax.device_count()} '
               f'{jax.devices()[0].platform} devices')

@@ -460,8 +460,9 @@ def test_jobs_of_one_sweep_write_its_summary_in_turn(tmp_path, monkeypatch):
   from nanodecoder import cli, files, summary
 
   written = []
-  monkeypatch.setattr(summary, 'write_summary', lambda root: written.append(root) or [])
+  monkeypatch.setattr(summary, '_write_summary', lambda root: written.append(root) or [])
   monkeypatch.delenv(cli.SWEEP_SUMMARY_ENV, raising=False)
+  (tmp_path / sweep_lib.MANIFEST).write_text('{}')  # a sweep's folder
   with files.exclusive(tmp_path / sweep_lib.MANIFEST_LOCK):  # another job writing it
     job = threading.Thread(target=cli._update_summary, args=(tmp_path,))
     job.start()
