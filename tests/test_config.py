@@ -186,6 +186,14 @@ def test_text_source_needs_a_path():
     config_lib.validate(config)
 
 
+def test_a_text_path_beside_the_tfds_source_is_refused_not_ignored():
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  config.data.text_path = 'my_corpus.txt'  # data.source left at 'tfds': the run would train on tiny-shakespeare
+  with pytest.raises(ConfigError, match=r"^data.text_path='my_corpus.txt' is not read with data.source='tfds' .*"
+                                        r"--config.data.source=text"):
+    config_lib.validate(config)
+
+
 def test_missing_config_file():
   with pytest.raises(ConfigError, match=r"config file 'experiments/nope.py' does not exist"):
     config_lib.load_config_file('experiments/nope.py')

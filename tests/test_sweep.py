@@ -668,7 +668,7 @@ def test_data_is_prepared_once_per_corpus_before_the_points(tiny_config, monkeyp
   loads.clear()
   splits = lambda data: loads.append(('tfds', data.tfds_name)) or ('tfds tiny', ['train', 'validation', 'test'])
   monkeypatch.setattr(data_lib, 'source_splits', splits)
-  base = tiny_config(**{'data.source': 'tfds'})
+  base = tiny_config(**{'data.source': 'tfds', 'data.text_path': ''})
   sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3]})
   sweep_lib.prepare_data(sweep, base)  # prepared here, once, for its split names
   assert loads == [('tfds', 'tiny_shakespeare')]
