@@ -319,7 +319,8 @@ class Checkpoints:
     try:
       step = int(which)
     except ValueError:
-      raise CheckpointError(f"checkpoint {which!r} is not 'latest', 'best' or a step number") from None
+      raise CheckpointError(f"--checkpoint {which!r} is not 'latest', 'best' or a step number; pass one of them "
+                            f'(saved steps: {", ".join(map(str, steps))})') from None
     if step not in steps:
       raise CheckpointError(f'no checkpoint at step {step} in {self.directory}; '
                             f'saved steps: {", ".join(map(str, steps))}')

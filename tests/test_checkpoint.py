@@ -91,6 +91,9 @@ def test_keeps_the_latest_and_the_best(tiny_config, tmp_path):
   assert checkpoints.select('latest') == 4 and checkpoints.select('3') == 3
   with pytest.raises(CheckpointError, match=r'no checkpoint at step 7 .*saved steps: 2, 3, 4'):
     checkpoints.select('7')
+  with pytest.raises(CheckpointError, match=r"^--checkpoint 'bset' is not 'latest', 'best' or a step number; pass "
+                                            r'one of them \(saved steps: 2, 3, 4\)$'):
+    checkpoints.select('bset')
 
 
 @pytest.mark.parametrize('damage', [b'', b'{}', b'{"val_loss": 1.0'])
