@@ -382,6 +382,7 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
   config_lib.make_paths_absolute(config)
   workdir = pathlib.Path(workdir or FLAGS.workdir or default_workdir(config))
   if config_file:
+    config_lib.validate(config)  # a bad value is named as such, not as a change to a started run's settings
     _refuse_other_settings_for_a_started_run(config, config_file, workdir)
   setup_jax(config)
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

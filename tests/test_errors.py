@@ -176,6 +176,14 @@ def test_a_config_file_with_other_settings_does_not_resume_a_started_run(trained
   assert result.returncode == 0 and 'step 18 |' in result.stdout, result.stderr[-2000:]
 
 
+def test_a_bad_value_beside_a_started_run_is_named_as_a_bad_value(trained, corpus_file):
+  """Not as a setting the run was not trained with, whose fix ('continue with the new value') would fail too."""
+  before = files_in(trained)
+  result = launch(*tiny_args(corpus_file, '--config.data.source=txt'), '--workdir', str(trained))
+  assert_user_error(result, "error: data.source must be one of 'tfds', 'text', got 'txt'")
+  assert files_in(trained) == before
+
+
 def test_resuming_on_text_with_other_characters_is_refused(trained, corpus_file, tmp_path):
   """Same vocabulary size, one character swapped: token ids would silently change meaning."""
   text = corpus_file.read_text()
