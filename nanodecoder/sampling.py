@@ -125,7 +125,7 @@ def check_memory(model: Decoder, prompt_len: int, options: SamplingOptions) -> N
   if available and needed > available:
     raise SamplingError(f'out of memory: {options.num_samples:,} samples of {options.max_new_tokens:,} tokens need at '
                         f'least {needed / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB of this '
-                        f'{jax.devices()[0].platform} device; lower num_samples or max_new_tokens')
+                        f'{jax.devices()[0].platform} device; lower --num_samples or --max_new_tokens')
 
 
 def uniforms(seed: int, steps: int, num_samples: int) -> jax.Array:

@@ -144,7 +144,7 @@ def test_sampling_more_than_memory_holds_is_one_line_naming_the_sampling_flags(t
   result = launch('--mode', 'sample', '--workdir', str(tiny_run[0]), '--num_samples', str(10**9))
   assert result.returncode == 2 and result.stderr.startswith('error: out of memory: 1,000,000,000 samples of 500 '
                                                              'tokens need at least '), result.stderr[-2000:]
-  assert result.stderr.endswith('; lower num_samples or max_new_tokens\n') and result.stderr.count('\n') == 1
+  assert result.stderr.endswith('; lower --num_samples or --max_new_tokens\n') and result.stderr.count('\n') == 1
   # and past the estimate: 64 x 2^30 tokens (256 GiB of token ids alone) fail inside the compiled call, which
   # jaxlib 0.10 turned into an abort (SIGABRT) when the result was read without waiting for it first.
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}

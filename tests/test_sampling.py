@@ -239,7 +239,7 @@ def test_a_generation_larger_than_memory_is_refused_before_any_work(model, monke
   monkeypatch.setattr(sampling, 'memory_available', lambda: 10**6)
   big = SamplingOptions(max_new_tokens=100, num_samples=1000)
   with pytest.raises(SamplingError, match=r'^out of memory: 1,000 samples of 100 tokens need at least 0.\d GiB, more '
-                                          r'than the 0.0 GiB of this cpu device; lower num_samples or max_new_tokens$'):
+                                          r'than the 0.0 GiB of this cpu device; lower --num_samples or --max_new_tokens$'):
     generate(model, np.array([1]), big)
   with pytest.raises(SamplingError, match='out of memory'):
     next(stream(model, np.array([1]), big))
