@@ -4,7 +4,7 @@
 # at its limit still returns what the finished sections measured.
 #
 #   bench/gpu_check.sh                 # on the GPU machine: $OUT/summary.txt, the rest in $OUT/results.tgz
-#   SMOKE=1 bench/gpu_check.sh         # seconds-long dry run of the same plumbing (any machine, CPU too)
+#   SMOKE=1 bench/gpu_check.sh         # dry run of the same plumbing (any machine, CPU too: 1-2.5 minutes on 2 cores)
 #
 # 1. (Not run here: its numbers are in bench/RESULTS.md.) The token-embedding gradient, XLA's scatter-add against
 #    the one-hot matmul the model uses: bench/embed_grad.py --text input.txt.
