@@ -544,7 +544,8 @@ def _train_loop(session: _Session, logger: MetricsLogger, checkpoints: checkpoin
   model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
   trainer = create_trainer(config, model_config, mesh, init=False)
   abstract_model = nnx.merge(trainer.graphdef, trainer.abstract_state)[0]  # (shapes only: the state comes next)
-  logger.info(f'model: {count_params(abstract_model):,} parameters, {model_config.num_layers} layers, '
+  layers = f'{model_config.num_layers} layer' + ('s' if model_config.num_layers != 1 else '')
+  logger.info(f'model: {count_params(abstract_model):,} parameters, {layers}, '
               f'{model_config.num_heads} heads x {model_config.head_size} = {model_config.embed_dim} wide, '
               f'vocab {model_config.vocab_size}; mesh {dict(mesh.shape)} on {jax.device_count()} '
               f'{jax.devices()[0].platform} devices')

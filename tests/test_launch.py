@@ -54,7 +54,7 @@ def test_a_workdir_alone_resumes_with_its_saved_config(tiny_run):
   assert f'resuming with the config saved in {workdir / "config.json"}' in result.stdout
   assert 'resumed from the checkpoint at step 12' in result.stdout and 'nothing to do' in result.stdout
   model, _, _, _ = checkpoint_lib.load_model(workdir)  # the model line first, with the checkpoint's count
-  assert result.stdout.index(f'model: {count_params(model):,} parameters, 1 layers') < result.stdout.index('resumed')
+  assert result.stdout.index(f'model: {count_params(model):,} parameters, 1 layer,') < result.stdout.index('resumed')
 
 
 def test_a_workdir_with_checkpoints_but_no_readable_config_says_what_is_missing(tmp_path):
