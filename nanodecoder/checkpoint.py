@@ -447,6 +447,10 @@ def load_meta(workdir: str | pathlib.Path, which: str | int = 'latest') -> tuple
   """Opens a workdir read-only and returns (checkpoints, step, meta) of the chosen checkpoint."""
   workdir = pathlib.Path(workdir)
   if not (workdir / 'checkpoints').is_dir():
+    runs = sorted(path.parent for path in workdir.glob('*/checkpoints') if path.is_dir())
+    if runs:  # e.g. a sweep's folder: its points are the runs
+      raise CheckpointError(f'no checkpoints in {workdir}, a folder of {len(runs)} runs; pass one of them, e.g. '
+                            f'--workdir {runs[0]}')
     raise CheckpointError(f'no checkpoints in {workdir}; train first or pass the workdir of a run')
   checkpoints = Checkpoints(workdir, read_only=True)
   try:

@@ -166,6 +166,17 @@ def test_best_of_a_run_that_kept_no_best_says_so(tiny_config, tmp_path, capsys):
   assert capsys.readouterr().err == ''
 
 
+def test_a_folder_of_runs_names_one_of_them_instead_of_saying_train_first(tmp_path):
+  """E.g. `--mode eval --workdir` a sweep's folder: its points hold the checkpoints."""
+  with pytest.raises(CheckpointError, match=r'; train first or pass the workdir of a run$'):
+    checkpoint_lib.load_meta(tmp_path)
+  for point in ('num_layers=4', 'num_layers=2', 'plots'):
+    (tmp_path / point / ('checkpoints' if point != 'plots' else 'other')).mkdir(parents=True)
+  with pytest.raises(CheckpointError, match=rf'^no checkpoints in {tmp_path}, a folder of 2 runs; pass one of them, '
+                                            rf'e.g. --workdir {tmp_path / "num_layers=2"}$'):
+    checkpoint_lib.load_meta(tmp_path)
+
+
 def test_processes_that_see_different_checkpoints_stop(tiny_config, tmp_path, monkeypatch):
   """Each process lists the folder itself (e.g. NFS caching, or a workdir on a local disk): restoring different
   steps would leave the replicas in different states, or one process waiting for the others."""
