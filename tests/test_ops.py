@@ -65,3 +65,14 @@ def test_bfloat16_dropout_rounds_the_scaled_value_once():
   # x * scale in fp32, rounded to bf16 once; scaling by bf16(scale) = 1.109375 differs in ~27% of the elements.
   expected = (np.asarray(x, np.float32) * scale).astype(jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(y)[kept], expected[kept])
+
+
+def test_dropout_keeps_with_its_16_bit_probability_and_scales_by_exactly_its_inverse():
+  # Kept when the 16 random bits are below round((1 - rate) * 2^16), scaled by 2^16 / that: the mean is exact.
+  x = jnp.ones((1024, 1024))
+  one_third = dropout(x, 1 / 3, jax.random.key(0))  # keeps 43691 / 65536 = 0.666672, scaled by 1.4999886 (not 1.5)
+  assert set(np.unique(np.asarray(one_third))) == {0.0, np.float32(65536 / 43691)}
+  # The smallest rate keeps 65535 of the 65536 bit patterns: ~16 of these 2^20 elements are dropped, not none.
+  smallest = dropout(x, 2**-16, jax.random.key(0))
+  assert 0 < int(jnp.sum(smallest == 0)) < 64
+  np.testing.assert_array_equal(np.unique(np.asarray(smallest)), [0.0, np.float32(65536 / 65535)])
