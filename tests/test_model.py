@@ -37,6 +37,18 @@ def test_parameter_count_matches_the_formula():
   assert count_params(make_model()) == v * d + t * d + L * per_block + d
 
 
+def test_projections_into_the_residual_stream_start_smaller_by_the_square_root_of_twice_the_depth():
+  cfg = ModelConfig(vocab_size=65, num_layers=2, num_heads=4, head_size=16, context_length=32)  # D 64
+  model = make_model(cfg)
+  std = lambda param: float(jnp.std(param[...]))
+  for block in model.blocks:
+    assert std(block.attn.out) == pytest.approx(0.02 / 2, rel=0.1)  # 0.02 / sqrt(2 * 2), as GPT-2
+    assert std(block.mlp.proj) == pytest.approx(0.02 / 2, rel=0.1)
+    assert std(block.attn.qkv) == pytest.approx(0.02, rel=0.1) and std(block.mlp.fc) == pytest.approx(0.02, rel=0.1)
+  assert std(model.token_embed) == pytest.approx(0.02, rel=0.1)
+  assert std(model.position_embed) == pytest.approx(0.02, rel=0.1)
+
+
 def test_train_flops_per_token_is_six_per_matmul_weight_plus_attention():
   # GPT-2 small (L 12, D 768, T 1024, V 50257), by hand: per block qkv 3 D^2 + out D^2 + fc and proj 2 * 4 D^2 =
   # 12 D^2 = 7,077,888 matmul weights, x 12 = 84,934,656; the LM head D * V = 38,597,376; in all 123,532,032,
@@ -262,6 +274,27 @@ def test_dropout_is_active_only_with_a_key():
   noisy_c, _ = model(tokens, dropout_key=jax.random.key(1))
   np.testing.assert_array_equal(noisy_a, noisy_b)
   assert not np.allclose(noisy_a, clean_a) and not np.allclose(noisy_a, noisy_c)
+
+
+def test_dropout_drops_the_embeddings_the_attention_weights_and_both_branch_outputs():
+  """nanoGPT's dropout sites, each active with a key. At rate 0.5 a dropped-out value is 0 or exactly doubled."""
+  cfg = ModelConfig(vocab_size=11, num_layers=1, num_heads=1, head_size=8, context_length=4, dropout=0.5)
+  model = make_model(cfg)
+  block, key = model.blocks[0], jax.random.key(0)
+  normed = block.ln_attn(jax.random.normal(jax.random.key(1), (64, 1, cfg.embed_dim)))  # 64 sequences of 1 token
+  # Feed-forward: its output, element by element.
+  ratio = np.asarray(block.mlp(normed, dropout_key=key) / block.mlp(normed))
+  assert set(np.unique(ratio)) == {0.0, 2.0}
+  # Attention of one head over one token: its one weight (1) is dropped or doubled, then each output element is:
+  # 0 or 4 times the output without dropout (2 would mean one of the two sites is off).
+  ratio = np.asarray(block.attn(normed, dropout_key=key)[0] / block.attn(normed)[0])
+  assert set(np.unique(ratio)) == {0.0, 4.0}
+  # The embeddings: with both output projections zero the block adds nothing, and the logits still change.
+  block.attn.out[...] = jnp.zeros_like(block.attn.out[...])
+  block.mlp.proj[...] = jnp.zeros_like(block.mlp.proj[...])
+  tokens = jax.random.randint(jax.random.key(2), (4, 4), 0, 11)
+  clean, noisy = model(tokens)[0], model(tokens, dropout_key=key)[0]
+  assert not np.allclose(noisy, clean)
 
 
 def test_untied_head_and_biases():
