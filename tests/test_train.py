@@ -498,3 +498,47 @@ def test_a_float16_step_scales_its_loss_and_its_gradient_back(tiny_config):
     norms[dtype] = float(trainer.train_step(trainer.state, batch)[1]['grad_norm'])
   # 2e-6 apart here; 4e-5 when the step does not scale the loss, 1e3 times when it does not scale the gradient back
   assert norms['float16'] == pytest.approx(norms['float32'], rel=1e-5), norms
+
+
+def test_optimizer_is_adamw_after_global_norm_clipping_written_out(tiny_config):
+  t = tiny_config().train
+  t.learning_rate, t.min_learning_rate, t.warmup_steps, t.decay_steps = 1e-2, 1e-3, 1, 10
+  t.beta1, t.beta2, t.weight_decay, t.grad_clip = 0.8, 0.95, 0.1, 1.0
+  tx, lr = train_lib.make_optimizer(t), train_lib.learning_rate_schedule(t)
+  rng = np.random.default_rng(0)
+  params = {'matrix': rng.normal(size=(3, 2)), 'vector': rng.normal(size=(2,))}
+  # Gradients of global norm 10 (clipped to 1), then 0.5 (left alone): their weighting in the moments shows the clip.
+  grads = []
+  for norm in (10.0, 0.5):
+    g = {name: rng.normal(size=p.shape) for name, p in params.items()}
+    total = math.sqrt(sum(np.sum(x**2) for x in g.values()))
+    grads.append({name: x * norm / total for name, x in g.items()})
+  state = tx.init(jax.tree.map(jnp.float32, params))
+  ours = {name: jnp.float32(p) for name, p in params.items()}
+  m = {name: 0.0 for name in params}
+  v = {name: 0.0 for name in params}
+  for step, g in enumerate(grads, start=1):
+    updates, state = tx.update(jax.tree.map(jnp.float32, g), state, ours)
+    ours = optax.apply_updates(ours, updates)
+    # AdamW by hand (float64): clip, moments, bias correction, decay of the matrix alone, the schedule at step - 1.
+    scale = min(1.0, 1.0 / math.sqrt(sum(np.sum(x**2) for x in g.values())))
+    for name, p in params.items():
+      gc = g[name] * scale
+      m[name] = 0.8 * m[name] + 0.2 * gc
+      v[name] = 0.95 * v[name] + 0.05 * gc**2
+      adam = (m[name] / (1 - 0.8**step)) / (np.sqrt(v[name] / (1 - 0.95**step)) + 1e-8)
+      decay = 0.1 * p if name == 'matrix' else 0.0
+      params[name] = p - float(lr(step - 1)) * (adam + decay)
+    for name in params:
+      np.testing.assert_allclose(ours[name], params[name], rtol=1e-5, atol=1e-7)
+
+
+def test_evaluation_runs_the_model_without_dropout(tiny_config):
+  trainer, dataset = build(tiny_config(**{'model.dropout': 0.5}), jax.devices()[:1])
+  tokens = np.stack([dataset.eval_batch('eval', 0, i, 8) for i in range(2)])  # [2 batches, 8, 17]
+  loss, count = train_lib._mean_loss(trainer, tokens, np.ones((2, 8, 16), np.float32))
+  rows = tokens.reshape(16, 17)
+  logits, _ = trainer.model()(jnp.asarray(rows[:, :-1]))  # no dropout key: dropout off
+  reference = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(rows[:, 1:])).mean()
+  assert count == 2 * 8 * 16
+  np.testing.assert_allclose(loss, float(reference), rtol=1e-5)
