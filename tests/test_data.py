@@ -166,6 +166,9 @@ def test_text_corpus_splits_the_tail_off_for_validation(tmp_path):
   assert corpus.text('validation+test') == 'abcdefghij'
   path.write_bytes(b'\xef\xbb\xbf' + b'abcdefghij' * 10)  # a byte-order mark (Windows editors) is no character
   assert data_lib._text_corpus(str(path), 0.1).splits == corpus.splits
+  path.write_text('abcdefghij' * 10 + 'k', encoding='utf-8')  # an odd tail (11): validation takes the smaller half
+  assert data_lib._text_corpus(str(path), 0.1).splits == {'train': ('abcdefghij' * 9), 'validation': 'abcde',
+                                                          'test': 'fghijk'}
 
 
 @pytest.mark.parametrize('content, message', [
@@ -245,6 +248,13 @@ def test_all_windows_cover_every_target_once():
   windows, weights = data_lib.all_windows(tokens, context_length=5)
   np.testing.assert_array_equal(windows, [tokens[s:s + 6] for s in range(0, 16, 5)])
   np.testing.assert_array_equal(weights, np.ones((4, 5)))
+
+
+def test_a_corpus_of_exactly_one_window_is_accepted():
+  tokens = np.arange(17, dtype=np.int32)
+  ds = data_lib.Dataset(CharTokenizer('ab'), tokens, tokens, context_length=16)
+  ds.check('train', 'validation')
+  np.testing.assert_array_equal(ds.train_batch(seed=0, step=0, batch_size=2), [tokens, tokens])  # its one window
 
 
 def test_corpus_shorter_than_a_window_is_refused():
