@@ -256,3 +256,32 @@ def test_decoding_jit_keeps_cpu_reductions_in_one_kernel():
   assert 'reduce-window' in jax.jit(row_sums).lower(x).compile().as_text()  # split by default
   assert 'reduce-window' not in _jit(row_sums).lower(x).compile().as_text()
   np.testing.assert_allclose(_jit(row_sums)(x), row_sums(x), rtol=1e-6)
+
+
+def test_top_p_applies_to_the_distribution_after_temperature():
+  # Temperature 0.5 squares the probabilities 0.1..0.4 (renormalized: 0.033, 0.133, 0.3, 0.533): 0.533 + 0.3 reach
+  # 0.8. At temperature 1, 0.4 + 0.3 do not.
+  assert kept(filter_logits(LOGITS, 0.5, 0, 0.8)) == [2, 3]
+  assert kept(filter_logits(LOGITS, 1.0, 0, 0.8)) == [1, 2, 3]
+
+
+@pytest.fixture(scope='module')
+def sharp(model):
+  """A random model with large weights: each of its next tokens depends on every token of the window it sees."""
+  with nnx.use_eager_sharding(False):
+    sharp = Decoder(model.cfg, nnx.Rngs(params=1))
+  nnx.update(sharp, jax.tree.map(lambda x: 8 * x, nnx.state(sharp, nnx.Param)))
+  return sharp
+
+
+def test_refills_re_encode_the_new_token_and_half_a_context_before_it(sharp):
+  prompt = np.array([3, 1, 4, 1, 5], np.int32)
+  out = generate(sharp, prompt, SamplingOptions(max_new_tokens=45, temperature=0.0))  # ~3 contexts
+  np.testing.assert_array_equal(out[0], greedy_reference(sharp, prompt, 45))
+  assert len(set(out[0].tolist())) > 5
+
+
+def test_a_long_prompt_conditions_on_all_of_its_last_context(sharp):
+  prompt = np.arange(40, dtype=np.int32) % 20
+  out = generate(sharp, prompt, SamplingOptions(max_new_tokens=5, temperature=0.0))
+  np.testing.assert_array_equal(out[0], greedy_reference(sharp, prompt[-16:], 5))
