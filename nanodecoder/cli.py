@@ -382,7 +382,6 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
   config_lib.make_paths_absolute(config)
   workdir = pathlib.Path(workdir or FLAGS.workdir or default_workdir(config))
   if config_file:
-    config_lib.validate(config)  # a bad value is named as such, not as a change to a started run's settings
     _refuse_other_settings_for_a_started_run(config, config_file, workdir)
   setup_jax(config)
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
@@ -403,7 +402,8 @@ def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, 
   from nanodecoder import checkpoint
 
   if not sweep_lib.saved_steps(workdir):
-    return
+    return  # a new run: validated after the join, so that every process says what one of them refuses
+  config_lib.validate(config)  # a bad value is named as such, not as a change to the run's settings
   try:
     saved, _ = saved_config.run_config(workdir)
   except (OSError, ValueError):
