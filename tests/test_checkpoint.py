@@ -356,6 +356,24 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
                                                                                  '12.corrupt']
 
 
+def test_an_unreadable_latest_step_falls_back_to_the_newest_earlier_one_with_its_own_state(tiny_config, tmp_path):
+  config, tokenizer = tiny_config(), CharTokenizer('ab')
+  states = {step: nnx.state((nnx.Linear(2, 2, rngs=nnx.Rngs(step)), nnx.Linear(2, 2, rngs=nnx.Rngs(10 + step))))
+            for step in (1, 2, 3)}
+  checkpoints = Checkpoints(tmp_path, keep=3)
+  for step, state in states.items():
+    checkpoints.save(step, state, config, tokenizer, float(step))
+  checkpoints.wait()
+  (tmp_path / 'checkpoints' / '3' / 'params' / '_METADATA').unlink()
+  messages = []
+  step, state, meta = checkpoints.restore_latest_good(small_state(), config, log=messages.append)
+  assert step == meta['step'] == 2 and checkpoints.steps() == [1, 2]
+  assert_trees_equal(jax.device_get(nnx.to_pure_dict(state)), jax.device_get(nnx.to_pure_dict(states[2])))
+  assert len(messages) == 1 and messages[0].startswith('checkpoint at step 3 is unreadable (')
+  assert messages[0].endswith('; moved it to 3.corrupt, falling back to the one at step 2')
+  checkpoints.close()
+
+
 def test_a_save_cut_short_leaves_nothing_after_the_next_start(tiny_config, tmp_path):
   # A second Ctrl-C (or a kill) during an asynchronous save leaves the step's temporary folder behind.
   config = tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5, 'eval.every': 5})
