@@ -374,6 +374,16 @@ def test_an_unreadable_latest_step_falls_back_to_the_newest_earlier_one_with_its
   checkpoints.close()
 
 
+def test_a_step_saved_without_a_val_loss_goes_once_it_is_not_among_the_latest(tiny_config, tmp_path):
+  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  checkpoints = Checkpoints(tmp_path, keep=1)
+  for step, val_loss in zip([1, 2, 3], [1.0, None, 2.0]):
+    checkpoints.save(step, state, config, tokenizer, val_loss)
+  checkpoints.wait()
+  checkpoints.close()
+  assert Checkpoints(tmp_path, read_only=True).steps() == [1, 3]  # the latest and the best, not step 2
+
+
 def test_a_save_cut_short_leaves_nothing_after_the_next_start(tiny_config, tmp_path):
   # A second Ctrl-C (or a kill) during an asynchronous save leaves the step's temporary folder behind.
   config = tiny_config(**{'train.num_steps': 10, 'checkpoint.every': 5, 'eval.every': 5})
