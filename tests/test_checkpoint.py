@@ -61,12 +61,14 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_pa
 
 def test_a_run_resumed_after_a_crash_drops_what_the_crashed_session_logged_past_the_checkpoint(tiny_config,
                                                                                                  tmp_path):
-  settings = {'train.num_steps': 20, 'train.log_every': 5, 'checkpoint.every': 10, 'eval.every': 10}
+  settings = {'train.num_steps': 20, 'train.log_every': 1, 'checkpoint.every': 10, 'eval.every': 10}
   train_lib.train_and_evaluate(tiny_config(**settings), tmp_path)
   shutil.rmtree(tmp_path / 'checkpoints' / '20')  # as if it crashed after logging step 20, before saving it
   train_lib.train_and_evaluate(tiny_config(**{**settings, 'train.log_every': 4}), tmp_path)
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in records if 'train/loss' in r] == [5, 10, 12, 16, 20]  # not the first session's 15
+  # Up to the checkpoint's step 10, then the second session's: not the first session's 11 (the first step trained
+  # again) nor its 15.
+  assert [r['step'] for r in records if 'train/loss' in r] == [*range(1, 11), 12, 16, 20]
   assert [r['step'] for r in records if 'eval/val_loss' in r] == [10, 20]
   assert len({r['session_start'] for r in records if r['step'] > 10}) == 1
 
