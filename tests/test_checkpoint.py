@@ -254,6 +254,14 @@ def test_a_stop_right_after_an_evaluation_keeps_its_val_loss(tiny_config, tmp_pa
   assert checkpoints.steps() == [3] and checkpoints.meta(3)['val_loss'] == metrics['val_loss']
 
 
+def test_a_run_already_at_its_last_step_returns_the_val_loss_of_its_checkpoint(tiny_config, tmp_path):
+  config = tiny_config(**{'train.num_steps': 2, 'eval.every': 2, 'checkpoint.every': 2})
+  metrics = train_lib.train_and_evaluate(config, tmp_path)
+  again = train_lib.train_and_evaluate(config, tmp_path)  # nothing to do
+  assert again == {'val_loss': metrics['val_loss']}
+  assert metrics['val_loss'] == Checkpoints(tmp_path, read_only=True).meta(2)['val_loss']
+
+
 def test_resuming_with_another_steps_per_call_realigns_and_continues_the_run(tiny_config, tmp_path):
   """Stopped at step 3 with single steps, resumed with 2 steps per call: step 4 runs alone, then pairs."""
   settings = {'train.num_steps': 6, 'train.decay_steps': 6, 'train.log_every': 2, 'eval.every': 6,
