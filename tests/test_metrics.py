@@ -171,6 +171,7 @@ def test_a_damaged_byte_in_the_log_neither_stops_a_resume_nor_the_summary(tmp_pa
   second.write(20, {'train/loss': 2.0})
   second.close()
   assert {step: r['train/loss'] for step, r in read_metrics(tmp_path).train.items()} == {10: 3.0, 20: 2.0}
+  assert '{"note": "\ufffd"}\n' in (tmp_path / 'metrics.jsonl').read_text(encoding='utf-8')  # (rewritten as U+FFFD)
 
 
 def test_a_reader_that_went_away_ends_the_console_output_not_the_logging(tmp_path):
