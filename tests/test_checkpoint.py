@@ -140,6 +140,23 @@ def test_a_metrics_file_is_not_removed_when_the_machine_keeps_its_checkpoint_fro
   assert metrics.read_bytes() == b'{"val_loss": 1.0' and capsys.readouterr().err == ''
 
 
+def test_a_damaged_metrics_file_whose_checkpoint_record_is_damaged_too_is_removed(tiny_config, tmp_path, capsys):
+  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  checkpoints = Checkpoints(tmp_path, keep=1)
+  for step, val_loss in zip([1, 2], [1.0, 2.0]):
+    checkpoints.save(step, state, config, tokenizer, val_loss)
+  checkpoints.close()
+  metrics = tmp_path / 'checkpoints' / '1' / 'metrics' / 'metrics'
+  metrics.write_bytes(b'{"val_loss": 1.0')
+  for file in (tmp_path / 'checkpoints' / '1' / 'meta').iterdir():
+    file.write_bytes(b'')
+  capsys.readouterr()
+  Checkpoints(tmp_path, keep=1).close()  # opens: the step's score is gone, not left to stop Orbax
+  assert capsys.readouterr().err == (f'the metrics file of the checkpoint at step 1 in {tmp_path / "checkpoints"} '
+                                     'was unreadable; removed it\n')
+  assert not metrics.exists()
+
+
 def test_best_leaves_out_a_step_whose_record_is_unreadable(tiny_config, tmp_path, capsys):
   config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path, keep=3)
