@@ -157,6 +157,18 @@ def test_a_damaged_metrics_file_whose_checkpoint_record_is_damaged_too_is_remove
   assert not metrics.exists()
 
 
+def test_a_checkpoint_trained_on_other_characters_is_refused_before_its_arrays_are_read(tiny_config, tmp_path):
+  config, state = tiny_config(), small_state()
+  checkpoints = Checkpoints(tmp_path)
+  checkpoints.save(1, state, config, CharTokenizer('ab'), 1.0)
+  checkpoints.wait()
+  with pytest.raises(config_lib.ConfigError, match=r'^the checkpoint at step 1 in .* was trained on other characters '
+                                                   r"than this data has \(2 characters, this data 2; differing: 'bc'\)"):
+    checkpoints.restore_latest_good(state, config, chars='ac')
+  assert checkpoints.restore_latest_good(state, config, chars='ab')[0] == 1 and checkpoints.steps() == [1]
+  checkpoints.close()
+
+
 def test_best_leaves_out_a_step_whose_record_is_unreadable(tiny_config, tmp_path, capsys):
   config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path, keep=3)
