@@ -291,6 +291,17 @@ def test_a_run_already_at_its_last_step_returns_the_val_loss_of_its_checkpoint(t
   assert metrics['val_loss'] == Checkpoints(tmp_path, read_only=True).meta(2)['val_loss']
 
 
+def test_a_resumed_run_that_diverges_before_its_first_save_names_the_checkpoint_it_resumed_from(tiny_config, tmp_path,
+                                                                                                  monkeypatch):
+  settings = {'train.num_steps': 2, 'eval.every': 2, 'checkpoint.every': 2}
+  train_lib.train_and_evaluate(tiny_config(**settings), tmp_path)
+  monkeypatch.setattr(train_lib, 'evaluate', lambda trainer, dataset: {'train_loss': 1.0, 'eval_loss': float('nan')})
+  with pytest.raises(FloatingPointError, match=r'^val loss became nan at step 4; the last good checkpoint \(step 2\) '
+                                               r'is kept'):
+    train_lib.train_and_evaluate(tiny_config(**{**settings, 'train.num_steps': 4}), tmp_path)
+  assert Checkpoints(tmp_path, read_only=True).steps() == [2]
+
+
 def test_resuming_with_another_steps_per_call_realigns_and_continues_the_run(tiny_config, tmp_path):
   """Stopped at step 3 with single steps, resumed with 2 steps per call: step 4 runs alone, then pairs."""
   settings = {'train.num_steps': 6, 'train.decay_steps': 6, 'train.log_every': 2, 'eval.every': 6,
