@@ -100,6 +100,28 @@ def test_validate_names_field_and_value(field, value, message):
   assert '\n' not in str(error.value)
 
 
+
+@pytest.mark.parametrize('overrides', [
+    {'train.min_learning_rate': 1e-3},  # = learning_rate: a constant rate after warmup
+    {'train.warmup_steps': 2000, 'train.decay_steps': 3000},  # warmup as long as the run (num_steps 2000)
+    {'train.beta1': 0.0, 'train.beta2': 0.0},  # no momentum
+    {'train.weight_decay': 0.0, 'train.grad_clip': 0.0},  # 0 turns them off
+    {'train.profile_steps': 10, 'train.profile_start': 1990},  # the trace ends at the last step
+])
+def test_settings_on_the_boundary_of_what_is_taken_validate(overrides):
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  config.train.update({field.split('.')[1]: value for field, value in overrides.items()})
+  config_lib.validate(config)
+
+
+def test_a_profile_that_starts_at_the_last_step_is_refused():
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  config.train.update(profile_steps=10, profile_start=2000)  # num_steps 2000: the trace would start at step 2001
+  with pytest.raises(ConfigError, match=r'^train.profile_start=2000 is not below train.num_steps=2000: the trace of '
+                                        r'train.profile_steps would never start'):
+    config_lib.validate(config)
+
+
 CUDNN_BF16 = {'model.attention_impl': 'cudnn', 'model.dtype': 'bfloat16'}
 
 
