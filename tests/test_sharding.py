@@ -180,7 +180,7 @@ def test_joining_says_what_it_waits_for_and_gives_jax_a_later_deadline(monkeypat
                                      "cluster's settings (waiting up to 300 s; --distributed_timeout)\n")
 
 
-@pytest.mark.parametrize('address', ['10.0.0.1', ':1234', '10.0.0.1:port', '10.0.0.1:0', '10.0.0.1:70000'])
+@pytest.mark.parametrize('address', ['10.0.0.1', ':1234', '10.0.0.1:port', '10.0.0.1:0', '10.0.0.1:65536', '10.0.0.1:70000'])
 def test_a_coordinator_address_that_is_not_host_and_port_is_refused(monkeypatch, address):
   monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', lambda **kwargs: pytest.fail('joined'))
   with pytest.raises(ConfigError, match=rf"^--coordinator_address={address} is not HOST:PORT; give process 0's "):
@@ -232,6 +232,19 @@ def test_process_numbers_out_of_range_are_refused_before_joining(monkeypatch, ca
   assert capsys.readouterr().err == ''  # no 'joining ...' line before the error
 
 
+
+def test_xla_flags_set_the_cpu_device_count_and_refuse_another_asked_for(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2 --xla_force_host_platform_device_count=4')
+  assert sharding_lib.forced_cpu_device_count() == 4  # the last one wins, as in XLA
+  sharding_lib.set_cpu_devices(6)  # the flags win: nothing to do
+  sharding_lib.set_cpu_devices(6, asked=0)  # mesh.cpu_devices=0: none asked for
+  sharding_lib.set_cpu_devices(6, asked=4)
+  with pytest.raises(ConfigError, match=r'^mesh.cpu_devices=2 asks for another CPU device count than XLA_FLAGS, whose '
+                                        r'--xla_force_host_platform_device_count=4 wins; drop one of the two$'):
+    sharding_lib.set_cpu_devices(6, asked=2)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false')
+  assert sharding_lib.forced_cpu_device_count() is None
+
 def test_one_cpu_device_per_core_the_process_may_use(monkeypatch):
   monkeypatch.setattr(sharding_lib.os, 'sched_getaffinity', lambda pid: {0, 5, 6}, raising=False)  # e.g. taskset
   assert sharding_lib.usable_cores() == 3
@@ -280,6 +293,7 @@ def test_bfloat16_compute_keeps_fp32_parameters_and_follows_fp32(tiny_config):
     (10, {}, 6),
     (2, {}, 2),
     (8, {'fsdp': 2}, 6),  # data 3 x fsdp 2
+    (9, {'fsdp': 2}, 6),  # odd cores: counts of whole fsdp groups only (not 7 = 3 x 2 + 1)
     (8, {'data': 1, 'tensor': -1}, 4),  # 4 heads
     (8, {'cpu_devices': 3}, 3),  # asked for
     (3, {'data': 2}, 2),  # no -1 axis: the devices the mesh names
