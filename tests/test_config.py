@@ -90,6 +90,8 @@ def test_recipes_match_nanogpt():
     ('train.grad_accum_steps', 5, r'train.batch_size=12 is not divisible by train.grad_accum_steps=5'),
     ('mesh.tensor', 3, r'mesh.tensor=3 does not divide model.num_heads=4'),
     ('mesh.data', 5, r'train.batch_size=12 \(micro-batch 12\) is not divisible by the data-parallel size 5'),
+    # fsdp splits the batch too
+    ('mesh.fsdp', 8, r'train.batch_size=12 \(micro-batch 12\) is not divisible by the data-parallel size 8'),
 ])
 def test_validate_names_field_and_value(field, value, message):
   config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
@@ -119,6 +121,16 @@ def test_a_profile_that_starts_at_the_last_step_is_refused():
   config.train.update(profile_steps=10, profile_start=2000)  # num_steps 2000: the trace would start at step 2001
   with pytest.raises(ConfigError, match=r'^train.profile_start=2000 is not below train.num_steps=2000: the trace of '
                                         r'train.profile_steps would never start'):
+    config_lib.validate(config)
+
+
+
+def test_the_micro_batch_not_the_batch_must_split_over_the_data_parallel_devices():
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  config.train.grad_accum_steps = 2
+  config.mesh.data = 4  # divides the batch of 12 but not its micro-batches of 6
+  with pytest.raises(ConfigError, match=r'^train.batch_size=12 \(micro-batch 6\) is not divisible by the '
+                                        r'data-parallel size 4 \(mesh data x fsdp\); pick a multiple of 8$'):
     config_lib.validate(config)
 
 
