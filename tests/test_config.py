@@ -102,7 +102,6 @@ def test_validate_names_field_and_value(field, value, message):
   assert '\n' not in str(error.value)
 
 
-
 @pytest.mark.parametrize('overrides', [
     {'train.min_learning_rate': 1e-3},  # = learning_rate: a constant rate after warmup
     {'train.warmup_steps': 2000, 'train.decay_steps': 3000},  # warmup as long as the run (num_steps 2000)
@@ -122,7 +121,6 @@ def test_a_profile_that_starts_at_the_last_step_is_refused():
   with pytest.raises(ConfigError, match=r'^train.profile_start=2000 is not below train.num_steps=2000: the trace of '
                                         r'train.profile_steps would never start'):
     config_lib.validate(config)
-
 
 
 def test_the_micro_batch_not_the_batch_must_split_over_the_data_parallel_devices():

@@ -119,6 +119,17 @@ def test_processes_with_unequal_device_counts_are_refused(tiny_config):
     sharding_lib.make_mesh(tiny_config().mesh, devices)
 
 
+@pytest.mark.parametrize('data, message', [
+    (8, r'use 8 devices but there are 4; .*; on CPU, mesh.cpu_devices=4 gives each process 4 devices$'),
+    # 3 devices do not split over 2 processes: no setting to name
+    (3, r'use 3 devices but there are 4; make their product equal the device count \(or set one to -1\)$'),
+])
+def test_a_cpu_mesh_over_several_processes_names_the_devices_each_needs(tiny_config, monkeypatch, data, message):
+  monkeypatch.delenv('XLA_FLAGS')  # (the tests' own: it would be named too)
+  devices = [types.SimpleNamespace(id=i, process_index=p, platform='cpu') for i, p in enumerate((0, 0, 1, 1))]
+  with pytest.raises(ConfigError, match=message):  # (equal counts per process: no complaint about them)
+    sharding_lib.make_mesh(tiny_config(**{'mesh.data': data}).mesh, devices)
+
 @pytest.mark.parametrize('env, detected', [
     ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2', 'SLURM_STEP_NODELIST': 'node[1-2]'}, True),  # srun's tasks
     ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2'}, False),  # the batch script itself, outside srun
@@ -180,7 +191,8 @@ def test_joining_says_what_it_waits_for_and_gives_jax_a_later_deadline(monkeypat
                                      "cluster's settings (waiting up to 300 s; --distributed_timeout)\n")
 
 
-@pytest.mark.parametrize('address', ['10.0.0.1', ':1234', '10.0.0.1:port', '10.0.0.1:0', '10.0.0.1:65536', '10.0.0.1:70000'])
+@pytest.mark.parametrize('address', ['10.0.0.1', ':1234', '10.0.0.1:port', '10.0.0.1:0', '10.0.0.1:65536',
+                                     '10.0.0.1:70000'])
 def test_a_coordinator_address_that_is_not_host_and_port_is_refused(monkeypatch, address):
   monkeypatch.setattr(sharding_lib.jax.distributed, 'initialize', lambda **kwargs: pytest.fail('joined'))
   with pytest.raises(ConfigError, match=rf"^--coordinator_address={address} is not HOST:PORT; give process 0's "):
@@ -230,7 +242,6 @@ def test_process_numbers_out_of_range_are_refused_before_joining(monkeypatch, ca
   with pytest.raises(ConfigError, match=message):
     sharding_lib.initialize_distributed('auto', '10.0.0.1:1234', num_processes, process_id)
   assert capsys.readouterr().err == ''  # no 'joining ...' line before the error
-
 
 
 def test_xla_flags_set_the_cpu_device_count_and_refuse_another_asked_for(monkeypatch):
@@ -295,6 +306,7 @@ def test_bfloat16_compute_keeps_fp32_parameters_and_follows_fp32(tiny_config):
     (8, {'fsdp': 2}, 6),  # data 3 x fsdp 2
     (9, {'fsdp': 2}, 6),  # odd cores: counts of whole fsdp groups only (not 7 = 3 x 2 + 1)
     (8, {'data': 1, 'tensor': -1}, 4),  # 4 heads
+    (16, {'tensor': 4}, 16),  # data 4 x tensor 4
     (8, {'cpu_devices': 3}, 3),  # asked for
     (3, {'data': 2}, 2),  # no -1 axis: the devices the mesh names
     (2, {'data': 4}, 2),  # more than the cores: training refuses the mesh in one line
