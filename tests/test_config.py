@@ -177,6 +177,8 @@ def test_cudnn_in_bfloat16_validates_without_a_gpu():  # a sweep validates its p
     ('train.warmup_steps', None, r'train.warmup_steps must be an integer >= 0, got None'),
     ('train.warmup_steps', 10.5, r'train.warmup_steps must be an integer >= 0, got 10.5'),
     ('mesh.cpu_devices', '2', r"mesh.cpu_devices must be an integer >= 0, got '2'"),
+    ('model.num_layers', True, r'model.num_layers must be a positive integer, got True'),  # (a bool is an int)
+    ('mesh.data', 2.0, r'mesh.data must be a positive integer or -1 \(all devices left over\), got 2.0'),
     ('model.use_bias', 'false', r"model.use_bias must be true or false, got 'false'"),
     ('checkpoint.async_save', None, r'checkpoint.async_save must be true or false, got None'),
 ])

@@ -310,6 +310,7 @@ def test_bfloat16_compute_keeps_fp32_parameters_and_follows_fp32(tiny_config):
     (8, {'cpu_devices': 3}, 3),  # asked for
     (3, {'data': 2}, 2),  # no -1 axis: the devices the mesh names
     (2, {'data': 4}, 2),  # more than the cores: training refuses the mesh in one line
+    (8, {'data': 0}, 8),  # a config that does not validate: every core (training refuses it in one line)
 ])
 def test_automatic_cpu_device_count_splits_the_batch_and_mesh(cores, mesh, expected):
   config = config_lib.load_config_file('experiments/cpu.py')
