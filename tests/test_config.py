@@ -79,6 +79,11 @@ def test_recipes_match_nanogpt():
     ('mesh.fsdp', -1, r'only one of mesh.data, mesh.fsdp, mesh.tensor may be -1'),  # mesh.data is -1
     ('mesh.fsdp', 3, r'mesh.fsdp=3 does not divide the embedding width 128'),
     ('train.steps_per_call', 3, r'train.num_steps=2000 is not a multiple of train.steps_per_call=3'),
+    ('train.log_every', 105, r'^train.log_every=105 is not a multiple of train.steps_per_call=10; make it one'),
+    ('eval.every', 255, r'^eval.every=255 is not a multiple of train.steps_per_call=10; make it one'),
+    ('checkpoint.every', 15, r'^checkpoint.every=15 is not a multiple of train.steps_per_call=10; make it one'),
+    ('name', '..', r"^name must be a plain folder name \(the default workdir is runs/<name>\), got '..'$"),
+    ('name', 'a/b', r"^name must be a plain folder name .*, got 'a/b'$"),
     ('train.learning_rate', 0.0, r'train.learning_rate must be > 0'),
     ('mesh.data', 0, r'mesh.data must be a positive integer or -1'),
     ('seed', -1, r'seed must be an integer >= 0, got -1'),
@@ -166,6 +171,17 @@ def test_cudnn_with_a_head_size_above_128_runs_from_hopper_on_only():
   config.model.head_size = 128
   assert config_lib.attention_cannot_run(config.model, 'gpu', '8.0') is None
 
+
+
+def test_xla_attention_in_float16_cannot_run_on_cpu_devices_only():
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  config.model.update(attention_impl='xla', dtype='float16')
+  assert config_lib.attention_cannot_run(config.model, 'cpu') == (
+      "model.attention_impl='xla' with model.dtype='float16' does not run on cpu devices (no float16 matmul with "
+      "float32 sums there); use 'auto' or 'einsum', or bfloat16")
+  assert config_lib.attention_cannot_run(config.model, 'gpu', '8.0') is None
+  config.model.dtype = 'bfloat16'
+  assert config_lib.attention_cannot_run(config.model, 'cpu') is None
 
 def test_cudnn_in_bfloat16_validates_without_a_gpu():  # a sweep validates its points on the launching host
   config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
