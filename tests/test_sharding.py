@@ -256,6 +256,16 @@ def test_xla_flags_set_the_cpu_device_count_and_refuse_another_asked_for(monkeyp
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false')
   assert sharding_lib.forced_cpu_device_count() is None
 
+
+def test_processes_compare_int32_digests_and_name_the_first_that_differs(monkeypatch):
+  assert 0 <= sharding_lib.digest(b'a') < 2**31  # (its CRC-32 is 0xe8b7be43: above the int32 range)
+  assert sharding_lib.digest(b'a') != sharding_lib.digest(b'b')
+  assert sharding_lib.first_process_differing(5) is None  # one process
+  monkeypatch.setattr(sharding_lib, 'gather_from_processes', lambda value: np.array([value, value, value]))
+  assert sharding_lib.first_process_differing(5) is None
+  monkeypatch.setattr(sharding_lib, 'gather_from_processes', lambda value: np.array([value, value, 7, 8]))
+  assert sharding_lib.first_process_differing(5) == 2
+
 def test_one_cpu_device_per_core_the_process_may_use(monkeypatch):
   monkeypatch.setattr(sharding_lib.os, 'sched_getaffinity', lambda pid: {0, 5, 6}, raising=False)  # e.g. taskset
   assert sharding_lib.usable_cores() == 3
