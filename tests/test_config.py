@@ -172,7 +172,6 @@ def test_cudnn_with_a_head_size_above_128_runs_from_hopper_on_only():
   assert config_lib.attention_cannot_run(config.model, 'gpu', '8.0') is None
 
 
-
 def test_xla_attention_in_float16_cannot_run_on_cpu_devices_only():
   config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
   config.model.update(attention_impl='xla', dtype='float16')
@@ -182,6 +181,7 @@ def test_xla_attention_in_float16_cannot_run_on_cpu_devices_only():
   assert config_lib.attention_cannot_run(config.model, 'gpu', '8.0') is None
   config.model.dtype = 'bfloat16'
   assert config_lib.attention_cannot_run(config.model, 'cpu') is None
+
 
 def test_cudnn_in_bfloat16_validates_without_a_gpu():  # a sweep validates its points on the launching host
   config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')

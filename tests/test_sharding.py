@@ -130,6 +130,7 @@ def test_a_cpu_mesh_over_several_processes_names_the_devices_each_needs(tiny_con
   with pytest.raises(ConfigError, match=message):  # (equal counts per process: no complaint about them)
     sharding_lib.make_mesh(tiny_config(**{'mesh.data': data}).mesh, devices)
 
+
 @pytest.mark.parametrize('env, detected', [
     ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2', 'SLURM_STEP_NODELIST': 'node[1-2]'}, True),  # srun's tasks
     ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2'}, False),  # the batch script itself, outside srun
@@ -265,6 +266,7 @@ def test_processes_compare_int32_digests_and_name_the_first_that_differs(monkeyp
   assert sharding_lib.first_process_differing(5) is None
   monkeypatch.setattr(sharding_lib, 'gather_from_processes', lambda value: np.array([value, value, 7, 8]))
   assert sharding_lib.first_process_differing(5) == 2
+
 
 def test_one_cpu_device_per_core_the_process_may_use(monkeypatch):
   monkeypatch.setattr(sharding_lib.os, 'sched_getaffinity', lambda pid: {0, 5, 6}, raising=False)  # e.g. taskset
