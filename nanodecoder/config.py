@@ -314,7 +314,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("data.source='text' needs data.text_path; pass --config.data.text_path=/path/to/corpus.txt")
   if config.data.source == 'tfds' and config.data.text_path:
     raise ConfigError(f"data.text_path={config.data.text_path!r} is not read with data.source='tfds' (which reads "
-                      f"data.tfds_name); pass --config.data.source=text to train on the file, or drop text_path")
+                      "data.tfds_name); pass --config.data.source=text to train on the file, or drop text_path")
   if not 0.0 < config.data.text_eval_fraction < 1.0:
     raise ConfigError(f'data.text_eval_fraction must be in (0, 1), got {config.data.text_eval_fraction!r}')
   for axis in ('data', 'fsdp', 'tensor'):
