@@ -108,6 +108,12 @@ def check_splits(data: ml_collections.ConfigDict, source: str, available: list[s
     split_names(data[field], source, available, f'data.{field}')
 
 
+def shared_splits(data: ml_collections.ConfigDict) -> list[str]:
+  """The splits that data.train_split and data.eval_split both name: a val loss over trained-on text."""
+  eval_names = data.eval_split.split('+')
+  return [name for name in data.train_split.split('+') if name in eval_names]
+
+
 _SPLIT_ORDER = ['train', 'validation', 'test']  # (a TFDS dataset's other splits follow these)
 
 

@@ -549,6 +549,11 @@ def _train_loop(session: _Session, logger: MetricsLogger, checkpoints: checkpoin
               f'{model_config.num_heads} heads x {model_config.head_size} = {model_config.embed_dim} wide, '
               f'vocab {model_config.vocab_size}; mesh {dict(mesh.shape)} on {jax.device_count()} '
               f'{jax.devices()[0].platform} devices')
+  shared = data_lib.shared_splits(config.data)
+  if shared:
+    logger.info(f'warning: data.eval_split={config.data.eval_split!r} holds text the run trains on '
+                f'({", ".join(map(repr, shared))}, also in data.train_split): its val loss measures fit, not '
+                'generalization')
   metrics = _restore_or_init(trainer, checkpoints, dataset, logger.info)
   last_saved = trainer.step or None  # the last good checkpoint: the one restored (never one at step 0)
   logger.start(trainer.step)

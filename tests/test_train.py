@@ -10,6 +10,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -206,6 +207,16 @@ def test_train_and_evaluate_learns_and_writes_the_workdir(tiny_config, tmp_path)
   assert (tmp_path / 'config.json').is_file() and (tmp_path / 'tokenizer.json').is_file()
   lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
   assert any('eval/val_loss' in line for line in lines)
+
+
+def test_an_eval_split_holding_trained_text_is_named_in_a_warning(tiny_config, tmp_path, capsys):
+  settings = {'train.num_steps': 2, 'train.warmup_steps': 1, 'train.decay_steps': 2, 'eval.every': 2}
+  train_lib.train_and_evaluate(tiny_config(**settings, **{'data.eval_split': 'validation+train'}), tmp_path)
+  assert ("warning: data.eval_split='validation+train' holds text the run trains on ('train', also in "
+          'data.train_split): its val loss measures fit, not generalization') in capsys.readouterr().out
+  for train, evaluated, shared in (('train', 'validation+test', []), ('train+validation', 'test+validation',
+                                                                     ['validation']), ('train', 'train', ['train'])):
+    assert data_lib.shared_splits(ml_collections.ConfigDict({'train_split': train, 'eval_split': evaluated})) == shared
 
 
 def test_batch_must_divide_over_data_parallel_devices(tiny_config, tmp_path):
