@@ -132,6 +132,22 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config, accum_steps, de
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('dropout', [0.0, 0.5])
+def test_each_micro_batch_draws_its_own_dropout_masks(tiny_config, dropout):
+  """Micro-batch j takes rows j, j + 2, ...: swapping the two micro-batches changes the step's loss exactly when
+  dropout draws other masks for each (with one key for both, the mean over them would not see the order)."""
+  trainer, dataset = build(tiny_config(**{'train.grad_accum_steps': 2, 'model.dropout': dropout}), jax.devices()[:1])
+  batch = dataset.train_batch(0, 0, 8)
+  swapped = batch.reshape(4, 2, -1)[:, ::-1].reshape(batch.shape)  # rows 0 <-> 1, 2 <-> 3, ...
+  start = jax.tree.map(jnp.copy, trainer.state)
+  _, out = trainer.train_step(jax.tree.map(jnp.copy, start), put(trainer, batch))
+  _, out_swapped = trainer.train_step(start, put(trainer, swapped))
+  if dropout:
+    assert abs(float(out['loss']) - float(out_swapped['loss'])) > 1e-5  # (rounding alone: ~1e-7)
+  else:
+    np.testing.assert_allclose(float(out['loss']), float(out_swapped['loss']), rtol=1e-6)
+
+
 def all_reduces(trainer, dataset):
   batch = put(trainer, dataset.train_batch(0, 0, 8))
   hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
