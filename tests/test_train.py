@@ -221,8 +221,14 @@ def test_train_and_evaluate_learns_and_writes_the_workdir(tiny_config, tmp_path)
   metrics = train_lib.train_and_evaluate(config, tmp_path)
   assert metrics['val_loss'] < 2.6 and metrics['train_loss'] < 2.6
   assert (tmp_path / 'config.json').is_file() and (tmp_path / 'tokenizer.json').is_file()
-  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
-  assert any('eval/val_loss' in line for line in lines)
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'eval/val_loss' in r] == [30, 60]
+  schedule = train_lib.learning_rate_schedule(config.train)
+  logged_lrs = {r['step']: r['train/lr'] for r in records if 'train/lr' in r}
+  assert list(logged_lrs) == [10, 20, 30, 40, 50, 60]
+  for step, lr in logged_lrs.items():  # the rate that step's update used: the optimizer's count was step - 1
+    assert lr == pytest.approx(float(schedule(step - 1)), rel=1e-6)
+    assert lr != pytest.approx(float(schedule(step)), rel=1e-6)
 
 
 def test_an_eval_split_holding_trained_text_is_named_in_a_warning(tiny_config, tmp_path, capsys):
