@@ -49,6 +49,7 @@ def test_a_list_gives_the_points_one_by_one_and_clashing_names_stay_dotted(tiny_
     ({'model.num_layers': [2, 0]}, r'point 1 \(num_layers=0\): model.num_layers must be a positive integer, got 0'),
     ({'model.num_layers': []}, r"sweep field 'model.num_layers' needs a non-empty list of values"),
     ({'model.num_layers': 4}, r"sweep field 'model.num_layers' needs a non-empty list of values, got 4"),
+    ({'model.num_layers': '24'}, r"sweep field 'model.num_layers' needs a non-empty list of values, got '24'"),
     ([{'eval.every': 10}, {'eval.every': 10}], r"sweep points 0 and 1 have the same folder name 'every=10'; make "),
     ({'train.learning_rate': [1e-3, 1.0000001e-3]}, r"same folder name 'learning_rate=0.001'; make their values"),
     ({}, r'get_sweep\(\) returned \{\}; return \{field: \[values\]\} with at least one field'),
@@ -76,7 +77,7 @@ def test_the_experiment_sweeps_expand_and_validate(arg, name, fields, count):
 
 
 def test_unknown_experiment_sweep_and_plain_configs(tmp_path):
-  with pytest.raises(ConfigError, match=r"unknown sweep 'nope' in experiments/sweep.py; use NAME or NAME,RECIPE"):
+  with pytest.raises(ConfigError, match=r"^unknown sweep 'nope' in experiments/sweep.py; use NAME or NAME,RECIPE"):
     sweep_lib.load_declaration(f'{REPO}/experiments/sweep.py:nope')
   assert sweep_lib.load_declaration(REPO / 'experiments' / 'cpu.py') is None
   returns_none = tmp_path / 'returns_none.py'
