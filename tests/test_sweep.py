@@ -94,10 +94,17 @@ def test_unknown_experiment_sweep_and_plain_configs(tmp_path):
     sweep_lib.load_declaration(f'{broken}:x')
 
 
+def test_folder_names_join_a_sequence_and_replace_separators():
+  assert sweep_lib.format_value((16, 2.5e-4)) == '16-0.00025'
+  assert sweep_lib.format_value('a=b, c/d\\e') == 'a_b__c_d_e'  # no '=' or ',' that would split the name
+
+
 def test_child_env_shares_out_the_listed_gpus():
   env = {'CUDA_VISIBLE_DEVICES': '0,1,2,3', 'OTHER': 'x'}
   assert [sweep_lib.child_env(slot, 2, env)['CUDA_VISIBLE_DEVICES'] for slot in (0, 1)] == ['0,1', '2,3']
   assert sweep_lib.child_env(1, 1, env)['CUDA_VISIBLE_DEVICES'] == '0,1,2,3'
+  two = {'CUDA_VISIBLE_DEVICES': '0,1'}  # as many GPUs as points: one each
+  assert [sweep_lib.child_env(slot, 2, two)['CUDA_VISIBLE_DEVICES'] for slot in (0, 1)] == ['0', '1']
   assert 'CUDA_VISIBLE_DEVICES' not in sweep_lib.child_env(0, 2, {'OTHER': 'x'})
   assert 'XLA_PYTHON_CLIENT_MEM_FRACTION' not in sweep_lib.child_env(0, 2, env)  # a GPU each: JAX's default
 
