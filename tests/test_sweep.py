@@ -220,6 +220,25 @@ def test_a_point_killed_by_a_signal_is_logged_with_its_name(tiny_config, tmp_pat
       '[point 2 of 3] seed=3: failed (exit status 137) after 0s']  # e.g. a wrapper's own status
 
 
+def test_a_stopped_point_loses_its_failure_record_and_a_killed_one_replaces_it(tiny_config, tmp_path, monkeypatch):
+  """Each exit status of a point that Ctrl-C or SIGTERM stopped is 'stopped'; a record a point killed by a signal
+  finds is an earlier session's (it had no time to write one)."""
+  monkeypatch.setattr(sweep_lib.time, 'sleep', lambda s: None)
+  base = tiny_config()
+  codes = [128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL]
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': list(range(len(codes)))})
+  for point in sweep.points:
+    sweep_lib.record_failure(sweep.workdir(tmp_path, point), 'failed (an earlier session)')
+  log = []
+  results, _ = sweep_lib.run(sweep, base, tmp_path, lambda point, slot: FakeProcess(point.name, codes[point.index]),
+                             log=log.append)
+  assert list(results.values()) == codes
+  assert [line.split(': ', 1)[1] for line in log if 'after' in line] == ['stopped after 0s'] * 4 + [
+      'failed (killed by SIGKILL: out of memory?) after 0s']
+  assert [sweep_lib.recorded_failure(sweep.workdir(tmp_path, p)) for p in sweep.points] == [None] * 4 + [
+      'failed (killed by SIGKILL: out of memory?)']
+
+
 def test_finished_points_are_skipped_and_interrupted_ones_resume(tiny_config, tmp_path):
   base = tiny_config(**{'checkpoint.every': 10})
   sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3]})  # one model shape: compiles once
