@@ -239,6 +239,14 @@ def test_a_stopped_point_loses_its_failure_record_and_a_killed_one_replaces_it(t
       'failed (killed by SIGKILL: out of memory?)']
 
 
+def test_saved_steps_are_the_numbered_checkpoint_folders_in_step_order(tmp_path):
+  for name in ('100', '5', '20.orbax-checkpoint-tmp-1', '10'):  # a step Orbax still writes: not complete
+    (tmp_path / 'checkpoints' / name).mkdir(parents=True)
+  (tmp_path / 'checkpoints' / '30').write_text('')  # a file, not a checkpoint
+  assert sweep_lib.saved_steps(tmp_path) == [5, 10, 100] and sweep_lib.latest_step(tmp_path) == 100
+  assert sweep_lib.saved_steps(tmp_path / 'none') == [] and sweep_lib.latest_step(tmp_path / 'none') == 0
+
+
 def test_finished_points_are_skipped_and_interrupted_ones_resume(tiny_config, tmp_path):
   base = tiny_config(**{'checkpoint.every': 10})
   sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3]})  # one model shape: compiles once
