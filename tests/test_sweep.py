@@ -247,6 +247,12 @@ def test_saved_steps_are_the_numbered_checkpoint_folders_in_step_order(tmp_path)
   assert sweep_lib.saved_steps(tmp_path / 'none') == [] and sweep_lib.latest_step(tmp_path / 'none') == 0
 
 
+def test_a_run_of_unknown_length_is_new_until_its_first_checkpoint(tmp_path):
+  assert sweep_lib.point_status(tmp_path, None) == sweep_lib.Status('new', 0, None)
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
+  assert sweep_lib.point_status(tmp_path, None) == sweep_lib.Status('unknown', 10, None)  # finished or not
+
+
 def test_finished_points_are_skipped_and_interrupted_ones_resume(tiny_config, tmp_path):
   base = tiny_config(**{'checkpoint.every': 10})
   sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3]})  # one model shape: compiles once
