@@ -696,6 +696,9 @@ def test_the_manifest_gives_every_point_each_swept_value_and_one_index_updates_o
   (tmp_path / 'sweep.json').write_text(json.dumps(manifest))
   sweep_lib.write_manifest(tmp_path, sweep, base, only=sweep.points[1])  # rewritten whole
   assert all('values' in entry for entry in json.loads((tmp_path / 'sweep.json').read_text())['points'])
+  other = sweep_lib.make_sweep('y.py', base, {'seed': [3, 4]})  # another sweep's index in the same root:
+  sweep_lib.write_manifest(tmp_path, other, base, only=other.points[1])  # rewritten whole, not left half the first's
+  assert [e['name'] for e in json.loads((tmp_path / 'sweep.json').read_text())['points']] == ['seed=3', 'seed=4']
 
 
 def test_data_is_prepared_once_per_corpus_before_the_points(tiny_config, monkeypatch):
