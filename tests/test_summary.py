@@ -279,7 +279,7 @@ def test_an_unfinished_point_is_reported_at_its_latest_checkpoint(tiny_config, t
   assert rows[1] == {'point': 'seed=2', 'seed': '2', 'status': 'new', 'step': '0', 'num_steps': '40', 'params': '',
                      'best_val_loss': '', 'best_val_step': '', 'final_val_loss': '', 'final_train_loss': '',
                      'tokens_per_s': '', 'wall_time_s': ''}
-  assert 'Lowest val loss: 2.5000 (seed=1, step 20).' in (tmp_path / 'summary.md').read_text()
+  assert '\n2 points, 0 finished. Lowest val loss: 2.5000 (seed=1, step 20).' in (tmp_path / 'summary.md').read_text()
   cut = summary_lib.read_metrics(partial, summary_lib.reported_step(partial, 40))  # what the curves draw
   assert (sorted(cut.train), sorted(cut.evals)) == ([10, 20], [10, 20])
   assert summary_lib.read_metrics(new, summary_lib.reported_step(new, 40)) == summary_lib.RunMetrics({}, {}, None)
