@@ -319,7 +319,8 @@ def test_a_diverged_run_is_not_the_best(tmp_path):
     (workdir / 'checkpoints' / str(lines[-1]['step'])).mkdir(parents=True)
   with warnings.catch_warnings():
     warnings.simplefilter('error')  # e.g. matplotlib's legend without labels: these runs logged no train loss
-    summary_lib.write_summary(tmp_path)
+    written = summary_lib.write_summary(tmp_path)
+  assert [p.name for p in written] == ['summary.csv', 'summary.md', 'val_loss.png', 'loss_curves.png']  # val curves
   rows = {r['point']: r for r in csv.DictReader((tmp_path / 'summary.csv').open())}
   assert rows['lr=1e+06']['best_val_loss'] == '' and rows['lr=1e+06']['final_val_loss'] == 'nan'
   assert (rows['lr=0.1']['best_val_loss'], rows['lr=0.1']['best_val_step']) == ('2.3', '10')
