@@ -327,7 +327,12 @@ def test_a_diverged_run_is_not_the_best(tmp_path):
   assert 'Lowest val loss: 2.3000 (lr=0.1, step 10).' in (tmp_path / 'summary.md').read_text()
 
 
-def test_a_damaged_sweep_manifest_is_one_error(tmp_path):
-  (tmp_path / sweep_lib.MANIFEST).write_text('{"name": "blocks"')
-  with pytest.raises(ConfigError, match=r'sweep.json is damaged \(JSONDecodeError: .*\); rerun the sweep command'):
+@pytest.mark.parametrize('text, error', [
+    ('{"name": "blocks"', 'JSONDecodeError'), ('[]', 'TypeError'),
+    ('{"name": "b", "config": "b.py", "fields": ["seed"], "points": [{"name": "s", "overrides": {}, "values": [1]}]}',
+     'AttributeError'),
+])
+def test_a_damaged_sweep_manifest_is_one_error(tmp_path, text, error):
+  (tmp_path / sweep_lib.MANIFEST).write_text(text)
+  with pytest.raises(ConfigError, match=rf'sweep.json is damaged \({error}: .*\); rerun the sweep command'):
     summary_lib.write_summary(tmp_path)
