@@ -336,3 +336,13 @@ def test_a_damaged_sweep_manifest_is_one_error(tmp_path, text, error):
   (tmp_path / sweep_lib.MANIFEST).write_text(text)
   with pytest.raises(ConfigError, match=rf'sweep.json is damaged \({error}: .*\); rerun the sweep command'):
     summary_lib.write_summary(tmp_path)
+
+
+def test_a_sweeps_fields_whose_last_parts_clash_stay_dotted(tiny_config, tmp_path):
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('tiny.py', base, {'eval.every': [5], 'checkpoint.every': [5, 10]})
+  sweep_lib.write_manifest(tmp_path, sweep, base)
+  _, fields, points = summary_lib.find_points(tmp_path)
+  assert fields == ['eval.every', 'checkpoint.every']
+  assert [values for _, values, _ in points] == [{'eval.every': 5, 'checkpoint.every': 5},
+                                                 {'eval.every': 5, 'checkpoint.every': 10}]
