@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -346,3 +347,23 @@ def test_a_sweeps_fields_whose_last_parts_clash_stay_dotted(tiny_config, tmp_pat
   assert fields == ['eval.every', 'checkpoint.every']
   assert [values for _, values, _ in points] == [{'eval.every': 5, 'checkpoint.every': 5},
                                                  {'eval.every': 5, 'checkpoint.every': 10}]
+
+
+def test_a_folder_of_runs_is_read_by_folder_name(tmp_path, monkeypatch):
+  """Fields from the `field=value` parts (ints stay ints; a part without '=' is no field), rows in name order,
+  speed the median, and one best val loss in bold where two runs tie."""
+  listed = pathlib.Path.iterdir
+  monkeypatch.setattr(pathlib.Path, 'iterdir', lambda self: iter(sorted(listed(self), reverse=True)))
+  for name, steps, losses in (('layers=10,tag=b', [10], [2.6]), ('layers=2,lr=0.5,baseline', [10], [2.4]),
+                              ('layers=4,lr=0.5,tag=a', [10, 20, 60], [2.7, 2.5, 2.4])):
+    write_records(tmp_path / name, steps, losses)  # tokens/s: 100 x step
+    (tmp_path / name / 'checkpoints' / str(steps[-1])).mkdir(parents=True)
+  summary_lib.write_summary(tmp_path)
+  rows = list(csv.DictReader((tmp_path / 'summary.csv').open()))
+  assert list(rows[0]) == ['point', 'layers', 'tag', 'lr', *summary_lib.METRIC_COLUMNS]
+  assert [(r['point'], r['layers'], r['tag'], r['lr'], r['tokens_per_s']) for r in rows] == [
+      ('layers=10,tag=b', '10', 'b', '', '1000.0'), ('layers=2,lr=0.5,baseline', '2', '', '0.5', '1000.0'),
+      ('layers=4,lr=0.5,tag=a', '4', 'a', '0.5', '2000.0')]
+  text = (tmp_path / 'summary.md').read_text()
+  assert 'Lowest val loss: 2.4000 (layers=2,lr=0.5,baseline, step 10).' in text and text.count('**') == 2
+  assert '| layers=2,lr=0.5,baseline | 2 |  | 0.5 | unknown | 10/? |  | **2.4000** |' in text
