@@ -367,3 +367,12 @@ def test_a_folder_of_runs_is_read_by_folder_name(tmp_path, monkeypatch):
   text = (tmp_path / 'summary.md').read_text()
   assert 'Lowest val loss: 2.4000 (layers=2,lr=0.5,baseline, step 10).' in text and text.count('**') == 2
   assert '| layers=2,lr=0.5,baseline | 2 |  | 0.5 | unknown | 10/? |  | **2.4000** |' in text
+
+
+def test_a_summary_without_curves_removes_the_earlier_plots(tmp_path):
+  (tmp_path / 'checkpoints' / '20').mkdir(parents=True)  # a run copied without its log
+  for name in ('val_loss.png', 'loss_curves.png'):
+    (tmp_path / name).write_bytes(b'an earlier summary drew it')
+  assert [p.name for p in summary_lib.write_summary(tmp_path)] == ['summary.csv', 'summary.md']
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoints', 'summary.csv', 'summary.md']  # no sweep lock
+  assert '![' not in (tmp_path / 'summary.md').read_text()
