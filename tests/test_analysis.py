@@ -41,6 +41,8 @@ def test_attention_maps_are_causal_and_rows_sum_to_one(run):
   assert shown == long[-16:] and maps.shape == (2, 2, 16, 16)  # cut to the context, keeping the end
   with pytest.raises(DataError, match='characters not in the vocabulary'):
     analysis.attention_maps(model, tokenizer, 'the ~~~')
+  with pytest.raises(DataError, match='^the prompt is empty; pass the text'):
+    analysis.attention_maps(model, tokenizer, '')
 
 
 def test_attention_pngs_one_per_layer_with_a_heatmap_per_head(run, tmp_path):
