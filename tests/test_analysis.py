@@ -62,12 +62,12 @@ def test_attention_pngs_one_per_layer_with_a_heatmap_per_head(run, tmp_path):
 
 def test_characters_the_font_cannot_draw_are_labelled_by_code_point(tmp_path):
   """CJK text (not in matplotlib's default DejaVu Sans) drew empty boxes with a warning per glyph."""
-  assert [analysis.char_label(c) for c in 'aé一\r\x07'] == ['a', 'é', 'U+4E00', '\\r', 'U+0007']
+  assert [analysis.char_label(c) for c in 'aé一\r\x07\u200b'] == ['a', 'é', 'U+4E00', '\\r', 'U+0007', 'U+200B']
   maps = np.full((1, 2, 3, 3), 1 / 3, np.float32)
   with warnings.catch_warnings():
     warnings.simplefilter('error')  # matplotlib's "Glyph 19968 missing from font(s)"
     analysis.plot_attention(maps, '一丁\r', tmp_path)
-  assert (tmp_path / 'layer_0.png').stat().st_size > 0
+  assert (tmp_path / 'layer_0.png').stat().st_size > 0  # (U+200B, a zero-width space the font has, would draw nothing)
 
 
 def test_eval_report_is_the_exact_loss_over_every_window(run, monkeypatch):
