@@ -70,6 +70,26 @@ def test_characters_the_font_cannot_draw_are_labelled_by_code_point(tmp_path):
   assert (tmp_path / 'layer_0.png').stat().st_size > 0  # (U+200B, a zero-width space the font has, would draw nothing)
 
 
+def test_attention_figures_label_every_key_and_query_and_leave_spare_cells_empty(tmp_path, monkeypatch):
+  from nanodecoder import summary
+
+  figures = []
+  monkeypatch.setattr(summary, 'save_png', lambda figure, path: figures.append(figure))
+  analysis.plot_attention(np.full((2, 5, 4, 4), 0.25, np.float32), 'ab c', tmp_path)  # 5 heads: 2 rows of 4
+  assert len(figures) == 2
+  heatmaps = [ax for ax in figures[0].axes if ax.images]
+  assert [ax.get_title() for ax in heatmaps] == [f'head {h}' for h in range(5)]
+  assert sum(not ax.axison for ax in figures[0].axes) == 3
+  for ax in heatmaps:
+    assert [t.get_text() for t in ax.get_xticklabels()] == [t.get_text() for t in ax.get_yticklabels()] == [
+        'a', 'b', '␣', 'c']
+  text = 'abcdefghij' * 13  # 130 characters: every third labelled, at its place
+  analysis.plot_attention(np.full((1, 1, 130, 130), 1 / 130, np.float32), text, tmp_path)
+  ax = figures[-1].axes[0]
+  assert [t.get_text() for t in ax.get_xticklabels()] == list(text[::3]) and ax.get_xticks().tolist() == list(
+      range(0, 130, 3))
+
+
 def test_eval_report_is_the_exact_loss_over_every_window(run, monkeypatch):
   read = []
   restore = checkpoint_lib.ocp.StandardCheckpointHandler.restore
