@@ -132,6 +132,16 @@ def test_eval_while_the_run_trains_on_takes_the_step_that_replaced_the_one_being
   assert analysis.evaluate_split(workdir)['step'] == latest + 5
 
 
+def test_eval_of_a_checkpoint_saved_before_data_fingerprints_reads_the_text(run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run, workdir)
+  record = workdir / 'checkpoints' / '20' / 'meta' / 'metadata'
+  meta = json.loads(record.read_text())
+  del meta['data_fingerprint']
+  record.write_text(json.dumps(meta))
+  assert analysis.evaluate_split(workdir)['step'] == 20  # no fingerprint: nothing to compare the text with
+
+
 def test_eval_of_a_record_that_lacks_its_config_is_an_unreadable_step(run, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(run, workdir)
