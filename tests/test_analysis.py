@@ -142,6 +142,13 @@ def test_eval_of_a_checkpoint_saved_before_data_fingerprints_reads_the_text(run,
   assert analysis.evaluate_split(workdir)['step'] == 20  # no fingerprint: nothing to compare the text with
 
 
+def test_eval_of_a_split_of_one_character_is_refused(run, monkeypatch):
+  text = data_lib.Corpus.text
+  monkeypatch.setattr(data_lib.Corpus, 'text', lambda self, expr: 'a' if expr == 'test' else text(self, expr))
+  with pytest.raises(DataError, match=r"^split 'test' has 1 characters; it needs at least 2 to predict one$"):
+    analysis.evaluate_split(run, split='test')
+
+
 def test_eval_of_a_record_that_lacks_its_config_is_an_unreadable_step(run, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(run, workdir)
