@@ -48,3 +48,34 @@ def test_unwritable_folder_of_a_relative_path(tmp_path, monkeypatch):
   assert files.unwritable_folder('out.json') is None
   pathlib.Path('a_file').write_text('')
   assert files.unwritable_folder('a_file/sub/out.json') == tmp_path / 'a_file'
+
+
+def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary_file(tmp_path):
+  path = tmp_path / 'config.json'
+  path.write_text('old\n')
+  try:
+    files.atomic_write(path, 'new \ud800\n')  # a lone surrogate: UTF-8 cannot encode it
+  except UnicodeEncodeError:
+    pass
+  else:
+    raise AssertionError('the write did not fail')
+  assert path.read_text() == 'old\n' and [p.name for p in tmp_path.iterdir()] == ['config.json']
+
+
+def test_the_data_is_synced_before_the_file_is_replaced(tmp_path, monkeypatch):
+  events = []
+  fsync, replace = os.fsync, os.replace
+  monkeypatch.setattr(os, 'fsync', lambda fd: events.append('fsync') or fsync(fd))
+  monkeypatch.setattr(os, 'replace', lambda src, dst: events.append(('replace', pathlib.Path(dst).name)) or
+                      replace(src, dst))
+  files.atomic_write(tmp_path / 'a.json', '{}\n')
+  assert events == ['fsync', ('replace', 'a.json')]
+
+
+def test_the_umask_is_read_without_changing_it():
+  before = os.umask(0o077)
+  try:
+    assert files._read_umask() == 0o077
+    assert os.umask(0o077) == 0o077
+  finally:
+    os.umask(before)
