@@ -3,6 +3,7 @@
 import errno
 import fcntl
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -462,6 +463,141 @@ def test_failing_to_write_out_is_one_line(tmp_path, monkeypatch):
   assert cli._write_out(tmp_path / 'samples.txt', 'text') == (
       f'cannot write --out {tmp_path}/samples.txt: No space left on device (the results are printed above); give a '
       'path in a writable folder')
+
+
+@pytest.fixture
+def parsed():
+  """launch.py's flags in this process: parsed(*args) parses them as launch.py does; unparsed again afterwards."""
+  from absl import flags, logging
+
+  from nanodecoder import cli
+
+  if 'mode' not in flags.FLAGS:
+    cli.define_flags()
+  verbosity = logging.get_verbosity()
+
+  def parse(*args):
+    flags.FLAGS.unparse_flags()
+    return cli.parse_flags(['launch.py', *args])
+
+  yield parse
+  flags.FLAGS.unparse_flags()
+  cli.data_locations.clear()
+  logging.set_verbosity(verbosity)
+
+
+def test_each_mode_specific_flag_is_refused_by_the_modes_that_would_ignore_it(parsed, capsys):
+  from nanodecoder import cli
+
+  for mode, flag in [('train', '--nokv_cache'), ('train', '--stream'), ('eval', '--num_samples=2'),
+                     ('attention', '--max_new_tokens=5'), ('train', '--temperature=0'), ('eval', '--top_k=3'),
+                     ('train', '--top_p=0.5'), ('eval', '--prompt=a'), ('summary', '--prompt_file=p.txt'),
+                     ('train', '--checkpoint=best'), ('attention', '--split=test'), ('sample', '--distributed=on'),
+                     ('sample', '--coordinator_address=h:1'), ('eval', '--num_processes=2'),
+                     ('summary', '--process_id=0')]:
+    name = flag.partition('=')[0].replace('--no', '--')
+    parsed(f'--mode={mode}', flag)
+    with pytest.raises(SystemExit) as exit:
+      cli._refuse_flags_of_other_modes()
+    assert exit.value.code == 2 and capsys.readouterr().err.startswith(f'error: {name} is for --mode '), flag
+  for mode, flag in [('sample', '--nokv_cache'), ('attention', '--prompt=a'), ('eval', '--checkpoint=best'),
+                     ('eval', '--split=test'), ('train', '--distributed=off')]:
+    parsed(f'--mode={mode}', flag)
+    cli._refuse_flags_of_other_modes()  # its own mode's flag: taken
+
+
+def test_stray_arguments_and_runtime_errors_of_a_mode(parsed, monkeypatch, capsys):
+  import jax
+
+  from nanodecoder import cli
+
+  parsed('--mode=summary', '--workdir=sweep')
+  with pytest.raises(SystemExit) as exit:
+    cli.main(['launch.py', 'stray'])
+  assert exit.value.code == 2 and capsys.readouterr().err == 'error: unexpected arguments: stray\n'
+
+  def raising(error):
+    def mode():
+      raise error
+    return mode
+
+  for error, message in [
+      (jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 4.0GiB'),
+       'error: out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 4.0GiB); free memory on this machine or '
+       'use one with more\n'),
+      (jax.errors.JaxRuntimeError('Out of memory while trying to allocate 4.0GiB'),  # XLA's CPU client
+       'error: out of memory (Out of memory while trying to allocate 4.0GiB); free memory on this machine or use one '
+       'with more\n'),
+      (FileNotFoundError(errno.ENOENT, 'No such file or directory', 'sweep/sweep.json'),
+       'error: cannot use sweep/sweep.json: No such file or directory; check the paths in the flags and config '
+       'fields\n'),
+      (OSError(errno.ENOSPC, 'No space left on device', 'sweep/summary.csv'),  # a file's: not the standard output
+       'error: cannot use sweep/summary.csv: No space left on device; check the paths in the flags and config '
+       'fields\n')]:
+    monkeypatch.setitem(cli.MODES, 'summary', raising(error))
+    with pytest.raises(SystemExit) as exit:
+      cli.main(['launch.py'])
+    assert exit.value.code == 2 and capsys.readouterr().err == message
+  monkeypatch.setitem(cli.MODES, 'summary', raising(jax.errors.JaxRuntimeError('INTERNAL: a bug')))
+  with pytest.raises(jax.errors.JaxRuntimeError, match='INTERNAL: a bug'):  # not a user's error: its traceback
+    cli.main(['launch.py'])
+
+
+def test_eval_takes_the_data_locations_out_of_its_flags(parsed, capsys):
+  from nanodecoder import cli
+
+  assert parsed('--mode=eval', '--config.data.text_path', '/data/a.txt', '--workdir=run',
+                '--config.data.manual_dir=/data/tfds') == ['launch.py']
+  assert cli.data_locations == {'text_path': '/data/a.txt', 'manual_dir': '/data/tfds'}
+  with pytest.raises(SystemExit) as exit:
+    parsed('--mode=eval', '--workdir=run', '--config.data.text_path')  # the last argument: no value follows
+  assert exit.value.code == 2 and capsys.readouterr().err == ('error: --config.data.text_path needs a value: '
+                                                              '--config.data.text_path=PATH\n')
+
+
+def test_a_sweep_index_below_zero_and_no_parallel_points_are_refused(parsed, tiny_config, tmp_path, monkeypatch,
+                                                                    capsys):
+  from nanodecoder import cli
+  from nanodecoder import sweep as sweep_lib
+
+  monkeypatch.setattr(cli, 'train_point', lambda config, workdir: pytest.fail(f'trained {workdir}'))
+  monkeypatch.setattr(sweep_lib, 'check_saved_configs', lambda *args: pytest.fail('went on past the flags'))
+  sweep = sweep_lib.make_sweep('x.py', tiny_config(), {'seed': [1, 2]})
+  parsed('--sweep_index=-1')
+  with pytest.raises(SystemExit) as exit:  # (not the last point, as a Python index)
+    cli.sweep_point_command(sweep, tiny_config(), tmp_path)
+  assert exit.value.code == 2 and capsys.readouterr().err.startswith('error: --sweep_index=-1 is out of range: the '
+                                                                     'sweep has 2 points, 0 to 1')
+  parsed('--config=experiments/sweep.py', '--sweep_parallel=0', f'--workdir={tmp_path}')
+  with pytest.raises(SystemExit) as exit:
+    cli.main(['launch.py'])
+  assert exit.value.code == 2 and capsys.readouterr().err == 'error: --sweep_parallel must be >= 1, got 0\n'
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_the_prompt_file_is_read_less_its_byte_order_mark_and_the_default_prompt_is_not_given(parsed, tmp_path):
+  from nanodecoder import cli
+
+  (tmp_path / 'prompt.txt').write_bytes(b'\xef\xbb\xbfKING:\r\n')  # as Windows editors save it
+  parsed('--mode=sample', f'--prompt_file={tmp_path / "prompt.txt"}')
+  assert cli._given_prompt() == 'KING:\r\n'
+  parsed('--mode=sample')
+  assert cli._given_prompt() is None  # sampling starts from a newline, if the model has one
+  parsed('--mode=sample', '--prompt=\n')
+  assert cli._given_prompt() == '\n'
+
+
+def test_the_runs_own_files_are_found_also_through_a_link_to_its_folder(tmp_path):
+  from nanodecoder import cli
+
+  run = tmp_path / 'run'
+  run.mkdir()
+  (tmp_path / 'link').symlink_to(run)
+  for name in ('metrics.jsonl', 'tokenizer.json', '.lock', 'sweep.json', 'failed.txt', 'summary.csv',
+               'checkpoints/12/params', 'plugins/profile', 'events.out.tfevents.1.host'):
+    assert cli._run_own(run / name, tmp_path / 'link') == pathlib.Path(name), name
+  assert cli._run_own(run / 'samples.txt', tmp_path / 'link') is None
+  assert cli._run_own(run / 'maps' / 'events.out.tfevents.1.host', run) is None  # (TensorBoard's are in the run's own)
 
 
 @pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc, a folder no file can be made in')
