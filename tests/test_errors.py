@@ -568,7 +568,7 @@ def test_a_sweep_index_below_zero_and_no_parallel_points_are_refused(parsed, tin
     cli.sweep_point_command(sweep, tiny_config(), tmp_path)
   assert exit.value.code == 2 and capsys.readouterr().err.startswith('error: --sweep_index=-1 is out of range: the '
                                                                      'sweep has 2 points, 0 to 1')
-  parsed('--config=experiments/sweep.py', '--sweep_parallel=0', f'--workdir={tmp_path}')
+  parsed(f'--config={REPO / "experiments" / "sweep.py"}', '--sweep_parallel=0', f'--workdir={tmp_path}')
   with pytest.raises(SystemExit) as exit:
     cli.main(['launch.py'])
   assert exit.value.code == 2 and capsys.readouterr().err == 'error: --sweep_parallel must be >= 1, got 0\n'
