@@ -555,6 +555,7 @@ def test_eval_takes_the_data_locations_out_of_its_flags(parsed, capsys):
                                                               '--config.data.text_path=PATH\n')
 
 
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections loading the --config file
 def test_a_sweep_index_below_zero_and_no_parallel_points_are_refused(parsed, tiny_config, tmp_path, monkeypatch,
                                                                     capsys):
   from nanodecoder import cli
