@@ -5,6 +5,7 @@ import json
 import os
 import re
 
+import ml_collections
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
@@ -145,6 +146,18 @@ def test_eta_is_the_steps_left_at_the_logged_speed_plus_the_pauses_to_come():
   progress.update(1000, {'train/ms_per_step': 50.0})
   assert progress.eta == pytest.approx(10 + 2) and progress.text() == '100% done'  # (the last ones to come)
   assert [format_duration(s) for s in (5, 65, 3725)] == ['5s', '1m05s', '1h02m']
+
+
+def test_durations_round_to_the_second_and_change_unit_at_a_minute_and_an_hour():
+  expected = {0.4: '0s', 59.4: '59s', 59.6: '1m00s', 60: '1m00s', 3599: '59m59s', 3600: '1h00m', 7199: '1h59m',
+              -2: '0s'}
+  assert {seconds: format_duration(seconds) for seconds in expected} == expected
+
+
+def test_flatten_config_names_a_nested_field_by_its_whole_path():
+  config = ml_collections.ConfigDict({'model': {'attention': {'impl': 'xla', 'window': None}}, 'seed': 0})
+  assert flatten_config(config) == {'model.attention.impl': 'xla', 'model.attention.window': None, 'seed': 0}
+  assert flatten_config({'a': {'b': {'c': [1]}}, 'd': {}}) == {'a.b.c': [1]}  # (a saved config's JSON: dicts)
 
 
 def test_training_writes_tensorboard_scalars_equal_to_metrics_jsonl(tiny_config, tmp_path):
