@@ -98,18 +98,30 @@ def test_progress_bar_with_eta_on_a_terminal(tmp_path):
   logger.info('model: 1,234 parameters')
   logger.write(10, TRAIN)
   logger.write(20, TRAIN)
+  logger.write(20, EVAL)
   logger.info('a message')
   logger.write(40, {**TRAIN, 'train/loss': 1.5})
   logger.close()
   text = out.getvalue()
-  assert text.startswith('model: 1,234 parameters\n')  # no bar before the first step
+  assert text.startswith('model: 1,234 parameters\nstep 10 |')  # no bar before the first step
   assert '\r\x1b[K' in text and text.endswith('\n')
+  # The bar keeps the latest training loss through an evaluation's line.
+  assert re.search(r'\r\x1b\[Ka message\n\[#+\.+\] 20/40 50%, ETA \d+s \| loss 2\.5000\r', text)
   assert re.search(r'\[#{5,}\.{10,}\] 10/40 25%, ETA \d+s \| loss 2\.5000', text)
   assert re.search(r'\[#+\] 40/40 100% done \| loss 1\.5000\n$', text)
   # Each line is printed whole after the bar is cleared; the bar is redrawn below it.
   assert '\r\x1b[Ka message\n[' in text
   visible = [line.rsplit('\r\x1b[K', 1)[-1] for line in text.split('\n')]
   assert 'step 20 | loss 2.5000 | lr 1.00e-03 | grad_norm 0.5000 | 4.0 ms/step | 32.0k tokens/s' in visible
+
+
+def test_the_bar_fits_a_narrow_terminal(tmp_path, monkeypatch):
+  # (a longer line would wrap, and '\r' then clear only its last row: the next redraw stacks bars)
+  monkeypatch.setenv('COLUMNS', '40')
+  out = Terminal()
+  logger = MetricsLogger(tmp_path, stream=out, total_steps=40, tensorboard=False)
+  logger.write(10, TRAIN)
+  assert out.getvalue().split('\n')[-1] == '[##........] 10/40 25%, ETA 0s | loss 2'  # 10 cells at least, 39 columns
 
 
 def test_plain_lines_elsewhere(tmp_path):
