@@ -43,6 +43,8 @@ def test_jsonl_and_tensorboard_hold_the_same_scalars_and_the_config(tiny_config,
   logger.write(10, TRAIN)
   logger.write(10, EVAL)
   logger.write(20, {**TRAIN, 'train/loss': 2.0})
+  # On disk at each write, before the file closes: TensorBoard shows a run while it trains.
+  assert [(e.step, e.value) for e in load_events(tmp_path).Scalars('train/loss')] == [(10, 2.5), (20, 2.0)]
   logger.close()
 
   lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
@@ -180,6 +182,8 @@ def test_training_writes_tensorboard_scalars_equal_to_metrics_jsonl(tiny_config,
     expected = [(line['step'], pytest.approx(line[tag], rel=1e-6)) for line in lines if tag in line]
     assert [(e.step, e.value) for e in events.Scalars(tag)] == expected, tag
   assert hparams_of(events)['train.num_steps'] == 20
+  speeds = [(r['train/tokens_per_s'], r['train/ms_per_step']) for r in lines if 'train/tokens_per_s' in r]
+  assert speeds and all(tokens * ms / 1000 == pytest.approx(8 * 16) for tokens, ms in speeds)  # a step's targets
 
 
 def test_a_damaged_byte_in_the_log_neither_stops_a_resume_nor_the_summary(tmp_path):
