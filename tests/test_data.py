@@ -76,6 +76,21 @@ def test_a_prepare_race_lost_to_another_process(shakespeare, shakespeare_tfds_di
       data_lib._tfds_corpus('tiny_shakespeare', shakespeare_tfds_dir, str(shakespeare_dir))
 
 
+def test_a_prepare_race_lost_in_a_new_data_folder_reads_the_dataset_the_other_process_prepared(
+    shakespeare, shakespeare_dir, tmp_path, monkeypatch):
+  """The builder made before the dataset existed knows no splits: the other process's are read anew."""
+  import tensorflow_datasets as tfds
+  builder_cls = tfds.builder_cls('tiny_shakespeare')
+  prepare = builder_cls.download_and_prepare
+
+  def prepared_by_another_process(self, **kwargs):
+    prepare(tfds.builder('tiny_shakespeare', data_dir=str(tmp_path), file_format='array_record'), **kwargs)
+    raise FileExistsError(errno.EEXIST, 'File exists', 'tiny_shakespeare/1.0.0')
+
+  monkeypatch.setattr(builder_cls, 'download_and_prepare', prepared_by_another_process)
+  assert data_lib._tfds_corpus('tiny_shakespeare', str(tmp_path), str(shakespeare_dir)).splits == shakespeare.splits
+
+
 def test_unknown_split_lists_the_available_ones(shakespeare):
   with pytest.raises(DataError, match=r"split 'valid' \(in 'train\+valid'\) does not exist.*available: train, validation, test"):
     shakespeare.text('train+valid')
@@ -112,6 +127,37 @@ def test_a_hanging_network_probe_fails_on_time_and_cannot_block_exit(monkeypatch
     assert hanging and all(t.daemon for t in hanging)
   finally:
     release.set()
+
+
+def test_every_download_host_is_probed_at_its_port(monkeypatch):
+  probed = []
+
+  def connect(address, timeout=None, **kwargs):
+    probed.append(address)
+    if address[0] == 'mirror.invalid':
+      raise ConnectionRefusedError(errno.ECONNREFUSED, 'Connection refused')
+    return socket.socket()  # (closed at once)
+
+  monkeypatch.setattr(socket, 'create_connection', connect)
+  data_lib._require_network('x', ['https://example.com/a.txt', 'http://example.com:8080/b.txt'])  # both answer
+  with pytest.raises(DataError, match=r"cannot download tfds 'x' \(ConnectionRefusedError: .*Connection refused\)"):
+    data_lib._require_network('x', ['https://example.com/a.txt', 'https://mirror.invalid/b.txt'])  # one does not
+  assert sorted(probed) == [('example.com', 443), ('example.com', 443), ('example.com', 8080), ('mirror.invalid', 443)]
+
+
+def test_a_download_with_other_checksums_than_tfds_expects_is_its_own_error_without_a_manual_dir(tmp_path,
+                                                                                                  monkeypatch):
+  """(The manual_dir's error names the sizes of the files there: without one, there are none to name.)"""
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+  def changed_upstream(self, **kwargs):
+    raise NonMatchingChecksumError('https://example.com/input.txt has other checksums')
+
+  monkeypatch.setattr(data_lib, '_require_network', lambda name, urls: None)  # online
+  monkeypatch.setattr(tfds.builder_cls('tiny_shakespeare'), 'download_and_prepare', changed_upstream)
+  with pytest.raises(NonMatchingChecksumError, match='has other checksums'):
+    data_lib._tfds_corpus('tiny_shakespeare', str(tmp_path / 'tfds'), '')
 
 
 def test_unknown_tfds_name_is_one_clear_error(tmp_path, monkeypatch):
