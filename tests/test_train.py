@@ -289,6 +289,16 @@ def test_a_divergence_before_the_first_checkpoint_says_there_is_none(tiny_config
   assert Checkpoints(tmp_path, read_only=True).steps() == []
 
 
+def test_a_divergence_in_a_call_of_several_steps_names_its_first_bad_step():
+  with pytest.raises(FloatingPointError, match=r'^loss became nan at step 8; the last good checkpoint \(step 6\) '):
+    train_lib._raise_if_diverged(np.array([2.0, np.nan, np.nan]), np.array([1.0, 1.0, np.inf]), 6, 6)  # steps 7-9
+  with pytest.raises(FloatingPointError, match=r'^gradient norm became inf at step 7; no checkpoint was written'):
+    train_lib._raise_if_diverged(np.array([2.0, 2.0]), np.array([1.0, np.inf]), 5, None)
+  train_lib._raise_if_diverged(np.array([2.0, 2.0]), np.array([1.0, 1.0]), 5, None)
+  with pytest.raises(FloatingPointError, match=r'^val loss became inf at step 4; the last good checkpoint \(step 2\)'):
+    train_lib._check_savable(None, 4, float('inf'), 2)  # (refused before the parameters are looked at)
+
+
 def test_the_first_signal_names_the_stop_and_a_second_ctrl_c_aborts():
   from absl import logging as absl_logging
   verbosity = absl_logging.get_verbosity()
