@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 import types
 
@@ -315,6 +316,35 @@ def test_the_first_signal_names_the_stop_and_a_second_ctrl_c_aborts():
       signal_self(signal.SIGINT)
     assert absl_logging.get_verbosity() == absl_logging.FATAL  # Orbax's errors about the aborted save: silenced
   assert absl_logging.get_verbosity() == verbosity  # until the training ends
+  with train_lib.StopRequest() as stop:
+    signal_self(signal.SIGINT)
+    signal_self(signal.SIGTERM)  # (e.g. a scheduler's, between the two Ctrl-Cs): the second Ctrl-C still aborts
+    assert stop.requested() and stop.name() == 'SIGINT'
+    with pytest.raises(KeyboardInterrupt):
+      signal_self(signal.SIGINT)
+
+
+def test_a_stop_request_outside_the_main_thread_leaves_the_signal_handlers_alone():
+  """(Python sets handlers only from the main thread: training run from another one would fail to start.)"""
+  handlers, errors = signal.getsignal(signal.SIGTERM), []
+
+  def train():
+    try:
+      with train_lib.StopRequest() as stop:
+        assert not stop.requested()
+    except Exception as e:  # noqa: BLE001 (reported below)
+      errors.append(e)
+
+  thread = threading.Thread(target=train)
+  thread.start()
+  thread.join()
+  assert errors == [] and signal.getsignal(signal.SIGTERM) == handlers
+
+
+def test_a_signal_to_another_process_stops_this_one_too(monkeypatch):
+  monkeypatch.setattr(train_lib.sharding_lib, 'gather_from_processes', lambda value: np.array([value, 1]))
+  with train_lib.StopRequest() as stop:
+    assert stop.requested() and stop.name() == 'a signal to another process'
 
 
 def test_several_steps_per_call_equal_single_steps(tiny_config, tmp_path):
