@@ -389,6 +389,28 @@ def test_a_run_resumed_past_the_profile_window_traces_nothing(tiny_config, tmp_p
   assert len(list((tmp_path / 'plugins' / 'profile').glob('*/*.trace.json.gz'))) == 1
 
 
+def test_the_profile_traces_the_calls_that_hold_a_step_of_its_window(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(train_lib.jax.profiler, 'start_trace', lambda *args, **kwargs: calls.append('start'))
+  monkeypatch.setattr(train_lib.jax.profiler, 'stop_trace', lambda: calls.append('stop'))
+
+  def traced(start, steps, first, n):
+    """The steps that ran traced, in calls of n steps from step `first` (a resume) to 12."""
+    profile, traced = train_lib._Profile(tmp_path, start, steps, log=lambda message: None), []
+    for step in range(first, 12, n):
+      profile.before(step, n)
+      traced += list(range(step + 1, step + n + 1)) if profile.tracing else []
+      profile.after(step + n)
+    profile.after(None)
+    return traced
+
+  assert traced(4, 2, 0, 1) == [5, 6]  # profile_start=4 steps done first
+  assert traced(4, 2, 0, 3) == [4, 5, 6]  # whole calls
+  assert traced(0, 3, 2, 1) == [3]  # resumed inside the window
+  assert traced(0, 3, 3, 1) == []  # resumed at its end
+  assert calls == ['start', 'stop'] * 3
+
+
 @pytest.mark.parametrize('field', ['train.profile_steps', 'train.profile_start'])
 def test_profile_fields_must_be_non_negative(tiny_config, tmp_path, field):
   with pytest.raises(config_lib.ConfigError, match=f'{field} must be an integer >= 0, got -1'):
@@ -439,6 +461,20 @@ def test_resuming_on_a_text_file_edited_in_place_is_refused(corpus_file, tmp_pat
   other.write_text(original[::-1], encoding='utf-8')
   train_lib.train_and_evaluate(make_tiny_config(other, **settings, **{'train.num_steps': 4}), workdir)
   assert (workdir / 'checkpoints' / '4').is_dir()
+
+
+def test_the_speed_counts_the_timed_calls_since_its_window_restarted(monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(train_lib, 'time', types.SimpleNamespace(perf_counter=lambda: now[0]))
+  speed = train_lib._Speed(tokens_per_step=1000)
+  now[0] = 5.0
+  speed.add(3, timed=False)  # it compiled: no speed yet, and the window starts after it
+  assert speed.scalars() == {}
+  now[0] = 5.5
+  speed.add(3)
+  now[0] = 6.5
+  speed.add(1)
+  assert speed.scalars() == pytest.approx({'train/ms_per_step': 1500 / 4, 'train/tokens_per_s': 4000 / 1.5})
 
 
 def jumping_clock(monkeypatch):
