@@ -352,12 +352,13 @@ def test_several_steps_per_call_equal_single_steps(tiny_config, tmp_path):
   single = train_lib.train_and_evaluate(tiny_config(**settings), tmp_path / 'single')
   settings.update({'train.log_every': 3, 'train.steps_per_call': 3})
   several = train_lib.train_and_evaluate(tiny_config(**settings), tmp_path / 'several')
-  read = lambda d: {r['step']: r['train/loss'] for r in map(json.loads, (d / 'metrics.jsonl').read_text().splitlines())
-                    if 'train/loss' in r}
-  losses_single, losses_several = read(tmp_path / 'single'), read(tmp_path / 'several')
-  assert sorted(losses_several) == [3, 6, 9, 12]
-  np.testing.assert_allclose([losses_several[s] for s in (3, 6, 9, 12)], [losses_single[s] for s in (3, 6, 9, 12)],
-                             rtol=1e-5)
+  read = lambda d, tag: {r['step']: r[tag] for r in map(json.loads, (d / 'metrics.jsonl').read_text().splitlines())
+                         if tag in r}
+  for tag in ('train/loss', 'train/grad_norm'):  # (the line of a call logs its last step's)
+    logged_single, logged_several = read(tmp_path / 'single', tag), read(tmp_path / 'several', tag)
+    assert sorted(logged_several) == [3, 6, 9, 12]
+    np.testing.assert_allclose([logged_several[s] for s in (3, 6, 9, 12)], [logged_single[s] for s in (3, 6, 9, 12)],
+                               rtol=1e-5)
   np.testing.assert_allclose(several['val_loss'], single['val_loss'], rtol=1e-5)
 
 
@@ -554,6 +555,33 @@ def test_the_eta_is_the_training_speed_plus_the_evaluations_to_come(tiny_config,
   for step in (20, 30):
     assert etas[step, True] - 1000 * (40 - step) // 10 == training(40 - step)
   assert etas[30, False] - 2000 == training(10)  # (the evaluation of step 30 is still to come)
+
+
+def test_a_run_of_no_multiple_of_its_intervals_logs_evaluates_and_saves_its_last_step(tiny_config, tmp_path,
+                                                                                      monkeypatch):
+  """7 steps, logging every 3, evaluating every 2, saving every 3: each also at step 7, where a signal that came
+  during the step stops nothing (the run is done). Each pause goes to the ETA with its own interval."""
+  jump = jumping_clock(monkeypatch)
+  evaluate = train_lib.evaluate
+  monkeypatch.setattr(train_lib, 'evaluate', lambda *args: (jump(), evaluate(*args))[1])
+  polls = iter(range(100))
+  monkeypatch.setattr(train_lib.StopRequest, 'requested', lambda self: next(polls) >= 6)  # signalled during step 7
+  pauses, took = [], train_lib.MetricsLogger.took
+  monkeypatch.setattr(train_lib.MetricsLogger, 'took', lambda self, what, step, seconds, every: (
+      pauses.append((what, step, every)), took(self, what, step, seconds, every)))
+  config = tiny_config(**{'train.num_steps': 7, 'train.decay_steps': 7, 'train.log_every': 3, 'eval.every': 2,
+                          'checkpoint.every': 3})
+  metrics = train_lib.train_and_evaluate(config, tmp_path)
+  assert 'stopped_by' not in metrics and metrics['val_loss'] > 0
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'train/loss' in r] == [3, 6, 7]
+  assert [r['step'] for r in records if 'eval/val_loss' in r] == [2, 4, 6, 7]
+  assert pauses == [('evaluation', 2, 2), ('checkpoint', 3, 3), ('evaluation', 4, 2), ('evaluation', 6, 2),
+                    ('checkpoint', 6, 3), ('evaluation', 7, 2), ('checkpoint', 7, 3)]
+  assert Checkpoints(tmp_path, read_only=True).steps()[-1] == 7
+  # Each evaluation (1000 s here) restarted the speed's window: step 3's line has step 3's speed, not step 2's pause.
+  speeds = logged_speeds(tmp_path)
+  assert sorted(speeds) == [3, 6, 7] and all(0 < ms < 100_000 for ms in speeds.values()), speeds
 
 
 def test_a_batch_that_the_mesh_of_several_cpu_processes_cannot_split_names_their_device_count(tiny_config,
