@@ -599,6 +599,22 @@ def test_a_batch_that_the_mesh_of_several_cpu_processes_cannot_split_names_their
     train_lib.check_mesh_fits(config, mesh)
 
 
+def test_a_batch_that_a_gpu_mesh_cannot_split_asks_for_another_batch(tiny_config, monkeypatch):
+  """mesh.cpu_devices splits CPUs alone: set or not, it is no fix on GPUs, with one process or several."""
+  config = tiny_config(**{'train.batch_size': 6, 'mesh.cpu_devices': 4})
+  gpus = np.array([types.SimpleNamespace(platform='gpu', compute_capability='9.0')] * 4)
+  mesh = types.SimpleNamespace(devices=gpus, shape={'data': 4, 'fsdp': 1, 'tensor': 1})
+  for processes in (1, 2):
+    monkeypatch.setattr(train_lib.jax, 'process_count', lambda: processes)
+    with pytest.raises(config_lib.ConfigError, match=r'^train.batch_size=6 \(micro-batch 6\) is not divisible by '
+                                                     r'the data-parallel size 4 \(mesh data x fsdp\); pick a multiple '
+                                                     r'of 4$'):
+      train_lib.check_mesh_fits(config, mesh)
+  config.mesh.cpu_devices = 0
+  with pytest.raises(config_lib.ConfigError, match=r'pick a multiple of 4$'):  # (2 processes)
+    train_lib.check_mesh_fits(config, mesh)
+
+
 def test_float16_gradients_are_computed_on_a_scaled_loss(tiny_config):
   """Unscaled, the float16 backward pass of a mean over many tokens underflows (several % off float32)."""
   tokens = jax.random.randint(jax.random.key(1), (64, 129), 0, 65)
