@@ -1,4 +1,4 @@
-"""CPU recipe: nanoGPT's shakespeare_char laptop settings (40-70 seconds on 2 cores, by the machine).
+"""CPU recipe: nanoGPT's shakespeare_char laptop settings (40-75 seconds on 2 cores, by the machine).
 
 4 layers, 4 heads of size 32 (128 wide), context 64, batch 12, 2000 steps, no
 dropout. nanoGPT reaches val loss 1.886 with it. Only the fields that differ
