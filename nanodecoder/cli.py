@@ -307,7 +307,8 @@ _INSTEAD = {('seed', 'train'): ' (the training seed is --config.seed)',
 def _refuse_flags_of_other_modes() -> None:
   for name, modes in _FLAG_MODES.items():
     if FLAGS[name].present and FLAGS.mode not in modes:
-      fail(f'--{name} is for --mode {" or ".join(modes)}, not --mode {FLAGS.mode}'
+      given = f'--no{name}' if FLAGS[name].boolean and not FLAGS[name].value else f'--{name}'  # as typed
+      fail(f'{given} is for --mode {" or ".join(modes)}, not --mode {FLAGS.mode}'
            f'{_INSTEAD.get((name, FLAGS.mode), "")}; remove it')
 
 

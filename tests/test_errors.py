@@ -495,7 +495,7 @@ def test_each_mode_specific_flag_is_refused_by_the_modes_that_would_ignore_it(pa
                      ('train', '--checkpoint=best'), ('attention', '--split=test'), ('sample', '--distributed=on'),
                      ('sample', '--coordinator_address=h:1'), ('eval', '--num_processes=2'),
                      ('summary', '--process_id=0')]:
-    name = flag.partition('=')[0].replace('--no', '--')
+    name = flag.partition('=')[0]  # (--nokv_cache as typed)
     parsed(f'--mode={mode}', flag)
     with pytest.raises(SystemExit) as exit:
       cli._refuse_flags_of_other_modes()
