@@ -4,6 +4,8 @@ import os
 import pathlib
 import stat
 
+import pytest
+
 from nanodecoder import files
 
 
@@ -53,12 +55,8 @@ def test_unwritable_folder_of_a_relative_path(tmp_path, monkeypatch):
 def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary_file(tmp_path):
   path = tmp_path / 'config.json'
   path.write_text('old\n')
-  try:
+  with pytest.raises(UnicodeEncodeError):
     files.atomic_write(path, 'new \ud800\n')  # a lone surrogate: UTF-8 cannot encode it
-  except UnicodeEncodeError:
-    pass
-  else:
-    raise AssertionError('the write did not fail')
   assert path.read_text() == 'old\n' and [p.name for p in tmp_path.iterdir()] == ['config.json']
 
 
