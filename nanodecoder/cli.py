@@ -6,6 +6,7 @@ starting with 'error:' and exit with status 2.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import json
@@ -358,8 +359,8 @@ def main(argv) -> None:
 
 
 def train_command(config: ml_collections.ConfigDict | None = None, workdir: str | pathlib.Path | None = None,
-                  on_locked: Callable[[], None] | None = None) -> None:
-  """Trains FLAGS.config (or `config`) in --workdir (or `workdir`); see train.train_and_evaluate for `on_locked`."""
+                  while_locked: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
+  """Trains FLAGS.config (or `config`) in --workdir (or `workdir`); see train.train_and_evaluate for `while_locked`."""
   from ml_collections import config_flags
 
   from nanodecoder import train  # after argument parsing: keeps `--help` fast
@@ -387,7 +388,7 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
   setup_jax(config)
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   FLAGS.distributed_timeout)
-  metrics = train.train_and_evaluate(config, workdir, on_locked)
+  metrics = train.train_and_evaluate(config, workdir, while_locked)
   if 'stopped_by' in metrics:  # checkpoint saved; exit as the signal would have (130 for Ctrl-C, 143 for SIGTERM)
     sys.exit(128 + int(getattr(signal, metrics['stopped_by'], signal.SIGTERM)))
   if 'train_loss' in metrics and jax.process_index() == 0:
@@ -683,17 +684,30 @@ def train_point(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Non
   """train_command for a sweep point, recording in its workdir whether this session failed (sweep_lib.FAILED).
 
   From when the session holds the workdir, the record says it ended unexplained (sweep_lib.UNEXPLAINED) until it
-  finishes, stops or fails: it stays when nothing could say (SIGKILL, a machine that stopped). A point that another
-  live run holds is left as that run leaves it.
+  finishes, stops or fails: it stays when nothing could say (SIGKILL, a machine that stopped). The outcome is
+  recorded before the workdir is released (a job that takes the point next keeps its own record). A point that
+  another live run holds is left as that run leaves it.
   """
+  held = False
+
+  @contextlib.contextmanager
+  def session_record():
+    nonlocal held
+    held = True
+    sweep_lib.record_failure(workdir, sweep_lib.UNEXPLAINED)
+    try:
+      yield
+    except BaseException as e:
+      sweep_lib.record_failure(workdir, _how_it_failed(e))
+      raise
+    sweep_lib.record_failure(workdir, None)
+
   try:
-    train_command(config, workdir, on_locked=lambda: sweep_lib.record_failure(workdir, sweep_lib.UNEXPLAINED))
-  except BaseException as e:
-    if jax.process_index() == 0 and not isinstance(e, WorkdirInUse):
+    train_command(config, workdir, while_locked=session_record)
+  except BaseException as e:  # before the session held the workdir (e.g. a bad setting), or after it finished
+    if jax.process_index() == 0 and not held and not isinstance(e, WorkdirInUse):
       sweep_lib.record_failure(workdir, _how_it_failed(e))
     raise
-  if jax.process_index() == 0:
-    sweep_lib.record_failure(workdir, None)
 
 
 def _how_it_failed(error: BaseException) -> str | None:

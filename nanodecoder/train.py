@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -377,12 +378,13 @@ class StopRequest:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                       on_locked: Callable[[], None] | None = None) -> dict[str, Any]:
+                       while_locked: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
   Returns the last evaluation's metrics, plus 'stopped_by' (a signal name)
-  when a signal ended the run early after saving a checkpoint. `on_locked`
-  runs on process 0 once this run holds the workdir (before any step).
+  when a signal ended the run early after saving a checkpoint. Process 0
+  enters a `while_locked()` context once this run holds the workdir (before
+  any step) and leaves it, with whatever ended the session, before releasing it.
   """
   _check_same_config_on_every_process(config)
   config_lib.validate(config)
@@ -392,9 +394,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   is_main = jax.process_index() == 0
   lock = checkpoint_lib.WorkdirLock(workdir)
   try:
-    dataset = _load_data_and_lock(config, lock, is_main, on_locked)
-    with StopRequest() as stop:
-      return _train(_Session(config, dataset, mesh, workdir, is_main, stop))
+    with contextlib.ExitStack() as locked:  # (left before the lock is released)
+      on_locked = None if while_locked is None else lambda: locked.enter_context(while_locked())
+      dataset = _load_data_and_lock(config, lock, is_main, on_locked)
+      with StopRequest() as stop:
+        return _train(_Session(config, dataset, mesh, workdir, is_main, stop))
   finally:
     lock.release()
 

@@ -373,12 +373,13 @@ def test_a_point_process_records_its_own_failure(tiny_config, tmp_path, monkeypa
 
   during = []
 
-  def train_command(config, workdir, on_locked):
-    if not isinstance(outcome, WorkdirInUse):  # this session holds the workdir
-      on_locked()
-      during.append(record.read_text())  # what it leaves if killed now (SIGKILL: no handler runs)
-    if outcome is not None:
+  def train_command(config, workdir, while_locked):
+    if isinstance(outcome, WorkdirInUse):
       raise outcome
+    with while_locked():  # this session holds the workdir
+      during.append(record.read_text())  # what it leaves if killed now (SIGKILL: no handler runs)
+      if outcome is not None:
+        raise outcome
 
   monkeypatch.setattr(cli, 'train_command', train_command)
   record = tmp_path / sweep_lib.FAILED

@@ -1,5 +1,6 @@
 """The optimizer, the compiled steps and the loop."""
 
+import contextlib
 import gzip
 import json
 import math
@@ -240,6 +241,33 @@ def test_an_eval_split_holding_trained_text_is_named_in_a_warning(tiny_config, t
   for train, evaluated, shared in (('train', 'validation+test', []), ('train+validation', 'test+validation',
                                                                      ['validation']), ('train', 'train', ['train'])):
     assert data_lib.shared_splits(ml_collections.ConfigDict({'train_split': train, 'eval_split': evaluated})) == shared
+
+
+def test_while_locked_is_entered_and_left_while_the_run_holds_the_workdir(tiny_config, tmp_path):
+  from nanodecoder import sweep as sweep_lib
+  seen = []
+
+  @contextlib.contextmanager
+  def while_locked():  # which pid holds the workdir when the context is entered and left
+    seen.append(('enter', sweep_lib.live_run(workdir)))
+    try:
+      yield
+    except BaseException as e:
+      seen.append((type(e).__name__, sweep_lib.live_run(workdir)))
+      raise
+    seen.append(('exit', sweep_lib.live_run(workdir)))
+
+  workdir = tmp_path / 'finished'
+  short = tiny_config(**{'train.num_steps': 2, 'train.warmup_steps': 1, 'train.decay_steps': 2, 'eval.every': 2})
+  train_lib.train_and_evaluate(short, workdir, while_locked)
+  assert sweep_lib.live_run(workdir) is None
+  workdir = tmp_path / 'diverged'
+  diverging = tiny_config(**{'train.learning_rate': 1e30, 'train.min_learning_rate': 1e29, 'train.grad_clip': 0.0})
+  with pytest.raises(FloatingPointError):
+    train_lib.train_and_evaluate(diverging, workdir, while_locked)
+  assert sweep_lib.live_run(workdir) is None
+  pid = str(os.getpid())
+  assert seen == [('enter', pid), ('exit', pid), ('enter', pid), ('FloatingPointError', pid)]
 
 
 def test_batch_must_divide_over_data_parallel_devices(tiny_config, tmp_path):
