@@ -234,9 +234,15 @@ class MetricsLogger:
     """This session trains from `step` on (0, or the checkpoint it resumed from); call before the first write.
 
     An earlier session that crashed after its last checkpoint logged steps that this one trains again: their
-    records leave metrics.jsonl (TensorBoard hides their events) when this session writes its first.
+    records leave metrics.jsonl (TensorBoard hides their events) when this session writes its first (or at
+    `drop_replaced`).
     """
     self._start_step = step
+
+  def drop_replaced(self) -> None:
+    """Rewrites metrics.jsonl without the records `start` replaces now, for a session that writes none."""
+    if self.enabled and self._file is None and self._path.exists():
+      self._open_file()
 
   def _open_file(self) -> None:
     """Opens metrics.jsonl to append, first rewriting it without the records `start` replaces or a torn line."""

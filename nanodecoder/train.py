@@ -561,6 +561,8 @@ def _train_loop(session: _Session, logger: MetricsLogger, checkpoints: checkpoin
   metrics = _restore_or_init(trainer, checkpoints, dataset, logger.info)
   last_saved = trainer.step or None  # the last good checkpoint: the one restored (never one at step 0)
   logger.start(trainer.step)
+  if trainer.step >= config.train.num_steps:  # nothing to do: records a crashed session logged past the checkpoint go
+    logger.drop_replaced()
   if session.is_main and trainer.step < config.train.num_steps:  # (a session training nothing keeps the run's config)
     atomic_write(workdir / config_lib.SAVED_CONFIG, config.to_json(indent=2))
     atomic_write(workdir / 'tokenizer.json', dataset.tokenizer.to_json())

@@ -291,6 +291,18 @@ def test_a_run_already_at_its_last_step_returns_the_val_loss_of_its_checkpoint(t
   assert metrics['val_loss'] == Checkpoints(tmp_path, read_only=True).meta(2)['val_loss']
 
 
+def test_a_run_with_nothing_to_do_drops_what_a_crashed_session_logged_past_its_checkpoint(tiny_config, tmp_path):
+  config = tiny_config(**{'train.num_steps': 2, 'train.warmup_steps': 1, 'train.decay_steps': 2, 'eval.every': 2,
+                          'checkpoint.every': 2, 'train.log_every': 1})
+  train_lib.train_and_evaluate(config, tmp_path)
+  path = tmp_path / 'metrics.jsonl'
+  logged = path.read_text()
+  # A session with train.num_steps=4 crashed after logging step 3 (its checkpoint at 4 never written).
+  path.write_text(logged + json.dumps({'step': 3, 'train/loss': 1.0}) + '\n')
+  train_lib.train_and_evaluate(config, tmp_path)  # train.num_steps=2 again: nothing to do
+  assert path.read_text() == logged
+
+
 def test_a_resumed_run_that_diverges_before_its_first_save_names_the_checkpoint_it_resumed_from(tiny_config, tmp_path,
                                                                                                   monkeypatch):
   settings = {'train.num_steps': 2, 'eval.every': 2, 'checkpoint.every': 2}
