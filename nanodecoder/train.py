@@ -543,8 +543,75 @@ def _train(session: _Session) -> dict[str, Any]:
 
 
 def _train_loop(session: _Session, logger: MetricsLogger, checkpoints: checkpoint_lib.Checkpoints) -> dict[str, Any]:
-  config, dataset, mesh, workdir = session.config, session.dataset, session.mesh, session.workdir
-  ck = config.checkpoint
+  """Trains from the latest checkpoint to train.num_steps, logging, evaluating and saving on the way; a signal
+  stops it after the current call, saved. Returns the last evaluation's metrics (see train_and_evaluate)."""
+  config, dataset, t = session.config, session.dataset, session.config.train
+  trainer, metrics = _start_session(session, logger, checkpoints)
+  saver = _Saver(trainer, checkpoints, dataset, logger)
+  batches = lambda step, n: train_batches(dataset, session.mesh, config.seed, t.batch_size, step, n)
+  schedule = learning_rate_schedule(t)
+
+  step = start_step = trainer.step
+  n = _call_size(step, t.steps_per_call)
+  batch = batches(step, n) if step < t.num_steps else None
+  speed = _Speed(t.batch_size * dataset.context_length)
+  compiling = True  # the first call of each size compiles: left out of the speed
+  # (one trace file: process 0's)
+  profile = _Profile(session.workdir, t.profile_start, t.profile_steps if session.is_main else 0, logger.info)
+  try:
+    while step < t.num_steps:
+      profile.before(step, n)
+      trainer.state, out = (trainer.train_step if n == 1 else trainer.train_steps)(trainer.state, batch)
+      next_n = _call_size(step + n, t.steps_per_call)
+      if step + n < t.num_steps:
+        batch = batches(step + n, next_n)  # prepared while the device works
+      # Block on every call (queued collectives can starve). A finite loss with an infinite gradient still
+      # makes NaN parameters: both must be finite before a checkpoint can hold them.
+      losses, grad_norms = map(np.atleast_1d, jax.device_get((out['loss'], out['grad_norm'])))
+      _raise_if_diverged(losses, grad_norms, step, saver.last_saved)
+      step += n
+      profiled = profile.tracing
+      profile.after(step)
+      if compiling and step == start_step + n:
+        logger.info(f'step {step}: compiled and ran the first call in {speed.elapsed():.1f} s')
+      speed.add(n, timed=not (compiling or profiled))
+      compiling, n = next_n != n, next_n
+
+      logged = step % t.log_every == 0 or step == t.num_steps
+      if logged:
+        speeds = speed.scalars()  # before the learning rate, whose first evaluation on the host compiles
+        logger.write(step, {'train/loss': float(losses[-1]), 'train/lr': float(schedule(step - 1)),
+                            'train/grad_norm': float(grad_norms[-1]), **speeds})
+      val_loss = None
+      if step % config.eval.every == 0 or step == t.num_steps:
+        metrics = _evaluate_and_log(trainer, dataset, logger, step)
+        val_loss = metrics['val_loss']
+      saved = step % config.checkpoint.every == 0 or step == t.num_steps
+      if saved:
+        saver.save(step, val_loss)
+      if step < t.num_steps and session.stop.requested():
+        if not saved:
+          saver.save(step, val_loss)
+        checkpoints.wait()
+        metrics['stopped_by'] = session.stop.name()
+        logger.info(f'stopped by {metrics["stopped_by"]} after step {step}; checkpoint saved, '
+                    'run the same command to resume')
+        return metrics
+      if logged or val_loss is not None or saved:
+        speed.restart()
+    checkpoints.wait()  # the last save is on disk (a failed asynchronous save surfaces here)
+  finally:
+    profile.after(None)
+  return metrics
+
+
+def _start_session(session: _Session, logger: MetricsLogger,
+                   checkpoints: checkpoint_lib.Checkpoints) -> tuple[Trainer, dict[str, Any]]:
+  """The session's trainer, restored from the latest good checkpoint or fresh, and the metrics known so far.
+
+  Logs the model and the data's warnings first; records the run's config and tokenizer in the workdir.
+  """
+  config, dataset, mesh = session.config, session.dataset, session.mesh
   model_config = config_lib.model_config(config, dataset.tokenizer.vocab_size)
   trainer = create_trainer(config, model_config, mesh, init=False)
   abstract_model = nnx.merge(trainer.graphdef, trainer.abstract_state)[0]  # (shapes only: the state comes next)
@@ -559,88 +626,49 @@ def _train_loop(session: _Session, logger: MetricsLogger, checkpoints: checkpoin
                 f'({", ".join(map(repr, shared))}, also in data.train_split): its val loss measures fit, not '
                 'generalization')
   metrics = _restore_or_init(trainer, checkpoints, dataset, logger.info)
-  last_saved = trainer.step or None  # the last good checkpoint: the one restored (never one at step 0)
   logger.start(trainer.step)
   if trainer.step >= config.train.num_steps:  # nothing to do: records a crashed session logged past the checkpoint go
     logger.drop_replaced()
-  if session.is_main and trainer.step < config.train.num_steps:  # (a session training nothing keeps the run's config)
-    atomic_write(workdir / config_lib.SAVED_CONFIG, config.to_json(indent=2))
-    atomic_write(workdir / 'tokenizer.json', dataset.tokenizer.to_json())
+  elif session.is_main:  # (a session training nothing keeps the run's config)
+    atomic_write(session.workdir / config_lib.SAVED_CONFIG, config.to_json(indent=2))
+    atomic_write(session.workdir / 'tokenizer.json', dataset.tokenizer.to_json())
+  return trainer, metrics
 
-  t = config.train
-  schedule = learning_rate_schedule(t)
-  data_fingerprint = dataset.fingerprint()  # saved with each checkpoint: a resumed run checks it trains on the same text
 
-  def save(step: int, val_loss: float | None = None) -> None:
-    nonlocal last_saved
-    _check_savable(trainer, step, val_loss, last_saved)
-    checkpoints.save(step, trainer.state, config, dataset.tokenizer, val_loss, data_fingerprint=data_fingerprint)
-    last_saved = step
+def _call_size(step: int, steps_per_call: int) -> int:
+  """Steps in the compiled call from `step`: steps_per_call, or single steps to realign an odd resume.
 
-  def call_size(step: int) -> int:
-    """Steps in the next compiled call: steps_per_call, or single steps to realign an odd resume.
+  (config validation makes num_steps a multiple of steps_per_call: an aligned call never passes the end)
+  """
+  return steps_per_call if step % steps_per_call == 0 else 1
 
-    (config validation makes num_steps a multiple of steps_per_call: an aligned call never passes the end)
-    """
-    return t.steps_per_call if step % t.steps_per_call == 0 else 1
 
-  batches = lambda step, n: train_batches(dataset, mesh, config.seed, t.batch_size, step, n)
+def _evaluate_and_log(trainer: Trainer, dataset: data_lib.Dataset, logger: MetricsLogger,
+                      step: int) -> dict[str, float]:
+  started = time.perf_counter()
+  result = evaluate(trainer, dataset)
+  logger.took('evaluation', step, time.perf_counter() - started, trainer.config.eval.every)  # for the ETA
+  logger.write(step, {'eval/train_loss': result['train_loss'], 'eval/val_loss': result['eval_loss']})
+  return {'train_loss': result['train_loss'], 'val_loss': result['eval_loss']}
 
-  step = start_step = trainer.step
-  n = call_size(step)
-  batch = batches(step, n) if step < t.num_steps else None
-  speed = _Speed(t.batch_size * dataset.context_length)
-  compiling = True  # the first call of each size compiles: left out of the speed
-  profile = _Profile(workdir, t.profile_start, t.profile_steps if session.is_main else 0, logger.info)  # one trace file
-  try:
-    while step < t.num_steps:
-      profile.before(step, n)
-      trainer.state, out = (trainer.train_step if n == 1 else trainer.train_steps)(trainer.state, batch)
-      next_n = call_size(step + n)
-      if step + n < t.num_steps:
-        batch = batches(step + n, next_n)  # prepared while the device works
-      # Block on every call (queued collectives can starve). A finite loss with an infinite gradient still
-      # makes NaN parameters: both must be finite before a checkpoint can hold them.
-      losses, grad_norms = map(np.atleast_1d, jax.device_get((out['loss'], out['grad_norm'])))
-      _raise_if_diverged(losses, grad_norms, step, last_saved)
-      step += n
-      profiled = profile.tracing
-      profile.after(step)
-      if compiling and step == start_step + n:
-        logger.info(f'step {step}: compiled and ran the first call in {speed.elapsed():.1f} s')
-      speed.add(n, timed=not (compiling or profiled))
-      compiling, n = next_n != n, next_n
-      if step % t.log_every == 0 or step == t.num_steps:
-        speeds = speed.scalars()  # before the learning rate, whose first evaluation on the host compiles
-        logger.write(step, {'train/loss': float(losses[-1]), 'train/lr': float(schedule(step - 1)),
-                            'train/grad_norm': float(grad_norms[-1]), **speeds})
-      val_loss = None
-      if step % config.eval.every == 0 or step == t.num_steps:
-        started = time.perf_counter()
-        result = evaluate(trainer, dataset)
-        logger.took('evaluation', step, time.perf_counter() - started, config.eval.every)  # for the ETA
-        metrics = {'train_loss': result['train_loss'], 'val_loss': result['eval_loss']}
-        val_loss = metrics['val_loss']
-        logger.write(step, {'eval/train_loss': metrics['train_loss'], 'eval/val_loss': val_loss})
-      saved = step % ck.every == 0 or step == t.num_steps
-      if saved:
-        started = time.perf_counter()
-        save(step, val_loss)
-        logger.took('checkpoint', step, time.perf_counter() - started, ck.every)
-      if step < t.num_steps and session.stop.requested():
-        if not saved:
-          save(step, val_loss)
-        checkpoints.wait()
-        metrics['stopped_by'] = session.stop.name()
-        logger.info(f'stopped by {metrics["stopped_by"]} after step {step}; checkpoint saved, '
-                    'run the same command to resume')
-        return metrics
-      if step % t.log_every == 0 or val_loss is not None or saved:
-        speed.restart()
-    checkpoints.wait()  # the last save is on disk (a failed asynchronous save surfaces here)
-  finally:
-    profile.after(None)
-  return metrics
+
+class _Saver:
+  """Saves the trainer's state, with what a resume and sampling need, after checking it is good to keep."""
+
+  def __init__(self, trainer: Trainer, checkpoints: checkpoint_lib.Checkpoints, dataset: data_lib.Dataset,
+               logger: MetricsLogger):
+    self.trainer, self.checkpoints, self.dataset, self.logger = trainer, checkpoints, dataset, logger
+    self.last_saved = trainer.step or None  # the last good checkpoint: the one restored (never one at step 0)
+    self._fingerprint = dataset.fingerprint()  # a resumed run checks it trains on the same text
+
+  def save(self, step: int, val_loss: float | None) -> None:
+    started = time.perf_counter()
+    _check_savable(self.trainer, step, val_loss, self.last_saved)
+    config = self.trainer.config
+    self.checkpoints.save(step, self.trainer.state, config, self.dataset.tokenizer, val_loss,
+                          data_fingerprint=self._fingerprint)
+    self.logger.took('checkpoint', step, time.perf_counter() - started, config.checkpoint.every)  # for the ETA
+    self.last_saved = step
 
 
 def _raise_if_diverged(losses: np.ndarray, grad_norms: np.ndarray, step: int, last_saved: int | None) -> None:
