@@ -645,6 +645,7 @@ def _call_size(step: int, steps_per_call: int) -> int:
 
 def _evaluate_and_log(trainer: Trainer, dataset: data_lib.Dataset, logger: MetricsLogger,
                       step: int) -> dict[str, float]:
+  """Evaluates the trainer at `step` and logs it (its time counts in the ETA); returns the train and val loss."""
   started = time.perf_counter()
   result = evaluate(trainer, dataset)
   logger.took('evaluation', step, time.perf_counter() - started, trainer.config.eval.every)  # for the ETA
