@@ -547,7 +547,7 @@ def _train_loop(session: _Session, logger: MetricsLogger, checkpoints: checkpoin
   stops it after the current call, saved. Returns the last evaluation's metrics (see train_and_evaluate)."""
   config, dataset, t = session.config, session.dataset, session.config.train
   trainer, metrics = _start_session(session, logger, checkpoints)
-  saver = _Saver(trainer, checkpoints, dataset, logger)
+  saver = _Saver(trainer, checkpoints, dataset)
   batches = lambda step, n: train_batches(dataset, session.mesh, config.seed, t.batch_size, step, n)
   schedule = learning_rate_schedule(t)
 
@@ -588,7 +588,9 @@ def _train_loop(session: _Session, logger: MetricsLogger, checkpoints: checkpoin
         val_loss = metrics['val_loss']
       saved = step % config.checkpoint.every == 0 or step == t.num_steps
       if saved:
+        started = time.perf_counter()
         saver.save(step, val_loss)
+        logger.took('checkpoint', step, time.perf_counter() - started, config.checkpoint.every)  # for the ETA
       if step < t.num_steps and session.stop.requested():
         if not saved:
           saver.save(step, val_loss)
@@ -656,19 +658,15 @@ def _evaluate_and_log(trainer: Trainer, dataset: data_lib.Dataset, logger: Metri
 class _Saver:
   """Saves the trainer's state, with what a resume and sampling need, after checking it is good to keep."""
 
-  def __init__(self, trainer: Trainer, checkpoints: checkpoint_lib.Checkpoints, dataset: data_lib.Dataset,
-               logger: MetricsLogger):
-    self.trainer, self.checkpoints, self.dataset, self.logger = trainer, checkpoints, dataset, logger
+  def __init__(self, trainer: Trainer, checkpoints: checkpoint_lib.Checkpoints, dataset: data_lib.Dataset):
+    self.trainer, self.checkpoints, self.dataset = trainer, checkpoints, dataset
     self.last_saved = trainer.step or None  # the last good checkpoint: the one restored (never one at step 0)
     self._fingerprint = dataset.fingerprint()  # a resumed run checks it trains on the same text
 
   def save(self, step: int, val_loss: float | None) -> None:
-    started = time.perf_counter()
     _check_savable(self.trainer, step, val_loss, self.last_saved)
-    config = self.trainer.config
-    self.checkpoints.save(step, self.trainer.state, config, self.dataset.tokenizer, val_loss,
+    self.checkpoints.save(step, self.trainer.state, self.trainer.config, self.dataset.tokenizer, val_loss,
                           data_fingerprint=self._fingerprint)
-    self.logger.took('checkpoint', step, time.perf_counter() - started, config.checkpoint.every)  # for the ETA
     self.last_saved = step
 
 

@@ -283,6 +283,18 @@ def test_a_stop_right_after_an_evaluation_keeps_its_val_loss(tiny_config, tmp_pa
   assert checkpoints.steps() == [3] and checkpoints.meta(3)['val_loss'] == metrics['val_loss']
 
 
+def test_the_checkpoint_a_stop_saves_is_left_out_of_the_eta(tiny_config, tmp_path, monkeypatch):
+  """The ETA times the checkpoints on schedule: the one a stop saves off it (step 3) is not one of those to come."""
+  polls = iter(range(100))
+  monkeypatch.setattr(train_lib.StopRequest, 'requested', lambda self: next(polls) == 2)  # after step 3
+  took = []
+  monkeypatch.setattr(train_lib.MetricsLogger, 'took', lambda self, what, step, *_: took.append((what, step)))
+  config = tiny_config(**{'train.num_steps': 12, 'eval.every': 6, 'checkpoint.every': 2})
+  assert 'stopped_by' in train_lib.train_and_evaluate(config, tmp_path)
+  assert Checkpoints(tmp_path, read_only=True).steps() == [2, 3]
+  assert took == [('checkpoint', 2)]
+
+
 def test_a_run_already_at_its_last_step_returns_the_val_loss_of_its_checkpoint(tiny_config, tmp_path):
   config = tiny_config(**{'train.num_steps': 2, 'eval.every': 2, 'checkpoint.every': 2})
   metrics = train_lib.train_and_evaluate(config, tmp_path)
