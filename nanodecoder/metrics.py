@@ -234,8 +234,9 @@ class MetricsLogger:
     """This session trains from `step` on (0, or the checkpoint it resumed from); call before the first write.
 
     An earlier session that crashed after its last checkpoint logged steps that this one trains again: their
-    records leave metrics.jsonl (TensorBoard hides their events) when this session writes its first (or at
-    `drop_replaced`).
+    records leave metrics.jsonl (TensorBoard hides their events) when this session writes its first. A session
+    that writes none drops them from metrics.jsonl at `drop_replaced` (TensorBoard still shows them: it opens
+    no event file).
     """
     self._start_step = step
 
