@@ -241,19 +241,19 @@ class MetricsLogger:
     self._start_step = step
 
   def drop_replaced(self) -> None:
-    """Rewrites metrics.jsonl without the records `start` replaces now, for a session that writes none."""
-    if self.enabled and self._file is None and self._path.exists():
-      self._open_file()
-
-  def _open_file(self) -> None:
-    """Opens metrics.jsonl to append, first rewriting it without the records `start` replaces or a torn line."""
-    self._path.parent.mkdir(parents=True, exist_ok=True)
+    """Rewrites metrics.jsonl without the records `start` replaces or a torn line (if it holds any)."""
+    if not self.enabled or self._file is not None or not self._path.exists():
+      return
     # (a damaged byte becomes U+FFFD: the line stays, as other lines that are not records of ours do)
-    lines = self._path.read_text(encoding='utf-8', errors='replace').splitlines(keepends=True) \
-        if self._path.exists() else []
+    lines = self._path.read_text(encoding='utf-8', errors='replace').splitlines(keepends=True)
     kept = [line for line in lines if _kept(line, self._start_step)]
     if kept != lines:
       atomic_write(self._path, ''.join(kept))
+
+  def _open_file(self) -> None:
+    """Opens metrics.jsonl to append, first dropping what `drop_replaced` drops."""
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+    self.drop_replaced()
     self._file = open(self._path, 'a', encoding='utf-8')
 
   def _open_tensorboard(self, step: int) -> None:

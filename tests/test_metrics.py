@@ -82,6 +82,19 @@ def test_a_resumed_session_replaces_what_was_logged_past_its_checkpoint(tmp_path
   assert sessions[:2] == [sessions[0]] * 2 and sessions[2:] == [sessions[2]] * 3 and sessions[2] > sessions[0]
 
 
+def test_a_session_that_writes_nothing_drops_only_what_it_replaces_and_opens_nothing(tmp_path, monkeypatch):
+  from nanodecoder import metrics as metrics_lib
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps({'step': step, 'train/loss': 3.0}) + '\n' for step in (10, 20)))
+  monkeypatch.setattr(metrics_lib, 'open', lambda *a, **k: pytest.fail('opened metrics.jsonl'), raising=False)
+  for start, kept in ((20, [10, 20]), (10, [10])):  # resumed at its last record's step: nothing to drop
+    logger = MetricsLogger(tmp_path, stream=io.StringIO(), tensorboard=False)
+    logger.start(start)
+    logger.drop_replaced()
+    logger.close()
+    assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == kept
+
+
 def test_a_record_cut_short_by_a_crash_does_not_swallow_the_next_sessions_first(tmp_path):
   first = MetricsLogger(tmp_path, stream=io.StringIO(), tensorboard=False)
   first.write(100, {'train/loss': 3.0})
