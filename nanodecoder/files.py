@@ -59,22 +59,29 @@ def unwritable_folder(path: str | os.PathLike) -> pathlib.Path | None:
 
 def lock_holder(path: str | os.PathLike) -> str | None:
   """The first word of lock file `path` (the pid its owner wrote there) while a live process holds an exclusive
-  `flock` on it, else None (also when there is no such file).
+  `flock` on it, else None (also when there is no such file). See `probing_lock`."""
+  with probing_lock(path) as holder:
+    return holder
 
-  It probes with a shared lock held for an instant: a taker that tries just then is refused, so takers retry
-  (see `checkpoint.WorkdirLock.acquire`).
-  """
+
+@contextlib.contextmanager
+def probing_lock(path: str | os.PathLike):
+  """Yields `lock_holder(path)`; when that is None, the block runs holding a shared lock on `path` (if it exists),
+  so that no process takes it exclusively meanwhile: a taker that tries is refused, so takers retry (see
+  `checkpoint.WorkdirLock.acquire`)."""
   try:
     file = open(path, 'rb')
   except OSError:
-    return None
+    yield None
+    return
   with file:
     try:
       fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-      return lock_owner(path)
-    fcntl.flock(file, fcntl.LOCK_UN)
-  return None
+      holder = lock_owner(path)
+    else:
+      holder = None
+    yield holder  # (closing the file releases the shared lock)
 
 
 def lock_owner(path: str | os.PathLike) -> str:

@@ -38,7 +38,7 @@ import ml_collections
 
 from nanodecoder import config as config_lib
 from nanodecoder.config import ConfigError
-from nanodecoder.files import WORKDIR_LOCK, atomic_write, exclusive, lock_holder
+from nanodecoder.files import WORKDIR_LOCK, atomic_write, exclusive, lock_holder, probing_lock
 from nanodecoder.metrics import format_duration
 
 MANIFEST = 'sweep.json'
@@ -362,7 +362,9 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
   passed on to the running points (they save and stop); after SIGTERM or
   Ctrl-C no new point starts. A point's failure is recorded in its workdir
   (`record_failure`), unless the point recorded its own error there; a point
-  that finishes or stops loses the record. Call `check_saved_configs` first.
+  that finishes or stops loses the record. No run takes a point while its
+  record is written, and a point another run took since is left to it. Call
+  `check_saved_configs` first.
   """
   total = len(sweep.points)
   results: dict[str, int | None] = {}
@@ -413,16 +415,17 @@ def run(sweep: Sweep, base: ml_collections.ConfigDict, root: str | pathlib.Path,
         workdir = sweep.workdir(root, point)
         if code != 0 and point_status(workdir, num_steps).state == 'finished':
           code = 0  # it saved its last step, then died while exiting (e.g. a Ctrl-C just then)
-        holder = live_run(workdir) if code != 0 else None
-        if holder is not None:  # refused: another run (e.g. a --sweep_index job) took the point after the sweep looked
-          left_to(point, holder)
-          continue
-        results[point.name] = code
         outcome = 'finished' if code == 0 else 'stopped' if code in STOPPED else failure(code)
-        if not outcome.startswith('failed'):
-          record_failure(workdir, None)
-        elif code < 0 or recorded_failure(workdir) in (None, UNEXPLAINED):  # a point records its own errors: see cli
-          record_failure(workdir, outcome)
+        with probing_lock(workdir / WORKDIR_LOCK) as holder:  # no run takes the point while its record is written
+          if holder is not None and code != 0:  # refused: another run (e.g. a --sweep_index job) took the point
+            left_to(point, holder)  # after the sweep looked
+            continue
+          if holder is None:  # (else another run took the point after this one finished: the record is that run's)
+            if not outcome.startswith('failed'):
+              record_failure(workdir, None)
+            elif code < 0 or recorded_failure(workdir) in (None, UNEXPLAINED):  # a point records its own errors (cli)
+              record_failure(workdir, outcome)
+        results[point.name] = code
         log(f'[point {point.index} of {total}] {point.name}: {outcome} after {format_duration(time.time() - started)}')
   finally:
     for sig, handler in previous.items():

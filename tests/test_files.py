@@ -1,4 +1,4 @@
-"""atomic_write: whole files, with the permissions a plain open() gives."""
+"""atomic_write: whole files, with the permissions a plain open() gives; lock probing."""
 
 import os
 import pathlib
@@ -77,3 +77,22 @@ def test_the_umask_is_read_without_changing_it():
     assert os.umask(0o077) == 0o077
   finally:
     os.umask(before)
+
+
+def test_probing_a_lock_names_its_holder_or_holds_off_takers_for_the_block(tmp_path):
+  import fcntl
+  path = tmp_path / '.lock'
+  with files.probing_lock(path) as holder:  # no lock file: nothing to hold
+    assert holder is None and not path.exists()
+  path.write_text('')
+  with files.probing_lock(path) as holder, open(path, 'a') as taker:
+    assert holder is None
+    with pytest.raises(BlockingIOError):
+      fcntl.flock(taker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  with open(path, 'a') as owner:
+    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again after the block
+    owner.write('1234 token')
+    owner.flush()
+    with files.probing_lock(path) as holder:
+      assert holder == '1234' == files.lock_holder(path)
+  assert files.lock_holder(path) is None

@@ -445,6 +445,40 @@ def test_a_point_that_a_live_run_holds_is_running_and_left_to_it(tiny_config, tm
     sweep_lib.check_saved_configs(sweep, base, tmp_path)  # now this command's to resume
 
 
+def test_the_sweep_writes_a_points_record_holding_off_other_runs_and_leaves_a_run_that_took_it_alone(
+    tiny_config, tmp_path, monkeypatch):
+  from nanodecoder.checkpoint import WorkdirInUse, WorkdirLock
+  from nanodecoder.files import WORKDIR_LOCK
+  monkeypatch.setattr(sweep_lib.time, 'sleep', lambda s: None)
+  base = tiny_config()
+  sweep = sweep_lib.make_sweep('x.py', base, {'seed': [1, 2, 3]})
+  workdirs = [sweep.workdir(tmp_path, point) for point in sweep.points]
+  record_failure = sweep_lib.record_failure
+
+  def record_holding_off_other_runs(workdir, outcome):
+    with pytest.raises(WorkdirInUse):  # a run taking the point just then is refused (and retries)
+      WorkdirLock(workdir).acquire()
+    record_failure(workdir, outcome)
+
+  monkeypatch.setattr(sweep_lib, 'record_failure', record_holding_off_other_runs)
+  late = WorkdirLock(workdirs[2])
+
+  def start(point, slot):
+    workdirs[point.index].mkdir(parents=True)
+    (workdirs[point.index] / WORKDIR_LOCK).touch()  # (its session's lock, released)
+    if point.index == 2:  # it finishes, and a --sweep_index job takes the point before the sweep looks
+      late.acquire()
+      record_failure(workdirs[2], sweep_lib.UNEXPLAINED)
+    return FakeProcess(point.name, [0, 1, 0][point.index])
+
+  try:
+    results, _ = sweep_lib.run(sweep, base, tmp_path, start, log=lambda line: None)
+  finally:
+    late.release()
+  assert results == {'seed=1': 0, 'seed=2': 1, 'seed=3': 0}
+  assert [sweep_lib.recorded_failure(w) for w in workdirs] == [None, 'failed (exit status 1)', sweep_lib.UNEXPLAINED]
+
+
 def test_a_lock_taken_while_a_status_check_looks_is_not_refused(tmp_path):
   import fcntl
   import threading
