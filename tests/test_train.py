@@ -723,3 +723,15 @@ def test_evaluation_runs_the_model_without_dropout(tiny_config):
   reference = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(rows[:, 1:])).mean()
   assert count == 2 * 8 * 16
   np.testing.assert_allclose(loss, float(reference), rtol=1e-5)
+
+
+def test_the_speed_leaves_out_the_log_lines_between_evaluations(tiny_config, tmp_path, monkeypatch):
+  # A log line's own time (metrics.jsonl, TensorBoard, the console) is no training step's either: the window restarts
+  # after it as after an evaluation or a save.
+  jump = jumping_clock(monkeypatch)
+  write = train_lib.MetricsLogger.write
+  monkeypatch.setattr(train_lib.MetricsLogger, 'write',
+                      lambda self, step, metrics: (write(self, step, metrics), 'train/loss' in metrics and jump()))
+  train_lib.train_and_evaluate(tiny_config(**{'train.log_every': 5}), tmp_path)  # logs at 5 and 15 between evaluations
+  speeds = logged_speeds(tmp_path)
+  assert sorted(speeds) == [5, 10, 15, 20] and all(0 < ms < 100_000 for ms in speeds.values()), speeds
