@@ -767,3 +767,26 @@ def test_a_point_whose_saved_config_is_damaged_is_named(tiny_config, tmp_path):
   with pytest.raises(ConfigError, match=rf'^sweep point 1 \(seed=2\): cannot read {re.escape(str(workdir))}/config.json '
                                         r'\(.*\); restore it, or delete that folder to train the point again$'):
     sweep_lib.check_saved_configs(sweep, base, tmp_path)
+
+
+def test_a_point_process_leaves_the_record_to_a_run_that_took_the_point_after_its_session(tiny_config, tmp_path,
+                                                                                          monkeypatch):
+  """A session records how it ended before it releases the workdir; from then on the record is the next run's (e.g.
+  a --sweep_index job that took the point), even when the error that ended the session is still on its way out."""
+  from nanodecoder import cli
+  record = tmp_path / sweep_lib.FAILED
+  released = []
+
+  def train_command(config, workdir, while_locked):
+    try:
+      with while_locked():  # this session holds the workdir
+        raise FloatingPointError('loss became nan at step 3')
+    finally:  # released: another job takes the point, and its session records itself
+      released.append(sweep_lib.recorded_failure(workdir))
+      sweep_lib.record_failure(workdir, sweep_lib.UNEXPLAINED)
+
+  monkeypatch.setattr(cli, 'train_command', train_command)
+  with pytest.raises(FloatingPointError):
+    cli.train_point(tiny_config(), tmp_path)
+  assert released == ['failed (FloatingPointError: loss became nan at step 3)']
+  assert record.read_text() == sweep_lib.UNEXPLAINED + '\n'
