@@ -96,3 +96,11 @@ def test_probing_a_lock_names_its_holder_or_holds_off_takers_for_the_block(tmp_p
     with files.probing_lock(path) as holder:
       assert holder == '1234' == files.lock_holder(path)
   assert files.lock_holder(path) is None
+
+
+def test_probes_of_a_lock_at_the_same_time_do_not_take_each_other_for_its_holder(tmp_path):
+  # e.g. a sweep writes a point's record while another job's status check looks whether a run holds the point
+  path = tmp_path / '.lock'
+  path.write_text('1234 token')  # left by a run that ended
+  with files.probing_lock(path) as holder, files.probing_lock(path) as other:
+    assert holder is None and other is None and files.lock_holder(path) is None
