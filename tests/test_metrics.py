@@ -230,3 +230,27 @@ def test_a_reader_that_went_away_ends_the_console_output_not_the_logging(tmp_pat
     print('final: train loss 2.4000 | val loss 2.6000', file=stream, flush=True)  # what comes later goes nowhere
   assert [(r['step'], len(r)) for r in map(json.loads, (tmp_path / 'metrics.jsonl').read_text().splitlines())] == [
       (10, 3 + len(TRAIN)), (20, 3 + len(EVAL))]
+
+
+def test_dropping_replaced_records_after_the_sessions_first_write_keeps_its_records(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(json.dumps({'step': 20, 'train/loss': 3.0}) + '\n')  # logged past the checkpoint at 10
+  logger = MetricsLogger(tmp_path, stream=io.StringIO(), tensorboard=False)
+  logger.start(10)
+  logger.write(11, {'train/loss': 2.5})  # drops step 20
+  logger.drop_replaced()  # nothing more to drop: step 11 is this session's
+  logger.write(12, {'train/loss': 2.4})
+  logger.close()
+  assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [11, 12]
+
+
+def test_a_logger_of_another_process_leaves_metrics_jsonl_to_process_0(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  logged = ''.join(json.dumps({'step': step, 'train/loss': 3.0}) + '\n' for step in (10, 20)) + '{"step": 2'
+  path.write_text(logged)
+  logger = MetricsLogger(tmp_path, enabled=False, stream=io.StringIO(), tensorboard=False)
+  logger.start(10)
+  logger.drop_replaced()
+  logger.write(11, {'train/loss': 2.5})
+  logger.close()
+  assert path.read_text() == logged
