@@ -104,9 +104,11 @@ def quiet_orbax_leftovers() -> None:
   """Hides what a failed read or save of Orbax's leaves behind (its error is reported once, by us); every other
   dropped error still prints."""
   interrupts.filter_unraisable('ignore leftovers of failed reads', _leftover_of_a_failed_read)
-  # A read of one array that a failed restore abandoned before it started: Python warns when it is collected.
-  warnings.filterwarnings('ignore', message=r"coroutine '_read_array_index_and_device_put' was never awaited",
-                          category=RuntimeWarning)
+  # A read of one array, or of the arrays' metadata, that a failed restore abandoned before it started: Python
+  # warns when it is collected.
+  warnings.filterwarnings(
+      'ignore', message=r"coroutine '(_read_array_index_and_device_put|Store\._get_array_metadatas)' was never awaited",
+      category=RuntimeWarning)
   for name, kind in (('asyncio', _QuietLostFutures), ('absl', _QuietOrbaxLogs)):
     log = logging.getLogger(name)
     if not any(isinstance(f, kind) for f in log.filters):
