@@ -83,7 +83,7 @@ def test_weight_decay_spares_every_bias_and_norm_of_the_model(tiny_config, scan_
     model = Decoder(config_lib.model_config(config, 65), nnx.Rngs(params=0))
   params = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))  # biases start at 0, which decay leaves alone
   tx = train_lib.make_optimizer(config.train, stacked_blocks=scan_layers)
-  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), jax.jit(tx.init)(params), params)
   decayed = {tuple(getattr(k, 'key', None) for k in path): bool(jnp.any(u != 0))
              for path, u in jax.tree_util.tree_leaves_with_path(updates)}
   name = lambda path: next(k for k in reversed(path) if isinstance(k, str))
@@ -204,9 +204,10 @@ def test_evaluate_all_windows_predicts_every_target_once(tiny_config, monkeypatc
   tokens, context = dataset.eval_tokens, config.model.context_length
   # The reference: the model on consecutive windows (the last one shorter), each target's loss once.
   model, losses = trainer.model(), []
+  forward = nnx.jit(lambda model, inputs: model(inputs)[0])  # (compiled: eager calls over dozens of windows take seconds)
   for start in range(0, len(tokens) - 1, context):
     window = tokens[start:start + context + 1]
-    logits, _ = model(jnp.asarray(window[None, :-1]))
+    logits = forward(model, jnp.asarray(window[None, :-1]))
     losses.append(optax.softmax_cross_entropy_with_integer_labels(logits[0], jnp.asarray(window[1:])))
   reference = float(jnp.concatenate(losses).mean())
   loss, count = train_lib.window_loss(trainer, tokens)
