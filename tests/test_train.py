@@ -204,7 +204,7 @@ def test_evaluate_all_windows_predicts_every_target_once(tiny_config, monkeypatc
   tokens, context = dataset.eval_tokens, config.model.context_length
   # The reference: the model on consecutive windows (the last one shorter), each target's loss once.
   model, losses = trainer.model(), []
-  forward = nnx.jit(lambda model, inputs: model(inputs)[0])  # (compiled: eager calls over dozens of windows take seconds)
+  forward = nnx.jit(lambda model, inputs: model(inputs)[0])  # (eager calls: seconds)
   for start in range(0, len(tokens) - 1, context):
     window = tokens[start:start + context + 1]
     logits = forward(model, jnp.asarray(window[None, :-1]))
