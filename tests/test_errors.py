@@ -16,7 +16,7 @@ from nanodecoder import config as config_lib
 from nanodecoder import train as train_lib
 from nanodecoder.checkpoint import CheckpointError, Checkpoints
 from conftest import REPO, make_tiny_config
-from test_launch import TINY, launch
+from test_launch import TINY, launch, launch_all
 
 pytestmark = pytest.mark.slow
 
@@ -78,11 +78,20 @@ CONFIG_CASES = [
 ]
 
 
+@pytest.fixture(scope='module')
+def bad_config_results(corpus_file, tmp_path_factory):
+  """{(extra, message): (workdir, launch.py's result)} of every CONFIG_CASES case, launched up front two at a time."""
+  workdirs = [tmp_path_factory.mktemp('bad_config') / 'run' for _ in CONFIG_CASES]
+  results = launch_all([[*tiny_args(corpus_file, *extra), '--workdir', str(workdir)]
+                        for (extra, _), workdir in zip(CONFIG_CASES, workdirs)])
+  return {(tuple(extra), message): case for (extra, message), case in zip(CONFIG_CASES, zip(workdirs, results))}
+
+
 @pytest.mark.parametrize('extra, message', CONFIG_CASES, ids=[c[1][:40] for c in CONFIG_CASES])
-def test_bad_config(corpus_file, tmp_path, extra, message):
-  result = launch(*tiny_args(corpus_file, *extra), '--workdir', str(tmp_path / 'run'))
+def test_bad_config(bad_config_results, extra, message):
+  workdir, result = bad_config_results[tuple(extra), message]
   assert_user_error(result, message)
-  assert files_in(tmp_path / 'run') == []  # refused before anything was written
+  assert files_in(workdir) == []  # refused before anything was written
 
 
 def test_xla_flags_and_another_cpu_device_count_are_refused(corpus_file, tmp_path):
@@ -104,25 +113,39 @@ def write(path, content):
   return path
 
 
-@pytest.mark.parametrize('content, message', [
+BAD_TEXTS = [
     (None, 'does not exist; point it at a UTF-8 text file'),
     ('dir', 'cannot be read (Is a directory)'),
     ('file/', 'cannot be read (Not a directory)'),  # a file used as a folder
     (b'', 'is empty; it needs the training text'),
     (b'to be or not to be', "has 16 tokens, fewer than one window of context_length + 1 = 17"),
     (b'caf\xe9 au lait' * 100, 'is not UTF-8 (bad byte at offset 3); convert it'),
-])
-def test_bad_text_file(tmp_path, content, message):
-  path = tmp_path / 'corpus.txt'
-  if content == 'dir':
-    path.mkdir()
-  elif content == 'file/':
-    path = write(path, b'text') / 'input.txt'
-  else:
-    write(path, content)
-  result = launch(*tiny_args(path), '--workdir', str(tmp_path / 'run'))
+]
+
+
+@pytest.fixture(scope='module')
+def bad_text_results(tmp_path_factory):
+  """{(content, message): (workdir, launch.py's result)} of every BAD_TEXTS case, launched up front two at a time."""
+  commands, workdirs = [], []
+  for content, _ in BAD_TEXTS:
+    folder = tmp_path_factory.mktemp('bad_text')
+    path = folder / 'corpus.txt'
+    if content == 'dir':
+      path.mkdir()
+    elif content == 'file/':
+      path = write(path, b'text') / 'input.txt'
+    else:
+      write(path, content)
+    workdirs.append(folder / 'run')
+    commands.append([*tiny_args(path), '--workdir', str(folder / 'run')])
+  return {case: found for case, found in zip(BAD_TEXTS, zip(workdirs, launch_all(commands)))}
+
+
+@pytest.mark.parametrize('content, message', BAD_TEXTS)
+def test_bad_text_file(bad_text_results, content, message):
+  workdir, result = bad_text_results[content, message]
   assert_user_error(result, message)
-  assert files_in(tmp_path / 'run') == []
+  assert files_in(workdir) == []
 
 
 def test_offline_tfds_without_the_file_fails_within_seconds(tmp_path):
@@ -292,7 +315,7 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
   assert_user_error(launch('--mode', 'sample', '--workdir', str(tmp_path)), f'no checkpoints in {tmp_path}')
 
 
-@pytest.mark.parametrize('flags, message', [
+BAD_FLAGS = [
     (['--mode', 'sample', '--out', '{tmp}'], '--out {tmp} is a directory; give a file path'),
     (['--mode', 'eval', '--out', '{tmp}/file/report.json'],
      'cannot write --out {tmp}/file/report.json: {tmp}/file is not a writable directory'),
@@ -350,14 +373,32 @@ def test_sampling_a_workdir_without_checkpoints(tmp_path):
      'train.profile_start=100 is not below train.num_steps=50: the trace of train.profile_steps would never start'),
     (['--config', 'experiments/sweep.py', '--sweep_index=0', '--sweep_parallel=2'],
      '--sweep_index trains one point, --sweep_parallel=2 several at once'),
-])
-def test_bad_flags_are_refused_before_loading_a_checkpoint(tmp_path, flags, message):
+]
+
+
+@pytest.fixture(scope='module')
+def bad_flags_results(tmp_path_factory):
+  """{(flags, message): (folder, launch.py's result)} of every BAD_FLAGS case, each in a folder of its own holding
+  the files the flags name, launched up front two at a time."""
+  commands, folders = [], []
+  for flags, _ in BAD_FLAGS:
+    folder = tmp_path_factory.mktemp('bad_flags')
+    (folder / 'file').write_text('KING:')
+    (folder / 'empty.txt').write_text('')
+    (folder / 'latin1.txt').write_bytes('café\n'.encode('latin-1'))
+    folders.append(folder)
+    commands.append([*[flag.format(tmp=folder) for flag in flags], '--workdir', str(folder / 'run')])
+  cases = zip(folders, launch_all(commands))
+  results = {(tuple(flags), message): case for (flags, message), case in zip(BAD_FLAGS, cases)}
+  assert len(results) == len(BAD_FLAGS)  # no case twice
+  return results
+
+
+@pytest.mark.parametrize('flags, message', BAD_FLAGS)
+def test_bad_flags_are_refused_before_loading_a_checkpoint(bad_flags_results, flags, message):
   """The workdir has no checkpoint: a check made after loading one would report that instead."""
-  (tmp_path / 'file').write_text('KING:')
-  (tmp_path / 'empty.txt').write_text('')
-  (tmp_path / 'latin1.txt').write_bytes('café\n'.encode('latin-1'))
-  result = launch(*[flag.format(tmp=tmp_path) for flag in flags], '--workdir', str(tmp_path / 'run'))
-  assert_user_error(result, message.format(tmp=tmp_path))
+  folder, result = bad_flags_results[tuple(flags), message]
+  assert_user_error(result, message.format(tmp=folder))
 
 
 def test_a_mistake_inside_get_config_is_not_blamed_on_overrides(tmp_path):

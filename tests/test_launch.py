@@ -1,5 +1,6 @@
 """launch.py end to end, in a subprocess, as a user runs it."""
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -23,6 +24,13 @@ def launch(*args, timeout=180, env=None):
   env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, **(env or {})}  # launch.py picks its devices
   return subprocess.run([sys.executable, 'launch.py', *args], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=timeout)
+
+
+def launch_all(arg_lists):
+  """launch(*args) of each list, two at a time: each is a new Python importing JAX (~2 s of one core) while pytest
+  waits, and the machines running the suite have two cores."""
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    return list(pool.map(lambda args: launch(*args), arg_lists))
 
 
 @pytest.fixture(scope='module')
@@ -158,7 +166,7 @@ def test_sampling_more_than_memory_holds_is_one_line_naming_the_sampling_flags(t
                                 'both)\n')
 
 
-@pytest.mark.parametrize('args, message', [
+BAD_INPUT = [
     (['--config', 'experiments/nope.py'], "error: cannot load the --config file experiments/nope.py: [Errno 2] No such file or directory"),
     (['--config', 'experiments/cpu.py', '--config.model.num_layer=3'],
      "error: unknown config field in --config.model.num_layer=3: 'num_layer' (did you mean 'num_layers'?); see experiments/base.py"),
@@ -176,9 +184,19 @@ def test_sampling_more_than_memory_holds_is_one_line_naming_the_sampling_flags(t
     (['--config', 'experiments/cpu.py', '--config.model.num_heads=0'], 'error: model.num_heads must be a positive integer, got 0'),
     (['--config', 'experiments/cpu.py', '--config.data.source=text', '--config.data.text_path=/no/such.txt'],
      "error: data.text_path '/no/such.txt' does not exist; point it at a UTF-8 text file"),
-])
-def test_launch_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
-  result = launch(*args, '--workdir', str(tmp_path / 'run'))
+]
+
+
+@pytest.fixture(scope='module')
+def bad_input_results(tmp_path_factory):
+  """{(args, message): launch.py's result} of every BAD_INPUT case, launched up front two at a time."""
+  commands = [[*args, '--workdir', str(tmp_path_factory.mktemp('bad_input') / 'run')] for args, _ in BAD_INPUT]
+  return {(tuple(args), message): result for (args, message), result in zip(BAD_INPUT, launch_all(commands))}
+
+
+@pytest.mark.parametrize('args, message', BAD_INPUT)
+def test_launch_bad_input_is_one_line_and_exit_2(args, message, bad_input_results):
+  result = bad_input_results[tuple(args), message]
   assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
   errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
