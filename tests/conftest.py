@@ -2,9 +2,14 @@
 
 import os
 import pathlib
+import signal
 
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Started where SIGINT is ignored (a background job of a non-interactive shell, nohup), the suite would pass that on
+# to every process it starts, and the Ctrl-C tests would wait for exits that never come: take Ctrl-C as Python does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
