@@ -214,3 +214,13 @@ def test_a_relative_text_path_is_saved_absolute_so_the_workdir_evaluates_from_an
   evaluated = subprocess.run([sys.executable, str(REPO / 'launch.py'), '--mode', 'eval', '--workdir', str(workdir)],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
   assert evaluated.returncode == 0 and 'bits/char' in evaluated.stdout, evaluated.stderr[-3000:]
+
+
+def test_on_windows_launch_says_to_use_wsl():
+  """Workdir locks (fcntl) and signals are POSIX: Windows gets that said, not a missing module."""
+  result = subprocess.run([sys.executable, '-c', "import sys, runpy; sys.platform = 'win32'; "
+                           "sys.argv = ['launch.py', '--help']; runpy.run_path('launch.py', run_name='__main__')"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1
+  assert result.stderr.splitlines()[-1] == ('ImportError: nanodecoder runs on Linux and macOS; on Windows, run it '
+                                            'under WSL')
