@@ -16,6 +16,7 @@ from nanodecoder import data as data_lib
 from nanodecoder import sharding as sharding_lib
 from nanodecoder import train as train_lib
 from nanodecoder.config import ConfigError
+from conftest import REPO
 from test_train import build, params, put
 
 # 8 heads of 4 (32 wide, feed-forward 128): every mesh axis below divides what it shards.
@@ -78,7 +79,7 @@ def test_step_keeps_activations_in_the_batch_layout(tiny_config, data, fsdp, ten
 
 
 def test_logical_spec_shards_ruled_dimensions_the_mesh_divides_and_replicates_the_rest():
-  mesh = sharding_lib.make_mesh(config_lib.load_config_file('experiments/cpu.py').mesh, jax.devices()[:8])
+  mesh = sharding_lib.make_mesh(config_lib.load_config_file(REPO / 'experiments' / 'cpu.py').mesh, jax.devices()[:8])
   spec = sharding_lib.logical_spec(('vocab', 'embed'), (65, 12), mesh)
   assert spec == P(None, None)  # 'embed' maps to fsdp, size 1 here; nothing to shard
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(1, 4, 2), sharding_lib.AXES)
@@ -325,7 +326,7 @@ def test_bfloat16_compute_keeps_fp32_parameters_and_follows_fp32(tiny_config):
     (8, {'data': 0}, 8),  # a config that does not validate: every core (training refuses it in one line)
 ])
 def test_automatic_cpu_device_count_splits_the_batch_and_mesh(cores, mesh, expected):
-  config = config_lib.load_config_file('experiments/cpu.py')
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
   config.mesh.update(mesh)
   assert sharding_lib.cpu_device_count(config, cores) == expected
 
