@@ -27,8 +27,8 @@ def launch(*args, timeout=180, env=None):
 
 
 def launch_all(arg_lists):
-  """launch(*args) of each list, two at a time: each is a new Python importing JAX (~2 s of one core) while pytest
-  waits, and the machines running the suite have two cores."""
+  """launch(*args) of each list, two at a time: each is a new Python importing JAX, Flax and Orbax (~1.7 s of one
+  core) while pytest waits, and the machines running the suite have two cores."""
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     return list(pool.map(lambda args: launch(*args), arg_lists))
 
