@@ -54,14 +54,14 @@ def main():
   import jax.numpy as jnp
   import numpy as np
 
-  from nanodecoder.data import CharTokenizer
+  from nanodecoder.tokenizer import Tokenizer
   from nanodecoder.ops import embed_lookup
   from train_speed import machine
 
   vocab = 65  # tiny-shakespeare's characters
   id_sources = {'uniform': np.random.default_rng(0).integers(0, vocab, size=1_000_000).astype(np.int32)}
   if text is not None:
-    tokenizer = CharTokenizer.from_text(text)
+    tokenizer = Tokenizer(text)
     id_sources['text'], vocab = tokenizer.encode(text), max(vocab, tokenizer.vocab_size)
   rows = []
   for shape, (batch, length, width) in SHAPES.items():

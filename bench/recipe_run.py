@@ -35,7 +35,7 @@ def main():
   config, = checked_configs(parser, [args.config], args.set)
 
   from nanodecoder import cli, config as config_lib, train
-  from nanodecoder.data import CharTokenizer
+  from nanodecoder.tokenizer import Tokenizer
   from nanodecoder.model import train_flops_per_token
   from nanodecoder.sweep import saved_steps
   from train_speed import MFU_CONVENTION, machine, peak_flops
@@ -73,7 +73,7 @@ def main():
                      + (steps_done - sum(covered.values())) * median_ms) / 1000
     tokens_per_s = statistics.median(r['train/tokens_per_s'] for r in logs)
     tokenizer_json = (pathlib.Path(args.workdir) / 'tokenizer.json').read_text(encoding='utf-8')
-    vocab_size = CharTokenizer.from_json(tokenizer_json).vocab_size  # the LM head's size, for the FLOPs
+    vocab_size = Tokenizer.from_json(tokenizer_json).vocab_size  # the LM head's size, for the FLOPs
     achieved = train_flops_per_token(config_lib.model_config(config, vocab_size)) * tokens_per_s
   peak = peak_flops(jax.devices()[0].device_kind) if jax.default_backend() == 'gpu' else None
   result = {

@@ -62,6 +62,7 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str], text: str
 
   from nanodecoder import cli, config as config_lib, data as data_lib, sharding, train
   from nanodecoder.model import CausalSelfAttention, train_flops_per_token
+  from nanodecoder.tokenizer import Tokenizer
 
   if packed_qkv:  # for comparison: q, k, v cut out of one matmul's result even for fused attention kernels
     project = CausalSelfAttention.project
@@ -73,10 +74,10 @@ def worker(shape: str, steps: int, repeats: int, overrides: list[str], text: str
   train.check_mesh_fits(config, mesh)
   if text:
     corpus = pathlib.Path(text).read_text(encoding='utf-8')
-    tokenizer = data_lib.CharTokenizer.from_text(corpus)
+    tokenizer = Tokenizer(corpus)
     tokens = tokenizer.encode(corpus)
   else:
-    tokenizer = data_lib.CharTokenizer(''.join(map(chr, range(32, 97))))  # 65 symbols, as tiny-shakespeare
+    tokenizer = Tokenizer(''.join(map(chr, range(32, 97))))  # 65 symbols, as tiny-shakespeare
     tokens = np.random.default_rng(0).integers(0, 65, size=200_000).astype(np.int32)
   dataset = data_lib.Dataset(tokenizer, tokens, tokens, config.model.context_length)
   model_config = config_lib.model_config(config, tokenizer.vocab_size)

@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.text_eval_fraction = 0.1  # source='text': held-out tail, halved into 'validation' and 'test'
   data.train_split = 'train'  # split to train on
   data.eval_split = 'validation+test'  # split(s) for val loss; '+' joins them (= nanoGPT's val)
+  data.vocab_size = 0  # 0: one token per character (65 here); N: characters + BPE merges of train_split, N in all
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 64  # sequences per optimizer step (global, over all devices)

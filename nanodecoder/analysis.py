@@ -2,10 +2,12 @@
 
   attention  the softmax weights of every layer and head for a prompt: one PNG
              per layer (`layer_<i>.png`) with a grid of heads, rows = queries,
-             columns = keys, tick labels = the prompt's characters.
-  eval       loss (nats per character), perplexity = exp(loss) and bits per
-             character = loss / ln 2 over every window of a split: each
-             character after the first is predicted exactly once.
+             columns = keys, tick labels = the prompt's tokens (characters,
+             without BPE merges).
+  eval       loss (nats per token), perplexity = exp(loss) and bits per
+             character (the loss of all tokens / ln 2 / the characters they
+             hold) over every window of a split: each token after the first
+             is predicted exactly once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from nanodecoder.data import DataError
+from nanodecoder.tokenizer import Tokenizer
 
 VISIBLE = {'\n': '\\n', ' ': '␣', '\t': '\\t', '\r': '\\r'}
 
@@ -42,26 +45,31 @@ def _font_characters() -> frozenset[int]:
   return frozenset(ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
 
 
-def attention_maps(model, tokenizer, prompt: str) -> tuple[np.ndarray, str]:
-  """([layers, heads, T, T] float32 attention weights, the characters they are of) for `prompt`.
+def drawn_text(tokenizer, prompt: str, context_length: int) -> str:
+  """The part of `prompt` that attention_maps encodes: its last context_length characters, or with BPE merges the
+  whole prompt (its tokens are then cut to the last context_length)."""
+  return prompt if tokenizer.merges else prompt[-context_length:]
+
+
+def attention_maps(model, tokenizer, prompt: str) -> tuple[np.ndarray, list[str]]:
+  """([layers, heads, T, T] float32 attention weights, the text of each of the T tokens they are of) for `prompt`.
 
   A prompt longer than the model's context is cut to its last context_length
-  characters; rows are queries, columns keys, and each row sums to 1.
+  tokens; rows are queries, columns keys, and each row sums to 1.
   """
   import jax
   import jax.numpy as jnp
 
   if not prompt:
     raise DataError('the prompt is empty; pass the text whose attention to draw with --prompt')
-  prompt = prompt[-model.cfg.context_length:]
-  tokens = jnp.asarray(tokenizer.encode(prompt))[None]
-  maps = np.asarray(jax.device_get(model.attention_maps(tokens)), np.float32)[:, 0]
-  return maps, prompt
+  ids = tokenizer.encode(drawn_text(tokenizer, prompt, model.cfg.context_length))[-model.cfg.context_length:]
+  maps = np.asarray(jax.device_get(model.attention_maps(jnp.asarray(ids)[None])), np.float32)[:, 0]
+  return maps, [tokenizer.pieces[i] for i in ids]
 
 
-def plot_attention(maps: np.ndarray, chars: str, out_dir: str | pathlib.Path, title: str = '') -> list[pathlib.Path]:
+def plot_attention(maps: np.ndarray, pieces, out_dir: str | pathlib.Path, title: str = '') -> list[pathlib.Path]:
   """Writes `layer_<i>.png` per layer into `out_dir` (removing other `layer_<i>.png` there): a heatmap per
-  head; returns the paths."""
+  head, labelled with `pieces` (the text of each token, e.g. a string's characters); returns the paths."""
   from nanodecoder.summary import new_figure, save_png
 
   out_dir = pathlib.Path(out_dir)
@@ -69,9 +77,9 @@ def plot_attention(maps: np.ndarray, chars: str, out_dir: str | pathlib.Path, ti
   cols = min(heads, 4)
   rows = math.ceil(heads / cols)
   cell = min(max(0.14 * t, 2.5), 6.0)  # inches per heatmap
-  step = max(1, math.ceil(t / 64))  # label at most 64 characters per axis
+  step = max(1, math.ceil(t / 64))  # label at most 64 tokens per axis
   ticks = list(range(0, t, step))
-  labels = [char_label(chars[i]) for i in ticks]
+  labels = [''.join(map(char_label, pieces[i])) for i in ticks]
   fontsize = max(4, min(9, 360 / len(ticks)))
   paths = []
   for layer in range(layers):
@@ -132,8 +140,8 @@ def _evaluate_split(workdir: str | pathlib.Path, which: str, split: str | None,
   checkpoints, step, meta = checkpoint_lib.load_meta(workdir, which)
   try:
     with checkpoint_lib.reading(checkpoints, step):  # a record that lacks its config or tokenizer is damaged too
-      config = ml_collections.ConfigDict(meta['config'])
-      tokenizer = data_lib.CharTokenizer.from_json(meta['tokenizer'])
+      config = config_lib.with_added_fields(ml_collections.ConfigDict(meta['config']))
+      tokenizer = Tokenizer.from_json(meta['tokenizer'])
     split = config.data.eval_split if split is None else split  # ('' is no split: refused by name below)
     text_run = config.data.source == 'text'
     source = config.data.text_path if text_run else f'tfds {config.data.tfds_name}'
@@ -148,7 +156,8 @@ def _evaluate_split(workdir: str | pathlib.Path, which: str, split: str | None,
     source = config.data.text_path if text_run else source
     try:
       corpus = data_lib.load_corpus(config.data)
-      tokens = tokenizer.encode(corpus.text(split))
+      text = corpus.text(split)
+      tokens = tokenizer.encode(text)
       trained_on = meta.get('data_fingerprint')  # (none in checkpoints written before it was recorded)
       if trained_on is not None and data_lib.load_dataset(config, corpus).fingerprint() != trained_on:
         raise DataError(f'it holds other text than the checkpoint was trained on; point {given} at that text'
@@ -160,7 +169,7 @@ def _evaluate_split(workdir: str | pathlib.Path, which: str, split: str | None,
                if text_run and not given and not os.path.exists(source) else '')
       raise DataError(f'--mode eval scores the data the run trained on ({source}, {where}): {e}{moved}') from None
     if len(tokens) < 2:
-      raise DataError(f'split {split!r} has {len(tokens)} characters; it needs at least 2 to predict one')
+      raise DataError(f'split {split!r} has {len(tokens)} {tokenizer.unit}s; it needs at least 2 to predict one')
     config = config_lib.for_reading_here(config, jax.device_count(), jax.devices()[0])  # any machine
     mesh = sharding_lib.make_mesh(config.mesh)
     trainer = train_lib.create_trainer(config, config_lib.model_config(config, tokenizer.vocab_size), mesh,
@@ -169,13 +178,18 @@ def _evaluate_split(workdir: str | pathlib.Path, which: str, split: str | None,
       params, _ = checkpoints.restore(step, trainer.abstract_state[0])  # not the optimizer state
   finally:
     checkpoints.close()
-  loss, count = train_lib.window_loss(trainer, tokens, params)
-  return {'workdir': str(workdir), 'step': step, 'split': split, 'characters': len(tokens),
-          'predicted': int(count), 'loss': loss, 'perplexity': math.exp(loss), 'bits_per_char': loss / math.log(2)}
+  loss, count = train_lib.window_loss(trainer, tokens, params)  # every token but the first predicted once
+  predicted_chars = len(text) - len(tokenizer.pieces[tokens[0]])
+  return {'workdir': str(workdir), 'step': step, 'split': split, 'unit': tokenizer.unit, 'characters': len(text),
+          'tokens': len(tokens), 'predicted': int(count), 'loss': loss, 'perplexity': math.exp(loss),
+          'bits_per_char': loss * int(count) / predicted_chars / math.log(2)}
 
 
 def format_report(report: dict[str, Any]) -> str:
+  """Loss and perplexity per token (a character, without BPE merges), bits per character."""
+  unit = report['unit']
+  chars = f' ({report["characters"]:,} characters)' if unit != 'character' else ''
   return (f'checkpoint step {report["step"]} of {report["workdir"]}, split {report["split"]!r}: '
-          f'{report["predicted"]:,} characters predicted\n'
-          f'loss {report["loss"]:.4f} nats/char | perplexity {report["perplexity"]:.3f} | '
-          f'{report["bits_per_char"]:.4f} bits/char')
+          f'{report["predicted"]:,} {unit}s predicted{chars}\n'
+          f'loss {report["loss"]:.4f} nats/{"char" if unit == "character" else unit} | perplexity '
+          f'{report["perplexity"]:.3f} | {report["bits_per_char"]:.4f} bits/char')

@@ -33,11 +33,11 @@ from orbax.checkpoint import checkpoint_managers
 from nanodecoder import config as config_lib
 from nanodecoder import orbax_errors
 from nanodecoder.config import ConfigError
-from nanodecoder.data import CharTokenizer
 from nanodecoder.files import WORKDIR_LOCK, atomic_write, lock_owner
 from nanodecoder.metrics import quiet_absl
 from nanodecoder.model import abstract_decoder
 from nanodecoder.sharding import digest, first_process_differing, gather_from_processes
+from nanodecoder.tokenizer import Tokenizer
 
 # The model fields a checkpoint's arrays depend on (scan_layers: blocks stored stacked or one by one): a checkpoint
 # restores only into the same values.
@@ -147,14 +147,18 @@ def check_model_matches(saved_config: dict, config: ml_collections.ConfigDict, w
                       'use the same model fields or another --workdir')
 
 
-def check_same_characters(saved_tokenizer: str, chars: str, step: int, directory) -> None:
-  """A run resumes only on data with exactly its characters: other ones would change what the ids mean."""
-  saved = CharTokenizer.from_json(saved_tokenizer).chars
-  if saved != chars:
-    different = ''.join(sorted(set(saved) ^ set(chars)))
+def check_same_tokenizer(saved_tokenizer: str, tokenizer: Tokenizer, step: int, directory) -> None:
+  """A run resumes only on data with exactly its tokens: other ones would change what the ids mean."""
+  saved = Tokenizer.from_json(saved_tokenizer)
+  if saved.chars != tokenizer.chars:
+    different = ''.join(sorted(set(saved.chars) ^ set(tokenizer.chars)))
     raise ConfigError(f'the checkpoint at step {step} in {directory} was trained on other characters than this data '
-                      f'has ({len(saved)} characters, this data {len(chars)}; differing: {different!r}); train on the '
-                      'same data or pass another --workdir')
+                      f'has ({len(saved.chars)} characters, this data {len(tokenizer.chars)}; differing: '
+                      f'{different!r}); train on the same data or pass another --workdir')
+  if saved != tokenizer:
+    raise ConfigError(f'the checkpoint at step {step} in {directory} was trained with other tokens than this data '
+                      f'gives ({saved.vocab_size}, this data {tokenizer.vocab_size}: BPE merges learned on other '
+                      'text); train on the same data or pass another --workdir')
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -237,7 +241,7 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state, config: ml_collections.ConfigDict, tokenizer: CharTokenizer,
+  def save(self, step: int, state, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
            val_loss: float | None = None, data_fingerprint: int | None = None) -> None:
     """Starts writing `state` (an nnx.State of (model, optimizer)) as step `step`; returns at once.
 
@@ -348,13 +352,13 @@ class Checkpoints:
     return state
 
   def restore_latest_good(self, abstract_state, config: ml_collections.ConfigDict, log=print,
-                          chars: str | None = None):
+                          tokenizer: Tokenizer | None = None):
     """(step, state, meta) of the newest step that restores, or None when there is no checkpoint.
 
     An unreadable (corrupt or partial) step is set aside as `<step>.corrupt`, with a message, and the previous
     one is tried. CheckpointError, moving nothing, for an error that says nothing about the files (memory,
     permissions, ...); CheckpointError too when steps were set aside and none is left. A checkpoint of another
-    model shape, or one trained on other characters than `chars` (the data's, when given), is refused
+    model shape, or one trained with another tokenizer than `tokenizer` (the data's, when given), is refused
     (ConfigError). All processes take the same decisions (process 0 moves the folders).
     """
     steps = self.steps()  # each process lists the folder itself: they must see the same steps
@@ -366,7 +370,7 @@ class Checkpoints:
     for step in reversed(steps):
       restored = error = None
       try:
-        restored = self._restore_checked(step, abstract_state, config, chars)
+        restored = self._restore_checked(step, abstract_state, config, tokenizer)
       except Exception as e:  # noqa: BLE001 (sorted out below, the same way on every process)
         error = e
       ok, unreadable, environment, other_model = range(4)  # outcomes, the worst one (highest) decides
@@ -394,12 +398,13 @@ class Checkpoints:
                             'out of the folder (or pass another --workdir) to start from scratch')
     return None
 
-  def _restore_checked(self, step: int, abstract_state, config: ml_collections.ConfigDict, chars: str | None):
+  def _restore_checked(self, step: int, abstract_state, config: ml_collections.ConfigDict,
+                       tokenizer: Tokenizer | None):
     """(step, state, meta) of step `step`; ConfigError if it holds another model than `config` builds, or
-    was trained on other characters than `chars`."""
+    was trained with another tokenizer than `tokenizer`."""
     meta = self.meta(step)
-    if chars is not None:
-      check_same_characters(meta['tokenizer'], chars, step, self.directory)
+    if tokenizer is not None:
+      check_same_tokenizer(meta['tokenizer'], tokenizer, step, self.directory)
     check_model_matches(meta['config'], config, str(self.directory.parent))
     for name, part in (('params', abstract_state[0]), ('opt_state', abstract_state[1])):
       saved = ocp.StandardCheckpointHandler().metadata(self._item(step, name))
@@ -488,7 +493,7 @@ def reading(checkpoints: Checkpoints, step: int):
 
 
 def load_model(workdir: str | pathlib.Path, which: str | int = 'latest',
-               check: Callable[[CharTokenizer, ml_collections.ConfigDict], None] | None = None):
+               check: Callable[[Tokenizer, ml_collections.ConfigDict], None] | None = None):
   """(model, tokenizer, config, step) from a workdir alone, parameters on the default device.
 
   `check(tokenizer, config)` runs before the parameters are read: what it refuses (e.g. a prompt with
@@ -526,12 +531,12 @@ def _names_another_step(workdir: str | pathlib.Path, which: str, step: int) -> b
 
 
 def _load_model(workdir: str | pathlib.Path, which: str | int,
-                check: Callable[[CharTokenizer, ml_collections.ConfigDict], None] | None):
+                check: Callable[[Tokenizer, ml_collections.ConfigDict], None] | None):
   checkpoints, step, meta = load_meta(workdir, which)
   try:
     with reading(checkpoints, step):  # a record that lacks its config or tokenizer is damaged too
-      config = ml_collections.ConfigDict(meta['config'])
-      tokenizer = CharTokenizer.from_json(meta['tokenizer'])
+      config = config_lib.with_added_fields(ml_collections.ConfigDict(meta['config']))
+      tokenizer = Tokenizer.from_json(meta['tokenizer'])
     if check is not None:
       check(tokenizer, config)
     here = config_lib.for_reading_here(config, 1, jax.devices()[0])

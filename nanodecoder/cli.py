@@ -865,19 +865,21 @@ def attention_command() -> None:
     fail(f"--out '' names no folder; give a folder for the pictures, or leave --out out for {workdir / 'attention'}")
   out = _checked_out_folder(workdir / 'attention' if FLAGS.out is None else pathlib.Path(FLAGS.out), workdir)
   setup_jax()
-  # Characters outside the vocabulary in the part drawn (the last context, as attention_maps cuts it) are
-  # refused before the parameters are read.
-  check_prompt = lambda tokenizer, config: tokenizer.encode(prompt[-config.model.context_length:])
+  # Characters outside the vocabulary in the part drawn (as attention_maps cuts it) are refused before the
+  # parameters are read.
+  check_prompt = lambda tokenizer, config: tokenizer.encode(
+      analysis.drawn_text(tokenizer, prompt, config.model.context_length))
   model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint, check=check_prompt)
   maps, shown = analysis.attention_maps(model, tokenizer, prompt)
-  if len(shown) < len(prompt):
-    print(f'the prompt is longer than the context ({len(shown)}); drawing its last {len(shown)} characters')
+  if len(''.join(shown)) < len(prompt):
+    print(f'the prompt is longer than the context ({len(shown)} {tokenizer.unit}s); drawing its last '
+          f'{len(shown)} {tokenizer.unit}s')
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     fail(f'cannot create --out folder {out} ({e.strerror or e}); give a path in a writable directory')
   paths = analysis.plot_attention(maps, shown, out, title=f'{workdir} (step {step}), ')
-  print(f'attention maps of {maps.shape[0]} layers x {maps.shape[1]} heads over {len(shown)} characters '
+  print(f'attention maps of {maps.shape[0]} layers x {maps.shape[1]} heads over {len(shown)} {tokenizer.unit}s '
         f'(checkpoint step {step}): ' + ', '.join(map(str, paths)))
 
 

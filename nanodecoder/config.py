@@ -35,7 +35,7 @@ FIELDS = frozenset((
     'model.dropout', 'model.use_bias', 'model.tie_embeddings', 'model.dtype', 'model.param_dtype',
     'model.attention_impl', 'model.remat', 'model.scan_layers',
     'data.source', 'data.tfds_name', 'data.tfds_data_dir', 'data.manual_dir', 'data.text_path',
-    'data.text_eval_fraction', 'data.train_split', 'data.eval_split',
+    'data.text_eval_fraction', 'data.train_split', 'data.eval_split', 'data.vocab_size',
     'train.batch_size', 'train.num_steps', 'train.learning_rate', 'train.warmup_steps', 'train.decay_steps',
     'train.min_learning_rate', 'train.beta1', 'train.beta2', 'train.weight_decay', 'train.grad_clip',
     'train.grad_accum_steps', 'train.steps_per_call', 'train.log_every', 'train.profile_steps',
@@ -86,6 +86,19 @@ def is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# Fields added after runs were saved, with the value that does what those runs did.
+ADDED_FIELDS = {'data.vocab_size': 0}
+
+
+def with_added_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config`, saved by a run, with ADDED_FIELDS it lacks set to their values there (in place)."""
+  for dotted, value in ADDED_FIELDS.items():
+    section, name = dotted.split('.')
+    if isinstance(config.get(section), ml_collections.ConfigDict) and name not in config[section]:
+      config[section][name] = value
+  return config
+
+
 def check_fields(config: ml_collections.ConfigDict) -> None:
   """Refuses a config with a field no code reads (a misspelt name) or without one that the code reads."""
   fields = set(flatten_config(config))
@@ -106,7 +119,7 @@ def read_saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   saved = json.loads((pathlib.Path(workdir) / SAVED_CONFIG).read_text(encoding='utf-8'))
   if not isinstance(saved, dict):
     raise ValueError('not a JSON object')
-  config = ml_collections.ConfigDict(saved)
+  config = with_added_fields(ml_collections.ConfigDict(saved))
   check_fields(config)
   return config
 
@@ -205,7 +218,8 @@ _POSITIVE = (
     'train.grad_accum_steps',
     'eval.every', 'eval.batches', 'checkpoint.every', 'checkpoint.keep',
 )
-_NON_NEGATIVE = ('seed', 'train.warmup_steps', 'train.profile_steps', 'train.profile_start', 'mesh.cpu_devices')
+_NON_NEGATIVE = ('seed', 'data.vocab_size', 'train.warmup_steps', 'train.profile_steps', 'train.profile_start',
+                 'mesh.cpu_devices')
 _BOOLEAN = ('model.use_bias', 'model.tie_embeddings', 'model.scan_layers', 'eval.all_windows', 'checkpoint.keep_best',
             'checkpoint.async_save')
 _FINITE = ('model.dropout', 'train.learning_rate', 'train.min_learning_rate', 'train.beta1', 'train.beta2',

@@ -1,4 +1,4 @@
-"""Text corpora, the character tokenizer and batches of random windows.
+"""Text corpora, their tokens and batches of random windows.
 
 Sources:
   * 'tfds': a TFDS dataset with one 'text' feature per split (tiny_shakespeare:
@@ -18,7 +18,6 @@ never changes which windows a step sees.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -32,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from nanodecoder.metrics import quiet_absl
+from nanodecoder.tokenizer import Tokenizer
 
 MANUAL_DIR_ENV = 'NANODECODER_MANUAL_DIR'
 # Independent PRNG streams: training batches, and the fixed batches that estimate train / eval loss.
@@ -40,39 +40,6 @@ TRAIN_STREAM, TRAIN_LOSS_STREAM, EVAL_LOSS_STREAM = 0, 1, 2
 
 class DataError(ValueError):
   """The corpus cannot be read or does not fit the config."""
-
-
-class CharTokenizer:
-  """Maps each character of the corpus to an id; ids follow sorted character order."""
-
-  def __init__(self, chars: str):
-    self.chars = ''.join(sorted(set(chars)))
-    self._ids = {c: i for i, c in enumerate(self.chars)}
-
-  @classmethod
-  def from_text(cls, text: str) -> CharTokenizer:
-    return cls(text)
-
-  @property
-  def vocab_size(self) -> int:
-    return len(self.chars)
-
-  def encode(self, text: str) -> np.ndarray:
-    unknown = sorted(set(text) - self._ids.keys())
-    if unknown:
-      raise DataError(f'characters not in the vocabulary: {", ".join(map(repr, unknown))}; '
-                      'use only characters of the training corpus')
-    return np.fromiter((self._ids[c] for c in text), dtype=np.int32, count=len(text))
-
-  def decode(self, ids) -> str:
-    return ''.join(self.chars[i] for i in np.asarray(ids).reshape(-1))
-
-  def to_json(self) -> str:
-    return json.dumps({'kind': 'char', 'chars': self.chars})
-
-  @classmethod
-  def from_json(cls, text: str) -> CharTokenizer:
-    return cls(json.loads(text)['chars'])
 
 
 @dataclasses.dataclass
@@ -85,8 +52,9 @@ class Corpus:
   def text(self, expr: str) -> str:
     return ''.join(self.splits[name] for name in split_names(expr, self.name, list(self.splits)))
 
-  def tokenizer(self) -> CharTokenizer:
-    return CharTokenizer.from_text(''.join(self.splits.values()))
+  def tokenizer(self, vocab_size: int = 0, train_split: str = 'train') -> Tokenizer:
+    """Every character of every split, plus BPE merges learned on `train_split` up to `vocab_size` tokens (0: none)."""
+    return Tokenizer.train(''.join(self.splits.values()), self.text(train_split), vocab_size)
 
 
 def split_names(expr: str, source: str, available: list[str], field: str = '') -> list[str]:
@@ -291,7 +259,7 @@ def all_windows(tokens: np.ndarray, context_length: int) -> tuple[np.ndarray, np
 class Dataset:
   """Tokenized train and eval text, and the batches drawn from them."""
 
-  tokenizer: CharTokenizer
+  tokenizer: Tokenizer
   train_tokens: np.ndarray
   eval_tokens: np.ndarray
   context_length: int
@@ -330,7 +298,7 @@ def load_dataset(config: ml_collections.ConfigDict, corpus: Corpus | None = None
   """The training and evaluation tokens of `config.data`, from `corpus` if it was loaded already."""
   corpus = load_corpus(config.data) if corpus is None else corpus
   check_splits(config.data, corpus.name, list(corpus.splits))
-  tokenizer = corpus.tokenizer()
+  tokenizer = corpus.tokenizer(config.data.vocab_size, config.data.train_split)
   dataset = Dataset(
       tokenizer=tokenizer,
       train_tokens=tokenizer.encode(corpus.text(config.data.train_split)),

@@ -28,7 +28,7 @@ def run_config(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, 
 
   where = f'the checkpoint at step {step} in {workdir / "checkpoints"}'
   try:
-    saved = ml_collections.ConfigDict(checkpoint.read_record(workdir, step)['config'])
+    saved = config.with_added_fields(ml_collections.ConfigDict(checkpoint.read_record(workdir, step)['config']))
     config.check_fields(saved)
   except Exception as e:  # noqa: BLE001 (a damaged record: Orbax's, JSON's or a field's error)
     raise UnreadableRecord(f'{where} has no readable config ({orbax_errors.first_line(e)})') from e

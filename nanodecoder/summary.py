@@ -76,7 +76,7 @@ def count_parameters(workdir: str | pathlib.Path) -> int | None:
   and its tokenizer.json, or where that is missing (a run copied without it) its latest checkpoint's record of it;
   None where either cannot be read."""
   from nanodecoder import checkpoint
-  from nanodecoder.data import CharTokenizer
+  from nanodecoder.tokenizer import Tokenizer
   from nanodecoder.model import abstract_decoder, count_params
 
   workdir = pathlib.Path(workdir)
@@ -87,7 +87,7 @@ def count_parameters(workdir: str | pathlib.Path) -> int | None:
                       else checkpoint.read_record(workdir, sweep_lib.latest_step(workdir))['tokenizer'])
   except Exception:  # noqa: BLE001 (unreadable files, or a damaged or missing record: no parameter count)
     return None
-  model_config = config_lib.model_config(config, CharTokenizer.from_json(tokenizer_json).vocab_size)
+  model_config = config_lib.model_config(config, Tokenizer.from_json(tokenizer_json).vocab_size)
   return count_params(abstract_decoder(model_config))
 
 
@@ -257,7 +257,7 @@ def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, pat
   ax.set_xticks(list(ticks), [str(x) for x in (sorted(set(xs)) if numeric else categories)])
   ax.minorticks_off()
   ax.set_xlabel(x_field)
-  ax.set_ylabel('best val loss (nats/char)')
+  ax.set_ylabel('best val loss (nats/token)')
   ax.set_title(title, wrap=True)
   ax.grid(alpha=0.3)
   if len(groups) > 1:
@@ -285,7 +285,7 @@ def plot_loss_curves(curves: list[tuple[str, RunMetrics]], title: str, path: pat
     ax.set_xlabel('step')
     ax.set_title(what)
     ax.grid(alpha=0.3)
-  train_ax.set_ylabel('loss (nats/char)')
+  train_ax.set_ylabel('loss (nats/token)')
   for ax in (train_ax, val_ax):
     if ax.get_legend_handles_labels()[1]:
       ax.legend(fontsize='small')

@@ -486,7 +486,7 @@ def _raise_on_every_process(failure: Exception | None, what: str) -> None:
 def _restore_or_init(trainer: Trainer, checkpoints, dataset: data_lib.Dataset, log) -> dict[str, Any]:
   """Fills `trainer.state` from the latest good checkpoint, or fresh; returns the metrics known so far."""
   config = trainer.config
-  restored = checkpoints.restore_latest_good(trainer.abstract_state, config, log=log, chars=dataset.tokenizer.chars)
+  restored = checkpoints.restore_latest_good(trainer.abstract_state, config, log=log, tokenizer=dataset.tokenizer)
   if restored is None:
     trainer.state = trainer.init_state()
     return {}
@@ -618,10 +618,15 @@ def _start_session(session: _Session, logger: MetricsLogger,
   trainer = create_trainer(config, model_config, mesh, init=False)
   abstract_model = nnx.merge(trainer.graphdef, trainer.abstract_state)[0]  # (shapes only: the state comes next)
   layers = f'{model_config.num_layers} layer' + ('s' if model_config.num_layers != 1 else '')
+  tokenizer = dataset.tokenizer
+  merges = f' ({len(tokenizer.chars)} characters + {len(tokenizer.merges)} BPE merges)' if tokenizer.merges else ''
   logger.info(f'model: {count_params(abstract_model):,} parameters, {layers}, '
               f'{model_config.num_heads} heads x {model_config.head_size} = {model_config.embed_dim} wide, '
-              f'vocab {model_config.vocab_size}; mesh {dict(mesh.shape)} on {jax.device_count()} '
+              f'vocab {model_config.vocab_size}{merges}; mesh {dict(mesh.shape)} on {jax.device_count()} '
               f'{jax.devices()[0].platform} devices')
+  if config.data.vocab_size > tokenizer.vocab_size:
+    logger.info(f'warning: data.vocab_size={config.data.vocab_size} tokens, but after {len(tokenizer.merges)} BPE '
+                f'merges no pair of tokens occurs twice in data.train_split: the vocabulary has {tokenizer.vocab_size}')
   shared = data_lib.shared_splits(config.data)
   if shared:
     logger.info(f'warning: data.eval_split={config.data.eval_split!r} holds text the run trains on '

@@ -34,7 +34,7 @@ def shakespeare_dir():
 
 @pytest.fixture(scope='session')
 def corpus_file(tmp_path_factory):
-  """A small generated corpus: deterministic, learnable, 40 distinct characters."""
+  """A small generated corpus: deterministic, learnable, 48 distinct characters."""
   lines = []
   words = ['the', 'quick', 'brown', 'fox', 'jumps', 'over', 'lazy', 'dog', 'Alas!', 'poor', 'Yorick;', 'KING:']
   for i in range(400):

@@ -32,13 +32,13 @@ def run(corpus_file, tmp_path_factory):
 def test_attention_maps_are_causal_and_rows_sum_to_one(run):
   model, tokenizer, config, _ = checkpoint_lib.load_model(run)
   maps, shown = analysis.attention_maps(model, tokenizer, 'the quick')
-  assert shown == 'the quick' and maps.shape == (2, 2, 9, 9) and maps.dtype == np.float32
+  assert shown == list('the quick') and maps.shape == (2, 2, 9, 9) and maps.dtype == np.float32
   np.testing.assert_allclose(maps.sum(axis=-1), 1.0, atol=1e-5)
   assert (maps[..., np.triu_indices(9, k=1)[0], np.triu_indices(9, k=1)[1]] == 0).all()  # no looking ahead
   assert (np.diagonal(maps, axis1=-2, axis2=-1) > 0).all() and maps[..., 0, 0].tolist() == [[1.0, 1.0]] * 2
   long = 'KING: Alas! poor Yorick; the lazy dog'
   maps, shown = analysis.attention_maps(model, tokenizer, long)
-  assert shown == long[-16:] and maps.shape == (2, 2, 16, 16)  # cut to the context, keeping the end
+  assert shown == list(long[-16:]) and maps.shape == (2, 2, 16, 16)  # cut to the context, keeping the end
   with pytest.raises(DataError, match='characters not in the vocabulary'):
     analysis.attention_maps(model, tokenizer, 'the ~~~')
   with pytest.raises(DataError, match='^the prompt is empty; pass the text'):

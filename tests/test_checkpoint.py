@@ -21,8 +21,8 @@ from nanodecoder import config as config_lib
 from nanodecoder import sharding as sharding_lib
 from nanodecoder import train as train_lib
 from nanodecoder.checkpoint import CheckpointError, Checkpoints
-from nanodecoder.data import CharTokenizer
 from nanodecoder.model import Decoder
+from nanodecoder.tokenizer import Tokenizer
 
 
 def train_losses(workdir):
@@ -79,7 +79,7 @@ def small_state():
 
 
 def test_keeps_the_latest_and_the_best(tiny_config, tmp_path):
-  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  config, tokenizer, state = tiny_config(), Tokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path, keep=2)
   for step, val_loss in zip([1, 2, 3, 4], [3.0, 1.0, 2.0, 4.0]):  # the best (2) is neither first nor latest
     checkpoints.save(step, state, config, tokenizer, val_loss)
@@ -100,7 +100,7 @@ def test_keeps_the_latest_and_the_best(tiny_config, tmp_path):
 
 @pytest.mark.parametrize('damage', [b'', b'{}', b'{"val_loss": 1.0'])
 def test_a_damaged_metrics_file_is_rewritten_from_the_checkpoint(tiny_config, tmp_path, capsys, damage):
-  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  config, tokenizer, state = tiny_config(), Tokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path, keep=1)
   for step, val_loss in zip([1, 2, 3], [1.0, 3.0, 2.0]):
     checkpoints.save(step, state, config, tokenizer, val_loss)
@@ -123,7 +123,7 @@ def test_a_metrics_file_is_not_removed_when_the_machine_keeps_its_checkpoint_fro
                                                                                              monkeypatch, capsys):
   """A read failing for the machine's reasons (permissions, I/O) says nothing about the files: removing the best
   step's score would let the next save delete it."""
-  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  config, tokenizer, state = tiny_config(), Tokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path, keep=1)
   checkpoints.save(1, state, config, tokenizer, 1.0)
   checkpoints.close()
@@ -141,7 +141,7 @@ def test_a_metrics_file_is_not_removed_when_the_machine_keeps_its_checkpoint_fro
 
 
 def test_a_damaged_metrics_file_whose_checkpoint_record_is_damaged_too_is_removed(tiny_config, tmp_path, capsys):
-  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  config, tokenizer, state = tiny_config(), Tokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path, keep=1)
   for step, val_loss in zip([1, 2], [1.0, 2.0]):
     checkpoints.save(step, state, config, tokenizer, val_loss)
@@ -160,17 +160,20 @@ def test_a_damaged_metrics_file_whose_checkpoint_record_is_damaged_too_is_remove
 def test_a_checkpoint_trained_on_other_characters_is_refused_before_its_arrays_are_read(tiny_config, tmp_path):
   config, state = tiny_config(), small_state()
   checkpoints = Checkpoints(tmp_path)
-  checkpoints.save(1, state, config, CharTokenizer('ab'), 1.0)
+  checkpoints.save(1, state, config, Tokenizer('ab'), 1.0)
   checkpoints.wait()
   with pytest.raises(config_lib.ConfigError, match=r'^the checkpoint at step 1 in .* was trained on other characters '
                                                    r"than this data has \(2 characters, this data 2; differing: 'bc'\)"):
-    checkpoints.restore_latest_good(state, config, chars='ac')
-  assert checkpoints.restore_latest_good(state, config, chars='ab')[0] == 1 and checkpoints.steps() == [1]
+    checkpoints.restore_latest_good(state, config, tokenizer=Tokenizer('ac'))
+  assert checkpoints.restore_latest_good(state, config, tokenizer=Tokenizer('ab'))[0] == 1 and checkpoints.steps() == [1]
+  with pytest.raises(config_lib.ConfigError, match=r'^the checkpoint at step 1 in .* was trained with other tokens '
+                                                   r'than this data gives \(2, this data 3: BPE merges learned on'):
+    checkpoints.restore_latest_good(state, config, tokenizer=Tokenizer('ab', [(0, 1)]))
   checkpoints.close()
 
 
 def test_best_leaves_out_a_step_whose_record_is_unreadable(tiny_config, tmp_path, capsys):
-  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  config, tokenizer, state = tiny_config(), Tokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path, keep=3)
   for step, val_loss in zip([1, 2, 3], [1.0, 2.0, 3.0]):
     checkpoints.save(step, state, config, tokenizer, val_loss)
@@ -182,7 +185,7 @@ def test_best_leaves_out_a_step_whose_record_is_unreadable(tiny_config, tmp_path
 
 
 def test_best_of_a_run_that_kept_no_best_says_so(tiny_config, tmp_path, capsys):
-  config, tokenizer, state = tiny_config(**{'checkpoint.keep_best': False}), CharTokenizer('ab'), small_state()
+  config, tokenizer, state = tiny_config(**{'checkpoint.keep_best': False}), Tokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path, keep=2, keep_best=False)
   for step, val_loss in zip([1, 2, 3], [1.0, 3.0, 2.0]):  # the best, step 1, is gone
     checkpoints.save(step, state, config, tokenizer, val_loss)
@@ -211,7 +214,7 @@ def test_a_folder_of_runs_names_one_of_them_instead_of_saying_train_first(tmp_pa
 def test_processes_that_see_different_checkpoints_stop(tiny_config, tmp_path, monkeypatch):
   """Each process lists the folder itself (e.g. NFS caching, or a workdir on a local disk): restoring different
   steps would leave the replicas in different states, or one process waiting for the others."""
-  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  config, tokenizer, state = tiny_config(), Tokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path)
   checkpoints.save(5, state, config, tokenizer, 1.0)
   checkpoints.wait()
@@ -235,7 +238,7 @@ def test_processes_that_see_different_checkpoints_stop(tiny_config, tmp_path, mo
 
 def test_the_best_survives_a_resume(tiny_config, tmp_path, caplog):
   """A resumed run's manager scores the earlier session's steps too (Orbax keeps their metrics on disk)."""
-  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  config, tokenizer, state = tiny_config(), Tokenizer('ab'), small_state()
   for session in ([(1, 3.0), (2, 1.0), (3, 2.0)], [(4, 4.0), (5, None), (6, 5.0)]):
     checkpoints = Checkpoints(tmp_path, keep=2)
     for step, val_loss in session:
@@ -249,7 +252,7 @@ def test_the_best_survives_a_resume(tiny_config, tmp_path, caplog):
 
 def test_a_failed_asynchronous_save_is_reported_with_its_own_step(tiny_config, tmp_path, monkeypatch):
   """Orbax reports a failed background save when the next save waits for it: the error names the failed step."""
-  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  config, tokenizer, state = tiny_config(), Tokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path)
   checkpoints.save(5, state, config, tokenizer)
 
@@ -376,7 +379,7 @@ def test_a_model_trained_with_gpu_only_attention_loads_and_runs_here(tiny_config
   with nnx.use_eager_sharding(False):
     model = Decoder(config_lib.model_config(config, 2), nnx.Rngs(params=0))
   checkpoints = Checkpoints(tmp_path)
-  checkpoints.save(1, nnx.state((model, nnx.Linear(2, 2, rngs=nnx.Rngs(0)))), config, CharTokenizer('ab'))
+  checkpoints.save(1, nnx.state((model, nnx.Linear(2, 2, rngs=nnx.Rngs(0)))), config, Tokenizer('ab'))
   checkpoints.wait()
   checkpoints.close()
   loaded, _, saved_config, _ = checkpoint_lib.load_model(tmp_path)
@@ -431,7 +434,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
 
 
 def test_an_unreadable_latest_step_falls_back_to_the_newest_earlier_one_with_its_own_state(tiny_config, tmp_path):
-  config, tokenizer = tiny_config(), CharTokenizer('ab')
+  config, tokenizer = tiny_config(), Tokenizer('ab')
   states = {step: nnx.state((nnx.Linear(2, 2, rngs=nnx.Rngs(step)), nnx.Linear(2, 2, rngs=nnx.Rngs(10 + step))))
             for step in (1, 2, 3)}
   checkpoints = Checkpoints(tmp_path, keep=3)
@@ -449,7 +452,7 @@ def test_an_unreadable_latest_step_falls_back_to_the_newest_earlier_one_with_its
 
 
 def test_a_step_saved_without_a_val_loss_goes_once_it_is_not_among_the_latest(tiny_config, tmp_path):
-  config, tokenizer, state = tiny_config(), CharTokenizer('ab'), small_state()
+  config, tokenizer, state = tiny_config(), Tokenizer('ab'), small_state()
   checkpoints = Checkpoints(tmp_path, keep=1)
   for step, val_loss in zip([1, 2, 3], [1.0, None, 2.0]):
     checkpoints.save(step, state, config, tokenizer, val_loss)

@@ -47,6 +47,14 @@ def test_a_saved_config_without_a_field_is_refused_when_read(tmp_path):
     config_lib.read_saved_config(tmp_path)
 
 
+def test_a_run_saved_before_a_field_existed_reads_with_the_value_that_does_what_it_did(tmp_path):
+  config = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
+  del config.data['vocab_size']  # (added with BPE merges: runs before trained on characters)
+  (tmp_path / config_lib.SAVED_CONFIG).write_text(config.to_json())
+  assert config_lib.read_saved_config(tmp_path).data.vocab_size == 0
+  assert set(config_lib.ADDED_FIELDS) <= config_lib.FIELDS
+
+
 def test_recipes_match_nanogpt():
   base = config_lib.load_config_file(REPO / 'experiments' / 'base.py')
   cpu = config_lib.load_config_file(REPO / 'experiments' / 'cpu.py')
@@ -193,6 +201,7 @@ def test_cudnn_in_bfloat16_validates_without_a_gpu():  # a sweep validates its p
     ('train.warmup_steps', None, r'train.warmup_steps must be an integer >= 0, got None'),
     ('train.warmup_steps', 10.5, r'train.warmup_steps must be an integer >= 0, got 10.5'),
     ('mesh.cpu_devices', '2', r"mesh.cpu_devices must be an integer >= 0, got '2'"),
+    ('data.vocab_size', -512, r'data.vocab_size must be an integer >= 0, got -512'),
     ('model.num_layers', True, r'model.num_layers must be a positive integer, got True'),  # (a bool is an int)
     ('mesh.data', 2.0, r'mesh.data must be a positive integer or -1 \(all devices left over\), got 2.0'),
     ('model.use_bias', 'false', r"model.use_bias must be true or false, got 'false'"),

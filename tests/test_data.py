@@ -12,23 +12,24 @@ import numpy as np
 import pytest
 
 from nanodecoder import data as data_lib
-from nanodecoder.data import CharTokenizer, DataError
+from nanodecoder.data import DataError
+from nanodecoder.tokenizer import Tokenizer
 
 
 def test_tokenizer_round_trip_and_json():
   text = 'Hello, World!\nzebra ~'
-  tok = CharTokenizer.from_text(text)
+  tok = Tokenizer(text)
   assert tok.vocab_size == len(set(text))
   ids = tok.encode(text)
   assert ids.dtype == np.int32 and tok.decode(ids) == text
   # Ids in sorted character order (nanoGPT's): '\n' 0, ' ' 1, '!' 2, ',' 3, 'H' 4, 'W' 5, 'a' 6, ...
   assert tok.encode('\n !,HWa~').tolist() == [0, 1, 2, 3, 4, 5, 6, tok.vocab_size - 1]
-  again = CharTokenizer.from_json(tok.to_json())
+  again = Tokenizer.from_json(tok.to_json())
   assert again.chars == tok.chars and again.decode(ids) == text
 
 
 def test_tokenizer_names_unknown_characters():
-  tok = CharTokenizer.from_text('abc')
+  tok = Tokenizer('abc')
   with pytest.raises(DataError, match=r"characters not in the vocabulary: 'x', 'z'; "):
     tok.encode('axbz')
 
@@ -246,7 +247,7 @@ def test_a_pipe_as_text_path_is_refused_not_waited_on(tmp_path):
 
 def test_batches_depend_only_on_seed_and_step():
   tokens = np.arange(1000, dtype=np.int32)
-  ds = data_lib.Dataset(CharTokenizer('ab'), tokens, tokens[:100], context_length=8)
+  ds = data_lib.Dataset(Tokenizer('ab'), tokens, tokens[:100], context_length=8)
   a = ds.train_batch(seed=3, step=5, batch_size=6)
   np.testing.assert_array_equal(a, ds.train_batch(seed=3, step=5, batch_size=6))
   assert a.shape == (6, 9)
@@ -259,7 +260,7 @@ def test_batches_depend_only_on_seed_and_step():
 
 def test_eval_batches_are_fixed_and_drawn_from_their_own_split():
   train, held_out = np.arange(1000, dtype=np.int32), np.arange(1000, 1100, dtype=np.int32)  # told apart by value
-  ds = data_lib.Dataset(CharTokenizer('ab'), train, held_out, context_length=8)
+  ds = data_lib.Dataset(Tokenizer('ab'), train, held_out, context_length=8)
   for split, tokens in (('train', train), ('eval', held_out)):
     batches = [ds.eval_batch(split, seed=3, index=i, batch_size=6) for i in range(3)]
     for i, batch in enumerate(batches):
@@ -277,7 +278,7 @@ def test_random_windows_reach_the_last_full_window_and_nothing_past_it():
     starts = data_lib.window_starts(num_tokens, window, batch_size=300, seed=0, step=0)
     assert set(starts.tolist()) == set(range(num_tokens - window + 1))
   tokens = np.arange(11, dtype=np.int32)
-  ds = data_lib.Dataset(CharTokenizer('ab'), tokens, tokens, context_length=8)
+  ds = data_lib.Dataset(Tokenizer('ab'), tokens, tokens, context_length=8)
   rows = {tuple(row) for step in range(20) for row in ds.train_batch(seed=0, step=step, batch_size=8)}
   assert rows == {tuple(range(s, s + window)) for s in range(3)}  # the last one ends at the last token
 
@@ -298,13 +299,13 @@ def test_all_windows_cover_every_target_once():
 
 def test_a_corpus_of_exactly_one_window_is_accepted():
   tokens = np.arange(17, dtype=np.int32)
-  ds = data_lib.Dataset(CharTokenizer('ab'), tokens, tokens, context_length=16)
+  ds = data_lib.Dataset(Tokenizer('ab'), tokens, tokens, context_length=16)
   ds.check('train', 'validation')
   np.testing.assert_array_equal(ds.train_batch(seed=0, step=0, batch_size=2), [tokens, tokens])  # its one window
 
 
 def test_corpus_shorter_than_a_window_is_refused():
   tokens = np.arange(10, dtype=np.int32)
-  ds = data_lib.Dataset(CharTokenizer('ab'), tokens, tokens, context_length=16)
+  ds = data_lib.Dataset(Tokenizer('ab'), tokens, tokens, context_length=16)
   with pytest.raises(DataError, match=r"split 'train' has 10 tokens, fewer than one window of context_length \+ 1 = 17"):
     ds.check('train', 'validation')

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -144,6 +145,55 @@ def test_sample_stream_out_prompt_file_and_nokv_cache_give_one_text(tiny_run, tm
   assert streamed.stdout == uncached.stdout == f'{header}{text}\n'
   for out in (tmp_path / 'streamed.txt', tmp_path / 'new' / 'uncached.txt'):
     assert out.read_text(encoding='utf-8') == f'--- sample 1 ---\n{text}\n'
+
+
+@pytest.mark.slow
+def test_a_run_with_bpe_merges_trains_resumes_samples_and_scores_bits_per_character(corpus_file, tmp_path):
+  from nanodecoder import analysis, data as data_lib
+  from nanodecoder.tokenizer import Tokenizer
+
+  train = ['--config', 'experiments/cpu.py', '--config.data.source=text', f'--config.data.text_path={corpus_file}',
+           *TINY, '--config.eval.all_windows=true', '--config.data.vocab_size=70', '--workdir', str(tmp_path)]
+  result = launch(*train)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'vocab 70 (48 characters + 22 BPE merges);' in result.stdout
+  corpus = data_lib.load_corpus(data_lib.ml_collections.ConfigDict({'source': 'text', 'text_path': str(corpus_file),
+                                                                       'text_eval_fraction': 0.1}))
+  tokenizer = Tokenizer.from_json((tmp_path / 'tokenizer.json').read_text())
+  assert tokenizer == corpus.tokenizer(70, 'train') and tokenizer.unit == 'token'
+  report_path = tmp_path / 'eval.json'
+  sample, scored = launch_all([
+      ['--mode', 'sample', '--workdir', str(tmp_path), '--prompt', 'the lazy', '--max_new_tokens', '12',
+       '--temperature', '0', '--stream'],
+      ['--mode', 'eval', '--workdir', str(tmp_path), '--out', str(report_path)]])
+  # Sampling: 12 tokens, streamed one at a time, hold more characters than that.
+  assert sample.returncode == 0, sample.stderr[-3000:]
+  text = sample.stdout.removeprefix('--- sample 1/1 (checkpoint step 12) ---\n').removesuffix('\n')
+  model, _, _, _ = checkpoint_lib.load_model(tmp_path)
+  greedy = [int(i) for i in tokenizer.encode('the lazy')]
+  for _ in range(12):
+    greedy.append(int(model(np.asarray([greedy[-16:]]))[0][0, -1].argmax()))
+  assert text == tokenizer.decode(greedy) and len(text) > len('the lazy') + 12, text
+  prompt = 'KING: Alas! poor Yorick; the quick brown fox jumps over the lazy dog'
+  maps, shown = analysis.attention_maps(model, tokenizer, prompt)  # cut to the last 16 tokens
+  assert maps.shape == (1, 2, 16, 16) and prompt.endswith(''.join(shown)) and len(''.join(shown)) > 16
+  # Eval: the loss per token of every window, and bits per character from the characters those tokens hold.
+  assert scored.returncode == 0, scored.stderr[-3000:]
+  report, val_text = json.loads(report_path.read_text()), corpus.text('validation+test')
+  tokens = tokenizer.encode(val_text)
+  assert (report['unit'], report['characters'], report['tokens'], report['predicted']) == (
+      'token', len(val_text), len(tokens), len(tokens) - 1)
+  predicted_chars = len(val_text) - len(tokenizer.decode(tokens[:1]))
+  assert report['bits_per_char'] == pytest.approx(report['loss'] * (len(tokens) - 1) / predicted_chars / np.log(2))
+  last_eval = [r for r in map(json.loads, (tmp_path / 'metrics.jsonl').read_text().splitlines())
+               if 'eval/val_loss' in r][-1]
+  assert report['loss'] == pytest.approx(last_eval['eval/val_loss'], rel=1e-5)
+  assert scored.stdout.splitlines()[0].endswith(f"{len(tokens) - 1:,} tokens predicted ({len(val_text):,} characters)")
+  assert ' nats/token | perplexity ' in scored.stdout
+  # A resume trains the same merges again (each launch learns them from the text) and goes on.
+  resumed = launch(*train, '--config.train.num_steps=18', '--config.train.decay_steps=12')
+  assert resumed.returncode == 0 and 'resumed from the checkpoint at step 12' in resumed.stdout, resumed.stderr[-3000:]
+  assert 'step 18 |' in resumed.stdout
 
 
 @pytest.mark.slow
