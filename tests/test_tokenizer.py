@@ -20,16 +20,12 @@ TEXT = ('First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
 def reference_merges(chunks, first_id, num_merges):
   """BPE as defined, slowly: count every adjacent pair of every chunk, merge the most frequent (ties: lowest ids)
   everywhere, repeat. Returns (merges, the chunks' ids after them)."""
-  def merge(ids, pair, new_id):
-    out, i = [], 0
-    while i < len(ids):
-      if tuple(ids[i:i + 2]) == pair:
-        out.append(new_id)
-        i += 2
-      else:
-        out.append(ids[i])
-        i += 1
-    return out
+  def merge(ids, pair, new_id):  # left to right
+    if len(ids) < 2:
+      return list(ids)
+    if tuple(ids[:2]) == pair:
+      return [new_id, *merge(ids[2:], pair, new_id)]
+    return [ids[0], *merge(ids[1:], pair, new_id)]
 
   words, merges = [list(c) for c in chunks], []
   while len(merges) < num_merges:
