@@ -50,9 +50,9 @@ class Tokenizer:
     if vocab_size and vocab_size < tokenizer.vocab_size:
       from nanodecoder.data import DataError  # (data imports this module)
 
-      raise DataError(f'data.vocab_size={vocab_size} is below the {tokenizer.vocab_size} characters of the '
-                           f'corpus, each of which needs a token; use 0 (one token per character) or at least '
-                           f'{tokenizer.vocab_size}')
+      raise DataError(f'data.vocab_size={vocab_size} is below the {tokenizer.vocab_size} characters of the corpus, '
+                      'each of which needs a token; use 0 (one token per character) or at least '
+                      f'{tokenizer.vocab_size}')
     if vocab_size > tokenizer.vocab_size:
       tokenizer = cls(chars, learn_merges([tokenizer._char_ids(chunk) for chunk in CHUNK.findall(text)],
                                           tokenizer.vocab_size, vocab_size - tokenizer.vocab_size))
@@ -73,7 +73,7 @@ class Tokenizer:
       from nanodecoder.data import DataError  # (data imports this module)
 
       raise DataError(f'characters not in the vocabulary: {", ".join(map(repr, unknown))}; '
-                           'use only characters of the training corpus')
+                      'use only characters of the training corpus')
     if not self.merges:
       return np.fromiter((self._ids[c] for c in text), dtype=np.int32, count=len(text))
     ids = itertools.chain.from_iterable(self._encode_chunk(chunk) for chunk in CHUNK.findall(text))
