@@ -37,6 +37,12 @@ def char_label(char: str) -> str:
   return char
 
 
+def token_label(piece: str, longest: int = 8) -> str:
+  """A tick label for a token's text: its characters' labels, cut to `longest` characters with '…'."""
+  label = ''.join(map(char_label, piece))
+  return label if len(label) <= longest else label[:longest - 1] + '…'
+
+
 @functools.cache
 def _font_characters() -> frozenset[int]:
   """The code points matplotlib's default font draws."""
@@ -79,7 +85,8 @@ def plot_attention(maps: np.ndarray, pieces, out_dir: str | pathlib.Path, title:
   cell = min(max(0.14 * t, 2.5), 6.0)  # inches per heatmap
   step = max(1, math.ceil(t / 64))  # label at most 64 tokens per axis
   ticks = list(range(0, t, step))
-  labels = [''.join(map(char_label, pieces[i])) for i in ticks]
+  labels = [token_label(pieces[i]) for i in ticks]
+  wide = step > 1 or t > 32 or any(len(label) > 1 for label in labels)  # x labels turned upright
   fontsize = max(4, min(9, 360 / len(ticks)))
   paths = []
   for layer in range(layers):
@@ -93,7 +100,7 @@ def plot_attention(maps: np.ndarray, pieces, out_dir: str | pathlib.Path, title:
         continue
       image = ax.imshow(maps[layer, head], cmap='viridis', vmin=0.0, vmax=1.0, interpolation='nearest')
       ax.set_title(f'head {head}', fontsize=10)
-      ax.set_xticks(ticks, labels, fontsize=fontsize, rotation=90 if step > 1 or t > 32 else 0)
+      ax.set_xticks(ticks, labels, fontsize=fontsize, rotation=90 if wide else 0)
       ax.set_yticks(ticks, labels, fontsize=fontsize)
       ax.set_xlabel('key (attended to)', fontsize=8)
       ax.set_ylabel('query', fontsize=8)
@@ -181,14 +188,14 @@ def _evaluate_split(workdir: str | pathlib.Path, which: str, split: str | None,
   loss, count = train_lib.window_loss(trainer, tokens, params)  # every token but the first predicted once
   predicted_chars = len(text) - len(tokenizer.pieces[tokens[0]])
   return {'workdir': str(workdir), 'step': step, 'split': split, 'unit': tokenizer.unit, 'characters': len(text),
-          'tokens': len(tokens), 'predicted': int(count), 'loss': loss, 'perplexity': math.exp(loss),
-          'bits_per_char': loss * int(count) / predicted_chars / math.log(2)}
+          'tokens': len(tokens), 'predicted': int(count), 'predicted_characters': predicted_chars, 'loss': loss,
+          'perplexity': math.exp(loss), 'bits_per_char': loss * int(count) / predicted_chars / math.log(2)}
 
 
 def format_report(report: dict[str, Any]) -> str:
   """Loss and perplexity per token (a character, without BPE merges), bits per character."""
   unit = report['unit']
-  chars = f' ({report["characters"]:,} characters)' if unit != 'character' else ''
+  chars = f' ({report["predicted_characters"]:,} characters)' if unit != 'character' else ''
   return (f'checkpoint step {report["step"]} of {report["workdir"]}, split {report["split"]!r}: '
           f'{report["predicted"]:,} {unit}s predicted{chars}\n'
           f'loss {report["loss"]:.4f} nats/{"char" if unit == "character" else unit} | perplexity '

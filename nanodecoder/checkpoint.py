@@ -142,9 +142,12 @@ def _abstract(tree):
 def check_model_matches(saved_config: dict, config: ml_collections.ConfigDict, where: str) -> None:
   diffs = [f'model.{f}={saved_config["model"].get(f)!r} (config says {config.model[f]!r})'
            for f in SHAPE_FIELDS if saved_config['model'].get(f) != config.model[f]]
+  saved_vocab = saved_config.get('data', {}).get('vocab_size', 0)  # (the tokens the embeddings are of)
+  if saved_vocab != config.data.vocab_size:
+    diffs.append(f'data.vocab_size={saved_vocab!r} (config says {config.data.vocab_size!r})')
   if diffs:
     raise ConfigError(f'checkpoint in {where} has a different model shape: {", ".join(diffs)}; '
-                      'use the same model fields or another --workdir')
+                      'use the same values or another --workdir')
 
 
 def check_same_tokenizer(saved_tokenizer: str, tokenizer: Tokenizer, step: int, directory) -> None:
@@ -156,9 +159,9 @@ def check_same_tokenizer(saved_tokenizer: str, tokenizer: Tokenizer, step: int, 
                       f'has ({len(saved.chars)} characters, this data {len(tokenizer.chars)}; differing: '
                       f'{different!r}); train on the same data or pass another --workdir')
   if saved != tokenizer:
-    raise ConfigError(f'the checkpoint at step {step} in {directory} was trained with other tokens than this data '
-                      f'gives ({saved.vocab_size}, this data {tokenizer.vocab_size}: BPE merges learned on other '
-                      'text); train on the same data or pass another --workdir')
+    raise ConfigError(f'the checkpoint at step {step} in {directory} was trained with other BPE merges than this '
+                      'data\'s train split gives (they were learned on other text); train on the text the run learned '
+                      'them on or pass another --workdir')
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -403,9 +406,9 @@ class Checkpoints:
     """(step, state, meta) of step `step`; ConfigError if it holds another model than `config` builds, or
     was trained with another tokenizer than `tokenizer`."""
     meta = self.meta(step)
+    check_model_matches(meta['config'], config, str(self.directory.parent))
     if tokenizer is not None:
       check_same_tokenizer(meta['tokenizer'], tokenizer, step, self.directory)
-    check_model_matches(meta['config'], config, str(self.directory.parent))
     for name, part in (('params', abstract_state[0]), ('opt_state', abstract_state[1])):
       saved = ocp.StandardCheckpointHandler().metadata(self._item(step, name))
       if not jax.tree_util.tree_leaves(saved):  # its metadata file is missing or empty: damaged, not other

@@ -71,24 +71,34 @@ def read_metrics(workdir: str | pathlib.Path, up_to_step: int | None = None) -> 
   return RunMetrics(dict(sorted(train.items())), dict(sorted(evals.items())), wall if sessions else None)
 
 
-def count_parameters(workdir: str | pathlib.Path) -> int | None:
-  """Parameters of a run's model (shapes only, nothing computed), from its saved config (saved_config.run_config)
-  and its tokenizer.json, or where that is missing (a run copied without it) its latest checkpoint's record of it;
-  None where either cannot be read."""
+def run_tokenizer(workdir: str | pathlib.Path):
+  """A run's Tokenizer, from its tokenizer.json, or where that is missing (a run copied without it) its latest
+  checkpoint's record of it; None where neither can be read."""
   from nanodecoder import checkpoint
   from nanodecoder.tokenizer import Tokenizer
-  from nanodecoder.model import abstract_decoder, count_params
 
   workdir = pathlib.Path(workdir)
   try:
-    config, _ = saved_config.run_config(workdir)
     path = workdir / 'tokenizer.json'
-    tokenizer_json = (path.read_text(encoding='utf-8') if path.exists()
-                      else checkpoint.read_record(workdir, sweep_lib.latest_step(workdir))['tokenizer'])
+    return Tokenizer.from_json(path.read_text(encoding='utf-8') if path.exists()
+                               else checkpoint.read_record(workdir, sweep_lib.latest_step(workdir))['tokenizer'])
+  except Exception:  # noqa: BLE001 (unreadable files, or a damaged or missing record)
+    return None
+
+
+def count_parameters(workdir: str | pathlib.Path) -> int | None:
+  """Parameters of a run's model (shapes only, nothing computed), from its saved config (saved_config.run_config)
+  and its tokenizer (run_tokenizer); None where either cannot be read."""
+  from nanodecoder.model import abstract_decoder, count_params
+
+  tokenizer = run_tokenizer(workdir)
+  try:
+    config, _ = saved_config.run_config(workdir)
   except Exception:  # noqa: BLE001 (unreadable files, or a damaged or missing record: no parameter count)
     return None
-  model_config = config_lib.model_config(config, Tokenizer.from_json(tokenizer_json).vocab_size)
-  return count_params(abstract_decoder(model_config))
+  if tokenizer is None:
+    return None
+  return count_params(abstract_decoder(config_lib.model_config(config, tokenizer.vocab_size)))
 
 
 def saved_num_steps(workdir: str | pathlib.Path) -> int | None:
@@ -187,13 +197,19 @@ def _number(value: Any, digits: int = 4) -> str:
   return str(value)
 
 
-def markdown(title: str, fields: list[str], rows: list[dict[str, Any]], images: list[str]) -> str:
+def markdown(title: str, fields: list[str], rows: list[dict[str, Any]], images: list[str],
+             same_tokens: bool = True) -> str:
+  """The summary table; `same_tokens`: the runs' losses are per token of one tokenizer (or per character), so the
+  lowest is named."""
   finished = sum(r['status'] == 'finished' for r in rows)
   scored = [r for r in rows if r['best_val_loss'] is not None]
-  best = min(scored, key=lambda r: r['best_val_loss']) if scored else None
+  best = min(scored, key=lambda r: r['best_val_loss']) if scored and same_tokens else None
   lines = [f'# Summary of {title}', '', f'{len(rows)} point{"s" if len(rows) != 1 else ""}, {finished} finished.']
   if best is not None:
     lines[-1] += f' Lowest val loss: {best["best_val_loss"]:.4f} ({best["point"]}, step {best["best_val_step"]}).'
+  elif not same_tokens:
+    lines[-1] += (' Val losses are per token of different BPE vocabularies (data.vocab_size), not comparable: '
+                  'compare the bits per character of `--mode eval`.')
   header = ['point', *fields, 'status', 'step', 'params', 'best val loss', 'final val loss',
             'final train loss', 'tokens/s', 'wall time']
   lines += ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
@@ -339,6 +355,8 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
     images.append('loss_curves.png')
   for stale in {'val_loss.png', 'loss_curves.png'} - set(images):  # an earlier summary's, of other data
     (root / stale).unlink(missing_ok=True)
-  atomic_write(root / 'summary.md', markdown(title, fields, rows, images))
+  tokenizers = [run_tokenizer(root / name) for name, _, _ in points]
+  vocabularies = {t.to_json() if t.merges else 'characters' for t in tokenizers if t is not None}
+  atomic_write(root / 'summary.md', markdown(title, fields, rows, images, same_tokens=len(vocabularies) <= 1))
   written.append(root / 'summary.md')
   return written + [root / name for name in images]

@@ -58,6 +58,7 @@ def test_attention_pngs_one_per_layer_with_a_heatmap_per_head(run, tmp_path):
     pixels = mpimg.imread(path)
     assert pixels.shape[0] >= 250 and pixels.shape[1] >= 500 and pixels[..., :3].std() > 0.05
   assert analysis.char_label('\n') == '\\n' and analysis.char_label(' ') == '␣' and analysis.char_label('a') == 'a'
+  assert analysis.token_label(' the') == '␣the' and analysis.token_label(' whatsoever') == '␣whatso…'
 
 
 def test_characters_the_font_cannot_draw_are_labelled_by_code_point(tmp_path):

@@ -166,8 +166,8 @@ def test_a_checkpoint_trained_on_other_characters_is_refused_before_its_arrays_a
                                                    r"than this data has \(2 characters, this data 2; differing: 'bc'\)"):
     checkpoints.restore_latest_good(state, config, tokenizer=Tokenizer('ac'))
   assert checkpoints.restore_latest_good(state, config, tokenizer=Tokenizer('ab'))[0] == 1 and checkpoints.steps() == [1]
-  with pytest.raises(config_lib.ConfigError, match=r'^the checkpoint at step 1 in .* was trained with other tokens '
-                                                   r'than this data gives \(2, this data 3: BPE merges learned on'):
+  with pytest.raises(config_lib.ConfigError, match=r"^the checkpoint at step 1 in .* was trained with other BPE "
+                                                   r"merges than this data's train split gives \(they were learned"):
     checkpoints.restore_latest_good(state, config, tokenizer=Tokenizer('ab', [(0, 1)]))
   checkpoints.close()
 
@@ -653,3 +653,16 @@ def test_a_signal_saves_a_checkpoint_and_the_next_start_resumes(corpus_file, tmp
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'resumed from the checkpoint at step {stopped_at}' in result.stdout
   assert f'step {stopped_at + 6} |' in result.stdout
+
+
+def test_a_run_resumed_with_another_vocab_size_is_refused_naming_it(tiny_config):
+  """data.vocab_size sizes the embeddings and the LM head: it is part of the model's shape."""
+  saved, config = tiny_config(**{'data.vocab_size': 512}), tiny_config(**{'data.vocab_size': 256})
+  with pytest.raises(config_lib.ConfigError, match=r'^checkpoint in RUN has a different model shape: '
+                                                   r'data.vocab_size=512 \(config says 256\); use the same values'):
+    checkpoint_lib.check_model_matches(saved.to_dict(), config, 'RUN')
+  older = tiny_config().to_dict()
+  del older['data']['vocab_size']  # saved before the field existed: characters
+  checkpoint_lib.check_model_matches(older, tiny_config(), 'RUN')
+  with pytest.raises(config_lib.ConfigError, match=r'data.vocab_size=0 \(config says 256\)'):
+    checkpoint_lib.check_model_matches(older, config, 'RUN')

@@ -188,7 +188,8 @@ def test_a_run_with_bpe_merges_trains_resumes_samples_and_scores_bits_per_charac
   last_eval = [r for r in map(json.loads, (tmp_path / 'metrics.jsonl').read_text().splitlines())
                if 'eval/val_loss' in r][-1]
   assert report['loss'] == pytest.approx(last_eval['eval/val_loss'], rel=1e-5)
-  assert scored.stdout.splitlines()[0].endswith(f"{len(tokens) - 1:,} tokens predicted ({len(val_text):,} characters)")
+  assert report['predicted_characters'] == predicted_chars
+  assert scored.stdout.splitlines()[0].endswith(f"{len(tokens) - 1:,} tokens predicted ({predicted_chars:,} characters)")
   assert ' nats/token | perplexity ' in scored.stdout
   # A resume trains the same merges again (each launch learns them from the text) and goes on.
   resumed = launch(*train, '--config.train.num_steps=18', '--config.train.decay_steps=12')

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -376,3 +377,21 @@ def test_a_summary_without_curves_removes_the_earlier_plots(tmp_path):
   assert [p.name for p in summary_lib.write_summary(tmp_path)] == ['summary.csv', 'summary.md']
   assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoints', 'summary.csv', 'summary.md']  # no sweep lock
   assert '![' not in (tmp_path / 'summary.md').read_text()
+
+
+def test_runs_of_different_bpe_vocabularies_have_no_lowest_val_loss(tmp_path):
+  """Nats per token of 512 tokens and of characters do not compare: no point is named the best."""
+  from nanodecoder.tokenizer import Tokenizer
+
+  characters = Tokenizer('abc')
+  for name, loss, tokenizer in (('vocab_size=0', 2.5, characters), ('vocab_size=4', 3.5, Tokenizer('abc', [(0, 1)])),
+                                ('seed=1', 2.4, characters)):
+    fake_run(tmp_path / name, val_loss=loss)
+    (tmp_path / name / 'tokenizer.json').write_text(tokenizer.to_json())
+  summary_lib.write_summary(tmp_path)
+  text = (tmp_path / 'summary.md').read_text()
+  assert '3 points, 0 finished. Val losses are per token of different BPE vocabularies (data.vocab_size)' in text
+  assert 'Lowest' not in text and '**' not in text
+  shutil.rmtree(tmp_path / 'vocab_size=4')  # the same tokens again (characters): the lowest is named
+  summary_lib.write_summary(tmp_path)
+  assert '2 points, 0 finished. Lowest val loss: 2.4000 (seed=1, step 20).' in (tmp_path / 'summary.md').read_text()
