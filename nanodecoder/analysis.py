@@ -166,7 +166,7 @@ def _evaluate_split(workdir: str | pathlib.Path, which: str, split: str | None,
       text = corpus.text(split)
       tokens = tokenizer.encode(text)
       trained_on = meta.get('data_fingerprint')  # (none in checkpoints written before it was recorded)
-      if trained_on is not None and data_lib.load_dataset(config, corpus).fingerprint() != trained_on:
+      if trained_on is not None and data_lib.load_dataset(config, corpus, tokenizer).fingerprint() != trained_on:
         raise DataError(f'it holds other text than the checkpoint was trained on; point {given} at that text'
                         if given else 'it holds other text than the checkpoint was trained on (edited since); put '
                         'that text back')

@@ -160,8 +160,9 @@ def check_same_tokenizer(saved_tokenizer: str, tokenizer: Tokenizer, step: int, 
                       f'{different!r}); train on the same data or pass another --workdir')
   if saved != tokenizer:
     raise ConfigError(f'the checkpoint at step {step} in {directory} was trained with other BPE merges than this '
-                      'data\'s train split gives (they were learned on other text); train on the text the run learned '
-                      'them on or pass another --workdir')
+                      'data\'s train split gives (they were learned on other text); put that text back, pass another '
+                      '--workdir, or name this text as other data on purpose (e.g. a copy: --config.data.text_path='
+                      'NEW_FILE) to encode it with the run\'s merges')
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:

@@ -294,11 +294,14 @@ class Dataset:
     return gather_windows(tokens, starts[rows], window)
 
 
-def load_dataset(config: ml_collections.ConfigDict, corpus: Corpus | None = None) -> Dataset:
-  """The training and evaluation tokens of `config.data`, from `corpus` if it was loaded already."""
+def load_dataset(config: ml_collections.ConfigDict, corpus: Corpus | None = None,
+                 tokenizer: Tokenizer | None = None) -> Dataset:
+  """The training and evaluation tokens of `config.data`, from `corpus` if it was loaded already, encoded by
+  `tokenizer` if given (else the corpus's characters, with the merges data.vocab_size asks for)."""
   corpus = load_corpus(config.data) if corpus is None else corpus
   check_splits(config.data, corpus.name, list(corpus.splits))
-  tokenizer = corpus.tokenizer(config.data.vocab_size, config.data.train_split)
+  if tokenizer is None:
+    tokenizer = corpus.tokenizer(config.data.vocab_size, config.data.train_split)
   dataset = Dataset(
       tokenizer=tokenizer,
       train_tokens=tokenizer.encode(corpus.text(config.data.train_split)),

@@ -493,6 +493,35 @@ def test_resuming_on_a_text_file_edited_in_place_is_refused(corpus_file, tmp_pat
   assert (workdir / 'checkpoints' / '4').is_dir()
 
 
+def test_a_bpe_run_goes_on_on_other_text_named_on_purpose_with_its_own_merges(corpus_file, tmp_path):
+  from nanodecoder import analysis
+  from nanodecoder.tokenizer import Tokenizer
+
+  text, original = tmp_path / 'corpus.txt', corpus_file.read_text(encoding='utf-8')
+  text.write_text(original, encoding='utf-8')
+  settings = {'train.warmup_steps': 1, 'train.decay_steps': 4, 'train.log_every': 2, 'eval.every': 2,
+              'checkpoint.every': 2, 'eval.all_windows': True, 'data.vocab_size': 60}
+  workdir = tmp_path / 'run'
+  train_lib.train_and_evaluate(make_tiny_config(text, **settings, **{'train.num_steps': 2}), workdir)
+  merges = Tokenizer.from_json((workdir / 'tokenizer.json').read_text())
+  text.write_text(original[::-1], encoding='utf-8')  # edited in place: it learns other merges
+  reversed_config = make_tiny_config(text, **settings, **{'train.num_steps': 4})
+  assert data_lib.load_corpus(reversed_config.data).tokenizer(60) != merges
+  with pytest.raises(config_lib.ConfigError, match=r'^the checkpoint at step 2 in .* was trained with other BPE '
+                                                   r"merges than this data's train split gives .* name this text as "
+                                                   r"other data on purpose .* to encode it with the run's merges$"):
+    train_lib.train_and_evaluate(reversed_config, workdir)
+  # Named on purpose as other data (another path), the run goes on with the merges its model knows.
+  other = tmp_path / 'other.txt'
+  other.write_text(original[::-1], encoding='utf-8')
+  metrics = train_lib.train_and_evaluate(make_tiny_config(other, **settings, **{'train.num_steps': 4}), workdir)
+  assert (workdir / 'checkpoints' / '4').is_dir()
+  assert Tokenizer.from_json((workdir / 'tokenizer.json').read_text()) == merges
+  report = analysis.evaluate_split(workdir)  # its new text, encoded as in training
+  held_out = data_lib.load_corpus(make_tiny_config(other).data).text('validation+test')
+  assert report['tokens'] == len(merges.encode(held_out)) and report['loss'] == pytest.approx(metrics['val_loss'])
+
+
 def test_the_speed_counts_the_timed_calls_since_its_window_restarted(monkeypatch):
   now = [0.0]
   monkeypatch.setattr(train_lib, 'time', types.SimpleNamespace(perf_counter=lambda: now[0]))
