@@ -27,6 +27,7 @@ from nanodecoder import config as config_lib
 from nanodecoder import data as data_lib
 from nanodecoder import interrupts
 from nanodecoder import sharding as sharding_lib
+from nanodecoder import sweep as sweep_lib
 from nanodecoder.files import atomic_write
 from nanodecoder.metrics import MetricsLogger, flatten_config
 from nanodecoder.model import Decoder, ModelConfig, count_params
@@ -437,8 +438,8 @@ def _kept_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   field, data.vocab_size aside): the new text is encoded with the merges the model was trained with. Else None:
   the merges are learned from the data (the same ones again for the same text)."""
   path = workdir / 'tokenizer.json'
-  if not config.data.vocab_size or not path.is_file():
-    return None
+  if not config.data.vocab_size or not path.is_file() or not sweep_lib.saved_steps(workdir):
+    return None  # no run to go on with (nothing trained with those merges yet)
   try:
     saved, tokenizer = config_lib.read_saved_config(workdir), Tokenizer.from_json(path.read_text(encoding='utf-8'))
   except (OSError, ValueError, KeyError):
