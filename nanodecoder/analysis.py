@@ -86,7 +86,7 @@ def plot_attention(maps: np.ndarray, pieces, out_dir: str | pathlib.Path, title:
   step = max(1, math.ceil(t / 64))  # label at most 64 tokens per axis
   ticks = list(range(0, t, step))
   labels = [token_label(pieces[i]) for i in ticks]
-  wide = step > 1 or t > 32 or any(len(label) > 1 for label in labels)  # x labels turned upright
+  wide = step > 1 or t > 32 or any(len(pieces[i]) > 1 for i in ticks)  # x labels turned upright
   fontsize = max(4, min(9, 360 / len(ticks)))
   paths = []
   for layer in range(layers):

@@ -160,9 +160,8 @@ def check_same_tokenizer(saved_tokenizer: str, tokenizer: Tokenizer, step: int, 
                       f'{different!r}); train on the same data or pass another --workdir')
   if saved != tokenizer:
     raise ConfigError(f'the checkpoint at step {step} in {directory} was trained with other BPE merges than this '
-                      'data\'s train split gives (they were learned on other text); put that text back, pass another '
-                      '--workdir, or name this text as other data on purpose (e.g. a copy: --config.data.text_path='
-                      'NEW_FILE) to encode it with the run\'s merges')
+                      'data\'s train split gives (they were learned on other text); put that text back or pass another '
+                      '--workdir')
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -450,6 +449,20 @@ def read_record(workdir: str | pathlib.Path, step: int) -> dict:
   """The record saved with a checkpoint (step, val_loss, config, tokenizer, data_fingerprint), without opening a
   manager; Orbax's error when it does not read."""
   return ocp.JsonCheckpointHandler().restore(pathlib.Path(workdir).absolute() / 'checkpoints' / str(step) / 'meta')
+
+
+def run_tokenizer(workdir: str | pathlib.Path) -> Tokenizer | None:
+  """The tokenizer of the run in `workdir`: its tokenizer.json, or where that is missing (a run copied without it)
+  its latest checkpoint's record of it; None where neither reads (or there is no run)."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / 'tokenizer.json'
+  try:
+    if path.exists():
+      return Tokenizer.from_json(path.read_text(encoding='utf-8'))
+    steps = sorted(int(p.name) for p in (workdir / 'checkpoints').glob('*') if p.name.isdigit())
+    return Tokenizer.from_json(read_record(workdir, steps[-1])['tokenizer']) if steps else None
+  except Exception:  # noqa: BLE001 (an unreadable file or record, or a damaged one)
+    return None
 
 
 def load_meta(workdir: str | pathlib.Path, which: str | int = 'latest') -> tuple[Checkpoints, int, dict]:

@@ -71,24 +71,10 @@ def read_metrics(workdir: str | pathlib.Path, up_to_step: int | None = None) -> 
   return RunMetrics(dict(sorted(train.items())), dict(sorted(evals.items())), wall if sessions else None)
 
 
-def run_tokenizer(workdir: str | pathlib.Path):
-  """A run's Tokenizer, from its tokenizer.json, or where that is missing (a run copied without it) its latest
-  checkpoint's record of it; None where neither can be read."""
-  from nanodecoder import checkpoint
-  from nanodecoder.tokenizer import Tokenizer
-
-  workdir = pathlib.Path(workdir)
-  try:
-    path = workdir / 'tokenizer.json'
-    return Tokenizer.from_json(path.read_text(encoding='utf-8') if path.exists()
-                               else checkpoint.read_record(workdir, sweep_lib.latest_step(workdir))['tokenizer'])
-  except Exception:  # noqa: BLE001 (unreadable files, or a damaged or missing record)
-    return None
-
-
 def count_parameters(workdir: str | pathlib.Path) -> int | None:
   """Parameters of a run's model (shapes only, nothing computed), from its saved config (saved_config.run_config)
-  and its tokenizer (run_tokenizer); None where either cannot be read."""
+  and its tokenizer (checkpoint.run_tokenizer); None where either cannot be read."""
+  from nanodecoder.checkpoint import run_tokenizer
   from nanodecoder.model import abstract_decoder, count_params
 
   tokenizer = run_tokenizer(workdir)
@@ -355,8 +341,10 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
     images.append('loss_curves.png')
   for stale in {'val_loss.png', 'loss_curves.png'} - set(images):  # an earlier summary's, of other data
     (root / stale).unlink(missing_ok=True)
-  tokenizers = [run_tokenizer(root / name) for name, _, _ in points]
-  vocabularies = {t.to_json() if t.merges else 'characters' for t in tokenizers if t is not None}
+  from nanodecoder.checkpoint import run_tokenizer
+
+  scored = [run_tokenizer(root / name) for (name, _, _), row in zip(points, rows) if row['best_val_loss'] is not None]
+  vocabularies = {t.to_json() if t.merges else 'characters' for t in scored if t is not None}
   atomic_write(root / 'summary.md', markdown(title, fields, rows, images, same_tokens=len(vocabularies) <= 1))
   written.append(root / 'summary.md')
   return written + [root / name for name in images]

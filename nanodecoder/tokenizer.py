@@ -24,9 +24,10 @@ import re
 
 import numpy as np
 
-# A word with the space before it, a number, punctuation, or spaces (the last space of a run goes to the next
-# word, as in GPT-2's pattern). Every character falls into one chunk: letters, digits and '_' make up \w.
-CHUNK = re.compile(r' ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+')
+# A word with the space before it, a number, punctuation, or whitespace (a run's last space goes to what follows
+# it, as in GPT-2's pattern; a run ending in a newline stays whole, so '\n\n' can merge). Every character falls
+# into one chunk: letters, digits and '_' make up \w.
+CHUNK = re.compile(r' ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?= \S)|\s+')
 
 
 class Tokenizer:

@@ -398,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   try:
     with contextlib.ExitStack() as locked:  # (left before the lock is released)
       on_locked = None if while_locked is None else lambda: locked.enter_context(while_locked())
-      dataset = _load_data_and_lock(config, lock, is_main, on_locked, _kept_tokenizer(config, workdir))
+      dataset = _load_data_and_lock(config, lock, is_main, workdir, on_locked)
       with StopRequest() as stop:
         return _train(_Session(config, dataset, mesh, workdir, is_main, stop))
   finally:
@@ -433,34 +433,28 @@ def _check_same_config_on_every_process(config: ml_collections.ConfigDict) -> No
                                '--config and overrides')
 
 
-def _kept_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
-  """The BPE tokenizer of the run in `workdir` when `config` names other data for it on purpose (a changed data
-  field, data.vocab_size aside): the new text is encoded with the merges the model was trained with. Else None:
-  the merges are learned from the data (the same ones again for the same text)."""
-  path = workdir / 'tokenizer.json'
-  if not config.data.vocab_size or not path.is_file() or not sweep_lib.saved_steps(workdir):
-    return None  # no run to go on with (nothing trained with those merges yet)
-  try:
-    saved, tokenizer = config_lib.read_saved_config(workdir), Tokenizer.from_json(path.read_text(encoding='utf-8'))
-  except (OSError, ValueError, KeyError):
-    return None  # unreadable: the checkpoint's own checks decide
-  fields = [field for field, _, _ in config_lib.changes_on_resume(saved, config)]
-  on_purpose = any(f.startswith('data.') for f in fields) and 'data.vocab_size' not in fields
-  return tokenizer if on_purpose and tokenizer.merges else None
+def _kept_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Tokenizer | None:
+  """The BPE merges of the run in `workdir` when it has checkpoints: its model was trained on their tokens, so its
+  text is encoded with them, also other text named on purpose (learned on that, merges would differ; text edited in
+  place is then told by its fingerprint). None for a new run or one without merges (learned from the data; a
+  checkpoint of other tokens or another data.vocab_size is refused on restore)."""
+  if not config.data.vocab_size or not sweep_lib.saved_steps(workdir):
+    return None
+  tokenizer = checkpoint_lib.run_tokenizer(workdir)
+  return tokenizer if tokenizer is not None and tokenizer.merges else None
 
 
-def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.WorkdirLock,
-                        is_main: bool, on_locked: Callable[[], None] | None = None,
-                        tokenizer: Tokenizer | None = None) -> data_lib.Dataset:
+def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.WorkdirLock, is_main: bool,
+                        workdir: pathlib.Path, on_locked: Callable[[], None] | None = None) -> data_lib.Dataset:
   """Process 0 loads the data (e.g. a TFDS download) and locks the workdir, then the others load the data
-  (encoded by `tokenizer` when given).
+  (encoded with the run's BPE merges if it has them: _kept_tokenizer).
 
   The data comes first: bad data leaves nothing behind. Every process raises if any of them failed.
   """
   dataset = failure = None
   if is_main:
     try:
-      dataset = data_lib.load_dataset(config, tokenizer=tokenizer)
+      dataset = data_lib.load_dataset(config, tokenizer=_kept_tokenizer(config, workdir))
       lock.acquire()
       lock.check_paths(profiling=config.train.profile_steps > 0)
       if on_locked is not None:
@@ -470,7 +464,7 @@ def _load_data_and_lock(config: ml_collections.ConfigDict, lock: checkpoint_lib.
   _raise_on_every_process(failure, 'to load the data or lock the workdir')
   if not is_main:
     try:
-      dataset = data_lib.load_dataset(config, tokenizer=tokenizer)
+      dataset = data_lib.load_dataset(config, tokenizer=_kept_tokenizer(config, workdir))
     except Exception as e:  # noqa: BLE001
       failure = e
   _raise_on_every_process(failure, 'to load the data')

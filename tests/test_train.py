@@ -504,18 +504,19 @@ def test_a_bpe_run_goes_on_on_other_text_named_on_purpose_with_its_own_merges(co
   workdir = tmp_path / 'run'
   train_lib.train_and_evaluate(make_tiny_config(text, **settings, **{'train.num_steps': 2}), workdir)
   merges = Tokenizer.from_json((workdir / 'tokenizer.json').read_text())
-  text.write_text(original[::-1], encoding='utf-8')  # edited in place: it learns other merges
+  text.write_text(original[::-1], encoding='utf-8')  # edited in place (it would learn other merges)
   reversed_config = make_tiny_config(text, **settings, **{'train.num_steps': 4})
   assert data_lib.load_corpus(reversed_config.data).tokenizer(60) != merges
-  with pytest.raises(config_lib.ConfigError, match=r'^the checkpoint at step 2 in .* was trained with other BPE '
-                                                   r"merges than this data's train split gives .* name this text as "
-                                                   r"other data on purpose .* to encode it with the run's merges$"):
+  with pytest.raises(data_lib.DataError, match=rf"^data.text_path '{text}' holds other text than the checkpoint at "
+                                               r'step 2 in .* was trained on'):  # (encoded with the run's merges)
     train_lib.train_and_evaluate(reversed_config, workdir)
-  # Named on purpose as other data (another path), the run goes on with the merges its model knows.
+  # Named on purpose as other data (another path), the run goes on with the merges its model knows, in this
+  # session and the next ones (whose config.json already names that text).
   other = tmp_path / 'other.txt'
   other.write_text(original[::-1], encoding='utf-8')
-  metrics = train_lib.train_and_evaluate(make_tiny_config(other, **settings, **{'train.num_steps': 4}), workdir)
-  assert (workdir / 'checkpoints' / '4').is_dir()
+  train_lib.train_and_evaluate(make_tiny_config(other, **settings, **{'train.num_steps': 4}), workdir)
+  metrics = train_lib.train_and_evaluate(make_tiny_config(other, **settings, **{'train.num_steps': 6}), workdir)
+  assert (workdir / 'checkpoints' / '6').is_dir()
   assert Tokenizer.from_json((workdir / 'tokenizer.json').read_text()) == merges
   report = analysis.evaluate_split(workdir)  # its new text, encoded as in training
   held_out = data_lib.load_corpus(make_tiny_config(other).data).text('validation+test')
