@@ -32,6 +32,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from nanodecoder import config as config_lib
 from nanodecoder import orbax_errors
+from nanodecoder import sweep as sweep_lib
 from nanodecoder.config import ConfigError
 from nanodecoder.files import WORKDIR_LOCK, atomic_write, lock_owner
 from nanodecoder.metrics import quiet_absl
@@ -142,7 +143,7 @@ def _abstract(tree):
 def check_model_matches(saved_config: dict, config: ml_collections.ConfigDict, where: str) -> None:
   diffs = [f'model.{f}={saved_config["model"].get(f)!r} (config says {config.model[f]!r})'
            for f in SHAPE_FIELDS if saved_config['model'].get(f) != config.model[f]]
-  saved_vocab = saved_config.get('data', {}).get('vocab_size', 0)  # (the tokens the embeddings are of)
+  saved_vocab = saved_config.get('data', {}).get('vocab_size', config_lib.ADDED_FIELDS['data.vocab_size'])
   if saved_vocab != config.data.vocab_size:
     diffs.append(f'data.vocab_size={saved_vocab!r} (config says {config.data.vocab_size!r})')
   if diffs:
@@ -459,8 +460,8 @@ def run_tokenizer(workdir: str | pathlib.Path) -> Tokenizer | None:
   try:
     if path.exists():
       return Tokenizer.from_json(path.read_text(encoding='utf-8'))
-    steps = sorted(int(p.name) for p in (workdir / 'checkpoints').glob('*') if p.name.isdigit())
-    return Tokenizer.from_json(read_record(workdir, steps[-1])['tokenizer']) if steps else None
+    step = sweep_lib.latest_step(workdir)
+    return Tokenizer.from_json(read_record(workdir, step)['tokenizer']) if step else None
   except Exception:  # noqa: BLE001 (an unreadable file or record, or a damaged one)
     return None
 
