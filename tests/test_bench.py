@@ -101,6 +101,7 @@ def test_sample_speed_and_compile_time(tmp_path):
     ('compile_time.py', ['--layers', '4,x'], "argument --layers: expected a positive integer, got 'x'"),
     ('sample_speed.py', ['--batch_sizes', '2,2'], "argument --batch_sizes: '2,2' lists a value twice; give each once"),
     # gpu_hlo.py: before the check for JAX's CUDA plugin (which said to install it, whatever the mistake)
+    ('tokenizer_speed.py', ['--text', 'nope.txt'], 'argument --text: nope.txt is not a file'),
     ('gpu_hlo.py', ['--shape', 'nope'], 'argument --shape: no experiment file experiments/nope.py'),
     ('gpu_hlo.py', ['--devices', '0'], "argument --devices: expected a positive integer, got '0'"),
     ('gpu_hlo.py', ['--set', 'model.num_layers=0'],
@@ -189,3 +190,22 @@ def test_out_is_written_through_a_link_and_refused_where_it_would_replace_a_devi
   for path in ('/dev/null', str(tmp_path / 'pipe')):  # (checked here, not by a script that would write there)
     with pytest.raises(argparse.ArgumentTypeError, match=f'^{path} is not a regular file; give the path of a file'):
       cli_args.out_file(path)
+
+
+def test_tokenizer_speed_reports_the_tokenizers_own_numbers(corpus_file, tmp_path):
+  from nanodecoder.tokenizer import Tokenizer
+
+  out = bench('tokenizer_speed.py', '--text', str(corpus_file), '--vocab_sizes', '60,80', '--out',
+              str(tmp_path / 'tok.json'))
+  report = json.loads((tmp_path / 'tok.json').read_text())
+  text = corpus_file.read_text(encoding='utf-8')
+  train = text[:len(text) * 9 // 10]
+  for row, vocab_size in zip(report['results'], (60, 80)):
+    tokenizer = Tokenizer.train(text, train, vocab_size)
+    assert (row['vocab_size'], row['merges']) == (tokenizer.vocab_size, len(tokenizer.merges))
+    assert row['characters_per_token'] == pytest.approx(len(train) / len(tokenizer.encode(train)))
+    assert f'{row["vocab_size"]:>6} {row["merges"]:>6}' in out
+  result = subprocess.run([sys.executable, 'bench/tokenizer_speed.py', '--text', str(corpus_file), '--vocab_sizes',
+                           '10'], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and result.stderr.splitlines()[-1].endswith(
+      "error: --vocab_sizes 10 is below the text's 48 characters; give larger ones"), result.stderr
