@@ -31,15 +31,11 @@ import ml_collections
 import numpy as np
 
 from nanodecoder.metrics import quiet_absl
-from nanodecoder.tokenizer import Tokenizer
+from nanodecoder.tokenizer import DataError, Tokenizer
 
 MANUAL_DIR_ENV = 'NANODECODER_MANUAL_DIR'
 # Independent PRNG streams: training batches, and the fixed batches that estimate train / eval loss.
 TRAIN_STREAM, TRAIN_LOSS_STREAM, EVAL_LOSS_STREAM = 0, 1, 2
-
-
-class DataError(ValueError):
-  """The corpus cannot be read or does not fit the config."""
 
 
 @dataclasses.dataclass

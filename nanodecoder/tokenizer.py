@@ -30,6 +30,10 @@ import numpy as np
 CHUNK = re.compile(r' ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?= \S)|\s+')
 
 
+class DataError(ValueError):
+  """The corpus cannot be read or does not fit the config (nanodecoder.data raises it too)."""
+
+
 class Tokenizer:
   """Ids of the characters `chars` (sorted) followed by one per merge; `merges[i]` = the id pair that token
   len(chars) + i joins."""
@@ -49,8 +53,6 @@ class Tokenizer:
     """The characters `chars`, plus merges learned on `text` up to `vocab_size` tokens (0: none)."""
     tokenizer = cls(chars)
     if vocab_size and vocab_size < tokenizer.vocab_size:
-      from nanodecoder.data import DataError  # (data imports this module)
-
       raise DataError(f'data.vocab_size={vocab_size} is below the {tokenizer.vocab_size} characters of the corpus, '
                       'each of which needs a token; use 0 (one token per character) or at least '
                       f'{tokenizer.vocab_size}')
@@ -71,8 +73,6 @@ class Tokenizer:
   def encode(self, text: str) -> np.ndarray:
     unknown = sorted(set(text) - self._ids.keys())
     if unknown:
-      from nanodecoder.data import DataError  # (data imports this module)
-
       raise DataError(f'characters not in the vocabulary: {", ".join(map(repr, unknown))}; '
                       'use only characters of the training corpus')
     if not self.merges:
@@ -102,72 +102,101 @@ class Tokenizer:
     return [self._ids[c] for c in chunk]
 
   def _encode_chunk(self, chunk: str) -> list[int]:
-    """The merges applied to one chunk lowest rank first: the segmentation training gave it."""
+    """The merges applied to one chunk lowest rank first, each left to right: the segmentation training gave it."""
     ids = self._chunk_ids.get(chunk)
     if ids is None:
-      ids = self._char_ids(chunk)
-      while len(ids) > 1:
-        pair = min(zip(ids, ids[1:]), key=lambda p: self._ranks.get(p, len(self._ranks)))
-        if pair not in self._ranks:
-          break
-        ids = _merge(ids, pair, len(self.chars) + self._ranks[pair])
-      self._chunk_ids[chunk] = ids
+      ids = self._chunk_ids[chunk] = self._apply_merges(self._char_ids(chunk))
     return ids
+
+  def _apply_merges(self, ids: list[int]) -> list[int]:
+    # A heap of (rank, position) of the pairs that have a merge; one merge forms only pairs of higher ranks, so the
+    # heap's order is the order above. Positions are a linked list; stale heap entries are skipped.
+    ranks, first_id = self._ranks, len(self.chars)
+    next_ = [*range(1, len(ids)), -1]
+    prev = [-1, *range(len(ids) - 1)]
+    heap = [(ranks[pair], i) for i, pair in enumerate(zip(ids, ids[1:])) if pair in ranks]
+    heapq.heapify(heap)
+    while heap:
+      rank, position = heapq.heappop(heap)
+      right = next_[position]
+      if ids[position] < 0 or right < 0 or ranks.get((ids[position], ids[right])) != rank:
+        continue
+      ids[position], ids[right] = first_id + rank, -1
+      after = next_[position] = next_[right]
+      if after >= 0:
+        prev[after] = position
+      for start in (prev[position], position):
+        if start >= 0 and next_[start] >= 0 and (pair := (ids[start], ids[next_[start]])) in ranks:
+          heapq.heappush(heap, (ranks[pair], start))
+    return [i for i in ids if i >= 0]
 
 
 def learn_merges(chunks: list[list[int]], first_id: int, num_merges: int) -> list[tuple[int, int]]:
   """Up to `num_merges` merges of the id sequences `chunks`, the most frequent adjacent pair first (ties: lowest
   ids), numbered from `first_id`; stops early when no pair occurs twice."""
-  counted = collections.Counter(map(tuple, chunks))
-  words, freqs = [list(w) for w in counted], list(counted.values())
-  pair_counts: collections.Counter = collections.Counter()
-  holders = collections.defaultdict(set)  # pair -> indices of words that held it (some no longer do)
-  for index, (word, freq) in enumerate(zip(words, freqs)):
-    for pair in zip(word, word[1:]):
-      pair_counts[pair] += freq
-      holders[pair].add(index)
-  heap = [(-count, pair) for pair, count in pair_counts.items()]  # stale entries are skipped when popped
+  text = _LinkedText(collections.Counter(map(tuple, chunks)))
+  heap = [(-count, pair) for pair, count in text.counts.items()]  # stale entries are skipped when popped
   heapq.heapify(heap)
   merges = []
   while heap and len(merges) < num_merges:
     negative_count, pair = heapq.heappop(heap)
-    if -negative_count != pair_counts.get(pair):
+    if -negative_count != text.counts.get(pair):
       continue
     if -negative_count < 2:
       break
-    new_id = first_id + len(merges)
     merges.append(pair)
-    changed = set()
-    for index in holders.pop(pair):
-      word, freq = words[index], freqs[index]
-      merged = _merge(word, pair, new_id)
-      if len(merged) == len(word):
-        continue
-      for old in zip(word, word[1:]):
-        pair_counts[old] -= freq
-        changed.add(old)
-      for new in zip(merged, merged[1:]):
-        pair_counts[new] += freq
-        holders[new].add(index)
-        changed.add(new)
-      words[index] = merged
-    for other in changed:
-      if pair_counts[other] > 0 and other != pair:
-        heapq.heappush(heap, (-pair_counts[other], other))
-      elif pair_counts[other] <= 0:
-        del pair_counts[other]
-    pair_counts.pop(pair, None)
+    for changed in text.merge(pair, first_id + len(merges) - 1):
+      heapq.heappush(heap, (-text.counts[changed], changed))
   return merges
 
 
-def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-  """`ids` with each occurrence of `pair`, left to right, replaced by `new_id`."""
-  out, i = [], 0
-  while i < len(ids):
-    if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-      out.append(new_id)
-      i += 2
-    else:
-      out.append(ids[i])
-      i += 1
-  return out
+class _LinkedText:
+  """Distinct chunks end to end as doubly linked lists of token ids, each position weighted by how often its chunk
+  occurs, with the weighted count of every adjacent pair and the positions that start it. A merge visits only the
+  places of its pair, so a long chunk (text without spaces) costs no more than many short ones."""
+
+  def __init__(self, weighted_chunks: dict[tuple[int, ...], int]):
+    self.ids, self.weights, self.next, self.prev = [], [], [], []  # per position; next/prev -1 at a chunk's ends
+    for chunk, weight in weighted_chunks.items():
+      start, end = len(self.ids), len(self.ids) + len(chunk)
+      self.ids += chunk
+      self.weights += [weight] * len(chunk)
+      self.next += [*range(start + 1, end), -1][:len(chunk)]
+      self.prev += [-1, *range(start, end - 1)][:len(chunk)]
+    self.counts: collections.Counter = collections.Counter()
+    self.places = collections.defaultdict(set)  # pair -> positions of its first token
+    for position, right in enumerate(self.next):
+      if right >= 0:
+        self._count(position, 1)
+
+  def merge(self, pair: tuple[int, int], new_id: int) -> set[tuple[int, int]]:
+    """Replaces each occurrence of `pair`, left to right within a chunk, by `new_id`; returns the pairs whose count
+    changed and is still above 0 (the others are dropped)."""
+    ids, changed = self.ids, set()
+    for position in sorted(self.places.pop(pair)):
+      right = self.next[position]
+      if ids[position] != pair[0]:  # taken by the merge just left of it ('aaa': the first 'aa' wins)
+        continue
+      left, after = self.prev[position], self.next[right]
+      for start in (left, right):
+        if start >= 0 and self.next[start] >= 0:
+          changed.add(self._count(start, -1))
+      ids[position], ids[right] = new_id, -1
+      self.next[position] = after
+      if after >= 0:
+        self.prev[after] = position
+      for start in (left, position):
+        if start >= 0 and self.next[start] >= 0:
+          changed.add(self._count(start, 1))
+    for gone in [p for p in changed | {pair} if self.counts[p] <= 0 or p == pair]:
+      self.counts.pop(gone, None)
+      self.places.pop(gone, None)
+      changed.discard(gone)
+    return changed
+
+  def _count(self, position: int, sign: int) -> tuple[int, int]:
+    """Adds (sign 1) or removes (-1) the pair that starts at `position`; returns it."""
+    pair = (self.ids[position], self.ids[self.next[position]])
+    self.counts[pair] += sign * self.weights[position]
+    (self.places[pair].add if sign > 0 else self.places[pair].discard)(position)
+    return pair

@@ -62,6 +62,20 @@ def test_merges_are_those_of_the_definition(num_merges):
     assert len(merges) < 1000 and max(collections.Counter(p for w in words for p in zip(w, w[1:])).values(), default=1) == 1
 
 
+@pytest.mark.parametrize('seed', range(4))
+def test_merges_and_encoding_are_those_of_the_definition_on_long_chunks(seed):
+  # Text without spaces is a few long chunks; runs of one letter ('aaaa') hold overlapping pairs, merged left to right.
+  rng = random.Random(seed)
+  text = '\n'.join(''.join(rng.choice('aaab' if seed % 2 else 'ACGT') for _ in range(rng.randrange(1, 300)))
+                   for _ in range(3))
+  tokenizer = Tokenizer(text)
+  chunks = [[tokenizer.chars.index(c) for c in chunk] for chunk in CHUNK.findall(text)]
+  assert max(map(len, chunks)) > 100
+  merges, words = reference_merges(chunks, tokenizer.vocab_size, 60)
+  assert learn_merges(chunks, tokenizer.vocab_size, 60) == merges
+  assert Tokenizer(text, merges).encode(text).tolist() == [i for w in words for i in w]
+
+
 def test_bpe_round_trips_any_text_of_its_characters_and_its_json():
   tokenizer = Tokenizer.train(TEXT, TEXT, 80)
   assert tokenizer.unit == 'token' and tokenizer.vocab_size == 80
