@@ -51,12 +51,6 @@ def _font_characters() -> frozenset[int]:
   return frozenset(ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
 
 
-def drawn_text(tokenizer, prompt: str, context_length: int) -> str:
-  """The part of `prompt` that attention_maps encodes: its last context_length characters, or with BPE merges the
-  whole prompt (its tokens are then cut to the last context_length)."""
-  return prompt if tokenizer.merges else prompt[-context_length:]
-
-
 def attention_maps(model, tokenizer, prompt: str) -> tuple[np.ndarray, list[str]]:
   """([layers, heads, T, T] float32 attention weights, the text of each of the T tokens they are of) for `prompt`.
 
@@ -68,7 +62,7 @@ def attention_maps(model, tokenizer, prompt: str) -> tuple[np.ndarray, list[str]
 
   if not prompt:
     raise DataError('the prompt is empty; pass the text whose attention to draw with --prompt')
-  ids = tokenizer.encode(drawn_text(tokenizer, prompt, model.cfg.context_length))[-model.cfg.context_length:]
+  ids = tokenizer.encode_last(prompt, model.cfg.context_length)
   maps = np.asarray(jax.device_get(model.attention_maps(jnp.asarray(ids)[None])), np.float32)[:, 0]
   return maps, [tokenizer.pieces[i] for i in ids]
 

@@ -867,8 +867,7 @@ def attention_command() -> None:
   setup_jax()
   # Characters outside the vocabulary in the part drawn (as attention_maps cuts it) are refused before the
   # parameters are read.
-  check_prompt = lambda tokenizer, config: tokenizer.encode(
-      analysis.drawn_text(tokenizer, prompt, config.model.context_length))
+  check_prompt = lambda tokenizer, config: tokenizer.encode_last(prompt, config.model.context_length)
   model, tokenizer, _, step = checkpoint.load_model(workdir, FLAGS.checkpoint, check=check_prompt)
   maps, shown = analysis.attention_maps(model, tokenizer, prompt)
   if len(''.join(shown)) < len(prompt):

@@ -71,14 +71,28 @@ class Tokenizer:
     return 'token' if self.merges else 'character'
 
   def encode(self, text: str) -> np.ndarray:
-    unknown = sorted(set(text) - self._ids.keys())
-    if unknown:
-      raise DataError(f'characters not in the vocabulary: {", ".join(map(repr, unknown))}; '
-                      'use only characters of the training corpus')
+    self._refuse_unknown(set(text))
     if not self.merges:
       return np.fromiter((self._ids[c] for c in text), dtype=np.int32, count=len(text))
     ids = itertools.chain.from_iterable(self._encode_chunk(chunk) for chunk in CHUNK.findall(text))
     return np.fromiter(ids, dtype=np.int32)
+
+  def encode_last(self, text: str, count: int) -> np.ndarray:
+    """The last `count` tokens of encode(text), from only as much of the end of `text` as they hold (chunks encode
+    on their own): characters outside the vocabulary before that part are not refused."""
+    if not self.merges:
+      return self.encode(text[max(len(text) - count, 0):])
+    kept, total, unknown = [], 0, set()
+    for chunk in reversed(CHUNK.findall(text)):
+      if total >= count:
+        break
+      missing = set(chunk) - self._ids.keys()
+      unknown |= missing
+      kept.append([] if missing else self._encode_chunk(chunk))
+      total += max(len(kept[-1]), 1)  # (a chunk with unknown characters: at least one token)
+    self._refuse_unknown(unknown)
+    ids = list(itertools.chain.from_iterable(reversed(kept)))
+    return np.asarray(ids[max(len(ids) - count, 0):], np.int32)
 
   def decode(self, ids) -> str:
     return ''.join(self.pieces[i] for i in np.asarray(ids).reshape(-1))
@@ -97,6 +111,12 @@ class Tokenizer:
 
   def __eq__(self, other) -> bool:
     return isinstance(other, Tokenizer) and (self.chars, self.merges) == (other.chars, other.merges)
+
+  def _refuse_unknown(self, characters: set[str]) -> None:
+    unknown = sorted(characters - self._ids.keys())
+    if unknown:
+      raise DataError(f'characters not in the vocabulary: {", ".join(map(repr, unknown))}; '
+                      'use only characters of the training corpus')
 
   def _char_ids(self, chunk: str) -> list[int]:
     return [self._ids[c] for c in chunk]

@@ -175,8 +175,8 @@ def test_a_run_with_bpe_merges_trains_resumes_samples_and_scores_bits_per_charac
     greedy.append(int(model(np.asarray([greedy[-16:]]))[0][0, -1].argmax()))
   assert text == tokenizer.decode(greedy) and len(text) > len('the lazy') + 12, text
   prompt = 'KING: Alas! poor Yorick; the quick brown fox jumps over the lazy dog'
-  maps, shown = analysis.attention_maps(model, tokenizer, prompt)  # cut to the last 16 tokens
-  assert maps.shape == (1, 2, 16, 16) and prompt.endswith(''.join(shown)) and len(''.join(shown)) > 16
+  maps, shown = analysis.attention_maps(model, tokenizer, '\x07 ' + prompt)  # cut to the last 16 tokens (the
+  assert maps.shape == (1, 2, 16, 16) and prompt.endswith(''.join(shown)) and len(''.join(shown)) > 16  # \x07 too)
   # Eval: the loss per token of every window, and bits per character from the characters those tokens hold.
   assert scored.returncode == 0, scored.stderr[-3000:]
   report, val_text = json.loads(report_path.read_text()), corpus.text('validation+test')

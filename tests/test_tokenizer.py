@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from nanodecoder.data import DataError
@@ -91,6 +92,20 @@ def test_bpe_round_trips_any_text_of_its_characters_and_its_json():
   assert json.loads(tokenizer.to_json())['kind'] == 'bpe'
   with pytest.raises(DataError, match=r"^characters not in the vocabulary: 'Q', 'j'; use only characters"):
     tokenizer.encode('Quij')
+
+
+def test_the_last_tokens_of_a_text_read_only_the_end_they_come_from():
+  # (--mode attention draws the last context_length tokens of a prompt: text before them may hold any characters.)
+  for tokenizer in (Tokenizer.train(TEXT, TEXT, 80), Tokenizer(TEXT)):
+    ids = tokenizer.encode('\n' + TEXT).tolist()
+    for count in (0, 1, 5, 16, len(ids) - 1, len(ids)):
+      last = tokenizer.encode_last('~~~ QQQ\n' + TEXT, count)
+      assert last.dtype == np.int32 and last.tolist() == ids[len(ids) - count:]
+    with pytest.raises(DataError, match=r"^characters not in the vocabulary: 'Q'; use only"):
+      tokenizer.encode_last('~~~ QQQ\n' + TEXT, len(ids) + 1)
+    with pytest.raises(DataError, match=r"^characters not in the vocabulary: 'Q', '~'; use only"):
+      tokenizer.encode_last('~~~ QQQ\n' + TEXT, len(ids) + 8)
+    assert tokenizer.encode_last(TEXT, len(ids) + 8).tolist() == ids[1:]
 
 
 def test_merges_are_learned_on_the_training_text_only():
