@@ -38,9 +38,17 @@ def char_label(char: str) -> str:
 
 
 def token_label(piece: str, longest: int = 8) -> str:
-  """A tick label for a token's text: its characters' labels, cut to `longest` characters with '…'."""
-  label = ''.join(map(char_label, piece))
-  return label if len(label) <= longest else label[:longest - 1] + '…'
+  """A tick label for a token's text: its characters' labels, cut to `longest` characters with '…' (between two
+  characters' labels, never inside a 'U+XXXX')."""
+  labels = list(map(char_label, piece))
+  if len(''.join(labels)) <= longest:
+    return ''.join(labels)
+  kept = ''
+  for label in labels:
+    if len(kept) + len(label) > longest - 1:
+      break
+    kept += label
+  return kept + '…'
 
 
 @functools.cache

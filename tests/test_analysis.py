@@ -59,6 +59,7 @@ def test_attention_pngs_one_per_layer_with_a_heatmap_per_head(run, tmp_path):
     assert pixels.shape[0] >= 250 and pixels.shape[1] >= 500 and pixels[..., :3].std() > 0.05
   assert analysis.char_label('\n') == '\\n' and analysis.char_label(' ') == '␣' and analysis.char_label('a') == 'a'
   assert analysis.token_label(' the') == '␣the' and analysis.token_label(' whatsoever') == '␣whatso…'
+  assert analysis.token_label('a一丁') == 'aU+4E00…' and analysis.token_label('ab一丁') == 'ab…' and analysis.token_label('ab\x07') == 'abU+0007'
 
 
 def test_characters_the_font_cannot_draw_are_labelled_by_code_point(tmp_path):
