@@ -31,6 +31,7 @@ from nanodecoder import sweep as sweep_lib
 from nanodecoder.config import ConfigError
 from nanodecoder.files import atomic_write, exclusive
 from nanodecoder.metrics import format_duration
+from nanodecoder.tokenizer import Tokenizer
 
 METRIC_COLUMNS = ['status', 'step', 'num_steps', 'params', 'best_val_loss', 'best_val_step', 'final_val_loss',
                   'final_train_loss', 'tokens_per_s', 'wall_time_s']
@@ -71,13 +72,11 @@ def read_metrics(workdir: str | pathlib.Path, up_to_step: int | None = None) -> 
   return RunMetrics(dict(sorted(train.items())), dict(sorted(evals.items())), wall if sessions else None)
 
 
-def count_parameters(workdir: str | pathlib.Path) -> int | None:
+def count_parameters(workdir: str | pathlib.Path, tokenizer: Tokenizer | None) -> int | None:
   """Parameters of a run's model (shapes only, nothing computed), from its saved config (saved_config.run_config)
-  and its tokenizer (checkpoint.run_tokenizer); None where either cannot be read."""
-  from nanodecoder.checkpoint import run_tokenizer
+  and its tokenizer (checkpoint.run_tokenizer's); None where either cannot be read."""
   from nanodecoder.model import abstract_decoder, count_params
 
-  tokenizer = run_tokenizer(workdir)
   try:
     config, _ = saved_config.run_config(workdir)
   except Exception:  # noqa: BLE001 (unreadable files, or a damaged or missing record: no parameter count)
@@ -104,8 +103,8 @@ def reported_step(workdir: str | pathlib.Path, num_steps: int | None) -> int:
   return latest if num_steps is None else min(latest, num_steps)
 
 
-def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: RunMetrics | None = None
-            ) -> dict[str, Any]:
+def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: RunMetrics | None = None,
+            tokenizer: Tokenizer | None = None) -> dict[str, Any]:
   """The summary numbers of one run (None where it has none yet).
 
   `num_steps`: the sweep manifest's, which wins over the run's config.json (the
@@ -114,15 +113,19 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
   since (a sweep extended, then listed with its first command) is reported at
   num_steps, an unfinished one at its latest checkpoint. `metrics`: the run's
   `read_metrics(workdir, reported_step(workdir, num_steps))`, when the caller
-  has read them already.
+  has read them already; `tokenizer`: its checkpoint.run_tokenizer(workdir), likewise.
   """
   workdir = pathlib.Path(workdir)
   if num_steps is None:
     num_steps = saved_num_steps(workdir)
   metrics = read_metrics(workdir, reported_step(workdir, num_steps)) if metrics is None else metrics
+  if tokenizer is None:
+    from nanodecoder.checkpoint import run_tokenizer
+
+    tokenizer = run_tokenizer(workdir)
   status = sweep_lib.point_status(workdir, num_steps)
   row = dict.fromkeys(METRIC_COLUMNS)
-  row.update(status=status.state, step=status.step, num_steps=num_steps, params=count_parameters(workdir),
+  row.update(status=status.state, step=status.step, num_steps=num_steps, params=count_parameters(workdir, tokenizer),
              wall_time_s=metrics.wall_time_s)
   if metrics.evals:
     last = metrics.evals[max(metrics.evals)]
@@ -314,15 +317,20 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
   title, fields, points = find_points(root)
   if not points:
     raise FileNotFoundError(f'no runs in {root}: pass the root of a sweep (e.g. runs/sweep_blocks) or a run\'s workdir')
-  rows, curves = [], []
+  from nanodecoder.checkpoint import run_tokenizer
+
+  rows, curves, scored = [], [], []
   for name, values, num_steps in points:
     workdir = root / name
     if num_steps is None:  # not a sweep's point: the run's own length
       num_steps = saved_num_steps(workdir)
     metrics = read_metrics(workdir, reported_step(workdir, num_steps))  # (the curves too stop there)
+    tokenizer = run_tokenizer(workdir)
     row = {'point': root.name if name == '.' else name, **dict.fromkeys(fields), **values,
-           **run_row(workdir, num_steps, metrics)}  # a field the point does not set: None
+           **run_row(workdir, num_steps, metrics, tokenizer)}  # a field the point does not set: None
     rows.append(row)
+    if row['best_val_loss'] is not None and tokenizer is not None:
+      scored.append(tokenizer)
     if metrics.train or metrics.evals:
       curves.append((row['point'], metrics))
   written = []
@@ -341,10 +349,7 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
     images.append('loss_curves.png')
   for stale in {'val_loss.png', 'loss_curves.png'} - set(images):  # an earlier summary's, of other data
     (root / stale).unlink(missing_ok=True)
-  from nanodecoder.checkpoint import run_tokenizer
-
-  scored = [run_tokenizer(root / name) for (name, _, _), row in zip(points, rows) if row['best_val_loss'] is not None]
-  vocabularies = {t.to_json() if t.merges else 'characters' for t in scored if t is not None}
+  vocabularies = {t.to_json() if t.merges else 'characters' for t in scored}
   atomic_write(root / 'summary.md', markdown(title, fields, rows, images, same_tokens=len(vocabularies) <= 1))
   written.append(root / 'summary.md')
   return written + [root / name for name in images]

@@ -1,5 +1,6 @@
 """Sweep summaries: summary.csv / summary.md numbers against the runs' own metrics, and the plots."""
 
+import collections
 import csv
 import json
 import os
@@ -379,9 +380,12 @@ def test_a_summary_without_curves_removes_the_earlier_plots(tmp_path):
   assert '![' not in (tmp_path / 'summary.md').read_text()
 
 
-def test_runs_of_different_bpe_vocabularies_have_no_lowest_val_loss(tmp_path):
+def test_runs_of_different_bpe_vocabularies_have_no_lowest_val_loss(tmp_path, monkeypatch):
   """Nats per token of 512 tokens and of characters do not compare: no point is named the best."""
   from nanodecoder.tokenizer import Tokenizer
+
+  reads, read_tokenizer = collections.Counter(), checkpoint_lib.run_tokenizer
+  monkeypatch.setattr(checkpoint_lib, 'run_tokenizer', lambda run: reads.update([run.name]) or read_tokenizer(run))
 
   characters = Tokenizer('abc')
   for name, loss, tokenizer in (('vocab_size=0', 2.5, characters), ('vocab_size=4', 3.5, Tokenizer('abc', [(0, 1)])),
@@ -392,6 +396,7 @@ def test_runs_of_different_bpe_vocabularies_have_no_lowest_val_loss(tmp_path):
   text = (tmp_path / 'summary.md').read_text()
   assert '3 points, 0 finished. Val losses are per token of different BPE vocabularies (data.vocab_size)' in text
   assert 'Lowest' not in text and '**' not in text
+  assert reads == {'vocab_size=0': 1, 'vocab_size=4': 1, 'seed=1': 1}  # (for parameters and vocabularies alike)
   shutil.rmtree(tmp_path / 'vocab_size=4')  # BPE not evaluated yet: the scored ones share tokens, the lowest is named
   fake_run(tmp_path / 'vocab_size=4')
   (tmp_path / 'vocab_size=4' / 'tokenizer.json').write_text(Tokenizer('abc', [(0, 1)]).to_json())
