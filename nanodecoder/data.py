@@ -267,6 +267,11 @@ class Dataset:
         raise DataError(f'split {split!r} has {len(tokens)} tokens, fewer than one window of context_length + 1 = {window}; '
                         'use more text or a shorter model.context_length')
 
+  def eval_characters_per_token(self) -> float:
+    """Characters of the eval text / its tokens (1 without BPE merges)."""
+    lengths = np.fromiter(map(len, self.tokenizer.pieces), np.int64, self.tokenizer.vocab_size)
+    return float(lengths[self.eval_tokens].sum() / len(self.eval_tokens))
+
   def fingerprint(self) -> int:
     """A 31-bit checksum of the characters and the train and eval tokens: equal data, equal fingerprint."""
     fingerprint = zlib.crc32(self.tokenizer.chars.encode('utf-8'))

@@ -2,11 +2,14 @@
 
 Written into the sweep's root folder (it never trains anything):
   summary.csv      one row per point: its swept fields, status, checkpoint step, parameter count, best val
-                   loss and its step, final val and train loss (the last evaluation), median tokens/s and the
-                   wall time of all its sessions; all of them (and the plots) up to its latest checkpoint, at
-                   most num_steps (the steps a resume trains again are left out)
-  summary.md       the same as a Markdown table, best val loss in bold, with the plots below it
-  val_loss.png     best val loss against the first swept field (one line per value of the other fields)
+                   loss, its step and the val bits per character there, final val and train loss (the last
+                   evaluation), median tokens/s and the wall time of all its sessions; all of them (and the
+                   plots) up to its latest checkpoint, at most num_steps (the steps a resume trains again are
+                   left out)
+  summary.md       the same as a Markdown table, best val loss in bold (bits per character where the points'
+                   BPE vocabularies differ), with the plots below it
+  val_loss.png     best val loss (or bits per character, likewise) against the first swept field (one line
+                   per value of the other fields)
   loss_curves.png  train and val loss of every point against the step
 
 The root is a sweep's folder (its points listed in sweep.json), or any folder
@@ -33,8 +36,8 @@ from nanodecoder.files import atomic_write, exclusive
 from nanodecoder.metrics import format_duration
 from nanodecoder.tokenizer import Tokenizer
 
-METRIC_COLUMNS = ['status', 'step', 'num_steps', 'params', 'best_val_loss', 'best_val_step', 'final_val_loss',
-                  'final_train_loss', 'tokens_per_s', 'wall_time_s']
+METRIC_COLUMNS = ['status', 'step', 'num_steps', 'params', 'best_val_loss', 'best_val_step', 'best_val_bits_per_char',
+                  'final_val_loss', 'final_train_loss', 'tokens_per_s', 'wall_time_s']
 
 
 @dataclasses.dataclass
@@ -133,11 +136,22 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
     finite = [(step, r['eval/val_loss']) for step, r in metrics.evals.items() if math.isfinite(r['eval/val_loss'])]
     if finite:  # a diverged run's NaN is no one's best
       best_step, best = min(finite, key=lambda item: item[1])
-      row.update(best_val_loss=best, best_val_step=best_step)
+      row.update(best_val_loss=best, best_val_step=best_step,
+                 best_val_bits_per_char=_bits_per_char(metrics.evals[best_step], tokenizer))
   speeds = [r['train/tokens_per_s'] for r in metrics.train.values() if r.get('train/tokens_per_s', 0) > 0]
   if speeds:
     row['tokens_per_s'] = statistics.median(speeds)
   return row
+
+
+def _bits_per_char(evaluation: dict[str, float], tokenizer: Tokenizer | None) -> float | None:
+  """The val loss of an evaluation record in bits per character: logged with BPE merges (train.py), the loss / ln 2
+  without them (it is per character); None for a BPE run that did not log it."""
+  if 'eval/val_bits_per_char' in evaluation:
+    return evaluation['eval/val_bits_per_char']
+  if tokenizer is not None and not tokenizer.merges:
+    return evaluation['eval/val_loss'] / math.log(2)
+  return None
 
 
 def _parse_value(text: str) -> Any:
@@ -186,30 +200,41 @@ def _number(value: Any, digits: int = 4) -> str:
   return str(value)
 
 
+def ranking_column(rows: list[dict[str, Any]], same_tokens: bool) -> str | None:
+  """The column that compares the rows' val losses: best_val_loss when they are per token of one tokenizer (or per
+  character: `same_tokens`), else best_val_bits_per_char where every evaluated row has it, else None."""
+  if same_tokens:
+    return 'best_val_loss'
+  scored = [r for r in rows if r['best_val_loss'] is not None]
+  return 'best_val_bits_per_char' if all(r['best_val_bits_per_char'] is not None for r in scored) else None
+
+
 def markdown(title: str, fields: list[str], rows: list[dict[str, Any]], images: list[str],
              same_tokens: bool = True) -> str:
   """The summary table; `same_tokens`: the runs' losses are per token of one tokenizer (or per character), so the
-  lowest is named."""
+  lowest is named; otherwise the lowest val bits per character (in a column of its own), if every run has them."""
   finished = sum(r['status'] == 'finished' for r in rows)
-  scored = [r for r in rows if r['best_val_loss'] is not None]
-  best = min(scored, key=lambda r: r['best_val_loss']) if scored and same_tokens else None
+  key = ranking_column(rows, same_tokens)
+  scored = [r for r in rows if key and r[key] is not None]
+  best = min(scored, key=lambda r: r[key]) if scored else None
   lines = [f'# Summary of {title}', '', f'{len(rows)} point{"s" if len(rows) != 1 else ""}, {finished} finished.']
+  if not same_tokens:
+    lines[-1] += (' Val losses are per token of different BPE vocabularies (data.vocab_size), not comparable'
+                  + ('; bits per character are.' if best else ': compare the bits per character of `--mode eval`.'))
   if best is not None:
-    lines[-1] += f' Lowest val loss: {best["best_val_loss"]:.4f} ({best["point"]}, step {best["best_val_step"]}).'
-  elif not same_tokens:
-    lines[-1] += (' Val losses are per token of different BPE vocabularies (data.vocab_size), not comparable: '
-                  'compare the bits per character of `--mode eval`.')
-  header = ['point', *fields, 'status', 'step', 'params', 'best val loss', 'final val loss',
-            'final train loss', 'tokens/s', 'wall time']
+    lines[-1] += (f' Lowest val {"loss" if same_tokens else "bits per character"}: {best[key]:.4f} ({best["point"]}, '
+                  f'step {best["best_val_step"]}).')
+  header = ['point', *fields, 'status', 'step', 'params', 'best val loss', *([] if same_tokens else ['val bits/char']),
+            'final val loss', 'final train loss', 'tokens/s', 'wall time']
   lines += ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in rows:
-    best_text = _number(r['best_val_loss'])
+    scores = [_number(r['best_val_loss']), *([] if same_tokens else [_number(r['best_val_bits_per_char'])])]
     if r is best:
-      best_text = f'**{best_text}**'
+      scores[-1] = f'**{scores[-1]}**'
     cells = [r['point'], *('' if r[f] is None else str(r[f]) for f in fields), r['status'],
-             f'{r["step"]}/{r["num_steps"] or "?"}',
-             '' if r['params'] is None else f'{r["params"]:,}', best_text, _number(r['final_val_loss']),
-             _number(r['final_train_loss']), '' if r['tokens_per_s'] is None else f'{r["tokens_per_s"]:,.0f}',
+             f'{r["step"]}/{r["num_steps"] or "?"}', '' if r['params'] is None else f'{r["params"]:,}', *scores,
+             _number(r['final_val_loss']), _number(r['final_train_loss']),
+             '' if r['tokens_per_s'] is None else f'{r["tokens_per_s"]:,.0f}',
              '' if r['wall_time_s'] is None else format_duration(r['wall_time_s'])]
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines += [''] + [f'![{name}]({name})' for name in images]
@@ -234,16 +259,18 @@ def save_png(figure, path: pathlib.Path) -> None:
   atomic_write(path, buffer.getvalue())
 
 
-def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, path: pathlib.Path) -> bool:
-  """Best val loss against the first field (rows without it are left out); one line per combination of the others.
+def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, path: pathlib.Path,
+                  column: str = 'best_val_loss') -> bool:
+  """Best val loss (`column` best_val_loss), or the val bits per character at its step (best_val_bits_per_char),
+  against the first field (rows without it are left out); one line per combination of the others.
 
   Returns whether it wrote `path` (not when no row has both).
   """
   x_field = fields[0] if fields else 'point'
   groups: dict[tuple, list[tuple[Any, float]]] = {}
   for r in rows:
-    if r['best_val_loss'] is not None and r[x_field] is not None:
-      groups.setdefault(tuple(r[f] for f in fields[1:]), []).append((r[x_field], r['best_val_loss']))
+    if r[column] is not None and r[x_field] is not None:
+      groups.setdefault(tuple(r[f] for f in fields[1:]), []).append((r[x_field], r[column]))
   if not groups:
     return False
   xs = [x for points in groups.values() for x, _ in points]
@@ -262,7 +289,8 @@ def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, pat
   ax.set_xticks(list(ticks), [str(x) for x in (sorted(set(xs)) if numeric else categories)])
   ax.minorticks_off()
   ax.set_xlabel(x_field)
-  ax.set_ylabel('best val loss (nats/token)')
+  ax.set_ylabel('best val loss (nats/token)' if column == 'best_val_loss'
+                else 'val bits per character (at the best val loss)')
   ax.set_title(title, wrap=True)
   ax.grid(alpha=0.3)
   if len(groups) > 1:
@@ -341,15 +369,17 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
   writer.writerows({k: ('' if v is None else v) for k, v in r.items()} for r in rows)
   atomic_write(root / 'summary.csv', buffer.getvalue())
   written.append(root / 'summary.csv')
+  same_tokens = len({t.to_json() if t.merges else 'characters' for t in scored}) <= 1
+  column = ranking_column(rows, same_tokens)  # None: BPE runs that did not log bits per character (no plot)
   images = []
-  if plot_val_loss(rows, fields, f'{title}: best val loss', root / 'val_loss.png'):
+  if column and plot_val_loss(rows, fields, f'{title}: best val loss' + ('' if same_tokens else ' (bits per character)'),
+                              root / 'val_loss.png', column):
     images.append('val_loss.png')
   if curves:
     plot_loss_curves(curves, title, root / 'loss_curves.png')
     images.append('loss_curves.png')
   for stale in {'val_loss.png', 'loss_curves.png'} - set(images):  # an earlier summary's, of other data
     (root / stale).unlink(missing_ok=True)
-  vocabularies = {t.to_json() if t.merges else 'characters' for t in scored}
-  atomic_write(root / 'summary.md', markdown(title, fields, rows, images, same_tokens=len(vocabularies) <= 1))
+  atomic_write(root / 'summary.md', markdown(title, fields, rows, images, same_tokens))
   written.append(root / 'summary.md')
   return written + [root / name for name in images]

@@ -188,6 +188,12 @@ def test_a_run_with_bpe_merges_trains_resumes_samples_and_scores_bits_per_charac
   last_eval = [r for r in map(json.loads, (tmp_path / 'metrics.jsonl').read_text().splitlines())
                if 'eval/val_loss' in r][-1]
   assert report['loss'] == pytest.approx(last_eval['eval/val_loss'], rel=1e-5)
+  # Training logs the val loss in bits per character too, with the split's characters per token (comparable across
+  # tokenizers, as summaries use it); over every window it is the report's up to the first token's characters.
+  assert last_eval['eval/val_bits_per_char'] == pytest.approx(
+      last_eval['eval/val_loss'] * len(tokens) / len(val_text) / np.log(2), rel=1e-6)
+  assert last_eval['eval/val_bits_per_char'] == pytest.approx(report['bits_per_char'], rel=1e-3)
+  assert f"val_bits_per_char {last_eval['eval/val_bits_per_char']:.4f}" in result.stdout
   assert report['predicted_characters'] == predicted_chars
   assert scored.stdout.splitlines()[0].endswith(f"{len(tokens) - 1:,} tokens predicted ({predicted_chars:,} characters)")
   assert ' nats/token | perplexity ' in scored.stdout

@@ -3,6 +3,7 @@
 import collections
 import csv
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
@@ -52,6 +54,7 @@ def test_summary_csv_numbers_are_the_runs_own(sweep_root):
     speeds = [r['train/tokens_per_s'] for r in lines if r.get('train/tokens_per_s', 0) > 0]
     model, _, _, step = checkpoint_lib.load_model(workdir)
     assert float(row['best_val_loss']) == best['eval/val_loss'] and int(row['best_val_step']) == best['step']
+    assert float(row['best_val_bits_per_char']) == pytest.approx(best['eval/val_loss'] / math.log(2))  # characters
     assert float(row['final_val_loss']) == evals[-1]['eval/val_loss']
     assert float(row['final_train_loss']) == evals[-1]['eval/train_loss']
     assert float(row['tokens_per_s']) == statistics.median(speeds)
@@ -59,8 +62,8 @@ def test_summary_csv_numbers_are_the_runs_own(sweep_root):
     assert int(row['params']) == count_params(model)
     assert (int(row['step']), int(row['num_steps'])) == (step, 20) == (20, 20)
   assert rows[2] == {'point': 'seed=3', 'seed': '3', 'status': 'new', 'step': '0', 'num_steps': '20', 'params': '',
-                     'best_val_loss': '', 'best_val_step': '', 'final_val_loss': '', 'final_train_loss': '',
-                     'tokens_per_s': '', 'wall_time_s': ''}
+                     'best_val_loss': '', 'best_val_step': '', 'best_val_bits_per_char': '', 'final_val_loss': '',
+                     'final_train_loss': '', 'tokens_per_s': '', 'wall_time_s': ''}
 
 
 def test_summary_md_is_the_same_table(sweep_root):
@@ -161,8 +164,8 @@ def test_a_run_copied_without_its_config_is_read_from_its_latest_checkpoint(swee
   rows = {r.pop('point'): r for r in csv.DictReader((runs / 'summary.csv').open())}
   assert rows['with_config']['status'] == 'finished' and rows['with_config']['params'] != ''
   assert rows['no_config'] == rows['with_config']  # status 'finished', step 20 of 20, its parameter count, its losses
-  no_losses = dict(rows['with_config'], best_val_loss='', best_val_step='', final_val_loss='', final_train_loss='',
-                   tokens_per_s='', wall_time_s='')
+  no_losses = dict(rows['with_config'], best_val_loss='', best_val_step='', best_val_bits_per_char='',
+                   final_val_loss='', final_train_loss='', tokens_per_s='', wall_time_s='')
   assert rows['only_checkpoints'] == no_losses
   step = sweep_lib.latest_step(runs / 'no_config')
   (runs / 'no_config' / 'checkpoints' / str(step) / 'meta' / 'metadata').write_text('{"config": 3')  # damaged
@@ -185,8 +188,9 @@ def test_summary_mode_rewrites_the_files(sweep_root):
   assert (sweep_root / 'summary.md').is_file() and (sweep_root / 'val_loss.png').stat().st_size > 1000
 
 
-def fake_run(workdir, config=None, step=20, val_loss=None):
-  """A run's files without training: a checkpoint at `step`, config.json, a log line and an evaluation there."""
+def fake_run(workdir, config=None, step=20, val_loss=None, bits_per_char=None):
+  """A run's files without training: a checkpoint at `step`, config.json, a log line and an evaluation there
+  (with `bits_per_char`, as a BPE run logs it)."""
   (workdir / 'checkpoints' / str(step)).mkdir(parents=True, exist_ok=True)
   if config is not None:
     (workdir / 'config.json').write_text(config.to_json(indent=2))
@@ -194,6 +198,8 @@ def fake_run(workdir, config=None, step=20, val_loss=None):
   lines = [{**when, 'train/loss': 2.6}]
   if val_loss is not None:
     lines.append({**when, 'eval/train_loss': 2.5, 'eval/val_loss': val_loss})
+    if bits_per_char is not None:
+      lines[-1]['eval/val_bits_per_char'] = bits_per_char
   (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
 
 
@@ -277,11 +283,11 @@ def test_an_unfinished_point_is_reported_at_its_latest_checkpoint(tiny_config, t
   summary_lib.write_summary(tmp_path)
   rows = list(csv.DictReader((tmp_path / 'summary.csv').open()))
   assert rows[0] == {'point': 'seed=1', 'seed': '1', 'status': 'partial', 'step': '20', 'num_steps': '40',
-                     'params': '', 'best_val_loss': '2.5', 'best_val_step': '20', 'final_val_loss': '2.5',
-                     'final_train_loss': '2.4', 'tokens_per_s': '1500.0', 'wall_time_s': '20.0'}
+                     'params': '', 'best_val_loss': '2.5', 'best_val_step': '20', 'best_val_bits_per_char': '',
+                     'final_val_loss': '2.5', 'final_train_loss': '2.4', 'tokens_per_s': '1500.0', 'wall_time_s': '20.0'}
   assert rows[1] == {'point': 'seed=2', 'seed': '2', 'status': 'new', 'step': '0', 'num_steps': '40', 'params': '',
-                     'best_val_loss': '', 'best_val_step': '', 'final_val_loss': '', 'final_train_loss': '',
-                     'tokens_per_s': '', 'wall_time_s': ''}
+                     'best_val_loss': '', 'best_val_step': '', 'best_val_bits_per_char': '', 'final_val_loss': '',
+                     'final_train_loss': '', 'tokens_per_s': '', 'wall_time_s': ''}
   assert '\n2 points, 0 finished. Lowest val loss: 2.5000 (seed=1, step 20).' in (tmp_path / 'summary.md').read_text()
   cut = summary_lib.read_metrics(partial, summary_lib.reported_step(partial, 40))  # what the curves draw
   assert (sorted(cut.train), sorted(cut.evals)) == ([10, 20], [10, 20])
@@ -380,25 +386,43 @@ def test_a_summary_without_curves_removes_the_earlier_plots(tmp_path):
   assert '![' not in (tmp_path / 'summary.md').read_text()
 
 
-def test_runs_of_different_bpe_vocabularies_have_no_lowest_val_loss(tmp_path, monkeypatch):
-  """Nats per token of 512 tokens and of characters do not compare: no point is named the best."""
+def test_runs_of_different_bpe_vocabularies_are_ranked_by_bits_per_character(tmp_path, monkeypatch):
+  """Nats per token of 512 tokens and of characters do not compare: the summary names the lowest val bits per
+  character instead (logged by a BPE run, val loss / ln 2 for characters) and plots them."""
   from nanodecoder.tokenizer import Tokenizer
 
   reads, read_tokenizer = collections.Counter(), checkpoint_lib.run_tokenizer
   monkeypatch.setattr(checkpoint_lib, 'run_tokenizer', lambda run: reads.update([run.name]) or read_tokenizer(run))
-
-  characters = Tokenizer('abc')
-  for name, loss, tokenizer in (('vocab_size=0', 2.5, characters), ('vocab_size=4', 3.5, Tokenizer('abc', [(0, 1)])),
-                                ('seed=1', 2.4, characters)):
-    fake_run(tmp_path / name, val_loss=loss)
+  figures = {}
+  monkeypatch.setattr(summary_lib, 'save_png', lambda figure, path: figures.update({path.name: figure}))
+  characters, merges = Tokenizer('abc'), Tokenizer('abc', [(0, 1)])
+  for name, loss, tokenizer in (('vocab_size=0', 2.5, characters), ('vocab_size=4', 3.5, merges),
+                                ('vocab_size=65', 2.4, characters)):
+    fake_run(tmp_path / name, val_loss=loss)  # the BPE run as one from before bits per character were logged
     (tmp_path / name / 'tokenizer.json').write_text(tokenizer.to_json())
   summary_lib.write_summary(tmp_path)
   text = (tmp_path / 'summary.md').read_text()
-  assert '3 points, 0 finished. Val losses are per token of different BPE vocabularies (data.vocab_size)' in text
+  assert ('3 points, 0 finished. Val losses are per token of different BPE vocabularies (data.vocab_size), not '
+          'comparable: compare the bits per character of `--mode eval`.\n') in text
   assert 'Lowest' not in text and '**' not in text
-  assert reads == {'vocab_size=0': 1, 'vocab_size=4': 1, 'seed=1': 1}  # (for parameters and vocabularies alike)
+  assert reads == {'vocab_size=0': 1, 'vocab_size=4': 1, 'vocab_size=65': 1}  # (for parameters and vocabularies alike)
+  fake_run(tmp_path / 'vocab_size=4', val_loss=3.5, bits_per_char=3.0)
+  summary_lib.write_summary(tmp_path)
+  text = (tmp_path / 'summary.md').read_text()
+  assert ('3 points, 0 finished. Val losses are per token of different BPE vocabularies (data.vocab_size), not '
+          'comparable; bits per character are. Lowest val bits per character: 3.0000 (vocab_size=4, step 20).') in text
+  assert '| best val loss | val bits/char |' in text and '| 3.5000 | **3.0000** |' in text
+  assert f'| 2.4000 | {2.4 / math.log(2):.4f} |' in text
+  rows = {r['point']: r for r in csv.DictReader((tmp_path / 'summary.csv').open())}
+  assert float(rows['vocab_size=0']['best_val_bits_per_char']) == pytest.approx(2.5 / math.log(2))
+  axes = figures['val_loss.png'].axes[0]
+  assert axes.get_ylabel() == 'val bits per character (at the best val loss)'
+  assert len(axes.lines) == 1 and axes.lines[0].get_xdata().tolist() == [0, 4, 65]  # ('data.vocab_size' 65: no merges)
+  np.testing.assert_allclose(axes.lines[0].get_ydata(), [2.5 / math.log(2), 3.0, 2.4 / math.log(2)])
   shutil.rmtree(tmp_path / 'vocab_size=4')  # BPE not evaluated yet: the scored ones share tokens, the lowest is named
   fake_run(tmp_path / 'vocab_size=4')
-  (tmp_path / 'vocab_size=4' / 'tokenizer.json').write_text(Tokenizer('abc', [(0, 1)]).to_json())
+  (tmp_path / 'vocab_size=4' / 'tokenizer.json').write_text(merges.to_json())
   summary_lib.write_summary(tmp_path)
-  assert '3 points, 0 finished. Lowest val loss: 2.4000 (seed=1, step 20).' in (tmp_path / 'summary.md').read_text()
+  text = (tmp_path / 'summary.md').read_text()
+  assert '3 points, 0 finished. Lowest val loss: 2.4000 (vocab_size=65, step 20).' in text and 'bits/char' not in text
+  assert figures['val_loss.png'].axes[0].get_ylabel() == 'best val loss (nats/token)'
