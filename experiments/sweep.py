@@ -1,9 +1,10 @@
-"""Sweeps of the model's shape, one per argument, starting from the CPU recipe (experiments/cpu.py).
+"""Sweeps of the model's shape (and its tokens), one per argument, starting from the CPU recipe (experiments/cpu.py).
 
   python launch.py --config experiments/sweep.py:blocks        # model.num_layers 1, 2, 4, 6
   python launch.py --config experiments/sweep.py:head_size     # model.head_size 8, 16, 32, 64 (width 4 x that)
   python launch.py --config experiments/sweep.py:context       # model.context_length 16, 32, 64, 128
   python launch.py --config experiments/sweep.py:shape         # num_layers 2, 4, 6 x head_size 16, 32, 64 (9 points)
+  python launch.py --config experiments/sweep.py:vocab         # data.vocab_size 0 (characters), 256, 512, 1024 (BPE)
 
 Each point trains the CPU recipe (2000 steps, about 40 seconds on 2 cores) in
 runs/sweep_<name>/<field=value,...>. `:blocks,base` starts from
@@ -23,6 +24,7 @@ SWEEPS = {
     'head_size': {'model.head_size': [8, 16, 32, 64]},
     'context': {'model.context_length': [16, 32, 64, 128]},
     'shape': {'model.num_layers': [2, 4, 6], 'model.head_size': [16, 32, 64]},
+    'vocab': {'data.vocab_size': [0, 256, 512, 1024]},  # ranked by val bits per character (nats per token differ)
 }
 RECIPES = ('cpu', 'base')
 

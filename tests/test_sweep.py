@@ -65,6 +65,7 @@ def test_bad_sweeps_fail_before_training(tiny_config, declaration, message):
     ('head_size', 'sweep_head_size', ['model.head_size'], 4),
     ('context', 'sweep_context', ['model.context_length'], 4),
     ('shape', 'sweep_shape', ['model.num_layers', 'model.head_size'], 9),
+    ('vocab', 'sweep_vocab', ['data.vocab_size'], 4),
     ('blocks,base', 'sweep_blocks_base', ['model.num_layers'], 4),
 ])
 def test_the_experiment_sweeps_expand_and_validate(arg, name, fields, count):
