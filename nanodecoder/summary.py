@@ -372,7 +372,7 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
   same_tokens = len({t.to_json() if t.merges else 'characters' for t in scored}) <= 1
   column = ranking_column(rows, same_tokens)  # None: BPE runs that did not log bits per character (no plot)
   images = []
-  if column and plot_val_loss(rows, fields, f'{title}: best val loss' + ('' if same_tokens else ' (bits per character)'),
+  if column and plot_val_loss(rows, fields, f'{title}: ' + ('best val loss' if same_tokens else 'val bits per character'),
                               root / 'val_loss.png', column):
     images.append('val_loss.png')
   if curves:
