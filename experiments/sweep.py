@@ -6,7 +6,7 @@
   python launch.py --config experiments/sweep.py:shape         # num_layers 2, 4, 6 x head_size 16, 32, 64 (9 points)
   python launch.py --config experiments/sweep.py:vocab         # data.vocab_size 0 (characters), 256, 512, 1024 (BPE)
 
-Each point trains the CPU recipe (2000 steps, about 40 seconds on 2 cores) in
+Each point trains the CPU recipe (2000 steps, about a minute on 2 cores) in
 runs/sweep_<name>/<field=value,...>. `:blocks,base` starts from
 experiments/base.py instead (nanoGPT's GPU recipe, same values). --config.*
 overrides apply to every point, e.g. --config.train.num_steps=500

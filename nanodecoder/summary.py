@@ -106,8 +106,11 @@ def reported_step(workdir: str | pathlib.Path, num_steps: int | None) -> int:
   return latest if num_steps is None else min(latest, num_steps)
 
 
+_NOT_READ = object()  # run_row's `tokenizer` when the caller has not read it
+
+
 def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: RunMetrics | None = None,
-            tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+            tokenizer: Tokenizer | None | object = _NOT_READ) -> dict[str, Any]:
   """The summary numbers of one run (None where it has none yet).
 
   `num_steps`: the sweep manifest's, which wins over the run's config.json (the
@@ -116,13 +119,13 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
   since (a sweep extended, then listed with its first command) is reported at
   num_steps, an unfinished one at its latest checkpoint. `metrics`: the run's
   `read_metrics(workdir, reported_step(workdir, num_steps))`, when the caller
-  has read them already; `tokenizer`: its checkpoint.run_tokenizer(workdir), likewise.
+  has read them already; `tokenizer`: its checkpoint.run_tokenizer(workdir) (None: unreadable), likewise.
   """
   workdir = pathlib.Path(workdir)
   if num_steps is None:
     num_steps = saved_num_steps(workdir)
   metrics = read_metrics(workdir, reported_step(workdir, num_steps)) if metrics is None else metrics
-  if tokenizer is None:
+  if tokenizer is _NOT_READ:
     from nanodecoder.checkpoint import run_tokenizer
 
     tokenizer = run_tokenizer(workdir)
@@ -212,7 +215,8 @@ def ranking_column(rows: list[dict[str, Any]], same_tokens: bool) -> str | None:
 def markdown(title: str, fields: list[str], rows: list[dict[str, Any]], images: list[str],
              same_tokens: bool = True) -> str:
   """The summary table; `same_tokens`: the runs' losses are per token of one tokenizer (or per character), so the
-  lowest is named; otherwise the lowest val bits per character (in a column of its own), if every run has them."""
+  lowest is named; otherwise the lowest val bits per character (in a column of its own), if every evaluated run
+  has them."""
   finished = sum(r['status'] == 'finished' for r in rows)
   key = ranking_column(rows, same_tokens)
   scored = [r for r in rows if key and r[key] is not None]
@@ -347,7 +351,7 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
     raise FileNotFoundError(f'no runs in {root}: pass the root of a sweep (e.g. runs/sweep_blocks) or a run\'s workdir')
   from nanodecoder.checkpoint import run_tokenizer
 
-  rows, curves, scored = [], [], []
+  rows, curves, vocabularies = [], [], set()
   for name, values, num_steps in points:
     workdir = root / name
     if num_steps is None:  # not a sweep's point: the run's own length
@@ -357,8 +361,11 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
     row = {'point': root.name if name == '.' else name, **dict.fromkeys(fields), **values,
            **run_row(workdir, num_steps, metrics, tokenizer)}  # a field the point does not set: None
     rows.append(row)
-    if row['best_val_loss'] is not None and tokenizer is not None:
-      scored.append(tokenizer)
+    if row['best_val_loss'] is not None:  # (a BPE run whose tokenizer cannot be read: told by its logged bits)
+      if tokenizer is not None:
+        vocabularies.add(tokenizer.to_json() if tokenizer.merges else 'characters')
+      elif row['best_val_bits_per_char'] is not None:
+        vocabularies.add(f'the BPE merges of {name}')
     if metrics.train or metrics.evals:
       curves.append((row['point'], metrics))
   written = []
@@ -369,7 +376,7 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
   writer.writerows({k: ('' if v is None else v) for k, v in r.items()} for r in rows)
   atomic_write(root / 'summary.csv', buffer.getvalue())
   written.append(root / 'summary.csv')
-  same_tokens = len({t.to_json() if t.merges else 'characters' for t in scored}) <= 1
+  same_tokens = len(vocabularies) <= 1
   column = ranking_column(rows, same_tokens)  # None: BPE runs that did not log bits per character (no plot)
   images = []
   if column and plot_val_loss(rows, fields, f'{title}: ' + ('best val loss' if same_tokens else 'val bits per character'),

@@ -79,7 +79,8 @@ class Tokenizer:
 
   def encode_last(self, text: str, count: int) -> np.ndarray:
     """The last `count` tokens of encode(text), from only as much of the end of `text` as they hold (chunks encode
-    on their own): characters outside the vocabulary before that part are not refused."""
+    on their own): characters outside the vocabulary before that part are not refused (in a chunk that holds some,
+    each character counts as a token: those named are surely in the part)."""
     if not self.merges:
       return self.encode(text[max(len(text) - count, 0):])
     kept, total, unknown = [], 0, set()
@@ -89,7 +90,7 @@ class Tokenizer:
       missing = set(chunk) - self._ids.keys()
       unknown |= missing
       kept.append([] if missing else self._encode_chunk(chunk))
-      total += max(len(kept[-1]), 1)  # (a chunk with unknown characters: at least one token)
+      total += len(chunk) if missing else len(kept[-1])
     self._refuse_unknown(unknown)
     ids = list(itertools.chain.from_iterable(reversed(kept)))
     return np.asarray(ids[max(len(ids) - count, 0):], np.int32)

@@ -426,3 +426,30 @@ def test_runs_of_different_bpe_vocabularies_are_ranked_by_bits_per_character(tmp
   text = (tmp_path / 'summary.md').read_text()
   assert '3 points, 0 finished. Lowest val loss: 2.4000 (vocab_size=65, step 20).' in text and 'bits/char' not in text
   assert figures['val_loss.png'].axes[0].get_ylabel() == 'best val loss (nats/token)'
+
+
+def test_bits_per_character_are_the_best_steps_and_a_bpe_run_without_its_tokenizer_is_told_by_them(tmp_path,
+                                                                                                    monkeypatch):
+  from nanodecoder.tokenizer import Tokenizer
+
+  reads, read_tokenizer = collections.Counter(), checkpoint_lib.run_tokenizer
+  monkeypatch.setattr(checkpoint_lib, 'run_tokenizer', lambda run: reads.update([run.name]) or read_tokenizer(run))
+  for name, chars, loss in (('seed=1', 'abc', 2.5), ('seed=2', 'abcd', 2.4)):  # other characters: still per character
+    fake_run(tmp_path / name, val_loss=loss)
+    (tmp_path / name / 'tokenizer.json').write_text(Tokenizer(chars).to_json())
+  summary_lib.write_summary(tmp_path)
+  assert '2 points, 0 finished. Lowest val loss: 2.4000 (seed=2, step 20).' in (tmp_path / 'summary.md').read_text()
+  # A BPE run copied without tokenizer.json or a readable checkpoint record: its logged bits say it is one. Its best
+  # val loss is at step 10, not its last evaluation.
+  (tmp_path / 'seed=3' / 'checkpoints' / '20').mkdir(parents=True)
+  records = [{'step': step, 'time': 110.0, 'session_start': 100.0, 'eval/train_loss': 3.0, 'eval/val_loss': loss,
+              'eval/val_bits_per_char': bits} for step, loss, bits in ((10, 3.0, 3.3), (20, 3.1, 3.4))]
+  (tmp_path / 'seed=3' / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  reads.clear()
+  summary_lib.write_summary(tmp_path)
+  text = (tmp_path / 'summary.md').read_text()
+  assert 'not comparable; bits per character are. Lowest val bits per character: 3.3000 (seed=3, step 10).' in text
+  rows = {r['point']: r for r in csv.DictReader((tmp_path / 'summary.csv').open())}
+  assert (rows['seed=3']['best_val_step'], rows['seed=3']['best_val_bits_per_char'], rows['seed=3']['params']) == (
+      '10', '3.3', '')
+  assert reads == {'seed=1': 1, 'seed=2': 1, 'seed=3': 1}  # (also the one it cannot read)

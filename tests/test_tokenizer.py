@@ -106,6 +106,11 @@ def test_the_last_tokens_of_a_text_read_only_the_end_they_come_from():
     with pytest.raises(DataError, match=r"^characters not in the vocabulary: 'Q', '~'; use only"):
       tokenizer.encode_last('~~~ QQQ\n' + TEXT, len(ids) + 8)
     assert tokenizer.encode_last(TEXT, len(ids) + 8).tolist() == ids[1:]
+  # A chunk with unknown characters counts a token per character: characters before what that covers are not named.
+  tokenizer = Tokenizer.train('ab ', 'ab ab ab ab', 6)
+  assert tokenizer.pieces[3:] == ['ab', ' ab'] and tokenizer.encode_last('~aaaaaaaa ab', 3).tolist() == [1, 1, 4]
+  with pytest.raises(DataError, match=r"^characters not in the vocabulary: 'Q'; use only"):
+    tokenizer.encode_last('~QQQQQQQQ ab', 3)
 
 
 def test_merges_are_learned_on_the_training_text_only():
