@@ -4,7 +4,8 @@
 
 Prints and writes JSON: total wall time, training time (the logged step
 times: no compilation, no evaluation, no checkpoint waits; profiled steps
-count at the median), best and final val loss, median tokens/s over the
+count at the median), best val loss (also in bits per character) and final
+val loss, median tokens/s over the
 run's log windows, and MFU against the chip's datasheet bf16 peak (GPU) from
 `train_speed.PEAK_BF16_FLOPS`. The workdir must hold no checkpoints (training would resume from them).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import statistics
 import sys
@@ -55,6 +57,7 @@ def main():
   train_records = [r for r in records if 'train/loss' in r]
   logs = [r for r in train_records if 'train/ms_per_step' in r]
   evals = [r for r in records if 'eval/val_loss' in r]
+  best = min(evals, key=lambda r: r['eval/val_loss'], default=None)
   # Below train.num_steps when a signal stopped the run: then its last checkpoint is past its last log line.
   steps_done = max([r['step'] for r in train_records[-1:]] + saved_steps(args.workdir), default=0)
   # None where a run stopped (signal, timeout) before its first timed log line or evaluation.
@@ -81,7 +84,10 @@ def main():
       'devices': jax.device_count(), 'steps': config.train.num_steps, 'steps_done': steps_done,
       'stopped_by': metrics.get('stopped_by'), 'wall_s': wall, 'train_s': train_seconds,
       'median_ms_per_step': median_ms,
-      'best_val_loss': min(r['eval/val_loss'] for r in evals) if evals else None,
+      'best_val_loss': None if best is None else best['eval/val_loss'],
+      # Logged with BPE merges; without them the loss is per character.
+      'best_val_bits_per_char': None if best is None else best.get('eval/val_bits_per_char',
+                                                                  best['eval/val_loss'] / math.log(2)),
       'final_val_loss': metrics.get('val_loss'), 'final_train_loss': metrics.get('train_loss'),
       'tokens_per_s': tokens_per_s, 'tflops': None if achieved is None else achieved / 1e12,
       'mfu': None if peak is None or achieved is None else achieved / (peak * jax.device_count()),

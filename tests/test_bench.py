@@ -48,6 +48,7 @@ def test_recipe_run_and_trace_summary(corpus_file, tmp_path):
   result = json.loads((tmp_path / 'recipe.json').read_text())
   assert result['steps_done'] == result['steps'] == 30 and result['stopped_by'] is None
   assert math.isfinite(result['best_val_loss']) and result['best_val_loss'] <= result['final_val_loss']
+  assert result['best_val_bits_per_char'] == pytest.approx(result['best_val_loss'] / math.log(2))  # characters
   # Three log windows: steps 1-10 (the compiling call) and 11-20 (profiled) are not timed, 21-30 is.
   records = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   timed = [r for r in records if 'train/ms_per_step' in r and r['step'] == 30]
