@@ -194,6 +194,9 @@ def test_a_run_with_bpe_merges_trains_resumes_samples_and_scores_bits_per_charac
       last_eval['eval/val_loss'] * len(tokens) / len(val_text) / np.log(2), rel=1e-6)
   assert last_eval['eval/val_bits_per_char'] == pytest.approx(report['bits_per_char'], rel=1e-3)
   assert f"val_bits_per_char {last_eval['eval/val_bits_per_char']:.4f}" in result.stdout
+  assert result.stdout.splitlines()[-1] == (f"final: train loss {last_eval['eval/train_loss']:.4f} | val loss "
+                                            f"{last_eval['eval/val_loss']:.4f} | val bits/char "
+                                            f"{last_eval['eval/val_bits_per_char']:.4f}")
   assert report['predicted_characters'] == predicted_chars
   assert scored.stdout.splitlines()[0].endswith(f"{len(tokens) - 1:,} tokens predicted ({predicted_chars:,} characters)")
   assert ' nats/token | perplexity ' in scored.stdout
