@@ -453,16 +453,17 @@ def read_record(workdir: str | pathlib.Path, step: int) -> dict:
 
 
 def run_tokenizer(workdir: str | pathlib.Path) -> Tokenizer | None:
-  """The tokenizer of the run in `workdir`: its tokenizer.json, or where that is missing (a run copied without it)
-  its latest checkpoint's record of it; None where neither reads (or there is no run)."""
+  """The tokenizer of the run in `workdir`: its tokenizer.json, or where that is missing or damaged (a run copied
+  without it) its latest checkpoint's record of it; None where neither reads (or there is no run)."""
   workdir = pathlib.Path(workdir)
-  path = workdir / 'tokenizer.json'
   try:
-    if path.exists():
-      return Tokenizer.from_json(path.read_text(encoding='utf-8'))
+    return Tokenizer.from_json((workdir / 'tokenizer.json').read_text(encoding='utf-8'))
+  except Exception:  # noqa: BLE001 (missing, unreadable or damaged: the checkpoint's record)
+    pass
+  try:
     step = sweep_lib.latest_step(workdir)
     return Tokenizer.from_json(read_record(workdir, step)['tokenizer']) if step else None
-  except Exception:  # noqa: BLE001 (an unreadable file or record, or a damaged one)
+  except Exception:  # noqa: BLE001 (an unreadable or damaged record)
     return None
 
 

@@ -383,8 +383,7 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
     _config_load_failed(e)
   config_lib.make_paths_absolute(config)
   workdir = pathlib.Path(workdir or FLAGS.workdir or default_workdir(config))
-  if config_file:
-    _refuse_other_settings_for_a_started_run(config, config_file, workdir)
+  _refuse_other_settings_for_a_started_run(config, config_file, workdir)
   setup_jax(config)
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   FLAGS.distributed_timeout)
@@ -396,12 +395,13 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
     print(f'final: train loss {metrics["train_loss"]:.4f} | val loss {metrics["val_loss"]:.4f}{bits}')
 
 
-def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, config_file: str,
+def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, config_file: str | None,
                                              workdir: pathlib.Path) -> None:
   """A --config file (with its overrides) whose settings differ from those a started run's config.json records
   (its last session's), outside config.RESUMABLE_CHANGES, is refused: resumed, the run would silently continue
   under other settings, e.g. the full recipe after a short quick look in the same runs/<name>, from a schedule
-  that has already decayed."""
+  that has already decayed. Without a file (`config_file` None: the run's own config and overrides, or a sweep's
+  point) only another model shape is refused here, before any data is read (the restore would refuse it later)."""
   from nanodecoder import checkpoint
 
   if not sweep_lib.saved_steps(workdir):
@@ -412,6 +412,8 @@ def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, 
   except (OSError, ValueError):
     return  # no readable record of the settings: the checkpoint's own checks decide
   checkpoint.check_model_matches(saved.to_dict(), config, str(workdir))  # a shape cannot change on purpose either
+  if config_file is None:
+    return
   changes = config_lib.changes_on_resume(saved, config)
   if changes:
     overrides = ' '.join(shlex.quote(f'--config.{f}={value}') for f, _, value in changes)

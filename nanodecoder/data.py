@@ -298,11 +298,18 @@ class Dataset:
 def load_dataset(config: ml_collections.ConfigDict, corpus: Corpus | None = None,
                  tokenizer: Tokenizer | None = None) -> Dataset:
   """The training and evaluation tokens of `config.data`, from `corpus` if it was loaded already, encoded by
-  `tokenizer` if given (else the corpus's characters, with the merges data.vocab_size asks for)."""
+  `tokenizer` if given (a run's own: every character of the corpus must be among its characters; else the
+  corpus's characters, with the merges data.vocab_size asks for)."""
   corpus = load_corpus(config.data) if corpus is None else corpus
   check_splits(config.data, corpus.name, list(corpus.splits))
   if tokenizer is None:
     tokenizer = corpus.tokenizer(config.data.vocab_size, config.data.train_split)
+  else:
+    extra = sorted(set(''.join(corpus.splits.values())) - set(tokenizer.chars))
+    if extra:
+      raise DataError(f'the {corpus.name} has characters that the BPE vocabulary the run keeps lacks: '
+                      f'{", ".join(map(repr, extra[:10]))}{", ..." if len(extra) > 10 else ""}; train on text of its '
+                      f'{len(tokenizer.chars)} characters or pass another --workdir')
   dataset = Dataset(
       tokenizer=tokenizer,
       train_tokens=tokenizer.encode(corpus.text(config.data.train_split)),

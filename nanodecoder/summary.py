@@ -10,7 +10,7 @@ Written into the sweep's root folder (it never trains anything):
                    BPE vocabularies differ), with the plots below it
   val_loss.png     best val loss (or bits per character, likewise) against the first swept field (one line
                    per value of the other fields)
-  loss_curves.png  train and val loss of every point against the step
+  loss_curves.png  train and val loss of every point against the step (val bits per character likewise)
 
 The root is a sweep's folder (its points listed in sweep.json), or any folder
 whose subfolders are runs (names `field=value,...` give the fields), or a
@@ -223,7 +223,7 @@ def markdown(title: str, fields: list[str], rows: list[dict[str, Any]], images: 
   best = min(scored, key=lambda r: r[key]) if scored else None
   lines = [f'# Summary of {title}', '', f'{len(rows)} point{"s" if len(rows) != 1 else ""}, {finished} finished.']
   if not same_tokens:
-    lines[-1] += (' Val losses are per token of different BPE vocabularies (data.vocab_size), not comparable'
+    lines[-1] += (' Val losses are per token of different vocabularies (data.vocab_size), not comparable'
                   + ('; bits per character are.' if best else ': compare the bits per character of `--mode eval`.'))
   if best is not None:
     lines[-1] += (f' Lowest val {"loss" if same_tokens else "bits per character"}: {best[key]:.4f} ({best["point"]}, '
@@ -303,26 +303,34 @@ def plot_val_loss(rows: list[dict[str, Any]], fields: list[str], title: str, pat
   return True
 
 
-def plot_loss_curves(curves: list[tuple[str, RunMetrics]], title: str, path: pathlib.Path) -> None:
-  """Train loss (left) and val loss (right) of every point against the step."""
+def plot_loss_curves(curves: list[tuple[str, RunMetrics, Tokenizer | None]], title: str, path: pathlib.Path,
+                     same_tokens: bool = True) -> None:
+  """Train loss (left) and val loss (right) of every point (name, metrics, tokenizer) against the step; where the
+  points' BPE vocabularies differ (not `same_tokens`), val bits per character on the right."""
   from matplotlib import colormaps
 
   figure = new_figure(11, 4.2)
-  train_ax, val_ax = figure.subplots(1, 2, sharey=True)
+  train_ax, val_ax = figure.subplots(1, 2, sharey=same_tokens)
   cmap = colormaps['tab10' if len(curves) <= 10 else 'viridis']
-  for i, (name, metrics) in enumerate(curves):
+  for i, (name, metrics, tokenizer) in enumerate(curves):
     color = cmap(i if len(curves) <= 10 else i / max(len(curves) - 1, 1))
-    if metrics.train:
+    if metrics.train:  # (a marker for a lone point, e.g. a short run logging once)
       train_ax.plot(list(metrics.train), [r['train/loss'] for r in metrics.train.values()], color=color, lw=1,
-                    label=name)
-    if metrics.evals:
-      val_ax.plot(list(metrics.evals), [r['eval/val_loss'] for r in metrics.evals.values()], 'o-', color=color,
-                  ms=3, lw=1.2, label=None if metrics.train else name)  # each name once, on the left if it can
-  for ax, what in ((train_ax, 'train loss (one batch)'), (val_ax, 'val loss')):
+                    marker='o' if len(metrics.train) == 1 else None, ms=3, label=name)
+    evals = {step: r['eval/val_loss'] if same_tokens else _bits_per_char(r, tokenizer)
+             for step, r in metrics.evals.items()}
+    evals = {step: value for step, value in evals.items() if value is not None}
+    if evals:
+      val_ax.plot(list(evals), list(evals.values()), 'o-', color=color, ms=3, lw=1.2,
+                  label=None if metrics.train else name)  # each name once, on the left if it can
+  val_title = 'val loss' if same_tokens else 'val bits per character'
+  for ax, what in ((train_ax, 'train loss (one batch)'), (val_ax, val_title)):
     ax.set_xlabel('step')
     ax.set_title(what)
     ax.grid(alpha=0.3)
-  train_ax.set_ylabel('loss (nats/token)')
+  train_ax.set_ylabel('loss (nats/token)' if same_tokens else 'loss (nats per token of its vocabulary)')
+  if not same_tokens:
+    val_ax.set_ylabel('bits per character')
   for ax in (train_ax, val_ax):
     if ax.get_legend_handles_labels()[1]:
       ax.legend(fontsize='small')
@@ -367,7 +375,7 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
       elif row['best_val_bits_per_char'] is not None:
         vocabularies.add(f'the BPE merges of {name}')
     if metrics.train or metrics.evals:
-      curves.append((row['point'], metrics))
+      curves.append((row['point'], metrics, tokenizer))
   written = []
   buffer = io.StringIO()
   metric_columns = [c for c in METRIC_COLUMNS if c not in fields]  # e.g. a sweep over num_steps: one column
@@ -383,7 +391,7 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
                               root / 'val_loss.png', column):
     images.append('val_loss.png')
   if curves:
-    plot_loss_curves(curves, title, root / 'loss_curves.png')
+    plot_loss_curves(curves, title, root / 'loss_curves.png', same_tokens)
     images.append('loss_curves.png')
   for stale in {'val_loss.png', 'loss_curves.png'} - set(images):  # an earlier summary's, of other data
     (root / stale).unlink(missing_ok=True)

@@ -78,20 +78,23 @@ class Tokenizer:
     return np.fromiter(ids, dtype=np.int32)
 
   def encode_last(self, text: str, count: int) -> np.ndarray:
-    """The last `count` tokens of encode(text), from only as much of the end of `text` as they hold (chunks encode
-    on their own): characters outside the vocabulary before that part are not refused (in a chunk that holds some,
-    each character counts as a token: those named are surely in the part)."""
+    """The last `count` tokens of encode(text), from only as much of the end of `text` as they hold: merges never
+    cross chunks, nor here a character outside the vocabulary, so those before that part are not refused (those named
+    are surely in it, each character before the tokens found counting as one token)."""
     if not self.merges:
       return self.encode(text[max(len(text) - count, 0):])
-    kept, total, unknown = [], 0, set()
-    for chunk in reversed(CHUNK.findall(text)):
+    kept, total = [], 0
+    for match in reversed(list(CHUNK.finditer(text))):
       if total >= count:
         break
-      missing = set(chunk) - self._ids.keys()
-      unknown |= missing
-      kept.append([] if missing else self._encode_chunk(chunk))
-      total += len(chunk) if missing else len(kept[-1])
-    self._refuse_unknown(unknown)
+      chunk = match.group()
+      cut = max((i for i, c in enumerate(chunk) if c not in self._ids), default=-1)  # its last unknown character
+      if cut + 1 < len(chunk):
+        kept.append(self._encode_chunk(chunk[cut + 1:]))
+        total += len(kept[-1])
+      if cut >= 0 and total < count:  # the tokens needed reach that character
+        end = match.start() + cut + 1
+        self._refuse_unknown(set(text[max(end - (count - total), 0):end]))
     ids = list(itertools.chain.from_iterable(reversed(kept)))
     return np.asarray(ids[max(len(ids) - count, 0):], np.int32)
 

@@ -178,6 +178,15 @@ def test_checkpoint_of_another_shape_is_refused(trained, corpus_file, override, 
   assert files_in(trained) == before
 
 
+def test_a_shape_change_in_the_override_form_is_refused_before_any_work(trained):
+  """(Was refused on restore, after the data, the model line and a warning that the merges ran out.)"""
+  before = files_in(trained)
+  result = launch('--workdir', str(trained), '--config.model.head_size=4', '--config.data.vocab_size=60')
+  assert_user_error(result, 'has a different model shape: model.head_size=8 (config says 4), data.vocab_size=0 '
+                            '(config says 60); use the same values or another --workdir')
+  assert 'model:' not in result.stdout and files_in(trained) == before
+
+
 def test_a_config_file_with_other_settings_does_not_resume_a_started_run(trained, corpus_file, tmp_path):
   """The quick-look trap: the full recipe after a short run in the same workdir would continue from a decayed
   schedule (and config.json would claim the new settings for the whole run). Length and intervals may change."""

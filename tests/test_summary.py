@@ -160,10 +160,13 @@ def test_a_run_copied_without_its_config_is_read_from_its_latest_checkpoint(swee
                      ('only_checkpoints', ('config.json', 'tokenizer.json', 'metrics.jsonl', 'summary.csv',
                                            'summary.md', 'loss_curves.png'))):
     shutil.copytree(sweep_root / 'seed=1', runs / name, ignore=shutil.ignore_patterns(*drop))
+  shutil.copytree(sweep_root / 'seed=1', runs / 'damaged_tokenizer')
+  (runs / 'damaged_tokenizer' / 'tokenizer.json').write_text('{"kind": "char", "cha')  # the checkpoint's is read
   summary_lib.write_summary(runs)
   rows = {r.pop('point'): r for r in csv.DictReader((runs / 'summary.csv').open())}
   assert rows['with_config']['status'] == 'finished' and rows['with_config']['params'] != ''
   assert rows['no_config'] == rows['with_config']  # status 'finished', step 20 of 20, its parameter count, its losses
+  assert rows['damaged_tokenizer'] == rows['with_config']
   no_losses = dict(rows['with_config'], best_val_loss='', best_val_step='', best_val_bits_per_char='',
                    final_val_loss='', final_train_loss='', tokens_per_s='', wall_time_s='')
   assert rows['only_checkpoints'] == no_losses
@@ -402,14 +405,14 @@ def test_runs_of_different_bpe_vocabularies_are_ranked_by_bits_per_character(tmp
     (tmp_path / name / 'tokenizer.json').write_text(tokenizer.to_json())
   summary_lib.write_summary(tmp_path)
   text = (tmp_path / 'summary.md').read_text()
-  assert ('3 points, 0 finished. Val losses are per token of different BPE vocabularies (data.vocab_size), not '
+  assert ('3 points, 0 finished. Val losses are per token of different vocabularies (data.vocab_size), not '
           'comparable: compare the bits per character of `--mode eval`.\n') in text
   assert 'Lowest' not in text and '**' not in text
   assert reads == {'vocab_size=0': 1, 'vocab_size=4': 1, 'vocab_size=65': 1}  # (for parameters and vocabularies alike)
   fake_run(tmp_path / 'vocab_size=4', val_loss=3.5, bits_per_char=3.0)
   summary_lib.write_summary(tmp_path)
   text = (tmp_path / 'summary.md').read_text()
-  assert ('3 points, 0 finished. Val losses are per token of different BPE vocabularies (data.vocab_size), not '
+  assert ('3 points, 0 finished. Val losses are per token of different vocabularies (data.vocab_size), not '
           'comparable; bits per character are. Lowest val bits per character: 3.0000 (vocab_size=4, step 20).') in text
   assert '| best val loss | val bits/char |' in text and '| 3.5000 | **3.0000** |' in text
   assert f'| 2.4000 | {2.4 / math.log(2):.4f} |' in text
@@ -419,6 +422,11 @@ def test_runs_of_different_bpe_vocabularies_are_ranked_by_bits_per_character(tmp
   assert axes.get_ylabel() == 'val bits per character (at the best val loss)'
   assert len(axes.lines) == 1 and axes.lines[0].get_xdata().tolist() == [0, 4, 65]  # ('data.vocab_size' 65: no merges)
   np.testing.assert_allclose(axes.lines[0].get_ydata(), [2.5 / math.log(2), 3.0, 2.4 / math.log(2)])
+  train_axes, val_axes = figures['loss_curves.png'].axes  # val curves in bits per character too
+  assert (val_axes.get_title(), val_axes.get_ylabel()) == ('val bits per character', 'bits per character')
+  np.testing.assert_allclose(sorted(y for line in val_axes.lines for y in line.get_ydata()),
+                             [3.0, 2.4 / math.log(2), 2.5 / math.log(2)])
+  assert [line.get_marker() for line in train_axes.lines] == ['o'] * 3  # one train record each: a dot, not nothing
   shutil.rmtree(tmp_path / 'vocab_size=4')  # BPE not evaluated yet: the scored ones share tokens, the lowest is named
   fake_run(tmp_path / 'vocab_size=4')
   (tmp_path / 'vocab_size=4' / 'tokenizer.json').write_text(merges.to_json())

@@ -106,11 +106,19 @@ def test_the_last_tokens_of_a_text_read_only_the_end_they_come_from():
     with pytest.raises(DataError, match=r"^characters not in the vocabulary: 'Q', '~'; use only"):
       tokenizer.encode_last('~~~ QQQ\n' + TEXT, len(ids) + 8)
     assert tokenizer.encode_last(TEXT, len(ids) + 8).tolist() == ids[1:]
-  # A chunk with unknown characters counts a token per character: characters before what that covers are not named.
+  # Characters before the tokens found count a token each: those before what that covers are not named.
   tokenizer = Tokenizer.train('ab ', 'ab ab ab ab', 6)
   assert tokenizer.pieces[3:] == ['ab', ' ab'] and tokenizer.encode_last('~aaaaaaaa ab', 3).tolist() == [1, 1, 4]
   with pytest.raises(DataError, match=r"^characters not in the vocabulary: 'Q'; use only"):
     tokenizer.encode_last('~QQQQQQQQ ab', 3)
+  # An unknown character early in a word (one chunk) that the tokens drawn do not reach: no merge crosses it.
+  tokenizer = Tokenizer.train(TEXT, TEXT, 80)
+  ids = tokenizer.encode('First Citizen').tolist()
+  assert tokenizer.encode_last('~éFirst Citizen', len(ids)).tolist() == ids
+  end = tokenizer.encode('Caius' * 40)[-5:].tolist()
+  assert tokenizer.encode_last('ACGT' * 100 + '~' + 'Caius' * 40, 5).tolist() == end
+  with pytest.raises(DataError, match=r"^characters not in the vocabulary: 'é'; use only"):
+    tokenizer.encode_last('~éFirst Citizen', len(ids) + 1)
 
 
 def test_merges_are_learned_on_the_training_text_only():

@@ -523,6 +523,12 @@ def test_a_bpe_run_goes_on_on_other_text_named_on_purpose_with_its_own_merges(co
   report = analysis.evaluate_split(workdir)  # its new text, encoded as in training
   held_out = data_lib.load_corpus(make_tiny_config(other).data).text('validation+test')
   assert report['tokens'] == len(merges.encode(held_out)) and report['loss'] == pytest.approx(metrics['val_loss'])
+  # Text with a character the run's vocabulary lacks cannot be encoded with its merges: named, with the fix.
+  other.write_text(original[::-1] + '~\n', encoding='utf-8')
+  with pytest.raises(data_lib.DataError, match=rf"^the text file {other} has characters that the BPE vocabulary the "
+                                               rf"run keeps lacks: '~'; train on text of its {len(merges.chars)} "
+                                               r'characters or pass another --workdir$'):
+    train_lib.train_and_evaluate(make_tiny_config(other, **settings, **{'train.num_steps': 8}), workdir)
 
 
 def test_the_speed_counts_the_timed_calls_since_its_window_restarted(monkeypatch):
