@@ -391,8 +391,8 @@ def train_command(config: ml_collections.ConfigDict | None = None, workdir: str 
   if 'stopped_by' in metrics:  # checkpoint saved; exit as the signal would have (130 for Ctrl-C, 143 for SIGTERM)
     sys.exit(128 + int(getattr(signal, metrics['stopped_by'], signal.SIGTERM)))
   if 'train_loss' in metrics and jax.process_index() == 0:
-    bits = f' | val bits/char {metrics["val_bits_per_char"]:.4f}' if 'val_bits_per_char' in metrics else ''
-    print(f'final: train loss {metrics["train_loss"]:.4f} | val loss {metrics["val_loss"]:.4f}{bits}')
+    print(f'final: train loss {metrics["train_loss"]:.4f} | val loss {metrics["val_loss"]:.4f} | '
+          f'val bits/char {metrics["val_bits_per_char"]:.4f}')
 
 
 def _refuse_other_settings_for_a_started_run(config: ml_collections.ConfigDict, config_file: str | None,

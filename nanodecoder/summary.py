@@ -148,8 +148,8 @@ def run_row(workdir: str | pathlib.Path, num_steps: int | None = None, metrics: 
 
 
 def _bits_per_char(evaluation: dict[str, float], tokenizer: Tokenizer | None) -> float | None:
-  """The val loss of an evaluation record in bits per character: logged with BPE merges (train.py), the loss / ln 2
-  without them (it is per character); None for a BPE run that did not log it."""
+  """The val loss of an evaluation record in bits per character: as logged (train.py), or for a run from before
+  it was, the loss / ln 2 without BPE merges (it is per character) and None with them."""
   if 'eval/val_bits_per_char' in evaluation:
     return evaluation['eval/val_bits_per_char']
   if tokenizer is not None and not tokenizer.merges:
@@ -369,11 +369,11 @@ def _write_summary(root: pathlib.Path) -> list[pathlib.Path]:
     row = {'point': root.name if name == '.' else name, **dict.fromkeys(fields), **values,
            **run_row(workdir, num_steps, metrics, tokenizer)}  # a field the point does not set: None
     rows.append(row)
-    if row['best_val_loss'] is not None:  # (a BPE run whose tokenizer cannot be read: told by its logged bits)
+    if row['best_val_loss'] is not None:
       if tokenizer is not None:
         vocabularies.add(tokenizer.to_json() if tokenizer.merges else 'characters')
-      elif row['best_val_bits_per_char'] is not None:
-        vocabularies.add(f'the BPE merges of {name}')
+      elif row['best_val_bits_per_char'] is not None:  # tokens unknown (no tokenizer reads): compared by its bits
+        vocabularies.add(f'the tokens of {name}')
     if metrics.train or metrics.evals:
       curves.append((row['point'], metrics, tokenizer))
   written = []

@@ -669,15 +669,14 @@ def _evaluate_and_log(trainer: Trainer, dataset: data_lib.Dataset, logger: Metri
                       step: int) -> dict[str, float]:
   """Evaluates the trainer at `step` and logs it (its time counts in the ETA); returns the train and val loss.
 
-  With BPE merges it also logs and returns the val loss in bits per character (estimated with the eval text's
-  characters per token): comparable across tokenizers, unlike nats per token.
+  Also the val loss in bits per character (with BPE merges estimated with the eval text's characters per token):
+  comparable across tokenizers, unlike nats per token.
   """
   started = time.perf_counter()
   result = evaluate(trainer, dataset)
   logger.took('evaluation', step, time.perf_counter() - started, trainer.config.eval.every)  # for the ETA
-  metrics = {'train_loss': result['train_loss'], 'val_loss': result['eval_loss']}
-  if dataset.tokenizer.merges:
-    metrics['val_bits_per_char'] = result['eval_loss'] / dataset.eval_characters_per_token() / math.log(2)
+  metrics = {'train_loss': result['train_loss'], 'val_loss': result['eval_loss'],
+             'val_bits_per_char': result['eval_loss'] / dataset.eval_characters_per_token() / math.log(2)}
   logger.write(step, {f'eval/{name}': value for name, value in metrics.items()})
   return metrics
 

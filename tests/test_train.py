@@ -226,8 +226,10 @@ def test_train_and_evaluate_learns_and_writes_the_workdir(tiny_config, tmp_path)
   assert (tmp_path / 'config.json').is_file() and (tmp_path / 'tokenizer.json').is_file()
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records if 'eval/val_loss' in r] == [30, 60]
-  assert [set(r) - {'step', 'time', 'session_start'} for r in records if 'eval/val_loss' in r] == [
-      {'eval/train_loss', 'eval/val_loss'}] * 2  # (bits per character only with BPE merges: here it is the loss / ln 2)
+  evals = [r for r in records if 'eval/val_loss' in r]
+  assert [set(r) - {'step', 'time', 'session_start'} for r in evals] == [
+      {'eval/train_loss', 'eval/val_loss', 'eval/val_bits_per_char'}] * 2
+  assert [r['eval/val_bits_per_char'] for r in evals] == [r['eval/val_loss'] / math.log(2) for r in evals]  # characters
   schedule = train_lib.learning_rate_schedule(config.train)
   logged_lrs = {r['step']: r['train/lr'] for r in records if 'train/lr' in r}
   assert list(logged_lrs) == [10, 20, 30, 40, 50, 60]
