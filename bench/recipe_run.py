@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import statistics
 import sys
@@ -85,9 +84,7 @@ def main():
       'stopped_by': metrics.get('stopped_by'), 'wall_s': wall, 'train_s': train_seconds,
       'median_ms_per_step': median_ms,
       'best_val_loss': None if best is None else best['eval/val_loss'],
-      # Logged with BPE merges; without them the loss is per character.
-      'best_val_bits_per_char': None if best is None else best.get('eval/val_bits_per_char',
-                                                                  best['eval/val_loss'] / math.log(2)),
+      'best_val_bits_per_char': None if best is None else best['eval/val_bits_per_char'],
       'final_val_loss': metrics.get('val_loss'), 'final_train_loss': metrics.get('train_loss'),
       'tokens_per_s': tokens_per_s, 'tflops': None if achieved is None else achieved / 1e12,
       'mfu': None if peak is None or achieved is None else achieved / (peak * jax.device_count()),

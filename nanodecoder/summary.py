@@ -80,11 +80,11 @@ def count_parameters(workdir: str | pathlib.Path, tokenizer: Tokenizer | None) -
   and its tokenizer (checkpoint.run_tokenizer's); None where either cannot be read."""
   from nanodecoder.model import abstract_decoder, count_params
 
+  if tokenizer is None:
+    return None
   try:
     config, _ = saved_config.run_config(workdir)
   except Exception:  # noqa: BLE001 (unreadable files, or a damaged or missing record: no parameter count)
-    return None
-  if tokenizer is None:
     return None
   return count_params(abstract_decoder(config_lib.model_config(config, tokenizer.vocab_size)))
 
